@@ -1,0 +1,37 @@
+# Everyday commands. `make demo` and `make test` create .venv and install the project when missing.
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: install demo test lint format bench lock clean
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)  ## train the tiny model on digits and write a sample grid
+	$(PY) -m flows.demo
+
+test: $(STAMP) lint  ## lint, then the whole test suite (slow end-to-end tests included)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP)  ## time a training step of every objective
+	$(PY) -m benchmarks.step_time
+
+lock:  ## re-pin requirements.lock from the current .venv
+	$(PY) -m pip freeze --exclude-editable | grep -v '^imf-pipeline' > requirements.lock
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache .ruff_cache

@@ -1,0 +1,179 @@
+"""Classifier-free guidance, the way MF and iMF train it (paper, Sec. 4.3).
+
+Modes (GuidanceConfig.mode):
+  none            conditional model, no class drop, target e - x.
+  fixed           original MeanFlow: omega fixed at training time and baked into the target,
+                  v_g = omega (e - x) + (1 - omega) v_uncond; the network never sees omega.
+  omega           CFG as conditioning: omega ~ p(omega) ∝ omega^-beta on [1, omega_max] per
+                  sample and fed to the network; v_g = (e - x) + (1 - 1/omega)(v_c - v_u).
+  omega_interval  as `omega`, plus a CFG interval t_min ~ U(0, .5), t_max ~ U(.5, 1) as inputs;
+                  guidance is off (omega' = 1) where t is outside [t_min, t_max].
+
+v_c and v_u are the model's own boundary (r = t) velocity predictions with (class, omega') and
+(null class, omega = 1), computed without gradient. At sampling time omega, t_min and t_max are
+plain inputs and generation stays 1-NFE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from imf_core.meanflow import expand_like, sample
+
+MODES = ("none", "fixed", "omega", "omega_interval")
+
+
+@dataclass
+class GuidanceConfig:
+    mode: str = "omega_interval"  # none | fixed | omega | omega_interval
+    class_drop: float = 0.1  # share of labels replaced by the null class (id = num_classes)
+    omega: float = 1.0  # `fixed` mode: the training-time CFG scale
+    omega_max: float = 8.0  # omega in [1, omega_max] (official code)
+    beta: float = 1.0  # p(omega) ∝ omega^-beta: 1 for B/2, 2 for M, L, XL (Tab. 4)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"guidance.mode must be one of {MODES}, got {self.mode!r}")
+        if not 0.0 <= self.class_drop < 1.0:
+            raise ValueError(f"guidance.class_drop must be in [0, 1), got {self.class_drop}")
+        if self.omega_max < 1.0 or self.omega < 1.0:
+            raise ValueError("guidance.omega and guidance.omega_max must be >= 1")
+
+    @property
+    def conditions_on_omega(self) -> bool:
+        return self.mode in ("omega", "omega_interval")
+
+
+class Conditions(NamedTuple):
+    """Per-sample network conditions, each of shape (B,)."""
+
+    y: Tensor  # class id; num_classes is the null class
+    omega: Tensor  # CFG scale (1 = no guidance)
+    t_min: Tensor  # CFG interval start
+    t_max: Tensor  # CFG interval end
+
+    def select(self, rows: Tensor) -> Conditions:
+        return Conditions(*(c[rows] for c in self))
+
+    @staticmethod
+    def unguided(y: Tensor) -> Conditions:
+        """Class-conditional with guidance off: omega = 1 over the whole interval [0, 1]."""
+        ones = torch.ones(y.shape[0], device=y.device)
+        return Conditions(y, ones, torch.zeros_like(ones), ones)
+
+    @staticmethod
+    def for_sampling(y: Tensor, omega: float, t_min: float = 0.0, t_max: float = 1.0) -> Conditions:
+        full = torch.ones(y.shape[0], device=y.device)
+        return Conditions(y, full * omega, full * t_min, full * t_max)
+
+
+def sample_omega(
+    n: int, omega_max: float, beta: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """omega ~ p(omega) ∝ omega^-beta on [1, omega_max], by inverting the CDF."""
+    u = torch.rand(n, generator=generator)
+    if beta == 1.0:  # log-uniform
+        return omega_max**u
+    a = 1.0 - beta
+    return (1.0 + u * (omega_max**a - 1.0)) ** (1.0 / a)
+
+
+def sample_interval(
+    n: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """t_min ~ U(0, 0.5), t_max ~ U(0.5, 1)."""
+    t_min = 0.5 * torch.rand(n, generator=generator)
+    t_max = 0.5 + 0.5 * torch.rand(n, generator=generator)
+    return t_min, t_max
+
+
+def sample_conditions(
+    cfg: GuidanceConfig,
+    y: Tensor,
+    boundary: Tensor,
+    num_classes: int,
+    generator: torch.Generator | None = None,
+) -> tuple[Conditions, Tensor]:
+    """Training conditions for a batch: drops labels, samples omega and the interval.
+
+    `boundary` marks rows with r = t; they get no interval (official code). Returns the
+    conditions and the bool mask of rows whose label was dropped.
+    """
+    n = y.shape[0]
+    cond = Conditions.unguided(y.cpu())
+    dropped = torch.zeros(n, dtype=torch.bool)
+    if cfg.mode != "none":
+        dropped = torch.rand(n, generator=generator) < cfg.class_drop
+        cond = cond._replace(y=torch.where(dropped, num_classes, cond.y))
+    if cfg.conditions_on_omega:
+        cond = cond._replace(omega=sample_omega(n, cfg.omega_max, cfg.beta, generator))
+    if cfg.mode == "omega_interval":
+        t_min, t_max = sample_interval(n, generator)
+        on_boundary = boundary.cpu()
+        cond = cond._replace(
+            t_min=torch.where(on_boundary, 0.0, t_min), t_max=torch.where(on_boundary, 1.0, t_max)
+        )
+    device = y.device
+    return Conditions(*(c.to(device) for c in cond)), dropped.to(device)
+
+
+# v_fn(z, t, conditions) -> the model's boundary (r = t) velocity prediction.
+VFn = Callable[[Tensor, Tensor, Conditions], Tensor]
+
+
+@torch.no_grad()
+def guided_target(
+    cfg: GuidanceConfig,
+    v_fn: VFn,
+    z: Tensor,
+    t: Tensor,
+    v_data: Tensor,
+    cond: Conditions,
+    y: Tensor,
+    dropped: Tensor,
+    num_classes: int,
+) -> tuple[Tensor, Tensor]:
+    """The regression target v_g and the conditional velocity v_c (iMF's JVP tangent).
+
+    `y` are the labels before dropping; `cond` the sampled training conditions. Rows whose
+    label was dropped regress onto e - x (`v_data`). Everything here is stop-gradient.
+    """
+    n = z.shape[0]
+    null = torch.full_like(y, num_classes)
+    ones, zeros = torch.ones_like(t), torch.zeros_like(t)
+    if cfg.mode == "fixed":
+        # MF (Eq. 15 of MeanFlow): the unconditional boundary prediction mixes into the target.
+        v_c = v_fn(z, t, Conditions(y, ones, zeros, ones))
+        v_u = v_fn(z, t, Conditions(null, ones, zeros, ones))
+        v_g = cfg.omega * v_data + (1.0 - cfg.omega) * v_u
+        return torch.where(expand_like(dropped, z), v_data, v_g), v_c
+    # omega' = omega inside [t_min, t_max], 1 outside (boundary rows have the interval [0, 1]).
+    inside = (t >= cond.t_min) & (t <= cond.t_max)
+    omega = torch.where(inside, cond.omega, ones)
+    both = v_fn(
+        torch.cat([z, z]),
+        torch.cat([t, t]),
+        Conditions(torch.cat([y, null]), torch.cat([omega, ones]), zeros.repeat(2), ones.repeat(2)),
+    )
+    v_c, v_u = both[:n], both[n:]
+    v_g = v_data + expand_like(1.0 - 1.0 / omega, z) * (v_c - v_u)
+    return torch.where(expand_like(dropped, z), v_data, v_g), v_c
+
+
+def generate(
+    model: torch.nn.Module,
+    noise: Tensor,
+    y: Tensor,
+    omega: float = 1.0,
+    t_min: float = 0.0,
+    t_max: float = 1.0,
+    steps: int = 1,
+) -> Tensor:
+    """Class-conditional generation with CFG as network inputs: still `steps` NFE, no extra pass."""
+    cond = Conditions.for_sampling(y, omega, t_min, t_max)
+    return sample(lambda z, r, t: model(z, t, t - r, cond), noise, steps)

@@ -1,0 +1,89 @@
+"""MeanFlow math: the interpolation path, the compound velocity and the few-step sampler.
+
+Time convention (paper): z_t = (1 - t) x + t e, t = 0 is data, t = 1 is noise, and the
+instantaneous velocity is v = e - x. u(z, r, t) is the average velocity over [r, t]:
+z_r = z_t - (t - r) u(z_t, r, t).
+
+    >>> V, u = compound_velocity(u_fn, z, r, t, v)   # iMF's V_theta, a v-prediction
+    >>> x = sample(u_fn, noise, steps=1)              # 1-NFE generation
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# u_fn(z, r, t) -> u, with r and t of shape (B,) and u shaped like z.
+UFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def expand_like(s: Tensor, x: Tensor) -> Tensor:
+    """(B,) -> (B, 1, ..., 1) so that a per-sample scalar broadcasts over x."""
+    return s.reshape(s.shape[0], *([1] * (x.ndim - 1)))
+
+
+def interpolate(x: Tensor, e: Tensor, t: Tensor) -> Tensor:
+    """z_t = (1 - t) x + t e (the flow-matching path)."""
+    t = expand_like(t, x)
+    return (1 - t) * x + t * e
+
+
+def time_derivative(u_fn: UFn, z: Tensor, r: Tensor, t: Tensor, v: Tensor) -> Tensor:
+    """du/dt = v . d_z u + d_t u, the JVP of u_fn along the tangent (v, 0, 1).
+
+    Computed without autograd history (the term is stop-gradient in every MeanFlow loss) and
+    with the math SDPA backend: the fused kernels have no forward-mode AD rule.
+    """
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        _, du_dt = torch.func.jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+    return du_dt
+
+
+def compound_velocity(
+    u_fn: UFn,
+    z: Tensor,
+    r: Tensor,
+    t: Tensor,
+    v: Tensor,
+    *,
+    jvp_rows: Tensor | None = None,
+    jvp_u_fn: UFn | None = None,
+) -> tuple[Tensor, Tensor]:
+    """iMF's compound function V = u + (t - r) sg(du/dt), returned with u (paper, Sec. 4.1).
+
+    By the MeanFlow identity, V equals the marginal velocity when u is the true average
+    velocity and v the marginal velocity; iMF regresses V onto e - x. Only u carries gradient.
+
+    The JVP term is multiplied by (t - r), so rows with r = t need none: pass `jvp_rows`
+    (a bool mask or index) to differentiate only those rows, together with `jvp_u_fn`, a u_fn
+    for that subset of rows (its per-row conditions sliced alike). `jvp_u_fn` is also how a
+    caller runs the JVP on a module unwrapped from DDP, whose hooks break forward-mode AD.
+    """
+    jvp_u_fn = jvp_u_fn or u_fn
+    if jvp_rows is None:
+        du_dt = time_derivative(jvp_u_fn, z, r, t, v)
+    else:
+        du_dt = torch.zeros_like(z)
+        du_dt[jvp_rows] = time_derivative(jvp_u_fn, z[jvp_rows], r[jvp_rows], t[jvp_rows], v[jvp_rows])
+    u = u_fn(z, r, t)
+    return u + expand_like(t - r, z) * du_dt, u
+
+
+@torch.no_grad()
+def sample(u_fn: UFn, noise: Tensor, steps: int = 1) -> Tensor:
+    """Generate from noise at t = 1 with `steps` evaluations of u: z_r = z_t - (t - r) u(z_t, r, t).
+
+    The steps split [0, 1] evenly; steps=1 is 1-NFE generation, steps=2 the paper's 2-NFE.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    grid = torch.linspace(1.0, 0.0, steps + 1, device=noise.device, dtype=noise.dtype)
+    z = noise
+    for t_now, r_next in zip(grid[:-1], grid[1:], strict=True):
+        t = t_now.expand(z.shape[0])
+        r = r_next.expand(z.shape[0])
+        z = z - expand_like(t - r, z) * u_fn(z, r, t)
+    return z

@@ -1,0 +1,116 @@
+"""adaLN-zero DiT: original MeanFlow's network and the starting point of Tab. 1c.
+
+The conditions' embeddings are summed into one vector c that regresses per-block shift, scale
+and gate (adaLN-zero, Peebles & Xie 2023); gates and the output layer start at zero.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from imf_core.models.config import ModelConfig
+from imf_core.models.layers import (
+    Attention,
+    ConditionEmbedders,
+    Mlp,
+    PatchEmbed,
+    TrunkAndHeads,
+    init_linear_and_embedders,
+    make_norm,
+    rope_tables,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nn.Module):
+    """Attention + MLP with adaptive LayerNorm modulation and zero-initialised gates."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        advanced = cfg.blocks == "advanced"
+        self.norm1 = make_norm(cfg.blocks, cfg.width, affine=False)
+        self.attn = Attention(cfg.width, cfg.heads, qk_norm=advanced, bias=True)
+        self.norm2 = make_norm(cfg.blocks, cfg.width, affine=False)
+        self.mlp = Mlp(cfg.width, cfg.ratio, cfg.blocks)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
+
+    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=1)  # (B, D)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm and a zero-initialised projection to P*P*C values per token."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = make_norm(cfg.blocks, cfg.width, affine=False)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 2 * cfg.width))
+        self.linear = nn.Linear(cfg.width, cfg.patch_size**2 * cfg.in_channels)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """u_theta(z, t, h, conditions) with adaLN-zero conditioning (and an optional v-head)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.x_embed = PatchEmbed(cfg.in_channels, cfg.patch_size, cfg.width)
+        self.embedders = ConditionEmbedders(
+            cfg.width, cfg.num_classes, cfg.cond_t, cfg.cond_omega, cfg.cond_interval
+        )
+        if cfg.blocks == "advanced":
+            cos, sin = rope_tables(cfg.width // cfg.heads, cfg.num_patches)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            grid = cfg.input_size // cfg.patch_size
+            self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.width, grid), persistent=False)
+        self.blocks = TrunkAndHeads(lambda: DiTBlock(cfg), cfg.depth, cfg.aux_head_depth)
+        self.u_final = FinalLayer(cfg)
+        self.v_final = FinalLayer(cfg) if cfg.aux_head_depth else None
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        init_linear_and_embedders(self)
+        # adaLN-zero: every block starts as the identity, and the output layers at zero.
+        for module in self.modules():
+            if isinstance(module, DiTBlock | FinalLayer):
+                nn.init.zeros_(module.modulation[-1].weight)
+                nn.init.zeros_(module.modulation[-1].bias)
+            if isinstance(module, FinalLayer):
+                nn.init.zeros_(module.linear.weight)
+                nn.init.zeros_(module.linear.bias)
+
+    @property
+    def has_aux_head(self) -> bool:
+        return self.v_final is not None
+
+    def aux_modules(self) -> list[nn.Module]:
+        """Modules used only in training (the v-head), left out of inference counts."""
+        return [self.blocks.v_head, self.v_final] if self.has_aux_head else []
+
+    def forward(self, x: Tensor, t: Tensor, h: Tensor, cond, aux: bool = False):
+        x = self.x_embed(x)  # (B, T, D)
+        rope = None
+        if self.cfg.blocks == "advanced":
+            rope = (self.rope_cos, self.rope_sin)
+        else:
+            x = x + self.pos_embed
+        c = sum(self.embedders(t, h, cond).values())  # (B, D)
+        u_seq, v_seq = self.blocks(x, aux, c, rope)
+        p, ch = self.cfg.patch_size, self.cfg.in_channels
+        u = unpatchify(self.u_final(u_seq, c), p, ch)  # (B, C, S, S)
+        if not aux:
+            return u
+        return u, unpatchify(self.v_final(v_seq, c), p, ch)

@@ -1,0 +1,121 @@
+"""The iMF Transformer: conditions as in-context tokens, no adaLN (paper, Sec. 4.4, Tab. 1c).
+
+Each condition (class, h = t - r, omega, t_min, t_max) is embedded by its own MLP and added to
+a few learnable type tokens; those tokens are prepended to the patch tokens. Dropping adaLN
+removes about a third of DiT's parameters. Residual branches have zero-initialised per-channel
+scales and the output layer is zero-initialised, so a fresh model predicts exactly zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from imf_core.models.config import ModelConfig
+from imf_core.models.layers import (
+    Attention,
+    ConditionEmbedders,
+    Mlp,
+    PatchEmbed,
+    TrunkAndHeads,
+    init_linear_and_embedders,
+    make_norm,
+    rope_tables,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
+
+
+class InContextBlock(nn.Module):
+    """Pre-norm attention + MLP, each residual branch scaled per channel (zero at init)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        advanced = cfg.blocks == "advanced"
+        self.norm1 = make_norm(cfg.blocks, cfg.width)
+        self.attn = Attention(cfg.width, cfg.heads, qk_norm=advanced, bias=not advanced)
+        self.norm2 = make_norm(cfg.blocks, cfg.width)
+        self.mlp = Mlp(cfg.width, cfg.ratio, cfg.blocks)
+        self.attn_scale = nn.Parameter(torch.zeros(cfg.width))
+        self.mlp_scale = nn.Parameter(torch.zeros(cfg.width))
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        x = x + self.attn_scale * self.attn(self.norm1(x), rope)  # (B, T, D)
+        return x + self.mlp_scale * self.mlp(self.norm2(x))
+
+
+class FinalLayer(nn.Module):
+    """Norm, then a zero-initialised projection to P*P*C values per patch token."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = make_norm(cfg.blocks, cfg.width)
+        self.linear = nn.Linear(cfg.width, cfg.patch_size**2 * cfg.in_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(self.norm(x))
+
+
+class InContextTransformer(nn.Module):
+    """u_theta(z, t, h, conditions) -> average velocity (and, with aux=True, the v-head's v)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.x_embed = PatchEmbed(cfg.in_channels, cfg.patch_size, cfg.width)
+        self.embedders = ConditionEmbedders(
+            cfg.width, cfg.num_classes, cfg.cond_t, cfg.cond_omega, cfg.cond_interval
+        )
+        counts = {"y": cfg.class_tokens, "h": cfg.time_tokens}
+        counts |= {"t": cfg.time_tokens} if cfg.cond_t else {}
+        counts |= {"omega": cfg.omega_tokens} if cfg.cond_omega else {}
+        counts |= {"t_min": cfg.interval_tokens, "t_max": cfg.interval_tokens} if cfg.cond_interval else {}
+        self.type_tokens = nn.ParameterDict({k: nn.Parameter(torch.empty(n, cfg.width)) for k, n in counts.items()})
+        self.num_prefix = sum(counts.values())
+        seq_len = self.num_prefix + cfg.num_patches
+        if cfg.blocks == "advanced":  # 1-D RoPE over the whole sequence (official code)
+            cos, sin = rope_tables(cfg.width // cfg.heads, seq_len)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            grid = cfg.input_size // cfg.patch_size
+            self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.width, grid), persistent=False)
+        self.blocks = TrunkAndHeads(lambda: InContextBlock(cfg), cfg.depth, cfg.aux_head_depth)
+        self.u_final = FinalLayer(cfg)
+        self.v_final = FinalLayer(cfg) if cfg.aux_head_depth else None
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        init_linear_and_embedders(self)
+        for tokens in self.type_tokens.values():
+            nn.init.normal_(tokens, std=self.cfg.width**-0.5)
+        # Zero-initialised output layers: a fresh model predicts u = v = 0.
+        for final in (self.u_final, self.v_final):
+            if final is not None:
+                nn.init.zeros_(final.linear.weight)
+                nn.init.zeros_(final.linear.bias)
+
+    @property
+    def has_aux_head(self) -> bool:
+        return self.v_final is not None
+
+    def aux_modules(self) -> list[nn.Module]:
+        """Modules used only in training (the v-head), left out of inference counts."""
+        return [self.blocks.v_head, self.v_final] if self.has_aux_head else []
+
+    def forward(self, x: Tensor, t: Tensor, h: Tensor, cond, aux: bool = False):
+        patches = self.x_embed(x)  # (B, T_img, D)
+        rope = None
+        if self.cfg.blocks == "advanced":
+            rope = (self.rope_cos, self.rope_sin)
+        else:
+            patches = patches + self.pos_embed
+        emb = self.embedders(t, h, cond)  # {name: (B, D)}
+        prefix = [self.type_tokens[k] + e[:, None] for k, e in emb.items()]  # (B, n_k, D) each
+        seq = torch.cat([*prefix, patches], dim=1)  # (B, T, D)
+        u_seq, v_seq = self.blocks(seq, aux, rope)
+        p, c = self.cfg.patch_size, self.cfg.in_channels
+        u = unpatchify(self.u_final(u_seq[:, self.num_prefix :]), p, c)  # (B, C, S, S)
+        if not aux:
+            return u
+        return u, unpatchify(self.v_final(v_seq[:, self.num_prefix :]), p, c)

@@ -1,0 +1,232 @@
+"""Building blocks shared by the in-context iMF Transformer and the adaLN-zero DiT.
+
+Shape letters: B batch, T tokens, D width, H heads, K head dim, C channels, P patch size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#################################################################################
+#                         Embedders for the conditions                          #
+#################################################################################
+
+
+class TimestepEmbedder(nn.Module):
+    """A scalar condition (h = t - r, t, 1 - 1/omega, t_min, t_max) -> a D-vector (2-layer MLP)."""
+
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, s: Tensor) -> Tensor:
+        # The scalar enters unscaled (s in [0, 1], max period 10^4): a DDPM-style x1000 makes
+        # du/dt, hence the JVP term, huge (PITFALLS.md).
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=s.device) / half)
+        args = s.float()[:, None] * freqs[None]  # (B, freq_dim / 2)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # (B, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class id -> D-vector; id num_classes is the null class of classifier-free guidance."""
+
+    def __init__(self, num_classes: int, width: int):
+        super().__init__()
+        self.table = nn.Embedding(num_classes + 1, width)
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.table(y)  # (B, D)
+
+
+class ConditionEmbedders(nn.Module):
+    """One embedder per condition the model takes: class, h, and optionally t, omega, interval."""
+
+    def __init__(self, width: int, num_classes: int, cond_t: bool, cond_omega: bool, cond_interval: bool):
+        super().__init__()
+        self.y = LabelEmbedder(num_classes, width)
+        self.h = TimestepEmbedder(width)
+        self.t = TimestepEmbedder(width) if cond_t else None
+        self.omega = TimestepEmbedder(width) if cond_omega else None
+        self.t_min = TimestepEmbedder(width) if cond_interval else None
+        self.t_max = TimestepEmbedder(width) if cond_interval else None
+
+    def forward(self, t: Tensor, h: Tensor, cond) -> dict[str, Tensor]:
+        """Embeds each condition present: {name: (B, D)}. `cond` is a guidance.Conditions."""
+        out = {"y": self.y(cond.y), "h": self.h(h)}
+        if self.t is not None:
+            out["t"] = self.t(t)
+        if self.omega is not None:
+            out["omega"] = self.omega(1.0 - 1.0 / cond.omega)  # omega in [1, inf) -> [0, 1)
+        if self.t_min is not None:
+            out["t_min"] = self.t_min(cond.t_min)
+            out["t_max"] = self.t_max(cond.t_max)
+        return out
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, S, S) image or latent -> (B, T, D) patch tokens."""
+
+    def __init__(self, in_channels: int, patch_size: int, width: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, T, D)
+
+
+def unpatchify(x: Tensor, patch_size: int, channels: int) -> Tensor:
+    """(B, T, P*P*C) -> (B, C, S, S)."""
+    b, n, _ = x.shape
+    g = int(math.isqrt(n))
+    x = x.reshape(b, g, g, patch_size, patch_size, channels)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(b, channels, g * patch_size, g * patch_size)
+
+
+#################################################################################
+#                      Transformer parts: plain or "advanced"                   #
+#################################################################################
+# Tab. 1c: "advanced blocks" = RMSNorm (also on q, k), SwiGLU, RoPE; "plain" = DiT's
+# LayerNorm, GELU MLP and fixed 2-D sin-cos position embedding.
+
+
+def make_norm(kind: str, width: int, affine: bool = True) -> nn.Module:
+    if kind == "advanced":
+        return nn.RMSNorm(width, eps=1e-6, elementwise_affine=affine)
+    return nn.LayerNorm(width, eps=1e-6, elementwise_affine=affine)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, optionally with q/k RMSNorm and rotary positions.
+
+    Uses F.scaled_dot_product_attention, so plain forwards get the fused kernel; the JVP pass
+    (meanflow.time_derivative) selects the math backend, which supports forward-mode AD.
+    """
+
+    def __init__(self, width: int, heads: int, qk_norm: bool, bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=bias)
+        self.proj = nn.Linear(width, width, bias=bias)
+        head_dim = width // heads
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)  # (B, H, T, K)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, K)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    """GELU MLP (plain, ratio 4) or SwiGLU (advanced, ratio 8/3, no bias)."""
+
+    def __init__(self, width: int, ratio: float, kind: str):
+        super().__init__()
+        hidden = int(width * ratio)
+        self.swiglu = kind == "advanced"
+        if self.swiglu:
+            self.w1 = nn.Linear(width, hidden, bias=False)
+            self.w3 = nn.Linear(width, hidden, bias=False)
+            self.w2 = nn.Linear(hidden, width, bias=False)
+        else:
+            self.fc1 = nn.Linear(width, hidden)
+            self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.swiglu:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+#################################################################################
+#                              Positional encodings                             #
+#################################################################################
+
+
+def rope_tables(head_dim: int, seq_len: int, theta: float = 10_000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin tables, (T, K/2), for 1-D rotary positions over the whole sequence."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotates consecutive channel pairs of x (B, H, T, K) by position-dependent angles."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+def sincos_pos_embed_2d(width: int, grid: int) -> Tensor:
+    """Fixed 2-D sin-cos position embedding (DiT / MAE), (grid*grid, D)."""
+    quarter = width // 4
+    omega = 1.0 / 10_000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid, dtype=torch.float64)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+
+    def embed(pos: Tensor) -> Tensor:
+        angles = torch.outer(pos.flatten(), omega)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([embed(yy), embed(xx)], dim=1).float()
+
+
+#################################################################################
+#                    Shared trunk, u-head and auxiliary v-head                  #
+#################################################################################
+
+
+class TrunkAndHeads(nn.Module):
+    """depth - a shared blocks, then the u-head (a blocks) and, if a > 0, an auxiliary v-head.
+
+    iMF's auxiliary head (Sec. 4.2) duplicates the last a blocks; it predicts the marginal
+    velocity used as the JVP tangent and is dropped at inference.
+    """
+
+    def __init__(self, make_block, depth: int, aux_depth: int):
+        super().__init__()
+        self.trunk = nn.ModuleList(make_block() for _ in range(depth - aux_depth))
+        self.u_head = nn.ModuleList(make_block() for _ in range(aux_depth))
+        self.v_head = nn.ModuleList(make_block() for _ in range(aux_depth)) if aux_depth else None
+
+    def forward(self, x: Tensor, aux: bool, *args) -> tuple[Tensor, Tensor | None]:
+        for block in self.trunk:
+            x = block(x, *args)
+        u = v = x
+        for block in self.u_head:
+            u = block(u, *args)
+        if not aux:
+            return u, None
+        for block in self.v_head:
+            v = block(v, *args)
+        return u, v
+
+
+def init_linear_and_embedders(model: nn.Module) -> None:
+    """DiT's initialisation: xavier linears and patch embedding, N(0, 0.02) condition embedders."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, PatchEmbed):
+            w = module.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(module.proj.bias)
+        elif isinstance(module, LabelEmbedder):
+            nn.init.normal_(module.table.weight, std=0.02)
+    for module in model.modules():
+        if isinstance(module, TimestepEmbedder):
+            nn.init.normal_(module.mlp[0].weight, std=0.02)
+            nn.init.normal_(module.mlp[2].weight, std=0.02)

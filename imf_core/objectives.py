@@ -1,0 +1,141 @@
+"""Training objectives: flow matching, original MeanFlow and the two iMF variants (paper, Sec. 4).
+
+All four share one loss: the compound velocity V = u + (t - r) sg(du/dt) regressed onto the
+(guided) velocity target, with MF's adaptive weighting loss / sg((loss + eps)^p). What differs
+is the JVP tangent, and so what the loss means:
+
+  fm            r = t for every row, so V = u: plain flow matching (v-prediction).
+  mf            tangent = the target velocity itself (e - x, or MF's guided one): the same
+                number as MF's ||u - sg(v - (t - r) du/dt)||^2, a network-dependent target.
+  imf_boundary  tangent = the model's marginal-velocity estimate u(z_t, t, t) (boundary).
+  imf_aux       tangent = an auxiliary v-head's estimate, plus that head's own FM loss.
+
+    >>> loss, parts = imf_loss(model, x, y, cfg, guidance, num_classes=10)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from imf_core.guidance import Conditions, GuidanceConfig, guided_target, sample_conditions
+from imf_core.meanflow import compound_velocity, interpolate
+
+OBJECTIVES = ("fm", "mf", "imf_boundary", "imf_aux")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "imf_aux"  # fm | mf | imf_boundary | imf_aux
+    p_mean: float = -0.4  # logit-normal time sampler: sigmoid(N(p_mean, p_std))
+    p_std: float = 1.0
+    boundary_share: float = 0.5  # share of rows with r = t (paper: 50 % have r != t)
+    adaptive_p: float = 1.0  # adaptive weighting power p
+    adaptive_eps: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"objective.name must be one of {OBJECTIVES}, got {self.name!r}")
+        if not 0.0 <= self.boundary_share <= 1.0:
+            raise ValueError(f"objective.boundary_share must be in [0, 1], got {self.boundary_share}")
+
+
+def sample_t_r(
+    n: int, cfg: ObjectiveConfig, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """(t, r) from two logit-normal draws sorted so t >= r; the first boundary_share rows get r = t."""
+    draws = torch.sigmoid(torch.randn(2, n, generator=generator) * cfg.p_std + cfg.p_mean)
+    t, r = draws.max(dim=0).values, draws.min(dim=0).values
+    share = 1.0 if cfg.name == "fm" else cfg.boundary_share
+    r[: int(n * share)] = t[: int(n * share)]
+    return t, r
+
+
+def adaptive_weighted(per_sample_sq_err: Tensor, cfg: ObjectiveConfig) -> Tensor:
+    """MF's adaptive weighting: loss / sg((loss + eps)^p), per sample."""
+    weight = (per_sample_sq_err.detach() + cfg.adaptive_eps) ** cfg.adaptive_p
+    return per_sample_sq_err / weight
+
+
+def _sq_err(a: Tensor, b: Tensor) -> Tensor:
+    return (a - b).pow(2).flatten(1).sum(dim=1)
+
+
+def imf_loss(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    cfg: ObjectiveConfig,
+    guidance: GuidanceConfig,
+    num_classes: int,
+    *,
+    generator: torch.Generator | None = None,
+    inner: nn.Module | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One batch of any objective. Returns the scalar loss and its named parts (detached).
+
+    `model` is called as model(z, t, h, cond, aux) with h = t - r; `inner` is the same module
+    unwrapped from DDP (its hooks break the no-grad and JVP passes), defaulting to `model`.
+    Parts: `loss` (the optimised, weighted loss), `mse_u` (unweighted ||V - target||^2 per
+    element: with adaptive weighting the loss sits near 1, so this is what shows learning) and,
+    for imf_aux, `loss_v`, `mse_v`.
+    """
+    inner = inner or model
+    aux = cfg.name == "imf_aux"
+    if aux and not getattr(inner, "has_aux_head", False):
+        raise ValueError("objective imf_aux needs a model with an auxiliary v-head (aux_head_depth > 0)")
+    device, n = x.device, x.shape[0]
+    t, r = (s.to(device) for s in sample_t_r(n, cfg, generator))
+    e = torch.randn(x.shape, generator=generator).to(device)
+    z = interpolate(x, e, t)
+    v_data = e - x
+    jvp_rows = r != t
+    cond, dropped = sample_conditions(guidance, y, ~jvp_rows, num_classes, generator)
+
+    def v_boundary(z_: Tensor, t_: Tensor, c: Conditions) -> Tensor:
+        """The model's own marginal-velocity estimate: the aux head, else u at r = t."""
+        out = inner(z_, t_, torch.zeros_like(t_), c, aux)
+        return out[1] if aux else out
+
+    tangent = v_data
+    if guidance.mode == "none":
+        target = v_data
+        if cfg.name in ("imf_boundary", "imf_aux"):
+            tangent = torch.zeros_like(z)
+            with torch.no_grad():
+                tangent[jvp_rows] = v_boundary(z[jvp_rows], t[jvp_rows], cond.select(jvp_rows))
+    else:
+        target, v_c = guided_target(guidance, v_boundary, z, t, v_data, cond, y, dropped, num_classes)
+        tangent = target if cfg.name == "mf" else v_c
+
+    outputs: dict[str, Tensor] = {}
+
+    def u_fn(z_: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
+        out = model(z_, t_, t_ - r_, cond, aux)
+        if aux:
+            outputs["v"] = out[1]
+            return out[0]
+        return out
+
+    def u_fn_jvp_rows(z_: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
+        return inner(z_, t_, t_ - r_, cond.select(jvp_rows), False)
+
+    if cfg.name == "fm":
+        V = u_fn(z, r, t)
+    else:
+        V, _ = compound_velocity(u_fn, z, r, t, tangent, jvp_rows=jvp_rows, jvp_u_fn=u_fn_jvp_rows)
+
+    sq_u = _sq_err(V, target)
+    loss = adaptive_weighted(sq_u, cfg)
+    numel = x[0].numel()
+    parts = {"mse_u": sq_u.detach().mean() / numel}
+    if aux:
+        sq_v = _sq_err(outputs["v"], target)
+        loss_v = adaptive_weighted(sq_v, cfg)
+        parts |= {"loss_v": loss_v.detach().mean(), "mse_v": sq_v.detach().mean() / numel}
+        loss = loss + loss_v
+    loss = loss.mean()
+    parts["loss"] = loss.detach()
+    return loss, parts
