@@ -1,8 +1,8 @@
 """Exponential moving average of a model's parameters, swapped in for sampling.
 
-    >>> ema = EMA(model, decay=0.9999)
-    >>> ema.update(model)                 # after each optimizer step
-    >>> with ema.swap_in(model): sample(...)
+>>> ema = EMA(model, decay=0.9999)
+>>> ema.update(model)                 # after each optimizer step
+>>> with ema.swap_in(model): sample(...)
 """
 
 from __future__ import annotations

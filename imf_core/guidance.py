@@ -83,9 +83,7 @@ def sample_omega(
     return (1.0 + u * (omega_max**a - 1.0)) ** (1.0 / a)
 
 
-def sample_interval(
-    n: int, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
+def sample_interval(n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """t_min ~ U(0, 0.5), t_max ~ U(0.5, 1)."""
     t_min = 0.5 * torch.rand(n, generator=generator)
     t_max = 0.5 + 0.5 * torch.rand(n, generator=generator)

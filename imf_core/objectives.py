@@ -39,13 +39,15 @@ class ObjectiveConfig:
         if self.name not in OBJECTIVES:
             raise ValueError(f"objective.name must be one of {OBJECTIVES}, got {self.name!r}")
         if not 0.0 <= self.boundary_share <= 1.0:
-            raise ValueError(f"objective.boundary_share must be in [0, 1], got {self.boundary_share}")
+            raise ValueError(
+                f"objective.boundary_share must be in [0, 1], got {self.boundary_share}"
+            )
 
 
 def sample_t_r(
     n: int, cfg: ObjectiveConfig, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
-    """(t, r) from two logit-normal draws sorted so t >= r; the first boundary_share rows get r = t."""
+    """(t, r): two logit-normal draws sorted so t >= r; the first boundary_share rows get r = t."""
     draws = torch.sigmoid(torch.randn(2, n, generator=generator) * cfg.p_std + cfg.p_mean)
     t, r = draws.max(dim=0).values, draws.min(dim=0).values
     share = 1.0 if cfg.name == "fm" else cfg.boundary_share
@@ -73,11 +75,13 @@ def imf_loss(
     *,
     generator: torch.Generator | None = None,
     inner: nn.Module | None = None,
+    compile_jvp: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One batch of any objective. Returns the scalar loss and its named parts (detached).
 
-    `model` is called as model(z, t, h, cond, aux) with h = t - r; `inner` is the same module
-    unwrapped from DDP (its hooks break the no-grad and JVP passes), defaulting to `model`.
+    `model` is called as model(z, t, h, cond, heads) with h = t - r; `inner` is the same module
+    unwrapped from DDP (its hooks break the no-grad and JVP passes), defaulting to `model`;
+    `compile_jvp` compiles the JVP pass (meanflow.compound_velocity).
     Parts: `loss` (the optimised, weighted loss), `mse_u` (unweighted ||V - target||^2 per
     element: with adaptive weighting the loss sits near 1, so this is what shows learning) and,
     for imf_aux, `loss_v`, `mse_v`.
@@ -85,7 +89,9 @@ def imf_loss(
     inner = inner or model
     aux = cfg.name == "imf_aux"
     if aux and not getattr(inner, "has_aux_head", False):
-        raise ValueError("objective imf_aux needs a model with an auxiliary v-head (aux_head_depth > 0)")
+        raise ValueError(
+            "objective imf_aux needs a model with an auxiliary v-head (aux_head_depth > 0)"
+        )
     device, n = x.device, x.shape[0]
     t, r = (s.to(device) for s in sample_t_r(n, cfg, generator))
     e = torch.randn(x.shape, generator=generator).to(device)
@@ -96,8 +102,7 @@ def imf_loss(
 
     def v_boundary(z_: Tensor, t_: Tensor, c: Conditions) -> Tensor:
         """The model's own marginal-velocity estimate: the aux head, else u at r = t."""
-        out = inner(z_, t_, torch.zeros_like(t_), c, aux)
-        return out[1] if aux else out
+        return inner(z_, t_, torch.zeros_like(t_), c, "v" if aux else "u")
 
     tangent = v_data
     if guidance.mode == "none":
@@ -105,27 +110,41 @@ def imf_loss(
         if cfg.name in ("imf_boundary", "imf_aux"):
             tangent = torch.zeros_like(z)
             with torch.no_grad():
-                tangent[jvp_rows] = v_boundary(z[jvp_rows], t[jvp_rows], cond.select(jvp_rows))
+                v_rows = v_boundary(z[jvp_rows], t[jvp_rows], cond.select(jvp_rows))
+                tangent[jvp_rows] = v_rows.to(tangent.dtype)
     else:
-        target, v_c = guided_target(guidance, v_boundary, z, t, v_data, cond, y, dropped, num_classes)
+        target, v_c = guided_target(
+            guidance, v_boundary, z, t, v_data, cond, y, dropped, num_classes
+        )
         tangent = target if cfg.name == "mf" else v_c
 
     outputs: dict[str, Tensor] = {}
 
     def u_fn(z_: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
-        out = model(z_, t_, t_ - r_, cond, aux)
+        out = model(z_, t_, t_ - r_, cond, "uv" if aux else "u")
         if aux:
             outputs["v"] = out[1]
             return out[0]
         return out
 
+    cond_jvp_rows = cond.select(jvp_rows)
+
     def u_fn_jvp_rows(z_: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
-        return inner(z_, t_, t_ - r_, cond.select(jvp_rows), False)
+        return inner(z_, t_, t_ - r_, cond_jvp_rows)
 
     if cfg.name == "fm":
         V = u_fn(z, r, t)
     else:
-        V, _ = compound_velocity(u_fn, z, r, t, tangent, jvp_rows=jvp_rows, jvp_u_fn=u_fn_jvp_rows)
+        V, _ = compound_velocity(
+            u_fn,
+            z,
+            r,
+            t,
+            tangent,
+            jvp_rows=jvp_rows,
+            jvp_u_fn=u_fn_jvp_rows,
+            compile_jvp=compile_jvp,
+        )
 
     sq_u = _sq_err(V, target)
     loss = adaptive_weighted(sq_u, cfg)

@@ -1,7 +1,7 @@
 """The optimisation step shared by the CPU demo and the distributed trainer.
 
-    >>> opt = make_optimizer(model, OptimConfig())
-    >>> parts = train_step(model, opt, ema, x, y, objective, guidance, num_classes=10, step=0, optim=cfg)
+>>> opt = make_optimizer(model, OptimConfig())
+>>> parts = train_step(model, opt, ema, x, y, objective, guidance, 10, step, optim_cfg)
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def train_step(
     *,
     generator: torch.Generator | None = None,
     inner: nn.Module | None = None,
+    compile_jvp: bool = False,
 ) -> dict[str, Tensor]:
     """Loss, backward, (clip), Adam step and EMA update. Returns the detached loss parts.
 
@@ -62,7 +63,17 @@ def train_step(
     """
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, optim)
-    loss, parts = imf_loss(model, x, y, objective, guidance, num_classes, generator=generator, inner=inner)
+    loss, parts = imf_loss(
+        model,
+        x,
+        y,
+        objective,
+        guidance,
+        num_classes,
+        generator=generator,
+        inner=inner,
+        compile_jvp=compile_jvp,
+    )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = (inner or model).parameters()

@@ -8,7 +8,10 @@ from torch import Tensor
 
 
 def digits() -> tuple[Tensor, Tensor]:
-    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): (N, 1, 8, 8) in [-1, 1], (N,)."""
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes).
+
+    Returns images (N, 1, 8, 8) in [-1, 1] and labels (N,).
+    """
     from sklearn.datasets import load_digits
 
     data = load_digits()

@@ -1,8 +1,8 @@
 """Model presets of the paper and how to build and measure them.
 
-    >>> model = create("imf_b2")                      # iMF-B/2, Tab. 4
-    >>> meta = create("imf_xl2", device="meta")       # no memory: for counting
-    >>> count_params(meta) / 1e6, count_flops(meta) / 1e9
+>>> model = create("imf_b2")                      # iMF-B/2, Tab. 4
+>>> meta = create("imf_xl2", device="meta")       # no memory: for counting
+>>> count_params(meta) / 1e6, count_flops(meta) / 1e9
 """
 
 from __future__ import annotations
@@ -31,15 +31,19 @@ PRESETS: dict[str, ModelConfig] = {
     "mf_b2": ModelConfig(**_MF, depth=12, width=768, heads=12),
     "mf_xl2": ModelConfig(**_MF, depth=28, width=1152, heads=16),
     # Tab. 1c's path at B/2: adaLN-zero with CFG-conditioning -> in-context -> advanced (= imf_b2).
-    "imf_b2_adaln": ModelConfig(conditioning="adaln", blocks="plain", aux_head_depth=8, depth=12, width=768, heads=12),
-    "imf_b2_in_context": ModelConfig(conditioning="in_context", blocks="plain", aux_head_depth=8, depth=12, width=768, heads=12),
+    "imf_b2_adaln": ModelConfig(
+        conditioning="adaln", blocks="plain", aux_head_depth=8, depth=12, width=768, heads=12
+    ),
+    "imf_b2_in_context": ModelConfig(
+        conditioning="in_context", blocks="plain", aux_head_depth=8, depth=12, width=768, heads=12
+    ),
     # A debug-sized model for digits (8x8, one channel) on CPU.
     "tiny": ModelConfig(
-        **_IMF | dict(aux_head_depth=2),
+        **_IMF | dict(aux_head_depth=1),
         input_size=8,
         in_channels=1,
-        depth=6,
-        width=128,
+        depth=4,
+        width=64,
         heads=4,
         num_classes=10,
         class_tokens=4,

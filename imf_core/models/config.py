@@ -33,11 +33,15 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.conditioning not in CONDITIONINGS:
-            raise ValueError(f"model.conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
+            raise ValueError(
+                f"model.conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}"
+            )
         if self.blocks not in BLOCKS:
             raise ValueError(f"model.blocks must be one of {BLOCKS}, got {self.blocks!r}")
         if self.width % self.heads or (self.width // self.heads) % 2:
-            raise ValueError(f"model.width {self.width} must split into {self.heads} heads of even size")
+            raise ValueError(
+                f"model.width {self.width} must split into {self.heads} heads of even size"
+            )
         if self.input_size % self.patch_size:
             raise ValueError(f"model.input_size {self.input_size} is not a multiple of patch_size")
         if not 0 <= self.aux_head_depth <= self.depth:

@@ -60,7 +60,7 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """u_theta(z, t, h, conditions) with adaLN-zero conditioning (and an optional v-head)."""
+    """u_theta(z, t, h, conditions) with adaLN-zero conditioning; heads as InContextTransformer."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -75,7 +75,9 @@ class DiT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
             grid = cfg.input_size // cfg.patch_size
-            self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.width, grid), persistent=False)
+            self.register_buffer(
+                "pos_embed", sincos_pos_embed_2d(cfg.width, grid), persistent=False
+            )
         self.blocks = TrunkAndHeads(lambda: DiTBlock(cfg), cfg.depth, cfg.aux_head_depth)
         self.u_final = FinalLayer(cfg)
         self.v_final = FinalLayer(cfg) if cfg.aux_head_depth else None
@@ -100,7 +102,7 @@ class DiT(nn.Module):
         """Modules used only in training (the v-head), left out of inference counts."""
         return [self.blocks.v_head, self.v_final] if self.has_aux_head else []
 
-    def forward(self, x: Tensor, t: Tensor, h: Tensor, cond, aux: bool = False):
+    def forward(self, x: Tensor, t: Tensor, h: Tensor, cond, heads: str = "u"):
         x = self.x_embed(x)  # (B, T, D)
         rope = None
         if self.cfg.blocks == "advanced":
@@ -108,9 +110,11 @@ class DiT(nn.Module):
         else:
             x = x + self.pos_embed
         c = sum(self.embedders(t, h, cond).values())  # (B, D)
-        u_seq, v_seq = self.blocks(x, aux, c, rope)
+        u_seq, v_seq = self.blocks(x, heads, c, rope)
         p, ch = self.cfg.patch_size, self.cfg.in_channels
-        u = unpatchify(self.u_final(u_seq, c), p, ch)  # (B, C, S, S)
-        if not aux:
-            return u
-        return u, unpatchify(self.v_final(v_seq, c), p, ch)
+        out = [
+            unpatchify(final(seq, c), p, ch)  # (B, C, S, S)
+            for seq, final in ((u_seq, self.u_final), (v_seq, self.v_final))
+            if seq is not None
+        ]
+        return out[0] if len(out) == 1 else tuple(out)

@@ -57,7 +57,8 @@ class FinalLayer(nn.Module):
 
 
 class InContextTransformer(nn.Module):
-    """u_theta(z, t, h, conditions) -> average velocity (and, with aux=True, the v-head's v)."""
+    """u_theta(z, t, h, conditions) -> average velocity u; heads="v" gives the aux head's v,
+    heads="uv" both (one shared trunk pass)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -69,8 +70,14 @@ class InContextTransformer(nn.Module):
         counts = {"y": cfg.class_tokens, "h": cfg.time_tokens}
         counts |= {"t": cfg.time_tokens} if cfg.cond_t else {}
         counts |= {"omega": cfg.omega_tokens} if cfg.cond_omega else {}
-        counts |= {"t_min": cfg.interval_tokens, "t_max": cfg.interval_tokens} if cfg.cond_interval else {}
-        self.type_tokens = nn.ParameterDict({k: nn.Parameter(torch.empty(n, cfg.width)) for k, n in counts.items()})
+        counts |= (
+            {"t_min": cfg.interval_tokens, "t_max": cfg.interval_tokens}
+            if cfg.cond_interval
+            else {}
+        )
+        self.type_tokens = nn.ParameterDict(
+            {k: nn.Parameter(torch.empty(n, cfg.width)) for k, n in counts.items()}
+        )
         self.num_prefix = sum(counts.values())
         seq_len = self.num_prefix + cfg.num_patches
         if cfg.blocks == "advanced":  # 1-D RoPE over the whole sequence (official code)
@@ -79,7 +86,9 @@ class InContextTransformer(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
             grid = cfg.input_size // cfg.patch_size
-            self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.width, grid), persistent=False)
+            self.register_buffer(
+                "pos_embed", sincos_pos_embed_2d(cfg.width, grid), persistent=False
+            )
         self.blocks = TrunkAndHeads(lambda: InContextBlock(cfg), cfg.depth, cfg.aux_head_depth)
         self.u_final = FinalLayer(cfg)
         self.v_final = FinalLayer(cfg) if cfg.aux_head_depth else None
@@ -103,7 +112,7 @@ class InContextTransformer(nn.Module):
         """Modules used only in training (the v-head), left out of inference counts."""
         return [self.blocks.v_head, self.v_final] if self.has_aux_head else []
 
-    def forward(self, x: Tensor, t: Tensor, h: Tensor, cond, aux: bool = False):
+    def forward(self, x: Tensor, t: Tensor, h: Tensor, cond, heads: str = "u"):
         patches = self.x_embed(x)  # (B, T_img, D)
         rope = None
         if self.cfg.blocks == "advanced":
@@ -113,9 +122,11 @@ class InContextTransformer(nn.Module):
         emb = self.embedders(t, h, cond)  # {name: (B, D)}
         prefix = [self.type_tokens[k] + e[:, None] for k, e in emb.items()]  # (B, n_k, D) each
         seq = torch.cat([*prefix, patches], dim=1)  # (B, T, D)
-        u_seq, v_seq = self.blocks(seq, aux, rope)
+        u_seq, v_seq = self.blocks(seq, heads, rope)
         p, c = self.cfg.patch_size, self.cfg.in_channels
-        u = unpatchify(self.u_final(u_seq[:, self.num_prefix :]), p, c)  # (B, C, S, S)
-        if not aux:
-            return u
-        return u, unpatchify(self.v_final(v_seq[:, self.num_prefix :]), p, c)
+        out = [
+            unpatchify(final(seq[:, self.num_prefix :]), p, c)  # (B, C, S, S)
+            for seq, final in ((u_seq, self.u_final), (v_seq, self.v_final))
+            if seq is not None
+        ]
+        return out[0] if len(out) == 1 else tuple(out)

@@ -1,0 +1,73 @@
+"""Objectives: the time sampler, the adaptive weighting and what each objective differentiates."""
+
+import pytest
+import torch
+
+from imf_core.ema import EMA
+from imf_core.guidance import GuidanceConfig
+from imf_core.models import create
+from imf_core.objectives import ObjectiveConfig, adaptive_weighted, imf_loss, sample_t_r
+
+
+def test_time_sampler_orders_and_shares():
+    cfg = ObjectiveConfig(name="imf_boundary", boundary_share=0.5)
+    t, r = sample_t_r(10_000, cfg, torch.Generator().manual_seed(0))
+    assert (t >= r).all() and (0 < r).all() and (t < 1).all()
+    assert (t == r).sum() == 5_000
+    # logit-normal(-0.4, 1): the median of the larger of two draws sits above sigmoid(-0.4).
+    assert t.median() > torch.sigmoid(torch.tensor(-0.4))
+    t, r = sample_t_r(1000, ObjectiveConfig(name="fm"))
+    assert (t == r).all()
+
+
+def test_adaptive_weighting():
+    err = torch.tensor([0.0, 1.0, 100.0], requires_grad=True)
+    w = adaptive_weighted(err, ObjectiveConfig())
+    torch.testing.assert_close(w, err.detach() / (err.detach() + 0.01))
+    w.sum().backward()
+    torch.testing.assert_close(err.grad, 1 / (err.detach() + 0.01))  # the weight is stop-gradient
+
+
+def test_bad_objective_is_named():
+    with pytest.raises(ValueError, match="objective.name"):
+        ObjectiveConfig(name="imf")
+
+
+def test_imf_aux_needs_an_aux_head():
+    model = create("tiny", aux_head_depth=0)
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="aux"):
+        imf_loss(model, x, y, ObjectiveConfig(name="imf_aux"), GuidanceConfig(), 10)
+
+
+@pytest.mark.parametrize("objective", ["fm", "mf", "imf_boundary", "imf_aux"])
+@pytest.mark.parametrize("mode", ["none", "fixed", "omega", "omega_interval"])
+def test_every_variant_gives_a_finite_loss_and_gradients(objective, mode):
+    torch.manual_seed(0)
+    model = create("tiny", width=32, depth=2, heads=2, aux_head_depth=1)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    loss, parts = imf_loss(
+        model, x, y, ObjectiveConfig(name=objective), GuidanceConfig(mode=mode, omega=2.0), 10
+    )
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert {"loss", "mse_u"} <= set(parts) and all(not p.requires_grad for p in parts.values())
+    assert ("loss_v" in parts) == (objective == "imf_aux")
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_ema_update_and_swap():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.9)
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.shadow["weight"], 0.9 * before["weight"] + 0.1 * model.weight)
+    live = model.weight.detach().clone()
+    with ema.swap_in(model):
+        torch.testing.assert_close(model.weight, ema.shadow["weight"])
+    torch.testing.assert_close(model.weight, live)
+    with pytest.raises(ValueError):
+        EMA(model, decay=1.0)
