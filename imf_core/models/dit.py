@@ -14,12 +14,11 @@ from imf_core.models.layers import (
     ConditionEmbedders,
     Mlp,
     PatchEmbed,
+    Positions,
     TrunkAndHeads,
+    VelocityNet,
     init_linear_and_embedders,
     make_norm,
-    rope_tables,
-    sincos_pos_embed_2d,
-    unpatchify,
 )
 
 
@@ -59,7 +58,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(VelocityNet):
     """u_theta(z, t, h, conditions) with adaLN-zero conditioning; heads as InContextTransformer."""
 
     def __init__(self, cfg: ModelConfig):
@@ -69,15 +68,8 @@ class DiT(nn.Module):
         self.embedders = ConditionEmbedders(
             cfg.width, cfg.num_classes, cfg.cond_t, cfg.cond_omega, cfg.cond_interval
         )
-        if cfg.blocks == "advanced":
-            cos, sin = rope_tables(cfg.width // cfg.heads, cfg.num_patches)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        else:
-            grid = cfg.input_size // cfg.patch_size
-            self.register_buffer(
-                "pos_embed", sincos_pos_embed_2d(cfg.width, grid), persistent=False
-            )
+        grid = cfg.input_size // cfg.patch_size
+        self.positions = Positions(cfg.blocks, cfg.width, cfg.heads, grid, grid**2)
         self.blocks = TrunkAndHeads(lambda: DiTBlock(cfg), cfg.depth, cfg.aux_head_depth)
         self.u_final = FinalLayer(cfg)
         self.v_final = FinalLayer(cfg) if cfg.aux_head_depth else None
@@ -94,27 +86,7 @@ class DiT(nn.Module):
                 nn.init.zeros_(module.linear.weight)
                 nn.init.zeros_(module.linear.bias)
 
-    @property
-    def has_aux_head(self) -> bool:
-        return self.v_final is not None
-
-    def aux_modules(self) -> list[nn.Module]:
-        """Modules used only in training (the v-head), left out of inference counts."""
-        return [self.blocks.v_head, self.v_final] if self.has_aux_head else []
-
     def forward(self, x: Tensor, t: Tensor, h: Tensor, cond, heads: str = "u"):
-        x = self.x_embed(x)  # (B, T, D)
-        rope = None
-        if self.cfg.blocks == "advanced":
-            rope = (self.rope_cos, self.rope_sin)
-        else:
-            x = x + self.pos_embed
+        x, rope = self.positions(self.x_embed(x))  # (B, T, D)
         c = sum(self.embedders(t, h, cond).values())  # (B, D)
-        u_seq, v_seq = self.blocks(x, heads, c, rope)
-        p, ch = self.cfg.patch_size, self.cfg.in_channels
-        out = [
-            unpatchify(final(seq, c), p, ch)  # (B, C, S, S)
-            for seq, final in ((u_seq, self.u_final), (v_seq, self.v_final))
-            if seq is not None
-        ]
-        return out[0] if len(out) == 1 else tuple(out)
+        return self.outputs(*self.blocks(x, heads, c, rope), 0, c)

@@ -17,12 +17,11 @@ from imf_core.models.layers import (
     ConditionEmbedders,
     Mlp,
     PatchEmbed,
+    Positions,
     TrunkAndHeads,
+    VelocityNet,
     init_linear_and_embedders,
     make_norm,
-    rope_tables,
-    sincos_pos_embed_2d,
-    unpatchify,
 )
 
 
@@ -56,7 +55,7 @@ class FinalLayer(nn.Module):
         return self.linear(self.norm(x))
 
 
-class InContextTransformer(nn.Module):
+class InContextTransformer(VelocityNet):
     """u_theta(z, t, h, conditions) -> average velocity u; heads="v" gives the aux head's v,
     heads="uv" both (one shared trunk pass)."""
 
@@ -79,16 +78,10 @@ class InContextTransformer(nn.Module):
             {k: nn.Parameter(torch.empty(n, cfg.width)) for k, n in counts.items()}
         )
         self.num_prefix = sum(counts.values())
-        seq_len = self.num_prefix + cfg.num_patches
-        if cfg.blocks == "advanced":  # 1-D RoPE over the whole sequence (official code)
-            cos, sin = rope_tables(cfg.width // cfg.heads, seq_len)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        else:
-            grid = cfg.input_size // cfg.patch_size
-            self.register_buffer(
-                "pos_embed", sincos_pos_embed_2d(cfg.width, grid), persistent=False
-            )
+        grid = cfg.input_size // cfg.patch_size
+        self.positions = Positions(
+            cfg.blocks, cfg.width, cfg.heads, grid, self.num_prefix + grid**2
+        )
         self.blocks = TrunkAndHeads(lambda: InContextBlock(cfg), cfg.depth, cfg.aux_head_depth)
         self.u_final = FinalLayer(cfg)
         self.v_final = FinalLayer(cfg) if cfg.aux_head_depth else None
@@ -104,29 +97,9 @@ class InContextTransformer(nn.Module):
                 nn.init.zeros_(final.linear.weight)
                 nn.init.zeros_(final.linear.bias)
 
-    @property
-    def has_aux_head(self) -> bool:
-        return self.v_final is not None
-
-    def aux_modules(self) -> list[nn.Module]:
-        """Modules used only in training (the v-head), left out of inference counts."""
-        return [self.blocks.v_head, self.v_final] if self.has_aux_head else []
-
     def forward(self, x: Tensor, t: Tensor, h: Tensor, cond, heads: str = "u"):
-        patches = self.x_embed(x)  # (B, T_img, D)
-        rope = None
-        if self.cfg.blocks == "advanced":
-            rope = (self.rope_cos, self.rope_sin)
-        else:
-            patches = patches + self.pos_embed
+        patches, rope = self.positions(self.x_embed(x))  # (B, T_img, D)
         emb = self.embedders(t, h, cond)  # {name: (B, D)}
         prefix = [self.type_tokens[k] + e[:, None] for k, e in emb.items()]  # (B, n_k, D) each
         seq = torch.cat([*prefix, patches], dim=1)  # (B, T, D)
-        u_seq, v_seq = self.blocks(seq, heads, rope)
-        p, c = self.cfg.patch_size, self.cfg.in_channels
-        out = [
-            unpatchify(final(seq[:, self.num_prefix :]), p, c)  # (B, C, S, S)
-            for seq, final in ((u_seq, self.u_final), (v_seq, self.v_final))
-            if seq is not None
-        ]
-        return out[0] if len(out) == 1 else tuple(out)
+        return self.outputs(*self.blocks(seq, heads, rope), self.num_prefix)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from imf_core.models.config import ModelConfig
+
 #################################################################################
 #                         Embedders for the conditions                          #
 #################################################################################
@@ -256,3 +258,57 @@ def init_linear_and_embedders(model: nn.Module) -> None:
         if isinstance(module, TimestepEmbedder):
             nn.init.normal_(module.mlp[0].weight, std=0.02)
             nn.init.normal_(module.mlp[2].weight, std=0.02)
+
+
+#################################################################################
+#                  What both networks share around their blocks                 #
+#################################################################################
+
+
+class Positions(nn.Module):
+    """Advanced blocks: 1-D RoPE tables over all seq_len tokens (official code); plain blocks:
+    a fixed 2-D sin-cos embedding added to the patch tokens."""
+
+    def __init__(self, blocks: str, width: int, heads: int, grid: int, seq_len: int):
+        super().__init__()
+        self.rope = blocks == "advanced"
+        if self.rope:
+            cos, sin = rope_tables(width // heads, seq_len)
+            self.register_buffer("cos", cos, persistent=False)
+            self.register_buffer("sin", sin, persistent=False)
+        else:
+            self.register_buffer("embed", sincos_pos_embed_2d(width, grid), persistent=False)
+
+    def forward(self, patches: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Returns the patch tokens (with absolute positions, if plain) and the RoPE tables."""
+        if self.rope:
+            return patches, (self.cos, self.sin)
+        return patches + self.embed, None
+
+
+class VelocityNet(nn.Module):
+    """Base of both networks: a u output layer and, with an aux head, a v output layer."""
+
+    cfg: ModelConfig
+    u_final: nn.Module
+    v_final: nn.Module | None
+    blocks: TrunkAndHeads
+
+    @property
+    def has_aux_head(self) -> bool:
+        return self.v_final is not None
+
+    def aux_modules(self) -> list[nn.Module]:
+        """Modules used only in training (the v-head), left out of inference counts."""
+        return [self.blocks.v_head, self.v_final] if self.has_aux_head else []
+
+    def outputs(self, u_seq: Tensor | None, v_seq: Tensor | None, skip: int = 0, *args):
+        """Output layers on the image tokens (after `skip` prefix tokens) of each head run:
+        u, v or (u, v), each (B, C, S, S)."""
+        p, c = self.cfg.patch_size, self.cfg.in_channels
+        out = [
+            unpatchify(final(seq[:, skip:], *args), p, c)
+            for seq, final in ((u_seq, self.u_final), (v_seq, self.v_final))
+            if seq is not None
+        ]
+        return out[0] if len(out) == 1 else tuple(out)
