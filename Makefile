@@ -27,8 +27,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: $(STAMP)  ## time a training step of every objective
+bench: $(STAMP)  ## time a training step of every objective, and the latent reader
 	$(PY) -m benchmarks.step_time
+	$(PY) -m benchmarks.data_read
 
 lock:  ## re-pin requirements.lock from the current .venv
 	$(PY) -m pip freeze --exclude-editable | grep -v '^imf-pipeline' > requirements.lock

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-# Stages not built yet say so and fail, rather than print anything that looks like a result.
+# What each command does; those not built yet say so and fail, printing nothing like a result.
 NOT_BUILT = {
     "precompute": "latent precomputation to Parquet",
     "train": "distributed training on Ray Train",
@@ -42,10 +42,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_precompute(args: argparse.Namespace) -> int:
+    from tasks.config import load_config
+    from tasks.precompute import precompute
+
+    cfg = load_config(args.experiment, args.overrides)
+    result = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+    if result.computed:
+        print(f"precompute: computed {len(result.shards_written)} shard(s), {result.num_rows} rows")
+    else:
+        print(f"precompute: reused, {result.num_rows} rows")
+    print(result.path.resolve())
+    return 0
+
+
+COMMANDS = {"precompute": run_precompute}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    print(f"imf {args.command}: {NOT_BUILT[args.command]} is not built yet.", file=sys.stderr)
-    return 2
+    if args.command not in COMMANDS:
+        print(f"imf {args.command}: {NOT_BUILT[args.command]} is not built yet.", file=sys.stderr)
+        return 2
+    from tasks.config import ConfigError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, FileNotFoundError, ValueError, OSError) as err:
+        print(f"imf {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,161 @@
+"""A torch Dataset over a precompute output: Parquet shards read through memory maps.
+
+    >>> ds = LatentDataset("artifacts/precompute/<key>", seed=0)
+    >>> sampler = DistributedSampler(ds, num_replicas=world, rank=rank)
+    >>> loader = DataLoader(ds, batch_size=256, sampler=sampler)
+    >>> ds.set_epoch(epoch); sampler.set_epoch(epoch)
+
+Rows hold the tokenizer's posterior (mean, std) (or the deterministic latent alone); each read
+returns a fresh sample mean + std * eps, with eps drawn from (seed, epoch, index), so a resumed
+run sees the same noise.
+
+Random access without decoding: the precompute stage writes the latent column uncompressed,
+PLAIN-encoded, one data page per row group, so a row group's float values are the last bytes
+of its column chunk and row j sits at a fixed offset. Each file is memory-mapped and that
+layout is checked against pyarrow's own decoding of its first row group; a file that does
+not match (written by another tool) is read by decoding row groups instead. The OS page cache
+does the caching; the set is never loaded whole. pyarrow is imported lazily, so importing
+imf_core still needs only torch.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+
+class LatentDataset(Dataset):
+    def __init__(self, directory: str | Path, seed: int = 0, sample_posterior: bool = True):
+        import pyarrow.parquet as pq
+
+        self.directory = Path(directory)
+        manifest_path = self.directory / "_SUCCESS"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(
+                f"{self.directory} has no _SUCCESS: not a finished precompute output"
+            )
+        manifest = json.loads(manifest_path.read_text())
+        self.files = [self.directory / f["name"] for f in manifest["files"]]
+        self.num_classes = int(manifest["extra"]["num_classes"])
+        self.row_shape = tuple(manifest["extra"]["latent_shape"])  # (k, C, H, W)
+        self.row_values = int(np.prod(self.row_shape))
+        self.seed, self.epoch, self.sample_posterior = seed, 0, sample_posterior
+        # Per row group: its file, its index there, where its values start, its first global row.
+        self.groups: list[tuple[int, int, int]] = []
+        starts: list[int] = []
+        labels = []
+        total = 0
+        for f, path in enumerate(self.files):
+            meta = pq.ParquetFile(path).metadata
+            latent_column = (
+                meta.schema.names.index("latent") if "latent" in meta.schema.names else 0
+            )
+            for g in range(meta.num_row_groups):
+                rows = meta.row_group(g).num_rows
+                chunk = meta.row_group(g).column(latent_column)
+                offset = (
+                    chunk.data_page_offset
+                    + chunk.total_compressed_size
+                    - rows * self.row_values * 4
+                )
+                self.groups.append((f, g, offset))
+                starts.append(total)
+                total += rows
+            labels.append(pq.read_table(path, columns=["label"])["label"].to_numpy())
+        self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        self.num_rows = total
+        self.starts = np.array(starts, np.int64)
+        self.group_file = np.array([f for f, _, _ in self.groups], np.int64)
+        self.group_offset = np.array([o for _, _, o in self.groups], np.int64)
+        self.row_bytes = 4 * self.row_values
+        self._maps: dict[int, np.ndarray | None] = {}  # per process: file -> mapped bytes or None
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one training sample."""
+        return self.row_shape[1:]
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getstate__(self) -> dict:  # memory maps stay in the process that opened them
+        return self.__dict__ | {"_maps": {}}
+
+    def _map(self, f: int) -> np.ndarray | None:
+        """The file's bytes, memory-mapped, if its layout allows direct row access."""
+        if f not in self._maps:
+            with open(self.files[f], "rb") as handle:
+                mapped = np.frombuffer(
+                    mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ), np.uint8
+                )
+            g = next(i for i, (fg, _, _) in enumerate(self.groups) if fg == f)
+            _, rg, offset = self.groups[g]
+            decoded = self._decode(f, rg)
+            direct = self._view(mapped, offset, len(decoded))
+            self._maps[f] = (
+                mapped if direct is not None and np.array_equal(direct, decoded) else None
+            )
+        return self._maps[f]
+
+    def _view(self, mapped: np.ndarray, offset: int, rows: int) -> np.ndarray | None:
+        end = offset + rows * self.row_values * 4
+        if offset < 0 or end > mapped.size:
+            return None
+        return mapped[offset:end].view(np.float32).reshape(rows, *self.row_shape)
+
+    def _decode(self, f: int, rg: int) -> np.ndarray:
+        import pyarrow.parquet as pq
+
+        table = pq.ParquetFile(self.files[f]).read_row_group(rg, columns=["latent"])
+        values = table.column("latent").combine_chunks().storage.values
+        return values.to_numpy(zero_copy_only=False).reshape(-1, *self.row_shape)
+
+    def _gather(self, indices: list[int]) -> np.ndarray:
+        """Rows (n, k, C, H, W) by global index, copied out of the memory maps."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_rows):
+            raise IndexError(f"rows out of range [0, {self.num_rows}): {indices}")
+        g = np.searchsorted(self.starts, idx, side="right") - 1
+        in_group = idx - self.starts[g]
+        offsets = self.group_offset[g] + in_group * self.row_bytes
+        out = np.empty((len(idx), self.row_bytes), np.uint8)
+        for f in np.unique(self.group_file[g]):
+            sel = np.nonzero(self.group_file[g] == f)[0]
+            mapped = self._map(int(f))
+            if mapped is None:  # not directly addressable: decode its row groups
+                for k in sel:
+                    _, rg, _ = self.groups[g[k]]
+                    out[k] = self._decode(int(f), rg)[in_group[k]].reshape(-1).view(np.uint8)
+            elif self.row_bytes <= 4096:  # small rows: one vectorised gather
+                out[sel] = mapped[offsets[sel, None] + np.arange(self.row_bytes)]
+            else:
+                for k in sel:
+                    out[k] = mapped[offsets[k] : offsets[k] + self.row_bytes]
+        return out.view(np.float32).reshape(len(idx), *self.row_shape)
+
+    def _noise(self, index: int) -> Tensor:
+        gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & (2**63 - 1))
+        return torch.randn(self.latent_shape, generator=gen)
+
+    def _samples(self, rows: Tensor, indices: list[int]) -> Tensor:
+        """(n, k, C, H, W) rows -> (n, C, H, W) training samples mean + std * eps."""
+        if self.row_shape[0] == 1 or not self.sample_posterior:
+            return rows[:, 0]
+        return rows[:, 0] + rows[:, 1] * torch.stack([self._noise(i) for i in indices])
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, int]]:
+        """Batched fetch (the DataLoader calls this): one gather, one noise pass."""
+        samples = self._samples(torch.from_numpy(self._gather(indices)), indices)
+        return list(zip(samples.unbind(0), self.labels[indices].tolist(), strict=True))

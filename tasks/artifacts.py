@@ -1,0 +1,120 @@
+"""Content-addressed stage outputs: keys, atomic writes and the `_SUCCESS` manifest.
+
+A stage's output lives in `<artifacts>/<stage>/<key>/`, where `key` hashes the stage's config
+slice and its input keys. The directory counts as done only when it holds `_SUCCESS`: a JSON
+manifest with the key, config, input keys, every file's size and SHA-256, the code version and
+timings. This, not any orchestrator cache, is the source of truth for "already computed".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUCCESS = "_SUCCESS"
+# Bumped whenever a stage's output format or semantics change, so old outputs are not reused.
+CODE_VERSION = "1"
+
+
+def content_key(stage: str, config: Any, input_keys: list[str] | None = None) -> str:
+    """A short stable hash of a stage's config slice (any JSON-able value) and its inputs."""
+    payload = json.dumps(
+        {
+            "stage": stage,
+            "config": config,
+            "inputs": sorted(input_keys or []),
+            "code": CODE_VERSION,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yields a temporary sibling path to write; renames it onto `path` only on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@dataclass
+class FileRecord:
+    name: str
+    bytes: int
+    sha256: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, path: Path, **meta: Any) -> FileRecord:
+        return cls(path.name, path.stat().st_size, sha256_file(path), meta)
+
+    def valid_in(self, directory: Path, verify: str = "sha256") -> bool:
+        """True when the file exists with this size (and, with verify="sha256", this checksum)."""
+        path = directory / self.name
+        if not path.is_file() or path.stat().st_size != self.bytes:
+            return False
+        return verify != "sha256" or sha256_file(path) == self.sha256
+
+
+@dataclass
+class Manifest:
+    key: str
+    stage: str
+    config: Any
+    input_keys: list[str]
+    files: list[FileRecord]
+    extra: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    code_version: str = CODE_VERSION
+    created: float = field(default_factory=time.time)
+
+    def write(self, directory: Path) -> None:
+        obj = self.__dict__ | {"files": [f.__dict__ for f in self.files]}
+        write_json_atomic(directory / SUCCESS, obj)
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest | None:
+        """The manifest of a finished stage directory, or None when it has none."""
+        path = directory / SUCCESS
+        if not path.is_file():
+            return None
+        obj = json.loads(path.read_text())
+        obj["files"] = [FileRecord(**f) for f in obj["files"]]
+        return cls(**obj)
+
+
+def require_manifest(directory: Path) -> Manifest:
+    """The manifest, or a clear error naming a directory that is not a finished stage output."""
+    manifest = Manifest.read(directory)
+    if manifest is None:
+        raise FileNotFoundError(
+            f"{directory} has no {SUCCESS}: it is not a finished stage output "
+            "(missing, interrupted, or not made by this pipeline)"
+        )
+    return manifest

@@ -1,0 +1,127 @@
+"""Experiment configs: OmegaConf, composed and checked against dataclass schemas.
+
+    >>> cfg = load_config("smoke", ["precompute.rows_per_shard=512"])
+
+Composition: configs/base.yaml <- configs/data/<data>.yaml <- configs/experiment/<name>.yaml
+<- dot-list overrides. `defaults.data` (base or experiment) picks the data file. An unknown or
+mistyped key is an error naming the key and the file it came from. Model presets live in code
+(imf_core.models.PRESETS); `model.name` picks one and any other `model.*` key overrides it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, get_type_hints
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from imf_core.guidance import GuidanceConfig
+from imf_core.models import preset
+from imf_core.models.config import ModelConfig
+from imf_core.objectives import ObjectiveConfig
+from imf_core.training import OptimConfig
+from tasks.precompute import DataConfig, PrecomputeConfig, TokenizerConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be composed: names the key and the file."""
+
+
+# model: a preset name plus optional overrides of any ModelConfig field (None = the preset's).
+ModelSection = dataclasses.make_dataclass(
+    "ModelSection",
+    [("name", str, field(default="tiny"))]
+    + [
+        (name, Optional[kind], field(default=None))  # noqa: UP045 (OmegaConf reads Optional)
+        for name, kind in get_type_hints(ModelConfig).items()
+    ],
+)
+
+
+@dataclass
+class Defaults:
+    data: str = "digits"  # configs/data/<data>.yaml
+
+
+@dataclass
+class PathsConfig:
+    artifacts: str = "artifacts"
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = ""
+    defaults: Defaults = field(default_factory=Defaults)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
+    model: Any = field(default_factory=ModelSection)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{where}: bad key {key!r}: {str(err).splitlines()[0]}") from err
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+        raise ConfigError(f"no config file {path} (known: {known})")
+    return OmegaConf.load(path)
+
+
+def load_config(
+    experiment: str, overrides: list[str] | None = None, config_dir: Path = CONFIG_DIR
+) -> ExperimentConfig:
+    """Composes the experiment config and returns it as checked dataclasses."""
+    schema = OmegaConf.structured(ExperimentConfig)
+    base = _merge(schema, _load_yaml(config_dir / "base.yaml"), "configs/base.yaml")
+    exp_file = config_dir / "experiment" / f"{experiment}.yaml"
+    exp = _load_yaml(exp_file)
+    cli = OmegaConf.from_dotlist(list(overrides or []))
+    data_name = (
+        OmegaConf.select(cli, "defaults.data")
+        or OmegaConf.select(exp, "defaults.data")
+        or base.defaults.data
+    )
+    cfg = _merge(
+        base,
+        _load_yaml(config_dir / "data" / f"{data_name}.yaml"),
+        f"configs/data/{data_name}.yaml",
+    )
+    cfg = _merge(cfg, exp, f"configs/experiment/{experiment}.yaml")
+    cfg = _merge(cfg, cli, "command-line overrides")
+    cfg.name = experiment
+    try:
+        return OmegaConf.to_object(cfg)
+    except (OmegaConfBaseException, ValueError, TypeError) as err:
+        raise ConfigError(f"experiment {experiment!r}: {err}") from err
+
+
+def model_config(cfg: ExperimentConfig) -> ModelConfig:
+    """The ModelConfig the experiment asks for: its preset with the non-null overrides."""
+    section = dataclasses.asdict(cfg.model)
+    name = section.pop("name")
+    return preset(name, **{k: v for k, v in section.items() if v is not None})
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

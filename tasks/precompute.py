@@ -1,0 +1,288 @@
+"""Stage 1: encode a dataset once into sharded Parquet, content-addressed and restartable per shard.
+
+    >>> result = precompute(cfg)            # cfg: the experiment config (tasks.config)
+    >>> result.path, result.computed, result.shards_written
+
+Output `<artifacts>/precompute/<key>/`: `shard-NNNNN.parquet` files (columns `latent`, a
+fixed-shape tensor (k, C, H, W) with k = 2 for (mean, std) or 1 for a deterministic tokenizer;
+`label`; `source_index`; `flipped`) and `_SUCCESS`. Shards are stored uncompressed, without
+dictionary encoding: latents are near-Gaussian floats that general-purpose codecs shrink by a
+few percent at most, while decompression would cost every training read and rule out
+zero-copy memory mapping.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from tqdm import tqdm
+
+from tasks.artifacts import FileRecord, Manifest, atomic_path, content_key, require_manifest
+from tasks.datasets import open_source
+from tasks.tokenizers import open_tokenizer
+
+DATASETS = ("digits", "mnist5k", "imagefolder", "parquet")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | mnist5k | imagefolder | parquet
+    root: str = ""  # imagefolder: folder of class folders; parquet: a precompute output folder
+    image_size: int = 256  # imagefolder: ADM centre crop to this side
+    flips: bool = False  # horizontal flips stored as extra rows (on for ImageNet)
+    on_bad_image: str = "fail"  # fail | skip (skipped files are listed in _SUCCESS and printed)
+
+    def __post_init__(self) -> None:
+        if self.name not in DATASETS:
+            raise ValueError(f"data.name must be one of {DATASETS}, got {self.name!r}")
+        if self.on_bad_image not in ("fail", "skip"):
+            raise ValueError(f"data.on_bad_image must be fail or skip, got {self.on_bad_image!r}")
+
+
+@dataclass
+class TokenizerConfig:
+    name: str = "pixel"  # pixel | sd_vae
+    path: str = ""  # sd_vae: a local AutoencoderKL folder (else the hub id of `variant`)
+    variant: str = "mse"  # sd_vae: mse | ema (the paper uses ft-mse)
+    batch_size: int = 64  # images per encoder call
+    device: str = "auto"  # auto = cuda when present
+
+
+@dataclass
+class PrecomputeConfig:
+    rows_per_shard: int = 4096
+    rows_per_row_group: int = 256  # the unit the training reader decodes
+    workers: int = 1  # processes encoding shards in parallel
+    verify: str = "sha256"  # on reuse, check each shard's sha256 (or only its size: "size")
+
+
+def stage_key(
+    data: DataConfig, tokenizer_fingerprint: dict, source_fingerprint: dict, pre: PrecomputeConfig
+) -> str:
+    config = {
+        "data": asdict(data) | {"root": None},  # the content fingerprint stands for the folder
+        "source": source_fingerprint,
+        "tokenizer": tokenizer_fingerprint,
+        "rows_per_shard": pre.rows_per_shard,
+        "rows_per_row_group": pre.rows_per_row_group,
+    }
+    return content_key("precompute", config)
+
+
+@dataclass
+class PrecomputeResult:
+    path: Path
+    key: str
+    computed: bool  # False: every shard was reused
+    shards_written: list[str]
+    num_rows: int
+
+
+def _rows(num_images: int, flips: bool) -> list[tuple[int, bool]]:
+    """(source index, flipped) for every output row; a flip sits next to its original."""
+    return [(i, f) for i in range(num_images) for f in ((False, True) if flips else (False,))]
+
+
+def _write_shard(
+    path: Path,
+    latents: np.ndarray,
+    labels: np.ndarray,
+    sources: np.ndarray,
+    flipped: np.ndarray,
+    row_group: int,
+) -> None:
+    n, shape = latents.shape[0], latents.shape[1:]
+    tensor_type = pa.fixed_shape_tensor(pa.float32(), shape)
+    storage = pa.FixedSizeListArray.from_arrays(
+        pa.array(latents.reshape(-1), pa.float32()), int(np.prod(shape))
+    )
+    table = pa.table(
+        {
+            "latent": pa.ExtensionArray.from_storage(tensor_type, storage),
+            "label": pa.array(labels, pa.int32()),
+            "source_index": pa.array(sources, pa.int64()),
+            "flipped": pa.array(flipped, pa.bool_()),
+        }
+    )
+    assert table.num_rows == n
+    with atomic_path(path) as tmp:
+        # Uncompressed PLAIN values, one data page per row group, no statistics: the layout
+        # imf_core.data reads rows from directly, at fixed offsets in a memory map.
+        pq.write_table(
+            table,
+            tmp,
+            compression="none",
+            use_dictionary=False,
+            write_statistics=False,
+            row_group_size=row_group,
+            data_page_size=1 << 30,
+            data_page_version="1.0",
+        )
+
+
+def _encode_shard(job: dict) -> tuple[str, list[str]]:
+    """Computes one shard (in this process or a worker); returns its name and skipped files."""
+    data, tok = DataConfig(**job["data"]), TokenizerConfig(**job["tokenizer"])
+    row_group, path, rows = job["rows_per_row_group"], Path(job["path"]), job["rows"]
+    if data.name == "parquet":
+        latents, labels, sources, flipped = _read_rows(Path(data.root), rows)
+        _write_shard(path, latents, labels, sources, flipped, row_group)
+        return path.name, []
+    source = open_source(data.name, data.root, data.image_size, data.on_bad_image)
+    tokenizer = open_tokenizer(tok.name, tok.path, tok.variant, tok.device)
+    parts: list[tuple[np.ndarray, ...]] = []
+    for start in range(0, len(rows), tok.batch_size):
+        batch = rows[start : start + tok.batch_size]
+        images, y, kept = source.load(sorted({i for i, _ in batch}))  # each image decoded once
+        position = {i: k for k, i in enumerate(kept)}  # skipped images have none
+        batch = [(i, f) for i, f in batch if i in position]
+        if not batch:
+            continue
+        take = torch.tensor([position[i] for i, _ in batch], dtype=torch.long)
+        flip = torch.tensor([f for _, f in batch])
+        x = torch.where(flip[:, None, None, None], images[take].flip(-1), images[take])
+        parts.append(
+            (
+                tokenizer.encode(x).numpy(),
+                y[take].numpy(),
+                np.array([i for i, _ in batch]),
+                flip.numpy(),
+            )
+        )
+    if not parts:
+        raise ValueError(f"every image of {path.name} was unreadable and skipped")
+    _write_shard(path, *(np.concatenate(col) for col in zip(*parts, strict=True)), row_group)
+    return path.name, source.skipped
+
+
+def _read_rows(directory: Path, rows: list[tuple[int, bool]]) -> tuple[np.ndarray, ...]:
+    """Rows of an existing precompute output (the `parquet` dataset), by global row number."""
+    table = pa.concat_tables(
+        pq.read_table(directory / f.name) for f in require_manifest(directory).files
+    )
+    take = pa.array([i for i, _ in rows], pa.int64())
+    table = table.take(take)
+    return (
+        table["latent"].combine_chunks().to_numpy_ndarray(),
+        table["label"].to_numpy(),
+        table["source_index"].to_numpy(),
+        table["flipped"].to_numpy(zero_copy_only=False),
+    )
+
+
+def precompute(
+    data: DataConfig, tokenizer: TokenizerConfig, pre: PrecomputeConfig, artifacts: str | Path
+) -> PrecomputeResult:
+    """Encodes every missing or invalid shard; reuses the rest. A rerun of a finished output
+    with the same config changes no file."""
+    started = time.time()
+    if data.name == "parquet":
+        upstream = require_manifest(Path(data.root))
+        source_fp = {"name": "parquet", "key": upstream.key}
+        tok_fp = {"name": "from_upstream"}
+        num_rows, flips = upstream.extra["num_rows"], False
+        rows = [(i, False) for i in range(num_rows)]
+        num_classes = upstream.extra["num_classes"]
+    else:
+        source = open_source(data.name, data.root, data.image_size, data.on_bad_image)
+        tok_fp = _tokenizer_fingerprint(tokenizer)
+        source_fp = source.fingerprint
+        rows, num_classes, flips = (
+            _rows(source.num_images, data.flips),
+            source.num_classes,
+            data.flips,
+        )
+    key = stage_key(data, tok_fp, source_fp, pre)
+    out = Path(artifacts) / "precompute" / key
+    shards = [rows[i : i + pre.rows_per_shard] for i in range(0, len(rows), pre.rows_per_shard)]
+    names = [f"shard-{k:05d}.parquet" for k in range(len(shards))]
+
+    old = Manifest.read(out)
+    valid = {f.name: f for f in (old.files if old else []) if f.valid_in(out, pre.verify)}
+    if old is None:  # an interrupted run: shards were renamed into place only when complete
+        valid = {
+            n: FileRecord.of(out / n) for n in names if (out / n).is_file() and _readable(out / n)
+        }
+    todo = [k for k, n in enumerate(names) if n not in valid]
+    if not todo and old is not None:
+        return PrecomputeResult(out, key, False, [], old.extra["num_rows"])
+
+    jobs = [
+        {
+            "data": asdict(data),
+            "tokenizer": asdict(tokenizer),
+            "rows_per_row_group": pre.rows_per_row_group,
+            "path": str(out / names[k]),
+            "rows": shards[k],
+        }
+        for k in todo
+    ]
+    skipped = [s for f in valid.values() for s in f.meta.get("skipped", [])]
+    results = {}
+    progress = tqdm(total=len(jobs), desc=f"precompute {key}", unit="shard", disable=not jobs)
+    if pre.workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(pre.workers, mp_context=get_context("spawn")) as pool:
+            for name, skip in pool.map(_encode_shard, jobs):
+                results[name] = skip
+                progress.update()
+    else:
+        for job in jobs:
+            name, skip = _encode_shard(job)
+            results[name] = skip
+            progress.update()
+    progress.close()
+    for name, skip in results.items():
+        pf = pq.ParquetFile(out / name)
+        valid[name] = FileRecord.of(out / name, rows=pf.metadata.num_rows, skipped=skip)
+        skipped += skip
+    files = [valid[n] for n in names]
+    first = pq.ParquetFile(out / names[0]).schema_arrow.field("latent").type
+    extra = {
+        "num_rows": sum(
+            f.meta.get("rows", pq.ParquetFile(out / f.name).metadata.num_rows) for f in files
+        ),
+        "num_classes": num_classes,
+        "latent_shape": list(first.shape),
+        "flips": flips,
+        "skipped": sorted(skipped),
+        "compression": "none",
+    }
+    config = {
+        "data": asdict(data),
+        "tokenizer": asdict(tokenizer) | {"fingerprint": tok_fp},
+        "precompute": asdict(pre),
+    }
+    Manifest(key, "precompute", config, [], files, extra, {"seconds": time.time() - started}).write(
+        out
+    )
+    return PrecomputeResult(out, key, True, sorted(results), extra["num_rows"])
+
+
+def _readable(path: Path) -> bool:
+    try:
+        pq.ParquetFile(path)
+        return True
+    except Exception:
+        return False
+
+
+def _tokenizer_fingerprint(tok: TokenizerConfig) -> dict:
+    """What identifies the encoder's output: for sd_vae, the weights' content (loads it once)."""
+    if tok.name == "pixel":
+        return {"name": "pixel"}
+    return open_tokenizer(tok.name, tok.path, tok.variant, "cpu").fingerprint()
+
+
+# The Prefect task the flows call. `_SUCCESS` manifests, not Prefect's result cache, decide
+# what is already done, so the task itself caches nothing.
+precompute_task = task(precompute, name="precompute", cache_policy=NO_CACHE)

@@ -1,0 +1,40 @@
+"""Experiment configs: composition order, checked keys, errors that name the key and the file."""
+
+import pytest
+
+from tasks.config import ConfigError, load_config, model_config
+
+
+def test_composition_and_overrides():
+    cfg = load_config("smoke", ["model.width=96", "precompute.workers=2"])
+    assert cfg.name == "smoke" and cfg.data.name == "digits" and cfg.tokenizer.name == "pixel"
+    assert cfg.precompute.rows_per_shard == 512 and cfg.precompute.workers == 2  # experiment, CLI
+    model = model_config(cfg)
+    assert model.width == 96 and model.depth == 4 and model.num_classes == 10  # tiny + override
+
+
+def test_data_file_is_picked_by_defaults():
+    cfg = load_config("smoke", ["defaults.data=imagenet256"])
+    assert cfg.data.name == "imagefolder" and cfg.data.flips and cfg.tokenizer.name == "sd_vae"
+    assert model_config(cfg).width == 768  # imagenet256 picks imf_b2
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("precompute.rows_per_shar=3", "rows_per_shar"),
+        ("model.widht=3", "widht"),
+        ("model.width=abc", "model.width"),
+    ],
+)
+def test_bad_keys_are_named_with_their_source(override, named):
+    with pytest.raises(ConfigError, match=named) as err:
+        load_config("smoke", [override])
+    assert "command-line" in str(err.value)
+
+
+def test_bad_values_and_missing_files():
+    with pytest.raises(ConfigError, match="data.name"):
+        load_config("smoke", ["data.name=cifar"])
+    with pytest.raises(ConfigError, match="known: .*smoke"):
+        load_config("no_such_experiment")
