@@ -52,6 +52,12 @@ def run_precompute(args: argparse.Namespace) -> int:
         print(f"precompute: computed {len(result.shards_written)} shard(s), {result.num_rows} rows")
     else:
         print(f"precompute: reused, {result.num_rows} rows")
+    if result.skipped:
+        print(
+            f"precompute: skipped {len(result.skipped)} unreadable image(s):",
+            *result.skipped,
+            sep="\n  ",
+        )
     print(result.path.resolve())
     return 0
 

@@ -86,6 +86,7 @@ class PrecomputeResult:
     computed: bool  # False: every shard was reused
     shards_written: list[str]
     num_rows: int
+    skipped: list[str]  # unreadable images left out (data.on_bad_image=skip)
 
 
 def _rows(num_images: int, flips: bool) -> list[tuple[int, bool]]:
@@ -215,7 +216,7 @@ def precompute(
         }
     todo = [k for k, n in enumerate(names) if n not in valid]
     if not todo and old is not None:
-        return PrecomputeResult(out, key, False, [], old.extra["num_rows"])
+        return PrecomputeResult(out, key, False, [], old.extra["num_rows"], old.extra["skipped"])
 
     jobs = [
         {
@@ -265,7 +266,7 @@ def precompute(
     Manifest(key, "precompute", config, [], files, extra, {"seconds": time.time() - started}).write(
         out
     )
-    return PrecomputeResult(out, key, True, sorted(results), extra["num_rows"])
+    return PrecomputeResult(out, key, True, sorted(results), extra["num_rows"], extra["skipped"])
 
 
 def _readable(path: Path) -> bool:

