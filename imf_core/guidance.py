@@ -96,22 +96,29 @@ def sample_conditions(
     boundary: Tensor,
     num_classes: int,
     generator: torch.Generator | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[Conditions, Tensor]:
     """Training conditions for a batch: drops labels, samples omega and the interval.
 
     `boundary` marks rows with r = t; they get no interval (official code). Returns the
-    conditions and the bool mask of rows whose label was dropped.
+    conditions and the bool mask of rows whose label was dropped. With shard=(rank, world),
+    the draws are made for the global batch and this rank keeps rows rank::world.
     """
     n = y.shape[0]
+    rank, world = shard
+
+    def draw(sampler, *args):
+        return sampler(n * world, *args, generator=generator)[rank::world]
+
     cond = Conditions.unguided(y.cpu())
     dropped = torch.zeros(n, dtype=torch.bool)
     if cfg.mode != "none":
-        dropped = torch.rand(n, generator=generator) < cfg.class_drop
+        dropped = draw(torch.rand) < cfg.class_drop
         cond = cond._replace(y=torch.where(dropped, num_classes, cond.y))
     if cfg.conditions_on_omega:
-        cond = cond._replace(omega=sample_omega(n, cfg.omega_max, cfg.beta, generator))
+        cond = cond._replace(omega=draw(sample_omega, cfg.omega_max, cfg.beta))
     if cfg.mode == "omega_interval":
-        t_min, t_max = sample_interval(n, generator)
+        t_min, t_max = (s[rank::world] for s in sample_interval(n * world, generator))
         on_boundary = boundary.cpu()
         cond = cond._replace(
             t_min=torch.where(on_boundary, 0.0, t_min), t_max=torch.where(on_boundary, 1.0, t_max)

@@ -76,12 +76,16 @@ def imf_loss(
     generator: torch.Generator | None = None,
     inner: nn.Module | None = None,
     compile_jvp: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One batch of any objective. Returns the scalar loss and its named parts (detached).
 
     `model` is called as model(z, t, h, cond, heads) with h = t - r; `inner` is the same module
     unwrapped from DDP (its hooks break the no-grad and JVP passes), defaulting to `model`;
-    `compile_jvp` compiles the JVP pass (meanflow.compound_velocity).
+    `compile_jvp` compiles the JVP pass (meanflow.compound_velocity). With shard=(rank, world)
+    under data parallelism, every random draw is made for the global batch and this rank keeps
+    rows rank::world, which are the rows a DistributedSampler gives it: W ranks then compute
+    exactly the loss one process computes on the whole global batch.
     Parts: `loss` (the optimised, weighted loss), `mse_u` (unweighted ||V - target||^2 per
     element: with adaptive weighting the loss sits near 1, so this is what shows learning) and,
     for imf_aux, `loss_v`, `mse_v`.
@@ -93,12 +97,13 @@ def imf_loss(
             "objective imf_aux needs a model with an auxiliary v-head (aux_head_depth > 0)"
         )
     device, n = x.device, x.shape[0]
-    t, r = (s.to(device) for s in sample_t_r(n, cfg, generator))
-    e = torch.randn(x.shape, generator=generator).to(device)
+    rank, world = shard
+    t, r = (s[rank::world].to(device) for s in sample_t_r(n * world, cfg, generator))
+    e = torch.randn((n * world, *x.shape[1:]), generator=generator)[rank::world].to(device)
     z = interpolate(x, e, t)
     v_data = e - x
     jvp_rows = r != t
-    cond, dropped = sample_conditions(guidance, y, ~jvp_rows, num_classes, generator)
+    cond, dropped = sample_conditions(guidance, y, ~jvp_rows, num_classes, generator, shard)
 
     def v_boundary(z_: Tensor, t_: Tensor, c: Conditions) -> Tensor:
         """The model's own marginal-velocity estimate: the aux head, else u at r = t."""

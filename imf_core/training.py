@@ -55,6 +55,7 @@ def train_step(
     generator: torch.Generator | None = None,
     inner: nn.Module | None = None,
     compile_jvp: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, Tensor]:
     """Loss, backward, (clip), Adam step and EMA update. Returns the detached loss parts.
 
@@ -73,6 +74,7 @@ def train_step(
         generator=generator,
         inner=inner,
         compile_jvp=compile_jvp,
+        shard=shard,
     )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -71,3 +71,26 @@ def test_ema_update_and_swap():
     torch.testing.assert_close(model.weight, live)
     with pytest.raises(ValueError):
         EMA(model, decay=1.0)
+
+
+@pytest.mark.parametrize("objective", ["mf", "imf_aux"])
+def test_sharded_loss_equals_the_global_batch_loss(objective):
+    # Two data-parallel ranks holding rows 0::2 and 1::2 (a DistributedSampler's split) see
+    # the same noise as one process on the whole batch: equal mean loss and gradients.
+    torch.manual_seed(0)
+    model = create("tiny", width=32, depth=2, heads=2, aux_head_depth=1)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    cfg, guidance = ObjectiveConfig(name=objective), GuidanceConfig(mode="omega_interval")
+
+    def loss_and_grad(rows, shard):
+        model.zero_grad()
+        gen = torch.Generator().manual_seed(7)
+        loss, _ = imf_loss(model, x[rows], y[rows], cfg, guidance, 10, generator=gen, shard=shard)
+        loss.backward()
+        grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+        return loss.detach(), torch.cat(grads)
+
+    full_loss, full_grad = loss_and_grad(slice(None), (0, 1))
+    halves = [loss_and_grad(slice(rank, None, 2), (rank, 2)) for rank in (0, 1)]
+    torch.testing.assert_close((halves[0][0] + halves[1][0]) / 2, full_loss)
+    torch.testing.assert_close((halves[0][1] + halves[1][1]) / 2, full_grad, rtol=1e-4, atol=1e-6)
