@@ -62,7 +62,22 @@ def run_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"precompute": run_precompute}
+def run_train(args: argparse.Namespace) -> int:
+    from tasks.config import load_config
+    from tasks.precompute import precompute
+    from tasks.train import train
+
+    cfg = load_config(args.experiment, args.overrides)
+    pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+    print(f"precompute: {'computed' if pre.computed else 'reused'} {pre.path}")
+    result = train(cfg, pre)
+    state = "trained" if result.computed else "reused"
+    print(f"train: {state}, {result.steps} steps, MLflow run {result.mlflow_run_id}")
+    print(result.path)
+    return 0
+
+
+COMMANDS = {"precompute": run_precompute, "train": run_train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from imf_core.models.config import ModelConfig
 from imf_core.objectives import ObjectiveConfig
 from imf_core.training import OptimConfig
 from tasks.precompute import DataConfig, PrecomputeConfig, TokenizerConfig
+from tasks.train import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -56,6 +57,8 @@ class PathsConfig:
 @dataclass
 class TrackingConfig:
     uri: str = ""  # else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = ""  # MLflow experiment name; "" = the experiment config's name
+    tags: dict[str, str] = field(default_factory=dict)  # e.g. the ablation table and row
 
 
 @dataclass
@@ -71,6 +74,7 @@ class ExperimentConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:

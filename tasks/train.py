@@ -1,0 +1,424 @@
+"""Stage 2: distributed iMF training on Ray Train (DDP), checkpointed, resumable, tracked in MLflow.
+
+    >>> result = train(cfg, precompute_result)     # cfg: the experiment config (tasks.config)
+    >>> result.path / "ema.safetensors"
+
+`ray.train.torch.TorchTrainer` runs `train_loop` on `train.num_workers` workers (gloo on CPU,
+NCCL on GPU) with RunConfig(storage_path=<artifacts>/train/<key>/ray, name="run"): launching
+the same run again resumes from its latest checkpoint (same step, same data order, same
+noise), and FailureConfig(max_failures) restarts a run whose worker died. The finished run's
+EMA weights are exported as safetensors with the resolved config, and `_SUCCESS` marks it done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from safetensors.torch import save_file
+
+from imf_core.models import build
+from tasks.artifacts import FileRecord, Manifest, content_key, write_json_atomic
+from tasks.precompute import PrecomputeResult
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 0  # optimizer steps; 0 = derive from epochs
+    epochs: float = 1.0  # passes over the precomputed rows (exact: a DistributedSampler per epoch)
+    batch_size: int = 256  # global batch, split evenly over the workers
+    seed: int = 0
+    num_workers: int = 1  # Ray Train workers (DDP ranks)
+    cpus_per_worker: float = 1.0  # fractional on small machines
+    use_gpu: bool = False
+    checkpoint_every: int = 1000  # steps between checkpoints (and at the end)
+    log_every: int = 50  # steps between MLflow metrics / terminal lines
+    sample_every: int = 0  # steps between sample grids logged to MLflow (0 = only at the end)
+    max_failures: int = 1  # worker failures Ray Train recovers from
+    compile_jvp: bool = False  # torch.compile the JVP pass (imf_core.meanflow)
+    ray_address: str = ""  # "" = a local Ray; else a cluster address (infra/README.md)
+    fault_at_step: int = -1  # tests: the last rank kills itself once at this step
+
+
+# What does not change the numbers a run computes stays out of its key.
+RUNTIME_ONLY = (
+    "num_workers",
+    "cpus_per_worker",
+    "use_gpu",
+    "log_every",
+    "sample_every",
+    "max_failures",
+    "ray_address",
+    "fault_at_step",
+    "compile_jvp",
+)
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    key: str
+    computed: bool
+    steps: int
+    mlflow_run_id: str
+
+
+def train_key(cfg, precompute_key: str) -> str:
+    from tasks.config import model_config
+
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in RUNTIME_ONLY}
+    config = {
+        "model": asdict(model_config(cfg)),
+        "objective": asdict(cfg.objective),
+        "guidance": asdict(cfg.guidance),
+        "optim": asdict(cfg.optim),
+        "train": train,
+    }
+    return content_key("train", config, [precompute_key])
+
+
+def tracking_uri(cfg) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db (made absolute for workers)."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out
+
+
+def mlflow_run(cfg, out: Path, key: str) -> str:
+    """Creates (or finds, on resume) this training run's MLflow run; returns its id.
+
+    Created here, in the driver, before any worker starts: SQLite backends lock under
+    concurrent writers, and rank 0 then only appends to an existing run.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tasks.config import to_dict
+
+    id_file = out / "mlflow_run_id"
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    client = MlflowClient()
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    experiment = cfg.tracking.experiment or cfg.name
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    tags = {"stage": "train", "train_key": key, **cfg.tracking.tags}
+    run = client.create_run(experiment_id, run_name=f"{cfg.name}-{key[:8]}", tags=tags)
+    params = flatten(to_dict(cfg))
+    items = list(params.items())
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        from mlflow.entities import Param
+
+        client.log_batch(
+            run.info.run_id, params=[Param(k, v[:500]) for k, v in items[start : start + 100]]
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+def train(cfg, pre: PrecomputeResult) -> TrainResult:
+    """Trains (or resumes, or reuses) the run this config and precompute output define."""
+    from tasks.config import model_config, to_dict
+
+    key = train_key(cfg, pre.key)
+    out = Path(cfg.paths.artifacts).resolve() / "train" / key
+    done = Manifest.read(out)
+    if done is not None and all(f.valid_in(out, "size") for f in done.files):
+        return TrainResult(out, key, False, done.extra["steps"], done.extra["mlflow_run_id"])
+    started = time.time()
+    run_id = mlflow_run(cfg, out, key)
+    result = _fit(cfg, pre, out, run_id)
+    nan_marker = out / "NAN"
+    if nan_marker.is_file():
+        raise RuntimeError(f"training stopped: {nan_marker.read_text().strip()}")
+    if result.checkpoint is None:
+        raise RuntimeError(f"training of {out} produced no checkpoint")
+    with result.checkpoint.as_directory() as ckpt:
+        state = torch.load(Path(ckpt) / "state.pt", weights_only=True, map_location="cpu")
+    model = build(model_config(cfg))
+    model.load_state_dict(state["model"])
+    ema_weights = {k: v.contiguous() for k, v in state["ema"].items()}
+    resolved = to_dict(cfg)
+    meta = {"model_config": json.dumps(asdict(model_config(cfg))), "steps": str(state["step"])}
+    save_file(ema_weights, out / "ema.safetensors", metadata=meta)
+    write_json_atomic(out / "config.json", resolved)
+    files = [FileRecord.of(out / "ema.safetensors"), FileRecord.of(out / "config.json")]
+    extra = {"steps": state["step"], "mlflow_run_id": run_id, "metrics": result.metrics}
+    Manifest(
+        key, "train", resolved, [pre.key], files, extra, {"seconds": time.time() - started}
+    ).write(out)
+    return TrainResult(out, key, True, state["step"], run_id)
+
+
+def _fit(cfg, pre: PrecomputeResult, out: Path, run_id: str):
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from tasks.config import to_dict
+
+    t = cfg.train
+    if not ray.is_initialized():
+        if t.ray_address:
+            ray.init(address=t.ray_address)
+        else:  # a local Ray; the dashboard stays off (it would bind a port)
+            ray.init(
+                include_dashboard=False,
+                num_cpus=max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker)),
+            )
+    loop_config = {
+        "cfg": to_dict(cfg),
+        "data": str(pre.path),
+        "out": str(out),
+        "mlflow_uri": tracking_uri(cfg),
+        "mlflow_run_id": run_id,
+    }
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name="run",
+            storage_path=str(out / "ray"),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+    )
+    return trainer.fit()
+
+
+# The Prefect task the flows call; `_SUCCESS` decides reuse, so the task caches nothing.
+train_task = task(train, name="train", cache_policy=NO_CACHE)
+
+
+def train_loop(config: dict) -> None:
+    """One Ray Train worker: data shard, DDP model, resume, steps, checkpoints, rank-0 logging."""
+    import ray.train
+    import ray.train.torch
+    from torch.utils.data import BatchSampler, DistributedSampler, default_collate
+
+    from imf_core.data import LatentDataset
+    from imf_core.ema import EMA
+    from imf_core.training import make_optimizer, train_step
+    from tasks.config import ExperimentConfig, model_config
+
+    cfg = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(ExperimentConfig), config["cfg"])
+    )
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu" and world > 1:
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out = Path(config["out"])
+    t = cfg.train
+    if t.batch_size % world:
+        raise ValueError(f"train.batch_size {t.batch_size} does not split over {world} workers")
+    local_batch = t.batch_size // world
+
+    dataset = LatentDataset(config["data"], seed=t.seed)
+    mcfg = model_config(cfg)
+    expected = ((mcfg.in_channels, mcfg.input_size, mcfg.input_size), mcfg.num_classes)
+    if (dataset.latent_shape, dataset.num_classes) != expected:
+        raise ValueError(
+            f"model {cfg.model.name} expects latents {expected[0]} and {expected[1]} classes; "
+            f"the data has {dataset.latent_shape} and {dataset.num_classes}"
+        )
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    model = build(mcfg).to(device)
+    optimizer = make_optimizer(model, cfg.optim)
+    ema = EMA(model, cfg.optim.ema_decay)
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt:
+            state = torch.load(Path(ckpt) / "state.pt", weights_only=True, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        step = state["step"]
+    unused = model.has_aux_head and cfg.objective.name != "imf_aux"  # the v-head gets no gradient
+    ddp = (
+        ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": unused}
+        )
+        if world > 1
+        else model
+    )
+
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=t.seed)
+    steps_per_epoch = math.ceil(len(sampler) / local_batch)
+    total = t.steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    bf16 = device.type == "cuda"
+    logger = RankZeroLogger(config, cfg, dataset, total) if rank == 0 else None
+    start_time, start_step = time.perf_counter(), step
+    while step < total:
+        epoch, skip = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        for indices in list(BatchSampler(sampler, local_batch, drop_last=False))[skip:]:
+            if step >= total:
+                break
+            if (
+                step == t.fault_at_step
+                and rank == world - 1
+                and not (out / "fault_injected").exists()
+            ):
+                # A worker dies mid-run (tests). It waits first: Ray registers a reported
+                # checkpoint asynchronously, and one reported just before a crash can be lost.
+                (out / "fault_injected").write_text(str(step))
+                time.sleep(5)
+                os.kill(os.getpid(), signal.SIGKILL)
+            x, y = (v.to(device) for v in default_collate(dataset.__getitems__(indices)))
+            generator = torch.Generator().manual_seed(t.seed * 1_000_003 + step)  # resumable noise
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                parts = train_step(
+                    ddp,
+                    optimizer,
+                    ema,
+                    x,
+                    y,
+                    cfg.objective,
+                    cfg.guidance,
+                    mcfg.num_classes,
+                    step,
+                    cfg.optim,
+                    generator=generator,
+                    inner=model,
+                    compile_jvp=t.compile_jvp,
+                    shard=(rank, world),
+                )
+            bad = torch.tensor([0.0 if torch.isfinite(parts["loss"]) else 1.0], device=device)
+            if world > 1:
+                torch.distributed.all_reduce(bad)
+            if bad.item() > 0:  # every rank sees it, so every rank stops at the same report
+                if rank == 0:
+                    (out / "NAN").write_text(
+                        f"loss is not finite at step {step}; the last good checkpoint is kept"
+                    )
+                ray.train.report({"step": step, "nan": 1})
+                return
+            step += 1
+            if step % t.log_every == 0 or step == total:
+                if world > 1:  # log the global batch's numbers, not rank 0's share
+                    names = sorted(parts)
+                    values = torch.stack([parts[k].float() for k in names]).to(device)
+                    torch.distributed.all_reduce(values)
+                    parts = dict(zip(names, values / world, strict=True))
+                if logger is not None:
+                    logger.step(step, parts, optimizer, start_time, start_step)
+            if step % t.checkpoint_every == 0 or step == total:
+                report(step, model, optimizer, ema, rank, logger)
+
+
+def report(step: int, model, optimizer, ema, rank: int, logger) -> None:
+    """Every rank reports (Ray Train needs the same number of reports on all); rank 0 saves."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "ema": ema.state_dict(),
+                "step": step,
+            }
+            torch.save(state, Path(tmp) / "state.pt")
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            logger.samples(step, model, ema)
+        ray.train.report({"step": step}, checkpoint=checkpoint)
+
+
+class RankZeroLogger:
+    """Terminal progress and MLflow metrics/images, from rank 0 only."""
+
+    def __init__(self, config: dict, cfg, dataset, total: int):
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(config["mlflow_uri"])
+        self.run_id = config["mlflow_run_id"]
+        self.cfg, self.total, self.dataset = cfg, total, dataset
+        self.last = time.perf_counter()
+        self.pixel = (
+            json.loads((Path(config["data"]) / "_SUCCESS").read_text())["config"]["tokenizer"][
+                "name"
+            ]
+            == "pixel"
+        )
+
+    def step(self, step: int, parts: dict, optimizer, start: float, start_step: int) -> None:
+        t = self.cfg.train
+        now = time.perf_counter()
+        rate = (step - start_step) / max(now - start, 1e-9)
+        metrics = {k: float(v) for k, v in parts.items()}
+        metrics |= {
+            "lr": optimizer.param_groups[0]["lr"],
+            "steps_per_s": rate,
+            "samples_per_s": rate * t.batch_size,
+        }
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, v, stamp, step) for k, v in metrics.items()]
+        )
+        eta = (self.total - step) / max(rate, 1e-9)
+        print(
+            f"step {step}/{self.total}  loss {metrics['loss']:.4f}  mse_u {metrics['mse_u']:.4f}  "
+            f"{rate:.2f} it/s  eta {eta:.0f}s",
+            flush=True,
+        )
+
+    def samples(self, step: int, model, ema) -> None:
+        """A grid of 1-NFE EMA samples, one row per class (pixel-space data only)."""
+        t = self.cfg.train
+        final = step == self.total
+        if not self.pixel or not (final or (t.sample_every and step % t.sample_every == 0)):
+            return
+        from torchvision.utils import save_image
+
+        from imf_core.guidance import generate
+
+        classes = min(self.dataset.num_classes, 10)
+        y = torch.arange(classes).repeat_interleave(8).to(next(model.parameters()).device)
+        noise = torch.randn(
+            len(y), *self.dataset.latent_shape, generator=torch.Generator().manual_seed(0)
+        ).to(y.device)
+        with ema.swap_in(model):
+            x = generate(
+                model, noise, y, omega=2.0 if self.cfg.guidance.conditions_on_omega else 1.0
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"samples_step{step:07d}.png"
+            save_image((x.clamp(-1, 1).float().cpu() + 1) / 2, path, nrow=8)
+            self.client.log_artifact(self.run_id, str(path), "samples")
