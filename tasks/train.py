@@ -191,7 +191,7 @@ def _fit(cfg, pre: PrecomputeResult, out: Path, run_id: str):
             )
     loop_config = {
         "cfg": to_dict(cfg),
-        "data": str(pre.path),
+        "data": str(pre.path.resolve()),  # workers do not share the driver's cwd
         "out": str(out),
         "mlflow_uri": tracking_uri(cfg),
         "mlflow_run_id": run_id,
