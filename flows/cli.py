@@ -77,7 +77,30 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"precompute": run_precompute, "train": run_train}
+def run_evaluate(args: argparse.Namespace) -> int:
+    from tasks.config import load_config
+    from tasks.evaluate import evaluate
+    from tasks.precompute import precompute
+    from tasks.train import train
+
+    cfg = load_config(args.experiment, args.overrides)
+    pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+    print(f"precompute: {'computed' if pre.computed else 'reused'} {pre.path}")
+    trained = train(cfg, pre)
+    print(f"train: {'trained' if trained.computed else 'reused'} {trained.path}")
+    result = evaluate(cfg, pre, trained)
+    state = f"computed {result.units_computed} unit(s)" if result.computed else "reused"
+    print(f"evaluate: {state}")
+    for r in result.results:
+        extra = f"  accuracy {r['accuracy']:.3f}" if "accuracy" in r else ""
+        star = "  <- best" if r["best"] else ""
+        point = f"omega {r['omega']:<5g} [{r['t_min']:g}, {r['t_max']:g}]"
+        print(f"  {point}  FID {r['fid']:8.3f}  IS {r['is']:6.3f}{extra}{star}")
+    print(result.path)
+    return 0
+
+
+COMMANDS = {"precompute": run_precompute, "train": run_train, "evaluate": run_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,8 @@ class LatentDataset(Dataset):
                 f"{self.directory} has no _SUCCESS: not a finished precompute output"
             )
         manifest = json.loads(manifest_path.read_text())
-        self.files = [self.directory / f["name"] for f in manifest["files"]]
+        shards = [f["name"] for f in manifest["files"] if f["name"].endswith(".parquet")]
+        self.files = [self.directory / name for name in shards]
         self.num_classes = int(manifest["extra"]["num_classes"])
         self.row_shape = tuple(manifest["extra"]["latent_shape"])  # (k, C, H, W)
         self.row_values = int(np.prod(self.row_shape))

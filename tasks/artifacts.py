@@ -71,8 +71,10 @@ class FileRecord:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, path: Path, **meta: Any) -> FileRecord:
-        return cls(path.name, path.stat().st_size, sha256_file(path), meta)
+    def of(cls, path: Path, root: Path | None = None, **meta: Any) -> FileRecord:
+        """The record of `path`, named relative to `root` (default: its own folder)."""
+        name = str(path.relative_to(root)) if root else path.name
+        return cls(name, path.stat().st_size, sha256_file(path), meta)
 
     def valid_in(self, directory: Path, verify: str = "sha256") -> bool:
         """True when the file exists with this size (and, with verify="sha256", this checksum)."""

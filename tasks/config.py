@@ -23,6 +23,7 @@ from imf_core.models import preset
 from imf_core.models.config import ModelConfig
 from imf_core.objectives import ObjectiveConfig
 from imf_core.training import OptimConfig
+from tasks.evaluate import EvalConfig
 from tasks.precompute import DataConfig, PrecomputeConfig, TokenizerConfig
 from tasks.train import TrainConfig
 
@@ -75,6 +76,7 @@ class ExperimentConfig:
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:

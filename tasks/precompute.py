@@ -64,6 +64,9 @@ class PrecomputeConfig:
     rows_per_row_group: int = 256  # the unit the training reader decodes
     workers: int = 1  # processes encoding shards in parallel
     verify: str = "sha256"  # on reuse, check each shard's sha256 (or only its size: "size")
+    # Pixel data only: steps of the small classifier that evaluation uses as feature extractor
+    # (tasks.features); 0 = none. Its training-set feature statistics are the FID reference.
+    classifier_steps: int = 0
 
 
 def stage_key(
@@ -75,6 +78,7 @@ def stage_key(
         "tokenizer": tokenizer_fingerprint,
         "rows_per_shard": pre.rows_per_shard,
         "rows_per_row_group": pre.rows_per_row_group,
+        "classifier_steps": pre.classifier_steps,
     }
     return content_key("precompute", config)
 
@@ -215,7 +219,9 @@ def precompute(
             n: FileRecord.of(out / n) for n in names if (out / n).is_file() and _readable(out / n)
         }
     todo = [k for k, n in enumerate(names) if n not in valid]
-    if not todo and old is not None:
+    pixel_data = tokenizer.name == "pixel" and data.name != "parquet"
+    derived = list(CLASSIFIER_FILES) if pre.classifier_steps and pixel_data else []
+    if not todo and old is not None and all(d in valid for d in derived):
         return PrecomputeResult(out, key, False, [], old.extra["num_rows"], old.extra["skipped"])
 
     jobs = [
@@ -246,17 +252,20 @@ def precompute(
         pf = pq.ParquetFile(out / name)
         valid[name] = FileRecord.of(out / name, rows=pf.metadata.num_rows, skipped=skip)
         skipped += skip
-    files = [valid[n] for n in names]
+    classifier_accuracy = old.extra.get("classifier_accuracy") if old else None
+    if any(d not in valid for d in derived):
+        classifier_accuracy = _fit_classifier(out, names, num_classes, pre.classifier_steps)
+        valid |= {d: FileRecord.of(out / d) for d in derived}
+    files = [valid[n] for n in names + derived]
     first = pq.ParquetFile(out / names[0]).schema_arrow.field("latent").type
     extra = {
-        "num_rows": sum(
-            f.meta.get("rows", pq.ParquetFile(out / f.name).metadata.num_rows) for f in files
-        ),
+        "num_rows": sum(pq.ParquetFile(out / n).metadata.num_rows for n in names),
         "num_classes": num_classes,
         "latent_shape": list(first.shape),
         "flips": flips,
         "skipped": sorted(skipped),
         "compression": "none",
+        "classifier_accuracy": classifier_accuracy,
     }
     config = {
         "data": asdict(data),
@@ -267,6 +276,32 @@ def precompute(
         out
     )
     return PrecomputeResult(out, key, True, sorted(results), extra["num_rows"], extra["skipped"])
+
+
+CLASSIFIER_FILES = ("classifier.pt", "reference.npz")
+
+
+def _fit_classifier(out: Path, names: list[str], num_classes: int, steps: int) -> float:
+    """Trains the evaluation classifier on the shards' rows; writes it and the reference
+    feature statistics of the training set (through the same uint8 path as samples)."""
+    from imf_core.metrics import FeatureStats
+    from tasks.features import open_extractor, save_classifier, to_uint8, train_classifier
+
+    table = pa.concat_tables(pq.read_table(out / n, columns=["latent", "label"]) for n in names)
+    images = torch.from_numpy(table["latent"].combine_chunks().to_numpy_ndarray()[:, 0].copy())
+    labels = torch.from_numpy(table["label"].to_numpy().astype(np.int64))
+    model = train_classifier(images, labels, num_classes, steps)
+    with atomic_path(out / "classifier.pt") as tmp:
+        save_classifier(model, tmp)
+    extractor = open_extractor("classifier", out / "classifier.pt")
+    with torch.no_grad():
+        features, logits = extractor(to_uint8(images))
+    stats = FeatureStats.of(features)
+    mu, sigma = stats.mean_cov()
+    with atomic_path(out / "reference.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma, n=stats.n)
+    return float((logits.argmax(1) == labels).double().mean())
 
 
 def _readable(path: Path) -> bool:

@@ -15,6 +15,6 @@ def test_help_lists_the_contract(capsys):
 
 
 def test_unbuilt_stage_fails_without_fake_output(capsys):
-    assert main(["evaluate", "-e", "smoke"]) == 2
+    assert main(["run", "-e", "smoke"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "not built yet" in captured.err

@@ -1,0 +1,287 @@
+"""Stage 3: sharded FID / IS evaluation over a CFG grid, restartable per (grid point, shard).
+
+    >>> result = evaluate(cfg, precompute_result, train_result)
+    >>> json.loads((result.path / "results.json").read_text())
+
+Each grid point (omega x interval) x each shard of the N samples is one unit: generate with
+the EMA weights (imf_core.meanflow.sample; sample i has class i mod K, so every class gets its
+share; noise from (seed, i), the same at every grid point), decode through the tokenizer,
+convert to uint8 (tasks.features.to_uint8), extract features, and store the shard's float64
+sums (n, sum x, sum xx^T; sum p, sum p log p for IS; correct labels) in `units/`. Units
+already on disk are not recomputed. Merging the sums gives exactly the single-pass metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from safetensors.torch import load_file
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+from imf_core.guidance import generate
+from imf_core.metrics import FeatureStats, ScoreStats, frechet_distance
+from imf_core.models import build
+from tasks.artifacts import FileRecord, Manifest, atomic_path, content_key, write_json_atomic
+from tasks.features import open_extractor, to_uint8
+from tasks.precompute import PrecomputeResult
+from tasks.tokenizers import open_tokenizer, pick_device
+
+
+@dataclass
+class EvalConfig:
+    n_samples: int = 50_000  # 50 per class on ImageNet
+    nfe: int = 1  # 1 or 2 sampling steps
+    seed: int = 0
+    omegas: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0])
+    intervals: list[list[float]] = field(default_factory=lambda: [[0.0, 1.0]])  # (t_min, t_max)
+    shard_size: int = 10_000  # samples per unit of work
+    batch_size: int = 250
+    features: str = "auto"  # auto (classifier when precompute made one, else inception) | ...
+    inception_weights: str = ""  # a local torch-fidelity InceptionV3 weights file
+    reference: str = ""  # npz with mu, sigma (ADM format); "" = precompute's reference.npz
+    grid_per_class: int = 8  # sample-grid columns per point (0 = no grids)
+    device: str = "auto"
+
+
+RUNTIME_ONLY = ("batch_size", "device", "grid_per_class")
+
+
+@dataclass
+class EvalResult:
+    path: Path
+    key: str
+    computed: bool
+    units_computed: int
+    results: list[dict]
+
+
+def point_name(omega: float, interval: list[float]) -> str:
+    return f"w{omega:g}_t{interval[0]:g}-{interval[1]:g}"
+
+
+def evaluate(cfg, pre: PrecomputeResult, trained) -> EvalResult:
+    """Computes the missing units of the grid, merges them, writes results.json and plots."""
+    e = cfg.eval
+    if e.nfe not in (1, 2):
+        raise ValueError(f"eval.nfe must be 1 or 2, got {e.nfe}")
+    pre_manifest = Manifest.read(pre.path)
+    kind = e.features
+    if kind == "auto":
+        kind = "classifier" if (pre.path / "classifier.pt").is_file() else "inception"
+    weights = pre.path / "classifier.pt" if kind == "classifier" else Path(e.inception_weights)
+    reference = Path(e.reference) if e.reference else pre.path / "reference.npz"
+    if not reference.is_file():
+        raise FileNotFoundError(f"no FID reference statistics at {reference} (set eval.reference)")
+    slice_ = {k: v for k, v in asdict(e).items() if k not in RUNTIME_ONLY} | {"features": kind}
+    key = content_key("evaluate", slice_, [pre.key, trained.key])
+    out = Path(cfg.paths.artifacts).resolve() / "evaluate" / key
+    done = Manifest.read(out)
+    if done is not None:
+        return EvalResult(out, key, False, 0, json.loads((out / "results.json").read_text()))
+    started = time.time()
+
+    device = pick_device(e.device)
+    model = load_ema_model(trained.path).to(device)
+    num_classes = pre_manifest.extra["num_classes"]
+    shape = tuple(pre_manifest.extra["latent_shape"][1:])
+    tok_cfg = cfg.tokenizer
+    tokenizer = open_tokenizer(tok_cfg.name, tok_cfg.path, tok_cfg.variant, e.device)
+    extractor = open_extractor(kind, weights).to(device)
+    points = [(w, list(iv)) for iv in e.intervals for w in e.omegas]
+    shards = [(s, min(e.shard_size, e.n_samples - s)) for s in range(0, e.n_samples, e.shard_size)]
+    units_dir = out / "units"
+    computed = 0
+    for omega, interval in points:
+        for k, (start, count) in enumerate(shards):
+            path = units_dir / f"{point_name(omega, interval)}_s{k:05d}.npz"
+            if path.is_file():
+                continue
+            sums = run_unit(
+                model,
+                tokenizer,
+                extractor,
+                omega,
+                interval,
+                start,
+                count,
+                k,
+                num_classes,
+                shape,
+                e,
+                device,
+            )
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **sums)
+            computed += 1
+
+    ref = np.load(reference)
+    results = []
+    for omega, interval in points:
+        parts = [
+            dict(np.load(units_dir / f"{point_name(omega, interval)}_s{k:05d}.npz"))
+            for k in range(len(shards))
+        ]
+        feats = FeatureStats.merge(
+            [FeatureStats(int(p["n"]), p["total"], p["outer"]) for p in parts]
+        )
+        scores = ScoreStats.merge(
+            [ScoreStats(int(p["n"]), p["p_sum"], float(p["plogp_sum"])) for p in parts]
+        )
+        mu, sigma = feats.mean_cov()
+        entry = {
+            "omega": omega,
+            "t_min": interval[0],
+            "t_max": interval[1],
+            "nfe": e.nfe,
+            "n_samples": feats.n,
+            "fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
+            "is": scores.inception_score(),
+            "features": kind,
+            "uint8": "clip(127.5x+128) floored (iMF release)",
+            "reference": str(reference),
+        }
+        if kind == "classifier":
+            entry["accuracy"] = float(sum(float(p["correct"]) for p in parts) / feats.n)
+        results.append(entry)
+    best = min(range(len(results)), key=lambda i: results[i]["fid"])
+    for i, entry in enumerate(results):
+        entry["best"] = i == best
+    write_json_atomic(out / "results.json", results)
+    plots = plot_fid_vs_omega(results, out)
+    grids = (
+        sample_grids(model, tokenizer, points, num_classes, shape, e, device, out)
+        if e.grid_per_class
+        else []
+    )
+    outputs = [out / "results.json", *plots, *grids, *sorted(units_dir.glob("*.npz"))]
+    files = [FileRecord.of(p, out) for p in outputs]
+    Manifest(
+        key,
+        "evaluate",
+        slice_,
+        [pre.key, trained.key],
+        files,
+        {"best": results[best]},
+        {"seconds": time.time() - started},
+    ).write(out)
+    return EvalResult(out, key, True, computed, results)
+
+
+def load_ema_model(train_dir: Path) -> torch.nn.Module:
+    """The network with the exported EMA weights (safetensors + its model config)."""
+    from safetensors import safe_open
+
+    from imf_core.models.config import ModelConfig
+
+    path = Path(train_dir) / "ema.safetensors"
+    with safe_open(str(path), "pt") as f:
+        model_cfg = ModelConfig(**json.loads(f.metadata()["model_config"]))
+    model = build(model_cfg)
+    model.load_state_dict(load_file(path))
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def run_unit(
+    model, tokenizer, extractor, omega, interval, start, count, shard, num_classes, shape, e, device
+) -> dict:
+    """Generates one shard of samples at one grid point and reduces it to mergeable sums."""
+    noise = sample_noise(range(start, start + count), shape, e.seed)
+    labels = torch.arange(start, start + count) % num_classes
+    feats, scores, correct = [], [], 0
+    for b in range(0, count, e.batch_size):
+        z = noise[b : b + e.batch_size].to(device)
+        y = labels[b : b + e.batch_size].to(device)
+        x = generate(model, z, y, omega=omega, t_min=interval[0], t_max=interval[1], steps=e.nfe)
+        images = to_uint8(tokenizer.decode(x)).to(device)
+        if images.shape[1] == 1 and isinstance(extractor, FeatureExtractorInceptionV3):
+            images = images.repeat(1, 3, 1, 1)  # grey-scale data through an RGB network
+        f, logits = extractor(images)
+        feats.append(FeatureStats.of(f.cpu()))
+        scores.append(ScoreStats.of(logits.cpu()))
+        correct += int((logits.argmax(1).cpu() == y.cpu()).sum())
+    fs, ss = FeatureStats.merge(feats), ScoreStats.merge(scores)
+    return {
+        "n": fs.n,
+        "total": fs.total,
+        "outer": fs.outer,
+        "p_sum": ss.p_sum,
+        "plogp_sum": ss.plogp_sum,
+        "correct": correct,
+    }
+
+
+def sample_noise(indices, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Noise of each sample from (seed, sample index): the same samples whatever the sharding,
+    and the same noise at every grid point (common random numbers across omega)."""
+    gens = (torch.Generator().manual_seed(seed * 1_000_003 + i) for i in indices)
+    return torch.stack([torch.randn(shape, generator=g) for g in gens])
+
+
+def plot_fid_vs_omega(results: list[dict], out: Path) -> list[Path]:
+    """One FID-vs-omega plot per CFG interval, the best point marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    intervals = sorted({(r["t_min"], r["t_max"]) for r in results})
+    for t_min, t_max in intervals:
+        rows = sorted(
+            (r for r in results if (r["t_min"], r["t_max"]) == (t_min, t_max)),
+            key=lambda r: r["omega"],
+        )
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([r["omega"] for r in rows], [r["fid"] for r in rows], "o-")
+        for r in rows:
+            if r["best"]:
+                ax.plot(
+                    [r["omega"]], [r["fid"]], "r*", markersize=14, label=f"best: FID {r['fid']:.2f}"
+                )
+                ax.legend()
+        ax.set(
+            xlabel="CFG scale omega",
+            ylabel="FID",
+            title=f"interval [{t_min:g}, {t_max:g}], NFE {rows[0]['nfe']}",
+        )
+        ax.grid(alpha=0.3)
+        path = out / f"fid_vs_omega_t{t_min:g}-{t_max:g}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+@torch.no_grad()
+def sample_grids(model, tokenizer, points, num_classes, shape, e, device, out: Path) -> list[Path]:
+    """A PNG grid per grid point: a row per class (up to 10), grid_per_class columns."""
+    from torchvision.utils import save_image
+
+    classes = min(num_classes, 10)
+    y = torch.arange(classes).repeat_interleave(e.grid_per_class).to(device)
+    noise = torch.randn(len(y), *shape, generator=torch.Generator().manual_seed(e.seed)).to(device)
+    paths = []
+    for omega, interval in points:
+        x = generate(
+            model, noise, y, omega=omega, t_min=interval[0], t_max=interval[1], steps=e.nfe
+        )
+        images = to_uint8(tokenizer.decode(x)).float() / 255
+        path = out / "grids" / f"{point_name(omega, interval)}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            save_image(images, tmp, nrow=e.grid_per_class, format="png")
+        paths.append(path)
+    return paths
+
+
+# The Prefect task the flows call; `_SUCCESS` and the unit files decide what is done.
+evaluate_task = task(evaluate, name="evaluate", cache_policy=NO_CACHE)

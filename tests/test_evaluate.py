@@ -1,0 +1,156 @@
+"""Evaluation: merged shards equal one pass, restart per unit, both feature extractors."""
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch_fidelity
+from safetensors.torch import save_file
+
+from imf_core.models import create
+from tasks.config import load_config
+from tasks.evaluate import evaluate
+from tasks.features import CLASSIFIER_NAME, open_extractor, to_uint8
+from tasks.precompute import precompute
+
+
+@dataclass
+class FakeTrainResult:
+    path: Path
+    key: str
+
+
+def fake_training(directory: Path) -> FakeTrainResult:
+    """An exported tiny model with random (not zero-init) weights: evaluation needs no Ray."""
+    torch.manual_seed(0)
+    model = create("tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    directory.mkdir(parents=True)
+    meta = {"model_config": json.dumps(asdict(model.cfg))}
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        directory / "ema.safetensors",
+        metadata=meta,
+    )
+    return FakeTrainResult(directory, "fake")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    cfg = load_config("smoke", [f"paths.artifacts={root}", "precompute.classifier_steps=150"])
+    pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+    return root, pre, fake_training(root / "train")
+
+
+def evaluation(root, *overrides):
+    args = [
+        f"paths.artifacts={root}",
+        "eval.n_samples=200",
+        "eval.omegas=[1.0,3.0]",
+        "eval.grid_per_class=2",
+    ]
+    return load_config("smoke", args + list(overrides))
+
+
+def test_merged_shards_equal_a_single_pass(setup):
+    root, pre, trained = setup
+    sharded = evaluate(evaluation(root / "a", "eval.shard_size=60"), pre, trained)  # 60+60+60+20
+    single = evaluate(evaluation(root / "b", "eval.shard_size=200"), pre, trained)
+    assert sharded.units_computed == 8 and single.units_computed == 2
+    for a, b in zip(sharded.results, single.results, strict=True):
+        assert a["n_samples"] == b["n_samples"] == 200
+        for metric in ("fid", "is", "accuracy"):
+            assert a[metric] == pytest.approx(b[metric], rel=1e-9, abs=1e-9)
+    assert sum(r["best"] for r in sharded.results) == 1
+    assert (sharded.path / "fid_vs_omega_t0-1.png").is_file() and (
+        sharded.path / "grids" / "w3_t0-1.png"
+    ).is_file()
+
+
+def test_restart_recomputes_only_missing_units(setup):
+    root, pre, trained = setup
+    cfg = evaluation(root / "c", "eval.shard_size=100")
+    first = evaluate(cfg, pre, trained)
+    files = {
+        p: (p.stat().st_mtime_ns, p.read_bytes()) for p in first.path.rglob("*") if p.is_file()
+    }
+    again = evaluate(cfg, pre, trained)
+    assert not again.computed
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == files  # nothing changed
+    (first.path / "_SUCCESS").unlink()  # as if killed before the merge ...
+    lost = first.path / "units" / "w3_t0-1_s00001.npz"
+    lost.unlink()  # ... with one unit not yet written
+    kept = first.path / "units" / "w1_t0-1_s00000.npz"
+    resumed = evaluate(cfg, pre, trained)
+    assert resumed.units_computed == 1 and lost.is_file()
+    assert kept.stat().st_mtime_ns == files[kept][0]
+    assert [r["fid"] for r in resumed.results] == pytest.approx(
+        [r["fid"] for r in first.results], rel=1e-12
+    )
+
+
+def test_pixel_classifier_is_a_registered_extractor(setup):
+    _, pre, _ = setup
+    assert CLASSIFIER_NAME in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY
+    from tasks.datasets import digits
+
+    images, labels = digits()
+    extractor = open_extractor("classifier", pre.path / "classifier.pt")
+    features, logits = extractor(to_uint8(images))
+    assert features.shape == (1797, 128) and logits.shape == (1797, 10)
+    assert (logits.argmax(1) == labels).double().mean() > 0.9
+
+
+def random_inception_weights(path: Path) -> Path:
+    """A randomly initialised torch-fidelity InceptionV3 state dict, saved like the real one."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep random init
+            return None
+
+    empty = path.with_suffix(".empty")
+    torch.save({}, empty)
+    torch.manual_seed(0)
+    torch.save(
+        Unloaded("x", ["2048"], feature_extractor_weights_path=str(empty)).state_dict(), path
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_inception_path_with_random_weights(setup, tmp_path):
+    root, pre, trained = setup
+    weights = random_inception_weights(tmp_path / "inception.pth")
+    stats = tmp_path / "reference.npz"
+    np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048))  # ADM-style reference: only mu, sigma
+    cfg = evaluation(
+        root / "d",
+        "eval.n_samples=20",
+        "eval.omegas=[2.0]",
+        "eval.features=inception",
+        f"eval.inception_weights={weights}",
+        f"eval.reference={stats}",
+        "eval.grid_per_class=0",
+    )
+    result = evaluate(cfg, pre, trained)
+    (entry,) = result.results
+    assert entry["features"] == "inception" and entry["n_samples"] == 20
+    assert np.isfinite(entry["fid"]) and entry["is"] >= 1.0 and "accuracy" not in entry
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        evaluate(
+            evaluation(root / "e", "eval.features=inception", "eval.inception_weights=/nope.pth"),
+            pre,
+            trained,
+        )
+
+
+def test_uint8_rounds_like_the_imf_release():
+    x = torch.tensor([-1.0, -0.999, 0.0, 0.999, 1.0, 1.5])
+    assert to_uint8(x).tolist() == [0, 0, 128, 255, 255, 255]
