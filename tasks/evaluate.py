@@ -162,16 +162,48 @@ def evaluate(cfg, pre: PrecomputeResult, trained) -> EvalResult:
     )
     outputs = [out / "results.json", *plots, *grids, *sorted(units_dir.glob("*.npz"))]
     files = [FileRecord.of(p, out) for p in outputs]
-    Manifest(
-        key,
-        "evaluate",
-        slice_,
-        [pre.key, trained.key],
-        files,
-        {"best": results[best]},
-        {"seconds": time.time() - started},
-    ).write(out)
+    run_id = log_to_mlflow(cfg, trained, key, results, [out / "results.json", *plots, *grids])
+    extra = {"best": results[best], "mlflow_run_id": run_id}
+    timings = {"seconds": time.time() - started}
+    Manifest(key, "evaluate", slice_, [pre.key, trained.key], files, extra, timings).write(out)
     return EvalResult(out, key, True, computed, results)
+
+
+def log_to_mlflow(cfg, trained, key: str, results: list[dict], artifacts: list[Path]) -> str:
+    """A run nested under the training run: per-point metrics, the best point, the plots and
+    grids. The best point's numbers also go on the training run, so the MLflow compare view
+    of training runs shows FID beside their params. Returns the run id ("" if untracked)."""
+    train_run = getattr(trained, "mlflow_run_id", "")
+    if not train_run:
+        return ""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from tasks.train import tracking_uri
+
+    client = MlflowClient(tracking_uri(cfg))
+    experiment_id = client.get_run(train_run).info.experiment_id
+    tags = {"mlflow.parentRunId": train_run, "stage": "evaluate", "eval_key": key}
+    run = client.create_run(
+        experiment_id, run_name=f"eval-{key[:8]}", tags=tags | cfg.tracking.tags
+    )
+    stamp = int(time.time() * 1000)
+    metrics = []
+    for r in results:
+        point = point_name(r["omega"], [r["t_min"], r["t_max"]])
+        metrics += [
+            Metric(f"{m}/{point}", r[m], stamp, 0) for m in ("fid", "is", "accuracy") if m in r
+        ]
+    best = next(r for r in results if r["best"])
+    names = ("fid", "is", "omega", "t_min", "t_max", "accuracy")
+    summary = [Metric(f"{k}_best", float(best[k]), stamp, 0) for k in names if k in best]
+    client.log_batch(run.info.run_id, metrics=metrics + summary)
+    client.log_batch(train_run, metrics=summary)
+    for path in artifacts:
+        client.log_artifact(
+            run.info.run_id, str(path), "grids" if path.parent.name == "grids" else None
+        )
+    return run.info.run_id
 
 
 def load_ema_model(train_dir: Path) -> torch.nn.Module:

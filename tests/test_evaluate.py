@@ -154,3 +154,23 @@ def test_inception_path_with_random_weights(setup, tmp_path):
 def test_uint8_rounds_like_the_imf_release():
     x = torch.tensor([-1.0, -0.999, 0.0, 0.999, 1.0, 1.5])
     assert to_uint8(x).tolist() == [0, 0, 128, 255, 255, 255]
+
+
+def test_results_are_logged_under_the_training_run(setup, tmp_path):
+    from mlflow import MlflowClient
+
+    root, pre, trained = setup
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    train_run = client.create_run(client.create_experiment("eval-test")).info.run_id
+    tracked = FakeTrainResult(trained.path, trained.key)
+    tracked.mlflow_run_id = train_run
+    cfg = evaluation(root / "f", f"tracking.uri={uri}")
+    result = evaluate(cfg, pre, tracked)
+    best = next(r for r in result.results if r["best"])
+    assert client.get_run(train_run).data.metrics["fid_best"] == pytest.approx(best["fid"])
+    (child,) = client.search_runs(
+        [client.get_run(train_run).info.experiment_id], f"tags.mlflow.parentRunId = '{train_run}'"
+    )
+    assert {"fid/w1_t0-1", "fid/w3_t0-1", "is_best", "omega_best"} <= set(child.data.metrics)
+    assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"results.json", "grids"}
