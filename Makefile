@@ -27,9 +27,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: $(STAMP)  ## time a training step of every objective, and the latent reader
+bench: $(STAMP)  ## step-time ratios, latent reader throughput, sharded-evaluation overhead
 	$(PY) -m benchmarks.step_time
 	$(PY) -m benchmarks.data_read
+	$(PY) -m benchmarks.eval_shards
 
 lock:  ## re-pin requirements.lock from the current .venv
 	$(PY) -m pip freeze --exclude-editable | grep -v '^imf-pipeline' > requirements.lock
