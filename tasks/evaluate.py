@@ -21,15 +21,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load_file
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from imf_core.guidance import generate
 from imf_core.metrics import FeatureStats, ScoreStats, frechet_distance
 from imf_core.models import build
-from tasks.artifacts import FileRecord, Manifest, atomic_path, content_key, write_json_atomic
-from tasks.features import open_extractor, to_uint8
+from tasks.artifacts import (
+    FileRecord,
+    Manifest,
+    atomic_path,
+    cache_key_of,
+    content_key,
+    write_json_atomic,
+)
+from tasks.features import check_weights, open_extractor, to_uint8
 from tasks.precompute import PrecomputeResult
 from tasks.tokenizers import open_tokenizer, pick_device
 
@@ -48,9 +54,20 @@ class EvalConfig:
     reference: str = ""  # npz with mu, sigma (ADM format); "" = precompute's reference.npz
     grid_per_class: int = 8  # sample-grid columns per point (0 = no grids)
     device: str = "auto"
+    workers: int = 1  # Ray actors running units in parallel (1 = in this process)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # > 0 on GPU nodes (one actor per GPU: 1.0)
 
 
-RUNTIME_ONLY = ("batch_size", "device", "grid_per_class")
+# What does not change the numbers stays out of the key (workers: tested, same sums).
+RUNTIME_ONLY = (
+    "batch_size",
+    "device",
+    "grid_per_class",
+    "workers",
+    "cpus_per_worker",
+    "gpus_per_worker",
+)
 
 
 @dataclass
@@ -60,10 +77,30 @@ class EvalResult:
     computed: bool
     units_computed: int
     results: list[dict]
+    mlflow_run_id: str = ""  # the evaluation's MLflow run ("" when the training is untracked)
 
 
 def point_name(omega: float, interval: list[float]) -> str:
     return f"w{omega:g}_t{interval[0]:g}-{interval[1]:g}"
+
+
+def feature_kind(e: EvalConfig, pre: PrecomputeResult) -> str:
+    """eval.features, with "auto" = the classifier when precompute trained one."""
+    if e.features != "auto":
+        return e.features
+    return "classifier" if (pre.path / "classifier.pt").is_file() else "inception"
+
+
+def eval_slice(e: EvalConfig, pre: PrecomputeResult) -> dict:
+    """What the evaluation's numbers depend on (besides its inputs' keys)."""
+    return {k: v for k, v in asdict(e).items() if k not in RUNTIME_ONLY} | {
+        "features": feature_kind(e, pre)
+    }
+
+
+def output_dir(cfg, pre: PrecomputeResult, trained) -> Path:
+    key = content_key("evaluate", eval_slice(cfg.eval, pre), [pre.key, trained.key])
+    return Path(cfg.paths.artifacts).resolve() / "evaluate" / key
 
 
 def evaluate(cfg, pre: PrecomputeResult, trained) -> EvalResult:
@@ -72,54 +109,34 @@ def evaluate(cfg, pre: PrecomputeResult, trained) -> EvalResult:
     if e.nfe not in (1, 2):
         raise ValueError(f"eval.nfe must be 1 or 2, got {e.nfe}")
     pre_manifest = Manifest.read(pre.path)
-    kind = e.features
-    if kind == "auto":
-        kind = "classifier" if (pre.path / "classifier.pt").is_file() else "inception"
+    kind = feature_kind(e, pre)
     weights = pre.path / "classifier.pt" if kind == "classifier" else Path(e.inception_weights)
+    check_weights(kind, weights)  # before any worker starts
     reference = Path(e.reference) if e.reference else pre.path / "reference.npz"
     if not reference.is_file():
         raise FileNotFoundError(f"no FID reference statistics at {reference} (set eval.reference)")
-    slice_ = {k: v for k, v in asdict(e).items() if k not in RUNTIME_ONLY} | {"features": kind}
-    key = content_key("evaluate", slice_, [pre.key, trained.key])
-    out = Path(cfg.paths.artifacts).resolve() / "evaluate" / key
+    out = output_dir(cfg, pre, trained)
+    key = out.name
+    slice_ = eval_slice(e, pre)
     done = Manifest.read(out)
     if done is not None:
-        return EvalResult(out, key, False, 0, json.loads((out / "results.json").read_text()))
+        results = json.loads((out / "results.json").read_text())
+        return EvalResult(out, key, False, 0, results, done.extra.get("mlflow_run_id", ""))
     started = time.time()
 
-    device = pick_device(e.device)
-    model = load_ema_model(trained.path).to(device)
     num_classes = pre_manifest.extra["num_classes"]
     shape = tuple(pre_manifest.extra["latent_shape"][1:])
-    tok_cfg = cfg.tokenizer
-    tokenizer = open_tokenizer(tok_cfg.name, tok_cfg.path, tok_cfg.variant, e.device)
-    extractor = open_extractor(kind, weights).to(device)
+    runner_args = (trained.path, cfg.tokenizer, kind, weights, num_classes, shape, e)
     points = [(w, list(iv)) for iv in e.intervals for w in e.omegas]
     shards = [(s, min(e.shard_size, e.n_samples - s)) for s in range(0, e.n_samples, e.shard_size)]
+    units = [Unit(w, tuple(iv), k, s, n) for w, iv in points for k, (s, n) in enumerate(shards)]
     units_dir = out / "units"
+    missing = [u for u in units if not (units_dir / f"{u.name}.npz").is_file()]
     computed = 0
-    for omega, interval in points:
-        for k, (start, count) in enumerate(shards):
-            path = units_dir / f"{point_name(omega, interval)}_s{k:05d}.npz"
-            if path.is_file():
-                continue
-            sums = run_unit(
-                model,
-                tokenizer,
-                extractor,
-                omega,
-                interval,
-                start,
-                count,
-                k,
-                num_classes,
-                shape,
-                e,
-                device,
-            )
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.savez(f, **sums)
-            computed += 1
+    for name, sums in run_units(runner_args, missing, e, cfg.train.ray_address):
+        with atomic_path(units_dir / f"{name}.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **sums)  # written as each unit arrives: a kill loses only running units
+        computed += 1
 
     ref = np.load(reference)
     results = []
@@ -155,18 +172,14 @@ def evaluate(cfg, pre: PrecomputeResult, trained) -> EvalResult:
         entry["best"] = i == best
     write_json_atomic(out / "results.json", results)
     plots = plot_fid_vs_omega(results, out)
-    grids = (
-        sample_grids(model, tokenizer, points, num_classes, shape, e, device, out)
-        if e.grid_per_class
-        else []
-    )
+    grids = UnitRunner(*runner_args).sample_grids(points, out) if e.grid_per_class else []
     outputs = [out / "results.json", *plots, *grids, *sorted(units_dir.glob("*.npz"))]
     files = [FileRecord.of(p, out) for p in outputs]
     run_id = log_to_mlflow(cfg, trained, key, results, [out / "results.json", *plots, *grids])
     extra = {"best": results[best], "mlflow_run_id": run_id}
     timings = {"seconds": time.time() - started}
     Manifest(key, "evaluate", slice_, [pre.key, trained.key], files, extra, timings).write(out)
-    return EvalResult(out, key, True, computed, results)
+    return EvalResult(out, key, True, computed, results, run_id)
 
 
 def log_to_mlflow(cfg, trained, key: str, results: list[dict], artifacts: list[Path]) -> str:
@@ -185,7 +198,7 @@ def log_to_mlflow(cfg, trained, key: str, results: list[dict], artifacts: list[P
     experiment_id = client.get_run(train_run).info.experiment_id
     tags = {"mlflow.parentRunId": train_run, "stage": "evaluate", "eval_key": key}
     run = client.create_run(
-        experiment_id, run_name=f"eval-{key[:8]}", tags=tags | cfg.tracking.tags
+        experiment_id, run_name=f"eval-{key[:8]}", tags=cfg.tracking.tags | tags
     )
     stamp = int(time.time() * 1000)
     metrics = []
@@ -197,12 +210,19 @@ def log_to_mlflow(cfg, trained, key: str, results: list[dict], artifacts: list[P
     best = next(r for r in results if r["best"])
     names = ("fid", "is", "omega", "t_min", "t_max", "accuracy")
     summary = [Metric(f"{k}_best", float(best[k]), stamp, 0) for k in names if k in best]
+    # Without CFG = the omega = 1 point (the interval does not matter there): the paper's
+    # "w/o CFG" column for omega-conditioned models.
+    no_cfg = next((r for r in results if r["omega"] == 1.0), None)
+    if no_cfg is not None and cfg.guidance.mode != "fixed":  # fixed: omega is baked in
+        names = ("fid", "is", "accuracy")
+        summary += [Metric(f"{k}_no_cfg", float(no_cfg[k]), stamp, 0) for k in names if k in no_cfg]
     client.log_batch(run.info.run_id, metrics=metrics + summary)
     client.log_batch(train_run, metrics=summary)
     for path in artifacts:
         client.log_artifact(
             run.info.run_id, str(path), "grids" if path.parent.name == "grids" else None
         )
+    client.set_terminated(run.info.run_id)
     return run.info.run_id
 
 
@@ -220,34 +240,103 @@ def load_ema_model(train_dir: Path) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def run_unit(
-    model, tokenizer, extractor, omega, interval, start, count, shard, num_classes, shape, e, device
-) -> dict:
-    """Generates one shard of samples at one grid point and reduces it to mergeable sums."""
-    noise = sample_noise(range(start, start + count), shape, e.seed)
-    labels = torch.arange(start, start + count) % num_classes
-    feats, scores, correct = [], [], 0
-    for b in range(0, count, e.batch_size):
-        z = noise[b : b + e.batch_size].to(device)
-        y = labels[b : b + e.batch_size].to(device)
-        x = generate(model, z, y, omega=omega, t_min=interval[0], t_max=interval[1], steps=e.nfe)
-        images = to_uint8(tokenizer.decode(x)).to(device)
-        if images.shape[1] == 1 and isinstance(extractor, FeatureExtractorInceptionV3):
-            images = images.repeat(1, 3, 1, 1)  # grey-scale data through an RGB network
-        f, logits = extractor(images)
-        feats.append(FeatureStats.of(f.cpu()))
-        scores.append(ScoreStats.of(logits.cpu()))
-        correct += int((logits.argmax(1).cpu() == y.cpu()).sum())
-    fs, ss = FeatureStats.merge(feats), ScoreStats.merge(scores)
-    return {
-        "n": fs.n,
-        "total": fs.total,
-        "outer": fs.outer,
-        "p_sum": ss.p_sum,
-        "plogp_sum": ss.plogp_sum,
-        "correct": correct,
-    }
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work: `count` samples from index `start` (shard `shard`) at one grid point."""
+
+    omega: float
+    interval: tuple[float, float]
+    shard: int
+    start: int
+    count: int
+
+    @property
+    def name(self) -> str:
+        return f"{point_name(self.omega, list(self.interval))}_s{self.shard:05d}"
+
+
+class UnitRunner:
+    """What units need -- EMA model, tokenizer, feature extractor -- opened once per process
+    (the driver, or each Ray actor)."""
+
+    def __init__(self, train_dir, tokenizer_cfg, kind, weights, num_classes, shape, e, threads=0):
+        if threads:
+            torch.set_num_threads(threads)
+        self.e, self.num_classes, self.shape = e, num_classes, shape
+        self.device = pick_device(e.device)
+        self.model = load_ema_model(train_dir).to(self.device)
+        t = tokenizer_cfg
+        self.tokenizer = open_tokenizer(t.name, t.path, t.variant, e.device)
+        self.extractor = open_extractor(kind, weights).to(self.device)
+
+    @torch.no_grad()
+    def run(self, unit: Unit) -> tuple[str, dict]:
+        """Generates the unit's samples and reduces them to mergeable float64 sums."""
+        e, device = self.e, self.device
+        noise = sample_noise(range(unit.start, unit.start + unit.count), self.shape, e.seed)
+        labels = torch.arange(unit.start, unit.start + unit.count) % self.num_classes
+        feats, scores, correct = [], [], 0
+        for b in range(0, unit.count, e.batch_size):
+            y = labels[b : b + e.batch_size].to(device)
+            images = self.images(
+                noise[b : b + e.batch_size].to(device), y, unit.omega, unit.interval
+            )
+            if images.shape[1] == 1 and isinstance(self.extractor, FeatureExtractorInceptionV3):
+                images = images.repeat(1, 3, 1, 1)  # grey-scale data through an RGB network
+            f, logits = self.extractor(images)
+            feats.append(FeatureStats.of(f.cpu()))
+            scores.append(ScoreStats.of(logits.cpu()))
+            correct += int((logits.argmax(1).cpu() == y.cpu()).sum())
+        fs, ss = FeatureStats.merge(feats), ScoreStats.merge(scores)
+        sums = {"n": fs.n, "total": fs.total, "outer": fs.outer, "p_sum": ss.p_sum}
+        return unit.name, sums | {"plogp_sum": ss.plogp_sum, "correct": correct}
+
+    def images(self, noise, y, omega, interval) -> torch.Tensor:
+        """1- or 2-NFE samples, decoded and converted to uint8 (tasks.features.to_uint8)."""
+        t_min, t_max = interval
+        x = generate(self.model, noise, y, omega=omega, t_min=t_min, t_max=t_max, steps=self.e.nfe)
+        return to_uint8(self.tokenizer.decode(x)).to(self.device)
+
+    @torch.no_grad()
+    def sample_grids(self, points, out: Path) -> list[Path]:
+        """A PNG grid per grid point: a row per class (up to 10), grid_per_class columns."""
+        from torchvision.utils import save_image
+
+        e = self.e
+        y = torch.arange(min(self.num_classes, 10)).repeat_interleave(e.grid_per_class)
+        noise = torch.randn(len(y), *self.shape, generator=torch.Generator().manual_seed(e.seed))
+        paths = []
+        for omega, interval in points:
+            images = self.images(noise.to(self.device), y.to(self.device), omega, interval)
+            path = out / "grids" / f"{point_name(omega, interval)}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                save_image(images.float() / 255, tmp, nrow=e.grid_per_class, format="png")
+            paths.append(path)
+        return paths
+
+
+def run_units(runner_args: tuple, units: list[Unit], e, ray_address: str):
+    """Yields (unit name, sums) as units finish: in this process, or on `e.workers` Ray actors
+    (GPU actors when `e.gpus_per_worker` > 0) of the local or addressed cluster."""
+    if e.workers <= 1 or len(units) <= 1:
+        runner = UnitRunner(*runner_args)
+        yield from (runner.run(u) for u in units)
+        return
+    import ray
+    from ray.util import ActorPool
+
+    from tasks.cluster import connect_ray
+
+    connect_ray(ray_address, e.workers * e.cpus_per_worker)
+    actor = ray.remote(num_cpus=e.cpus_per_worker, num_gpus=e.gpus_per_worker)(UnitRunner)
+    threads = max(1, int(e.cpus_per_worker))
+    actors = [actor.remote(*runner_args, threads) for _ in range(min(e.workers, len(units)))]
+    try:
+        yield from ActorPool(actors).map_unordered(lambda a, u: a.run.remote(u), units)
+    finally:
+        for a in actors:
+            ray.kill(a)
 
 
 def sample_noise(indices, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -293,27 +382,8 @@ def plot_fid_vs_omega(results: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-@torch.no_grad()
-def sample_grids(model, tokenizer, points, num_classes, shape, e, device, out: Path) -> list[Path]:
-    """A PNG grid per grid point: a row per class (up to 10), grid_per_class columns."""
-    from torchvision.utils import save_image
-
-    classes = min(num_classes, 10)
-    y = torch.arange(classes).repeat_interleave(e.grid_per_class).to(device)
-    noise = torch.randn(len(y), *shape, generator=torch.Generator().manual_seed(e.seed)).to(device)
-    paths = []
-    for omega, interval in points:
-        x = generate(
-            model, noise, y, omega=omega, t_min=interval[0], t_max=interval[1], steps=e.nfe
-        )
-        images = to_uint8(tokenizer.decode(x)).float() / 255
-        path = out / "grids" / f"{point_name(omega, interval)}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            save_image(images, tmp, nrow=e.grid_per_class, format="png")
-        paths.append(path)
-    return paths
-
-
-# The Prefect task the flows call; `_SUCCESS` and the unit files decide what is done.
-evaluate_task = task(evaluate, name="evaluate", cache_policy=NO_CACHE)
+# The Prefect task the flows call: cached by content key while `_SUCCESS` stands (the unit
+# files decide what an interrupted evaluation still has to compute).
+evaluate_task = task(
+    evaluate, name="evaluate", cache_key_fn=cache_key_of(output_dir), persist_result=True
+)

@@ -104,9 +104,11 @@ class ClassifierExtractor(FeatureExtractorBase):
 register_feature_extractor(CLASSIFIER_NAME, ClassifierExtractor)
 
 
-def open_extractor(kind: str, weights: str | Path) -> FeatureExtractorBase:
-    """(features, logits) extractor: "inception" from a local weights file, or "classifier"."""
+def check_weights(kind: str, weights: str | Path) -> Path:
+    """The extractor's local weights file, or an error saying how to provide it."""
     path = Path(weights)
+    if kind not in ("inception", "classifier"):
+        raise ValueError(f"unknown eval.features {kind!r}: inception | classifier")
     if not path.is_file():
         raise FileNotFoundError(
             f"feature extractor weights {str(path)!r} not found: set eval.inception_weights to a "
@@ -114,6 +116,12 @@ def open_extractor(kind: str, weights: str | Path) -> FeatureExtractorBase:
             if kind == "inception"
             else f"classifier weights {str(path)!r} not found (made by precompute for pixel data)"
         )
+    return path
+
+
+def open_extractor(kind: str, weights: str | Path) -> FeatureExtractorBase:
+    """(features, logits) extractor: "inception" from a local weights file, or "classifier"."""
+    path = check_weights(kind, weights)
     if kind == "inception":
         return FeatureExtractorInceptionV3(
             "inception-v3-compat",
@@ -124,7 +132,6 @@ def open_extractor(kind: str, weights: str | Path) -> FeatureExtractorBase:
         return ClassifierExtractor(
             CLASSIFIER_NAME, ["features", "logits"], feature_extractor_weights_path=str(path)
         )
-    raise ValueError(f"unknown eval.features {kind!r}: inception | classifier")
 
 
 def to_uint8(x: Tensor) -> Tensor:

@@ -95,6 +95,23 @@ def test_restart_recomputes_only_missing_units(setup):
     )
 
 
+@pytest.mark.slow
+def test_units_on_ray_actors_equal_units_in_process(setup, local_ray):
+    root, pre, trained = setup
+    sequential = evaluate(evaluation(root / "g", "eval.shard_size=50"), pre, trained)
+    parallel = evaluate(
+        evaluation(root / "h", "eval.shard_size=50", "eval.workers=2"), pre, trained
+    )
+    assert parallel.key == sequential.key  # the worker count is not part of what is computed
+    assert parallel.units_computed == sequential.units_computed == 8
+    for name in sorted(p.name for p in (sequential.path / "units").iterdir()):
+        a, b = np.load(sequential.path / "units" / name), np.load(parallel.path / "units" / name)
+        assert int(a["n"]) == int(b["n"]) and int(a["correct"]) == int(b["correct"])
+        np.testing.assert_allclose(a["outer"], b["outer"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(sequential.results, parallel.results, strict=True):
+        assert a["fid"] == pytest.approx(b["fid"], rel=1e-5)  # thread counts reorder float32 sums
+
+
 def test_pixel_classifier_is_a_registered_extractor(setup):
     _, pre, _ = setup
     assert CLASSIFIER_NAME in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY

@@ -17,15 +17,6 @@ from tasks.train import train
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
 def run(tmp_path: Path, *overrides: str):
     cfg = load_config(
         "smoke",
