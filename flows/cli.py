@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-# What each command does; those not built yet say so and fail, printing nothing like a result.
-NOT_BUILT = {
+HELP = {
     "precompute": "latent precomputation to Parquet",
     "train": "distributed training on Ray Train",
     "evaluate": "sharded FID/IS evaluation",
-    "run": "the whole pipeline flow",
-    "sweep": "ablation sweeps",
-    "report": "paper-style reports",
+    "run": "the whole pipeline flow (Prefect)",
+    "sweep": "a paper table as an ablation sweep (configs/sweep/)",
+    "report": "paper-style tables and plots from MLflow",
 }
 
 
@@ -30,15 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in ("precompute", "train", "evaluate", "run"):
-        sub = commands.add_parser(name, help=NOT_BUILT[name])
+        sub = commands.add_parser(name, help=HELP[name])
         sub.add_argument("-e", "--experiment", default="smoke")
         sub.add_argument("overrides", nargs="*", metavar="key=value")
-    sweep = commands.add_parser("sweep", help=NOT_BUILT["sweep"])
+    sweep = commands.add_parser("sweep", help=HELP["sweep"])
     sweep.add_argument("sweep")
-    sweep.add_argument("--scale", choices=("smoke", "paper"), default="smoke")
+    sweep.add_argument("--scale", default="smoke", help="a scale the sweep file defines")
+    sweep.add_argument("--only", default="", help="comma-separated variant names")
+    sweep.add_argument("--concurrency", type=int, default=1, help="variants at a time")
     sweep.add_argument("overrides", nargs="*", metavar="key=value")
-    report = commands.add_parser("report", help=NOT_BUILT["report"])
+    report = commands.add_parser("report", help=HELP["report"])
     report.add_argument("target", metavar="SWEEP_OR_RUN")
+    report.add_argument("--scale", default=None, help="pick the latest run at this scale")
+    report.add_argument("overrides", nargs="*", metavar="key=value", help="tracking.uri, paths.*")
     return parser
 
 
@@ -91,28 +94,72 @@ def run_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(cfg, pre, trained)
     state = f"computed {result.units_computed} unit(s)" if result.computed else "reused"
     print(f"evaluate: {state}")
-    for r in result.results:
-        extra = f"  accuracy {r['accuracy']:.3f}" if "accuracy" in r else ""
-        star = "  <- best" if r["best"] else ""
-        point = f"omega {r['omega']:<5g} [{r['t_min']:g}, {r['t_max']:g}]"
-        print(f"  {point}  FID {r['fid']:8.3f}  IS {r['is']:6.3f}{extra}{star}")
+    print_results(result.results)
     print(result.path)
     return 0
 
 
-COMMANDS = {"precompute": run_precompute, "train": run_train, "evaluate": run_evaluate}
+def print_results(results: list[dict]) -> None:
+    for r in results:
+        extra = f"  accuracy {r['accuracy']:.3f}" if "accuracy" in r else ""
+        star = "  <- best" if r["best"] else ""
+        point = f"omega {r['omega']:<5g} [{r['t_min']:g}, {r['t_max']:g}]"
+        print(f"  {point}  FID {r['fid']:8.3f}  IS {r['is']:6.3f}{extra}{star}")
+
+
+def run_run(args: argparse.Namespace) -> int:
+    from flows.pipeline import run_pipeline
+
+    result = run_pipeline(args.experiment, args.overrides)
+    for stage in ("precompute", "train", "evaluate"):
+        print(f"{stage}: {result.stages[stage]:<8} {getattr(result, stage).path}")
+    print_results(result.evaluate.results)
+    return 0
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    from flows.sweep import run_sweep
+
+    only = [v for v in args.only.split(",") if v]
+    result = run_sweep(args.sweep, args.scale, args.overrides, only, args.concurrency)
+    print(f"sweep {result.sweep} ({result.scale}): MLflow parent run {result.parent_run_id}")
+    for v in result.variants:
+        fid = f"best FID {v.fid_best:.3f}" if v.fid_best is not None else f"FAILED: {v.error}"
+        print(f"  {v.name:<20} {fid}")
+    print(f"next: imf report {result.sweep} --scale {result.scale}")
+    return 1 if result.failed else 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from flows.report import report_flow
+    from tasks.config import load_config
+    from tasks.train import tracking_uri
+
+    cfg = load_config("smoke", args.overrides)  # only tracking.* and paths.* matter here
+    report = report_flow(args.target, args.scale, tracking_uri(cfg), cfg.paths.artifacts)
+    print(report.markdown)
+    for path in report.files:
+        print(path)
+    return 0
+
+
+COMMANDS = {
+    "precompute": run_precompute,
+    "train": run_train,
+    "evaluate": run_evaluate,
+    "run": run_run,
+    "sweep": run_sweep_command,
+    "report": run_report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command not in COMMANDS:
-        print(f"imf {args.command}: {NOT_BUILT[args.command]} is not built yet.", file=sys.stderr)
-        return 2
     from tasks.config import ConfigError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError, OSError) as err:
+    except (ConfigError, FileNotFoundError, LookupError, ValueError, OSError) as err:
         print(f"imf {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,3 +120,20 @@ def require_manifest(directory: Path) -> Manifest:
             "(missing, interrupted, or not made by this pipeline)"
         )
     return manifest
+
+
+def cache_key_of(output_dir: Callable[..., Path]) -> Callable[[Any, dict], str | None]:
+    """A Prefect `cache_key_fn` for a stage task: `<stage>-<content key>` while the stage's
+    output directory (`output_dir(**task parameters)`) holds a `_SUCCESS` whose files are all
+    present at their recorded sizes; else None, and the task runs (the stage function then
+    decides, down to the shard or unit, what to reuse). Prefect's cache sits on top of the
+    manifests; it never replaces them."""
+
+    def key_fn(context: Any, parameters: dict) -> str | None:
+        out = output_dir(**parameters)
+        done = Manifest.read(out)
+        if done is None or not all(f.valid_in(out, "size") for f in done.files):
+            return None
+        return f"{done.stage}-{done.key}"
+
+    return key_fn

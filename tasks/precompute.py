@@ -24,10 +24,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from tasks.artifacts import FileRecord, Manifest, atomic_path, content_key, require_manifest
+from tasks.artifacts import (
+    FileRecord,
+    Manifest,
+    atomic_path,
+    cache_key_of,
+    content_key,
+    require_manifest,
+)
 from tasks.datasets import open_source
 from tasks.tokenizers import open_tokenizer
 
@@ -185,29 +191,42 @@ def _read_rows(directory: Path, rows: list[tuple[int, bool]]) -> tuple[np.ndarra
     )
 
 
+def _identify(data: DataConfig, tokenizer: TokenizerConfig, pre: PrecomputeConfig):
+    """(key, tokenizer fingerprint, source, upstream manifest): what the output is keyed by."""
+    if data.name == "parquet":
+        upstream = require_manifest(Path(data.root))
+        source_fp = {"name": "parquet", "key": upstream.key}
+        key = stage_key(data, {"name": "from_upstream"}, source_fp, pre)
+        return key, {"name": "from_upstream"}, None, upstream
+    source = open_source(data.name, data.root, data.image_size, data.on_bad_image)
+    tok_fp = _tokenizer_fingerprint(tokenizer)
+    return stage_key(data, tok_fp, source.fingerprint, pre), tok_fp, source, None
+
+
+def output_dir(
+    data: DataConfig, tokenizer: TokenizerConfig, pre: PrecomputeConfig, artifacts: str | Path
+) -> Path:
+    """Where precompute's output for these settings lives (its content key, computed)."""
+    return Path(artifacts) / "precompute" / _identify(data, tokenizer, pre)[0]
+
+
 def precompute(
     data: DataConfig, tokenizer: TokenizerConfig, pre: PrecomputeConfig, artifacts: str | Path
 ) -> PrecomputeResult:
     """Encodes every missing or invalid shard; reuses the rest. A rerun of a finished output
     with the same config changes no file."""
     started = time.time()
-    if data.name == "parquet":
-        upstream = require_manifest(Path(data.root))
-        source_fp = {"name": "parquet", "key": upstream.key}
-        tok_fp = {"name": "from_upstream"}
+    key, tok_fp, source, upstream = _identify(data, tokenizer, pre)
+    if upstream is not None:
         num_rows, flips = upstream.extra["num_rows"], False
         rows = [(i, False) for i in range(num_rows)]
         num_classes = upstream.extra["num_classes"]
     else:
-        source = open_source(data.name, data.root, data.image_size, data.on_bad_image)
-        tok_fp = _tokenizer_fingerprint(tokenizer)
-        source_fp = source.fingerprint
         rows, num_classes, flips = (
             _rows(source.num_images, data.flips),
             source.num_classes,
             data.flips,
         )
-    key = stage_key(data, tok_fp, source_fp, pre)
     out = Path(artifacts) / "precompute" / key
     shards = [rows[i : i + pre.rows_per_shard] for i in range(0, len(rows), pre.rows_per_shard)]
     names = [f"shard-{k:05d}.parquet" for k in range(len(shards))]
@@ -319,6 +338,7 @@ def _tokenizer_fingerprint(tok: TokenizerConfig) -> dict:
     return open_tokenizer(tok.name, tok.path, tok.variant, "cpu").fingerprint()
 
 
-# The Prefect task the flows call. `_SUCCESS` manifests, not Prefect's result cache, decide
-# what is already done, so the task itself caches nothing.
-precompute_task = task(precompute, name="precompute", cache_policy=NO_CACHE)
+# The Prefect task the flows call: cached by content key while `_SUCCESS` stands.
+precompute_task = task(
+    precompute, name="precompute", cache_key_fn=cache_key_of(output_dir), persist_result=True
+)

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from safetensors.torch import save_file
 
-from imf_core.models import build
-from tasks.artifacts import FileRecord, Manifest, content_key, write_json_atomic
+from imf_core.models import build, count_params
+from tasks.artifacts import FileRecord, Manifest, cache_key_of, content_key, write_json_atomic
+from tasks.cluster import connect_ray
 from tasks.precompute import PrecomputeResult
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -89,6 +89,10 @@ def train_key(cfg, precompute_key: str) -> str:
     return content_key("train", config, [precompute_key])
 
 
+def output_dir(cfg, pre: PrecomputeResult) -> Path:
+    return Path(cfg.paths.artifacts).resolve() / "train" / train_key(cfg, pre.key)
+
+
 def tracking_uri(cfg) -> str:
     """tracking.uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db (made absolute for workers)."""
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
@@ -114,19 +118,24 @@ def mlflow_run(cfg, out: Path, key: str) -> str:
     import mlflow
     from mlflow import MlflowClient
 
-    from tasks.config import to_dict
+    from tasks.config import model_config, to_dict
 
     id_file = out / "mlflow_run_id"
     mlflow.set_tracking_uri(tracking_uri(cfg))
     client = MlflowClient()
     if id_file.is_file():
-        return id_file.read_text().strip()
+        run_id = id_file.read_text().strip()
+        client.update_run(run_id, "RUNNING")  # resumed
+        return run_id
     experiment = cfg.tracking.experiment or cfg.name
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     tags = {"stage": "train", "train_key": key, **cfg.tracking.tags}
     run = client.create_run(experiment_id, run_name=f"{cfg.name}-{key[:8]}", tags=tags)
-    params = flatten(to_dict(cfg))
+    # The size the paper's tables quote (1-NFE inference: no auxiliary head), in millions.
+    with torch.device("meta"):
+        size = count_params(build(model_config(cfg))) / 1e6
+    params = flatten(to_dict(cfg)) | {"model.params_m": f"{size:.2f}"}
     items = list(params.items())
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         from mlflow.entities import Param
@@ -143,19 +152,23 @@ def train(cfg, pre: PrecomputeResult) -> TrainResult:
     """Trains (or resumes, or reuses) the run this config and precompute output define."""
     from tasks.config import model_config, to_dict
 
-    key = train_key(cfg, pre.key)
-    out = Path(cfg.paths.artifacts).resolve() / "train" / key
+    out = output_dir(cfg, pre)
+    key = out.name
     done = Manifest.read(out)
     if done is not None and all(f.valid_in(out, "size") for f in done.files):
         return TrainResult(out, key, False, done.extra["steps"], done.extra["mlflow_run_id"])
     started = time.time()
     run_id = mlflow_run(cfg, out, key)
-    result = _fit(cfg, pre, out, run_id)
-    nan_marker = out / "NAN"
-    if nan_marker.is_file():
-        raise RuntimeError(f"training stopped: {nan_marker.read_text().strip()}")
-    if result.checkpoint is None:
-        raise RuntimeError(f"training of {out} produced no checkpoint")
+    try:
+        result = _fit(cfg, pre, out, run_id)
+        nan_marker = out / "NAN"
+        if nan_marker.is_file():
+            raise RuntimeError(f"training stopped: {nan_marker.read_text().strip()}")
+        if result.checkpoint is None:
+            raise RuntimeError(f"training of {out} produced no checkpoint")
+    except BaseException as err:
+        end_mlflow_run(cfg, run_id, err)
+        raise
     with result.checkpoint.as_directory() as ckpt:
         state = torch.load(Path(ckpt) / "state.pt", weights_only=True, map_location="cpu")
     model = build(model_config(cfg))
@@ -170,25 +183,28 @@ def train(cfg, pre: PrecomputeResult) -> TrainResult:
     Manifest(
         key, "train", resolved, [pre.key], files, extra, {"seconds": time.time() - started}
     ).write(out)
+    end_mlflow_run(cfg, run_id)
     return TrainResult(out, key, True, state["step"], run_id)
 
 
+def end_mlflow_run(cfg, run_id: str, error: BaseException | None = None) -> None:
+    """Marks the run FINISHED, or FAILED with the error as a tag (a resume reopens it)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    if error is not None:
+        client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+    client.set_terminated(run_id, "FAILED" if error is not None else "FINISHED")
+
+
 def _fit(cfg, pre: PrecomputeResult, out: Path, run_id: str):
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from tasks.config import to_dict
 
     t = cfg.train
-    if not ray.is_initialized():
-        if t.ray_address:
-            ray.init(address=t.ray_address)
-        else:  # a local Ray; the dashboard stays off (it would bind a port)
-            ray.init(
-                include_dashboard=False,
-                num_cpus=max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker)),
-            )
+    connect_ray(t.ray_address, t.num_workers * t.cpus_per_worker)
     loop_config = {
         "cfg": to_dict(cfg),
         "data": str(pre.path.resolve()),  # workers do not share the driver's cwd
@@ -213,8 +229,8 @@ def _fit(cfg, pre: PrecomputeResult, out: Path, run_id: str):
     return trainer.fit()
 
 
-# The Prefect task the flows call; `_SUCCESS` decides reuse, so the task caches nothing.
-train_task = task(train, name="train", cache_policy=NO_CACHE)
+# The Prefect task the flows call: cached by content key while `_SUCCESS` stands.
+train_task = task(train, name="train", cache_key_fn=cache_key_of(output_dir), persist_result=True)
 
 
 def train_loop(config: dict) -> None:

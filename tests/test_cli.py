@@ -1,4 +1,4 @@
-"""The `imf` entry point exists and is honest about what is not built yet."""
+"""The `imf` entry point: the DESIGN.md contract, and clear errors (exit 2) for bad input."""
 
 import pytest
 
@@ -14,7 +14,19 @@ def test_help_lists_the_contract(capsys):
         assert command in out
 
 
-def test_unbuilt_stage_fails_without_fake_output(capsys):
-    assert main(["run", "-e", "smoke"]) == 2
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "-e", "nosuch"], "no config file"),
+        (["run", "-e", "smoke", "train.stpes=3"], "train.stpes"),
+        (["sweep", "nosuch"], "no sweep 'nosuch'"),
+        (["sweep", "table1a", "--scale", "huge"], "no scale 'huge'"),
+        (["sweep", "table1a", "--only", "mf,nope"], "no variant(s) ['nope']"),
+    ],
+)
+def test_bad_input_fails_before_any_work(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
     captured = capsys.readouterr()
-    assert captured.out == "" and "not built yet" in captured.err
+    assert captured.out == "" and message in captured.err
+    assert not (tmp_path / "artifacts").exists()

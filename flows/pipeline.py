@@ -1,0 +1,97 @@
+"""The whole pipeline for one experiment: precompute -> train -> evaluate, as one Prefect flow.
+
+    imf run -e smoke [key=value ...]
+    >>> result = pipeline("smoke", ["train.steps=100"])
+
+Each stage is a Prefect task cached by its content key while its `_SUCCESS` manifest stands
+(tasks.artifacts.cache_key_of), so a rerun of a failed flow recomputes only what is missing:
+a finished stage is a cache hit, an interrupted one resumes from its shards, checkpoints or
+units. Retries are for transient failures (I/O, a lost Ray worker), never for a deterministic
+one (a config error, a missing file, a non-finite loss): those fail at once with their message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.states import State
+
+from tasks.config import ConfigError, load_config
+from tasks.evaluate import EvalResult, evaluate_task
+from tasks.precompute import PrecomputeResult, precompute_task
+from tasks.train import TrainResult, train_task
+
+# Failures that the same inputs would only repeat: no retry.
+DETERMINISTIC = (ConfigError, ValueError, TypeError, KeyError, FileNotFoundError, RuntimeError)
+
+
+def transient(task: Any, task_run: Any, state: State) -> bool:
+    """Prefect retry condition: retry unless the failure is deterministic."""
+    try:
+        state.result()
+    except DETERMINISTIC:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": transient}
+
+
+def results_beside(artifacts: str):
+    """Prefect's persisted task results go under the artifact root (not ~/.prefect): deleting
+    the root forgets both the outputs and the cache entries that point at them. Enter it
+    around the flow call (a flow fixes its result store when it starts)."""
+    path = Path(artifacts).resolve() / "prefect-results"
+    return temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: path})
+
+
+def run_pipeline(experiment: str, overrides: list[str] | None = None) -> PipelineResult:
+    """`imf run`: checks the config first (before a Prefect server starts), then the flow."""
+    cfg = load_config(experiment, overrides or [])
+    with results_beside(cfg.paths.artifacts):
+        return pipeline(experiment, overrides or [])
+
+
+@dataclass
+class PipelineResult:
+    experiment: str
+    precompute: PrecomputeResult
+    train: TrainResult
+    evaluate: EvalResult
+    stages: dict[str, str]  # stage -> "computed" | "reused" | "cached" (a Prefect cache hit)
+
+
+def stage_outcome(state: State) -> str:
+    if state.name == "Cached":
+        return "cached"
+    return "computed" if state.result().computed else "reused"
+
+
+@flow(name="imf-pipeline", log_prints=True)
+def pipeline(experiment: str = "smoke", overrides: list[str] | None = None) -> PipelineResult:
+    """Precompute, train and evaluate one experiment config (configs/experiment/<name>.yaml)."""
+    cfg = load_config(experiment, overrides or [])
+    return run_stages(cfg)
+
+
+def run_stages(cfg) -> PipelineResult:
+    """The three stage tasks of one config, in order; each raises if its stage failed."""
+    states = {}
+    states["precompute"] = precompute_task.with_options(**RETRIES)(
+        cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts, return_state=True
+    )
+    pre = states["precompute"].result()
+    states["train"] = train_task.with_options(**RETRIES)(cfg, pre, return_state=True)
+    trained = states["train"].result()
+    states["evaluate"] = evaluate_task.with_options(**RETRIES)(cfg, pre, trained, return_state=True)
+    evaluated = states["evaluate"].result()
+    stages = {name: stage_outcome(state) for name, state in states.items()}
+    for name, outcome in stages.items():
+        print(f"{name}: {outcome}")
+    return PipelineResult(cfg.name, pre, trained, evaluated, stages)

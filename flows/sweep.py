@@ -1,0 +1,250 @@
+"""A paper table as a sweep: one pipeline per ablation variant, an MLflow parent run over them.
+
+    imf sweep table1a --scale smoke [--only mf,imf_aux] [--concurrency 2] [key=value ...]
+    >>> result = run_sweep("table1a", "smoke")
+
+`configs/sweep/<name>.yaml` holds the table: its columns, the settings of each scale (an
+experiment plus overrides), and the variants (overrides per variant and per scale, and which
+metric fills which cell, with the paper's value beside it). Every variant is an ordinary
+pipeline config, so variants that agree on a stage share its output through the content keys
+(one precompute for the whole sweep; Tab. 1b reuses Tab. 1a's trainings). The sweep is an
+MLflow parent run; each variant's training run is nested under it (tags: sweep, table, row,
+variant) and carries its evaluation's best FID. Variants run `concurrency` at a time; one that
+fails is reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.pipeline import RETRIES, results_beside
+from tasks.artifacts import content_key
+from tasks.config import CONFIG_DIR, ConfigError, ExperimentConfig, load_config
+from tasks.evaluate import evaluate_task
+from tasks.precompute import precompute_task
+from tasks.train import output_dir as train_output_dir
+from tasks.train import tracking_uri, train_task
+
+
+# ------------------------------------------------------------------ the sweep file's schema
+@dataclass
+class Cell:
+    metric: str = "fid_best"  # an MLflow metric of the variant's evaluation (or training) run
+    paper: Optional[float] = None  # noqa: UP045 (OmegaConf reads Optional)
+
+
+@dataclass
+class Variant:
+    name: str = "???"
+    row: str = "???"  # the table row this variant fills (several variants may share a row)
+    overrides: list[str] = field(default_factory=list)
+    scale_overrides: dict[str, list[str]] = field(default_factory=dict)
+    cells: dict[str, Cell] = field(default_factory=dict)  # column -> what fills it
+
+
+@dataclass
+class Scale:
+    experiment: str = "smoke"
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SweepConfig:
+    name: str = ""
+    file: str = ""  # where it was read from (set by load_sweep)
+    title: str = ""
+    columns: list[str] = field(default_factory=list)
+    scales: dict[str, Scale] = field(default_factory=dict)
+    variants: list[Variant] = field(default_factory=list)
+
+
+def load_sweep(name: str) -> SweepConfig:
+    """configs/sweep/<name>.yaml (or a path to a sweep file), checked against the schema."""
+    path = Path(name) if name.endswith(".yaml") else CONFIG_DIR / "sweep" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIG_DIR / "sweep").glob("*.yaml"))
+        raise ConfigError(f"no sweep {name!r} (known: {known})")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), OmegaConf.load(path))
+        sweep = OmegaConf.to_object(merged)
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from err
+    sweep.name, sweep.file = path.stem, str(path.resolve())
+    for v in sweep.variants:
+        unknown = set(v.cells) - set(sweep.columns)
+        if unknown:
+            raise ConfigError(f"{path}: variant {v.name!r} fills unknown column(s) {unknown}")
+    if len({v.name for v in sweep.variants}) != len(sweep.variants):
+        raise ConfigError(f"{path}: variant names must be unique")
+    return sweep
+
+
+def variant_configs(
+    sweep: SweepConfig, scale: str, overrides: list[str], only: list[str]
+) -> dict[str, ExperimentConfig]:
+    """The experiment config of every (selected) variant; any bad one is an error up front."""
+    if scale not in sweep.scales:
+        raise ConfigError(f"sweep {sweep.name!r} has no scale {scale!r} ({sorted(sweep.scales)})")
+    unknown = set(only) - {v.name for v in sweep.variants}
+    if unknown:
+        raise ConfigError(f"sweep {sweep.name!r} has no variant(s) {sorted(unknown)}")
+    s = sweep.scales[scale]
+    configs = {}
+    for v in sweep.variants:
+        if only and v.name not in only:
+            continue
+        layers = s.overrides + v.overrides + v.scale_overrides.get(scale, []) + overrides
+        try:
+            cfg = load_config(s.experiment, layers)
+        except ConfigError as err:
+            raise ConfigError(f"sweep {sweep.name!r}, variant {v.name!r}: {err}") from err
+        cfg.tracking.experiment = cfg.tracking.experiment or f"sweep-{sweep.name}"
+        cfg.tracking.tags |= {"sweep": sweep.name, "scale": scale, "row": v.row, "variant": v.name}
+        configs[v.name] = cfg
+    return configs
+
+
+# ------------------------------------------------------------------ the parent run
+def parent_run(sweep: SweepConfig, scale: str, overrides: list[str], cfg) -> str:
+    """The sweep's MLflow parent run, created once per (sweep, scale, overrides) and found
+    again on a rerun (its id is kept under <artifacts>/sweep/<key>/)."""
+    from mlflow import MlflowClient
+
+    key = content_key("sweep", {"sweep": sweep.name, "scale": scale, "overrides": overrides})
+    id_file = Path(cfg.paths.artifacts).resolve() / "sweep" / key / "mlflow_run_id"
+    client = MlflowClient(tracking_uri(cfg))
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+        client.update_run(run_id, "RUNNING")
+        return run_id
+    experiment = cfg.tracking.experiment
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    tags = {
+        "sweep": sweep.name,
+        "sweep.file": sweep.file,
+        "scale": scale,
+        "stage": "sweep",
+        "mlflow.note.content": sweep.title,
+    }
+    run = client.create_run(experiment_id, run_name=f"{sweep.name}-{scale}", tags=tags)
+    client.log_param(run.info.run_id, "overrides", " ".join(overrides)[:500] or "-")
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+# ------------------------------------------------------------------ the flow
+@dataclass
+class VariantOutcome:
+    name: str
+    status: str  # "ok" | "failed"
+    train_run_id: str = ""
+    eval_run_id: str = ""
+    fid_best: float | None = None
+    error: str = ""
+
+
+@dataclass
+class SweepResult:
+    sweep: str
+    scale: str
+    parent_run_id: str
+    variants: list[VariantOutcome]
+
+    @property
+    def failed(self) -> list[VariantOutcome]:
+        return [v for v in self.variants if v.status != "ok"]
+
+
+@flow(name="imf-sweep", log_prints=True)
+def sweep_flow(
+    name: str,
+    scale: str = "smoke",
+    overrides: list[str] | None = None,
+    only: list[str] | None = None,
+) -> SweepResult:
+    """Runs every variant's pipeline (shared stages once) under one MLflow parent run."""
+    from mlflow import MlflowClient
+
+    overrides, only = overrides or [], only or []
+    sweep = load_sweep(name)
+    configs = variant_configs(sweep, scale, overrides, only)
+    first = next(iter(configs.values()))
+    parent = parent_run(sweep, scale, overrides, first)
+    for cfg in configs.values():
+        cfg.tracking.tags["mlflow.parentRunId"] = parent
+
+    # Precompute once per distinct data setting (usually one for the whole sweep).
+    precomputed, pre_of = {}, {}
+    for variant, cfg in configs.items():
+        args = (cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+        if repr(args) not in precomputed:
+            precomputed[repr(args)] = precompute_task.with_options(**RETRIES)(*args)
+        pre_of[variant] = precomputed[repr(args)]
+    evaluations = {}
+    for variant, cfg in configs.items():
+        trained = train_task.with_options(**RETRIES).submit(cfg, pre_of[variant])
+        evaluated = evaluate_task.with_options(**RETRIES).submit(cfg, pre_of[variant], trained)
+        evaluations[variant] = (trained, evaluated)
+
+    client = MlflowClient(tracking_uri(first))
+    outcomes = []
+    for variant, (trained, evaluated) in evaluations.items():
+        cfg, pre = configs[variant], pre_of[variant]
+        id_file = train_output_dir(cfg, pre) / "mlflow_run_id"
+        train_run = id_file.read_text().strip() if id_file.is_file() else ""
+        try:
+            trained.result()  # a training failure is the one to report
+            result = evaluated.result()
+        except Exception as err:  # reported, and the other variants go on
+            outcome = VariantOutcome(
+                variant, "failed", train_run, error=f"{type(err).__name__}: {err}"
+            )
+            print(f"variant {variant}: FAILED: {outcome.error}")
+        else:
+            best = next(r for r in result.results if r["best"])
+            outcome = VariantOutcome(variant, "ok", train_run, result.mlflow_run_id, best["fid"])
+            print(f"variant {variant}: best FID {best['fid']:.3f} at omega {best['omega']:g}")
+        outcomes.append(outcome)
+        tags = {
+            f"variant.{variant}": outcome.train_run_id,
+            f"variant.{variant}.eval": outcome.eval_run_id,
+        }
+        for key, value in tags.items():
+            client.set_tag(parent, key, value or "-")
+        if outcome.fid_best is not None:
+            client.log_metric(parent, f"fid_best.{variant}", outcome.fid_best)
+        client.set_tag(parent, f"variant.{variant}.status", outcome.status)
+    summary = [o.__dict__ for o in outcomes]
+    client.log_text(parent, json.dumps(summary, indent=2), "variants.json")
+    failed = [o for o in outcomes if o.status != "ok"]
+    client.set_terminated(parent, "FAILED" if failed else "FINISHED")
+    return SweepResult(sweep.name, scale, parent, outcomes)
+
+
+def run_sweep(
+    name: str,
+    scale: str = "smoke",
+    overrides: list[str] | None = None,
+    only: list[str] | None = None,
+    concurrency: int = 1,
+) -> SweepResult:
+    """`imf sweep`: checks every variant's config first, then runs the flow with `concurrency`
+    variants at a time (threads; each stage's heavy work runs in Ray or its own workers)."""
+    overrides, only = overrides or [], only or []
+    sweep = load_sweep(name)
+    configs = variant_configs(sweep, scale, overrides, only)
+    # Two threads per variant: its evaluation task waits on its training in a thread of its own.
+    runner = ThreadPoolTaskRunner(max_workers=2 * max(1, concurrency))
+    with results_beside(next(iter(configs.values())).paths.artifacts):
+        return sweep_flow.with_options(task_runner=runner)(name, scale, overrides, only)

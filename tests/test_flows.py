@@ -1,0 +1,131 @@
+"""Flows: the pipeline resumes only what is missing; a sweep nests its variants in MLflow,
+survives a failing variant, and reports the paper's table."""
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.pipeline import run_pipeline
+from flows.report import report_flow
+from flows.sweep import load_sweep, run_sweep, variant_configs
+from tasks.config import CONFIG_DIR
+
+FAST = [
+    "train.steps=20",
+    "train.checkpoint_every=20",
+    "eval.n_samples=100",
+    "eval.shard_size=100",
+    "eval.batch_size=100",
+    "eval.grid_per_class=2",
+]
+
+
+def test_every_sweep_file_resolves_at_every_scale():
+    for path in sorted((CONFIG_DIR / "sweep").glob("*.yaml")):
+        sweep = load_sweep(path.stem)
+        assert sweep.variants and sweep.columns and {"smoke", "paper"} <= set(sweep.scales)
+        for scale in sweep.scales:
+            configs = variant_configs(sweep, scale, [], [])
+            assert set(configs) == {v.name for v in sweep.variants}
+        for v in sweep.variants:  # the paper's number sits beside every cell
+            assert all(cell.paper is not None for cell in v.cells.values()), (path, v.name)
+
+
+def test_table1b_reuses_table1a_trainings():
+    from tasks.train import train_key
+
+    a = variant_configs(load_sweep("table1a"), "smoke", [], ["imf_aux_cfg"])["imf_aux_cfg"]
+    b = variant_configs(load_sweep("table1b"), "smoke", [], ["imf_aux_cfg"])["imf_aux_cfg"]
+    assert train_key(a, "p") == train_key(b, "p")
+
+
+@pytest.mark.slow
+def test_pipeline_reruns_only_what_failed(tmp_path, prefect_server, local_ray):
+    root = [f"paths.artifacts={tmp_path}/a", f"tracking.uri=sqlite:///{tmp_path}/m.db"] + FAST
+    broken = ["eval.features=inception", "eval.inception_weights=/no/such/weights.pth"]
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        run_pipeline("smoke", root + broken)
+    (train_dir,) = (tmp_path / "a" / "train").iterdir()
+    weights = train_dir / "ema.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert not (tmp_path / "a" / "evaluate").exists()  # failed before any unit
+
+    rerun = run_pipeline("smoke", root)
+    assert rerun.stages["precompute"] in ("reused", "cached")
+    assert rerun.stages["train"] in ("reused", "cached")
+    assert rerun.stages["evaluate"] == "computed"
+    assert weights.stat().st_mtime_ns == stamp  # training was not redone
+    third = run_pipeline("smoke", root)
+    assert set(third.stages.values()) <= {"reused", "cached"}
+    assert third.evaluate.results == rerun.evaluate.results
+
+
+SWEEP = """
+title: "test table"
+columns: ["FID w/o CFG", "FID w/ CFG"]
+scales:
+  smoke: {experiment: smoke, overrides: []}
+variants:
+  - name: plain
+    row: iMF
+    overrides: [guidance.mode=none, "eval.omegas=[1.0]"]
+    cells: {"FID w/o CFG": {metric: fid_best, paper: 30.0}}
+  - name: cfg
+    row: iMF
+    overrides: ["eval.omegas=[1.0,2.0]"]
+    cells: {"FID w/ CFG": {metric: fid_best, paper: 5.0}}
+  - name: diverges
+    row: broken
+    overrides: [optim.lr=1.0e30, guidance.mode=none]
+    cells: {"FID w/o CFG": {metric: fid_best, paper: 1.0}}
+"""
+
+
+@pytest.mark.slow
+def test_sweep_nests_variants_survives_a_failure_and_reports(tmp_path, prefect_server, local_ray):
+    sweep_file = tmp_path / "mini.yaml"
+    sweep_file.write_text(SWEEP)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    overrides = [f"paths.artifacts={tmp_path}/a", f"tracking.uri={uri}"] + FAST
+    result = run_sweep(str(sweep_file), "smoke", overrides)
+    status = {v.name: v.status for v in result.variants}
+    assert status == {"plain": "ok", "cfg": "ok", "diverges": "failed"}
+    assert "not finite" in next(v for v in result.variants if v.name == "diverges").error
+
+    client = MlflowClient(uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FAILED" and parent.data.tags["sweep"] == "mini"
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    by_variant = {r.data.tags["variant"]: r for r in children}
+    assert set(by_variant) == {"plain", "cfg", "diverges"}
+    for name in ("plain", "cfg"):
+        run = by_variant[name]
+        assert run.info.status == "FINISHED" and run.data.tags["row"] == "iMF"
+        assert run.data.params["train.steps"] == "20" and "model.params_m" in run.data.params
+        assert run.data.metrics["fid_best"] > 0
+    assert by_variant["diverges"].info.status == "FAILED"
+    assert parent.data.metrics["fid_best.cfg"] == pytest.approx(
+        by_variant["cfg"].data.metrics["fid_best"]
+    )
+
+    # A rerun of the finished variants: same parent run, every stage reused, nothing retrained.
+    again = run_sweep(str(sweep_file), "smoke", overrides, only=["plain", "cfg"])
+    assert again.parent_run_id == result.parent_run_id and not again.failed
+    assert {v.train_run_id for v in again.variants} == {
+        by_variant["plain"].info.run_id,
+        by_variant["cfg"].info.run_id,
+    }
+
+    report = report_flow(result.parent_run_id, tracking=uri, artifacts=str(tmp_path / "a"))
+    lines = report.markdown.splitlines()
+    imf_row = next(line for line in lines if line.startswith("| iMF |"))
+    plain_fid = by_variant["plain"].data.metrics["fid_best"]
+    assert f"{plain_fid:.2f} (30)" in imf_row and "(5)" in imf_row
+    assert "failed (1)" in next(line for line in lines if line.startswith("| broken |"))
+    names = {Path(p).name for p in report.files}
+    assert {"report.md", "fid_vs_omega.png", "plain.png", "cfg.png"} <= names
+    logged = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
+    assert "report/report.md" in logged
