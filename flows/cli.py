@@ -65,7 +65,8 @@ def run_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_train(args: argparse.Namespace) -> int:
+def upstream(args: argparse.Namespace, stage: str):
+    """The config and the stages before `stage`, run or reused (the single-stage commands)."""
     from tasks.config import load_config
     from tasks.precompute import precompute
     from tasks.train import train
@@ -73,6 +74,17 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.experiment, args.overrides)
     pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
     print(f"precompute: {'computed' if pre.computed else 'reused'} {pre.path}")
+    if stage == "train":
+        return cfg, pre, None
+    trained = train(cfg, pre)
+    print(f"train: {'trained' if trained.computed else 'reused'} {trained.path}")
+    return cfg, pre, trained
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from tasks.train import train
+
+    cfg, pre, _ = upstream(args, "train")
     result = train(cfg, pre)
     state = "trained" if result.computed else "reused"
     print(f"train: {state}, {result.steps} steps, MLflow run {result.mlflow_run_id}")
@@ -81,16 +93,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from tasks.config import load_config
     from tasks.evaluate import evaluate
-    from tasks.precompute import precompute
-    from tasks.train import train
 
-    cfg = load_config(args.experiment, args.overrides)
-    pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
-    print(f"precompute: {'computed' if pre.computed else 'reused'} {pre.path}")
-    trained = train(cfg, pre)
-    print(f"train: {'trained' if trained.computed else 'reused'} {trained.path}")
+    cfg, pre, trained = upstream(args, "evaluate")
     result = evaluate(cfg, pre, trained)
     state = f"computed {result.units_computed} unit(s)" if result.computed else "reused"
     print(f"evaluate: {state}")
@@ -154,7 +159,14 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may follow options (`imf sweep t --scale smoke k=v`): argparse binds
+    # a trailing positional list at its first position, so the rest arrive as extras.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     from tasks.config import ConfigError
 
     try:

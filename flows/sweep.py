@@ -201,17 +201,17 @@ def sweep_flow(
     outcomes = []
     for variant, (trained, evaluated) in evaluations.items():
         cfg, pre = configs[variant], pre_of[variant]
-        id_file = train_output_dir(cfg, pre) / "mlflow_run_id"
-        train_run = id_file.read_text().strip() if id_file.is_file() else ""
         try:
             trained.result()  # a training failure is the one to report
             result = evaluated.result()
         except Exception as err:  # reported, and the other variants go on
+            train_run = read_run_id(train_output_dir(cfg, pre))
             outcome = VariantOutcome(
                 variant, "failed", train_run, error=f"{type(err).__name__}: {err}"
             )
             print(f"variant {variant}: FAILED: {outcome.error}")
         else:
+            train_run = read_run_id(train_output_dir(cfg, pre))
             best = next(r for r in result.results if r["best"])
             outcome = VariantOutcome(variant, "ok", train_run, result.mlflow_run_id, best["fid"])
             print(f"variant {variant}: best FID {best['fid']:.3f} at omega {best['omega']:g}")
@@ -230,6 +230,12 @@ def sweep_flow(
     failed = [o for o in outcomes if o.status != "ok"]
     client.set_terminated(parent, "FAILED" if failed else "FINISHED")
     return SweepResult(sweep.name, scale, parent, outcomes)
+
+
+def read_run_id(train_dir: Path) -> str:
+    """The MLflow run a training created ("" if it failed before creating one)."""
+    id_file = train_dir / "mlflow_run_id"
+    return id_file.read_text().strip() if id_file.is_file() else ""
 
 
 def run_sweep(

@@ -11,7 +11,8 @@ _lock = threading.Lock()  # sweeps start stages from several threads
 
 def connect_ray(address: str, cpus_needed: float) -> None:
     """Joins the Ray cluster at `address` ("" = start a local one with at least `cpus_needed`
-    CPUs, so fractional workers fit on a small machine). An already initialised Ray is kept."""
+    CPUs, so fractional workers fit on a small machine; the dashboard stays off, it would bind
+    a port). An already initialised Ray is kept."""
     import ray
 
     with _lock:
@@ -19,6 +20,6 @@ def connect_ray(address: str, cpus_needed: float) -> None:
             return
         if address:
             ray.init(address=address)
-        else:  # the dashboard stays off: it would bind a port
+        else:  # a new local Ray ("local": never join one another process started here)
             cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
-            ray.init(include_dashboard=False, num_cpus=cpus)
+            ray.init(address="local", include_dashboard=False, num_cpus=cpus)

@@ -30,3 +30,13 @@ def test_bad_input_fails_before_any_work(argv, message, capsys, tmp_path, monkey
     captured = capsys.readouterr()
     assert captured.out == "" and message in captured.err
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_overrides_may_follow_options(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # The override after the options reaches the config (and its typo is reported) ...
+    assert main(["sweep", "table1a", "--scale", "smoke", "--only", "mf", "train.stpes=5"]) == 2
+    assert "train.stpes" in capsys.readouterr().err
+    # ... while an unknown option is still an argparse error.
+    with pytest.raises(SystemExit):
+        main(["sweep", "table1b", "--scale", "smoke", "--bogus", "train.steps=5"])
