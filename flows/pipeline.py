@@ -80,6 +80,14 @@ def pipeline(experiment: str = "smoke", overrides: list[str] | None = None) -> P
     return run_stages(cfg)
 
 
+@flow(name="imf-precompute", log_prints=True)
+def precompute_flow(experiment: str = "smoke", overrides: list[str] | None = None) -> str:
+    """Stage 1 alone (a CPU work pool's deployment); returns the output directory."""
+    cfg = load_config(experiment, overrides or [])
+    args = (cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+    return str(precompute_task.with_options(**RETRIES)(*args).path)
+
+
 def run_stages(cfg) -> PipelineResult:
     """The three stage tasks of one config, in order; each raises if its stage failed."""
     states = {}

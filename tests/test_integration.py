@@ -1,0 +1,250 @@
+"""The team setup, for real: an MLflow server and a Prefect server on PostgreSQL, a Ray cluster
+of a head and a worker that joins by address, and a sweep whose variants write concurrently.
+Every run, metric and artifact must arrive. Skipped (with the reason) without PostgreSQL."""
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+BIN = Path(sys.executable).parent
+STEPS = 60
+
+
+def postgres_or_skip():
+    try:
+        import psycopg2
+
+        psycopg2.connect(dbname="test", connect_timeout=3, **PG).close()
+    except Exception as err:  # no server, no driver, no access
+        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432 ({type(err).__name__}: {err})")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def fresh_database(name: str):
+    import psycopg2
+
+    conn = psycopg2.connect(dbname="postgres", **PG)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG['user']}@{PG['host']}:{PG['port']}/{name}"
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+@contextmanager
+def service(args: list[str], health: str, log: Path, env: dict | None = None, timeout=300):
+    """Starts a server in its own process group; waits until `health` answers 200."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{args[0]} exited: {log.read_text()[-2000:]}")
+            try:
+                if urllib.request.urlopen(health, timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise TimeoutError(f"{health} not healthy after {timeout} s")
+            time.sleep(1)
+        yield proc
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def ray_cluster(tmp: Path):
+    """`ray start --head` plus a second node joining by address, each in its own session (so
+    stopping them leaves any other Ray on this machine alone), with token authentication:
+    yields the address and the environment a client needs (the token)."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    common = ["--num-cpus=1", "--block", "--disable-usage-stats"]
+    procs = []
+    try:
+        head = ["ray", "start", "--head", f"--port={port}", "--include-dashboard=false", *common]
+        procs.append(start(head, tmp / "head.log", env))
+        wait_for_nodes(address, 1, env)
+        worker = ["ray", "start", f"--address={address}", *common]
+        procs.append(start(worker, tmp / "worker.log", env))
+        wait_for_nodes(address, 2, env)
+        yield address, env
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+
+
+def start(args: list[str], log: Path, env: dict) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+
+def wait_for_nodes(address: str, n: int, env: dict, timeout: int = 120) -> None:
+    probe = (
+        "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR');"
+        "print(sum(node['Alive'] for node in ray.nodes()))"
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(
+            [sys.executable, "-c", probe, address],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            env=env,
+        )
+        if out.returncode == 0 and out.stdout.strip().endswith(str(n)):
+            return
+        time.sleep(2)
+    raise TimeoutError(f"Ray cluster at {address} did not reach {n} nodes")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group, SIGKILL after 60 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(60)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def test_sweep_against_postgres_backed_services_and_a_ray_cluster(tmp_path):
+    postgres_or_skip()
+    from mlflow import MlflowClient
+
+    mlflow_port, prefect_port = free_port(), free_port()
+    tag = f"imf_it_{os.getpid()}"
+    env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    with (
+        fresh_database(f"{tag}_mlflow") as mlflow_db,
+        fresh_database(f"{tag}_prefect") as prefect_db,
+        service(
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host=127.0.0.1",
+                f"--port={mlflow_port}",
+                f"--backend-store-uri=postgresql+psycopg2://{mlflow_db}",
+                f"--artifacts-destination={tmp_path / 'mlflow-artifacts'}",
+                "--workers=1",
+            ],
+            f"http://127.0.0.1:{mlflow_port}/health",
+            tmp_path / "mlflow.log",
+        ),
+        service(
+            [str(BIN / "prefect"), "server", "start", "--host=127.0.0.1", f"--port={prefect_port}"],
+            f"http://127.0.0.1:{prefect_port}/api/health",
+            tmp_path / "prefect.log",
+            env=env | {"PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{prefect_db}"},
+        ),
+        ray_cluster(tmp_path) as (ray_address, ray_env),
+    ):
+        uri = f"http://127.0.0.1:{mlflow_port}"
+        sweep = subprocess.run(
+            [
+                str(BIN / "imf"),
+                "sweep",
+                "table1b",
+                "--scale=smoke",
+                "--concurrency=2",  # two variants train at once, one per Ray node
+                f"train.ray_address={ray_address}",
+                f"tracking.uri={uri}",
+                f"paths.artifacts={tmp_path / 'artifacts'}",
+                f"train.steps={STEPS}",
+                "train.checkpoint_every=30",
+                "train.log_every=10",
+                "eval.n_samples=200",
+                "eval.shard_size=100",
+                "eval.batch_size=100",
+            ],
+            env=env | ray_env | {"PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api"},
+            capture_output=True,
+            text=True,
+            timeout=1500,
+        )
+        assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-5000:]
+
+        # MLflow: the parent, four finished variants, every logged step, every artifact.
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("sweep-table1b")
+        (parent,) = client.search_runs([experiment.experiment_id], "tags.stage = 'sweep'")
+        assert parent.info.status == "FINISHED"
+        variants = {"imf_aux", "imf_aux_cfg", "omega", "omega_interval"}
+        for name in variants:
+            assert parent.data.tags[f"variant.{name}.status"] == "ok"
+            run = client.get_run(parent.data.tags[f"variant.{name}"])
+            assert run.info.status == "FINISHED"
+            assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+            history = client.get_metric_history(run.info.run_id, "loss")
+            assert sorted(m.step for m in history) == list(range(10, STEPS + 1, 10)), name
+            assert "fid_best" in run.data.metrics
+            evaluation = parent.data.tags[f"variant.{name}.eval"]
+            logged = {a.path for a in client.list_artifacts(evaluation)}
+            assert {"results.json", "grids"} <= logged, name
+        # Prefect: one sweep flow run, completed, with every stage task completed.
+        flows = prefect_runs(prefect_port)
+        assert flows["flow_runs"] == {"imf-sweep": ["COMPLETED"]}
+        assert flows["task_states"] == {"COMPLETED"}
+        assert flows["tasks"] >= 1 + 4 + 4  # precompute + train + evaluate per variant
+
+
+def prefect_runs(port: int) -> dict:
+    import json
+
+    def post(path: str) -> list:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/{path}",
+            data=b"{}",
+            headers={"Content-Type": "application/json"},
+        )
+        return json.loads(urllib.request.urlopen(request, timeout=10).read())
+
+    flows = {f["id"]: f["name"] for f in post("flows/filter")}
+    runs: dict[str, list[str]] = {}
+    for run in post("flow_runs/filter"):
+        runs.setdefault(flows[run["flow_id"]], []).append(run["state_type"])
+    tasks = post("task_runs/filter")
+    return {
+        "flow_runs": runs,
+        "task_states": {t["state_type"] for t in tasks},
+        "tasks": len(tasks),
+    }
