@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
-demo: $(STAMP)  ## train the tiny model on digits and write a sample grid
+demo: $(STAMP)  ## the whole pipeline on digits (precompute -> train -> evaluate), then a summary
 	$(PY) -m flows.demo
 
 test: $(STAMP) lint  ## lint, then the whole test suite (slow end-to-end tests included)
@@ -27,10 +27,8 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: $(STAMP)  ## step-time ratios, latent reader throughput, sharded-evaluation overhead
-	$(PY) -m benchmarks.step_time
-	$(PY) -m benchmarks.data_read
-	$(PY) -m benchmarks.eval_shards
+bench: $(STAMP)  ## the benchmark suite; writes benchmarks/RESULTS.md
+	$(PY) -m benchmarks
 
 lock:  ## re-pin requirements.lock from the current .venv
 	$(PY) -m pip freeze --exclude-editable | grep -v '^imf-pipeline' > requirements.lock

@@ -18,6 +18,7 @@ import time
 import warnings
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from imf_core.guidance import GuidanceConfig
 from imf_core.models import count_params, create
@@ -39,6 +40,10 @@ class SavedBytes:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
 
+# Dense bf16 peak of known accelerators (TFLOP/s), for MFU.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
 def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,6 +57,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--compile-jvp", action="store_true", help="torch.compile the JVP pass")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=0.0, help="for MFU (default: known GPUs)"
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -90,9 +98,13 @@ def main() -> None:
 
     times: dict[str, list[float]] = {name: [] for name in OBJECTIVES}
     memory: dict[str, int] = {}
-    for name in OBJECTIVES:  # warm-up, and one measured step for memory
+    flops: dict[str, float] = {}
+    for name in OBJECTIVES:  # warm-up, one step counting FLOPs, one measuring memory
         step(name)
         sync()
+        with FlopCounterMode(display=False) as counter:  # forward, JVP and backward ops
+            step(name)
+        flops[name] = 2 * counter.get_total_flops() / args.batch  # FLOPs (2 per multiply-add)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             step(name)
@@ -141,6 +153,14 @@ def main() -> None:
         else "autograd_saved_bytes",
         "step_ms": {k: round(1e3 * v, 2) for k, v in median.items()},
     }
+    peak = args.peak_tflops or next(
+        (tf for key, tf in PEAK_BF16_TFLOPS.items() if key in device_name), 0.0
+    )
+    for name in OBJECTIVES:
+        result[f"images_per_s_{name}"] = round(args.batch / median[name], 1)
+        result[f"gflop_per_image_{name}"] = round(flops[name] / 1e9, 2)
+        if peak and args.bf16:  # model FLOPs utilisation against the dense bf16 peak
+            result[f"mfu_{name}"] = round(flops[name] * args.batch / median[name] / 1e12 / peak, 4)
     for name in OBJECTIVES[1:]:
         result[f"ratio_{name}_to_fm"] = round(median[name] / median["fm"], 3)
         result[f"mem_ratio_{name}_to_fm"] = round(memory[name] / memory["fm"], 3)

@@ -1,0 +1,122 @@
+"""The benchmark suite: every benchmark, one command, results written to benchmarks/RESULTS.md.
+
+    python -m benchmarks [--quick] [--out benchmarks/RESULTS.md]
+
+Runs each benchmark as its own process (so one's threads or compiled graphs do not colour the
+next), takes the JSON of its last line, and writes a markdown page with the machine, the
+versions and every figure. On a machine with a CUDA GPU it adds the GPU entries: iMF-B/2
+training images/s and MFU in bf16, the step-time ratios on GPU, and 1-NFE sampling images/s
+with the SD-VAE decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def suite(quick: bool, gpu: bool) -> list[tuple[str, list[str]]]:
+    """(title, module + arguments) of every benchmark this machine can run."""
+    steps = ["--steps", "5" if quick else "15"]
+    entries = [
+        ("Step time, CPU, tiny, batch 256, eager JVP", ["step_time", "--device", "cpu", *steps]),
+        (
+            "Step time, CPU, tiny, batch 256, compiled JVP, omega_interval CFG",
+            ["step_time", "--device", "cpu", "--compile-jvp", "--guidance", "omega_interval"]
+            + steps,
+        ),
+        (
+            "Latent reader, ImageNet-shaped rows",
+            ["data_read"] + (["--rows", "4096"] if quick else []),
+        ),
+        ("Latent reader, 8x8 digit rows", ["data_read", "--shape", "2", "1", "8", "8"]),
+        (
+            "Sharded evaluation overhead (8 shards vs 1 pass)",
+            ["eval_shards"] + (["--samples", "4000"] if quick else []),
+        ),
+        ("Sampling, CPU, tiny, 1-NFE, pixels", ["sampling", "--device", "cpu"]),
+        ("Pipeline: first run and cached rerun (imf run -e smoke)", ["pipeline_rerun"]),
+    ]
+    if gpu:
+        bf16 = ["--device", "cuda", "--bf16", "--compile-jvp", "--guidance", "omega_interval"]
+        entries += [
+            (
+                "GPU training: iMF-B/2, batch 128, bf16, compiled JVP, omega_interval",
+                ["step_time", "--model", "imf_b2", "--batch", "128", *bf16, *steps],
+            ),
+            (
+                "GPU sampling: iMF-B/2, 1-NFE + SD-VAE decode, bf16",
+                ["sampling", "--model", "imf_b2", "--vae", "sd", "--bf16", "--device", "cuda"],
+            ),
+        ]
+    return entries
+
+
+def run(module_args: list[str]) -> tuple[dict, str, float]:
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module_args[0]}", *module_args[1:]],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+    )
+    seconds = time.perf_counter() - start
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1:]}, out.stdout, seconds
+    lines = out.stdout.strip().splitlines()
+    return json.loads(lines[-1]), "\n".join(lines[:-1]), seconds
+
+
+def machine() -> list[str]:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    packages = ", ".join(
+        f"{p} {version(p)}" for p in ("torch", "ray", "prefect", "mlflow", "pyarrow", "diffusers")
+    )
+    return [
+        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        f"- CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{memory:.0f} GiB",
+        f"- GPU: {gpu}",
+        f"- Python {platform.python_version()}; {packages}",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and samples")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    lines = ["# Benchmark results", "", "Written by `python -m benchmarks`.", "", *machine(), ""]
+    for title, module_args in suite(args.quick, torch.cuda.is_available()):
+        print(f"== {title}", flush=True)
+        result, text, seconds = run(module_args)
+        print(text, json.dumps(result), sep="\n", flush=True)
+        lines += [
+            f"## {title}",
+            "",
+            f"`python -m benchmarks.{' '.join(module_args)}` ({seconds:.0f} s)",
+            "",
+        ]
+        if text.strip():
+            lines += ["```", text.strip(), "```", ""]
+        lines += ["```json", json.dumps(result, indent=1), "```", ""]
+    args.out.write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
