@@ -123,17 +123,21 @@ def require_manifest(directory: Path) -> Manifest:
 
 
 def cache_key_of(output_dir: Callable[..., Path]) -> Callable[[Any, dict], str | None]:
-    """A Prefect `cache_key_fn` for a stage task: `<stage>-<content key>` while the stage's
-    output directory (`output_dir(**task parameters)`) holds a `_SUCCESS` whose files are all
-    present at their recorded sizes; else None, and the task runs (the stage function then
-    decides, down to the shard or unit, what to reuse). Prefect's cache sits on top of the
-    manifests; it never replaces them."""
+    """A Prefect `cache_key_fn` for a stage task: `<stage>-<content key>-<instance>` while
+    the stage's output directory (`output_dir(**task parameters)`) holds a `_SUCCESS` whose
+    files are all present at their recorded sizes; else None, and the task runs (the stage
+    function then decides, down to the shard or unit, what to reuse). Prefect's cache sits on
+    top of the manifests; it never replaces them."""
 
     def key_fn(context: Any, parameters: dict) -> str | None:
         out = output_dir(**parameters)
         done = Manifest.read(out)
         if done is None or not all(f.valid_in(out, "size") for f in done.files):
             return None
-        return f"{done.stage}-{done.key}"
+        # The directory and the manifest's creation time are part of the key: the same content
+        # key under another artifact root, or recomputed after a deletion, is another output,
+        # and a cache record must never hand back a path or run id of a different one.
+        instance = f"{out.resolve()}|{done.created}"
+        return f"{done.stage}-{done.key}-{hashlib.sha256(instance.encode()).hexdigest()[:8]}"
 
     return key_fn

