@@ -114,6 +114,15 @@ def main() -> None:
         if text.strip():
             lines += ["```", text.strip(), "```", ""]
         lines += ["```json", json.dumps(result, indent=1), "```", ""]
+    if not torch.cuda.is_available():
+        lines += [
+            "## GPU",
+            "",
+            "No CUDA device on this machine: the GPU entries (iMF-B/2 bf16 training images/s and",
+            "MFU, sampling with the SD-VAE decode) were skipped. Run `python -m benchmarks` on a",
+            "GPU machine to add them.",
+            "",
+        ]
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
 

@@ -13,6 +13,7 @@ reaches the tracking server.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.sweep import SweepConfig, load_sweep
 from tasks.artifacts import atomic_path
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download
 
 
 @dataclass
