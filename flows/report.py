@@ -95,6 +95,17 @@ def cell_value(runs: VariantRuns, metric: str) -> float | None:
     return None
 
 
+def best_point(runs: VariantRuns, best: dict) -> str:
+    """The CFG point that gave the best FID; for a fixed-omega model (MF-style, the network
+    ignores omega at sampling) the omega it was trained with."""
+    params = runs.train.data.params if runs.train is not None else {}
+    if params.get("guidance.mode") == "fixed":
+        return f"trained with ω {float(params['guidance.omega']):g}"
+    if params.get("guidance.mode") == "none":
+        return "no CFG"
+    return f"ω {best['omega']:g} [{best['t_min']:g}, {best['t_max']:g}]"
+
+
 def table_markdown(sweep: SweepConfig, scale: str, variants: list[VariantRuns]) -> str:
     """The table in the paper's shape: one line per row, each column 'ours (paper)'."""
     by_name = {v.name: v for v in variants}
@@ -112,11 +123,7 @@ def table_markdown(sweep: SweepConfig, scale: str, variants: list[VariantRuns]) 
             cells[column] = f"{text} ({paper})"
         best = [r for r in runs.results if r.get("best")]
         if best:
-            b = best[0]
-            notes[v.row] = (
-                notes.get(v.row, "")
-                + f"{v.name}: ω {b['omega']:g} [{b['t_min']:g}, {b['t_max']:g}]; "
-            )
+            notes[v.row] = notes.get(v.row, "") + f"{v.name}: {best_point(runs, best[0])}; "
     header = ["row", *sweep.columns, "best point"]
     lines = [
         f"## {sweep.title} — scale `{scale}`",

@@ -125,6 +125,7 @@ def test_sweep_nests_variants_survives_a_failure_and_reports(tmp_path, prefect_s
     plain_fid = by_variant["plain"].data.metrics["fid_best"]
     assert f"{plain_fid:.2f} (30)" in imf_row and "(5)" in imf_row
     assert "failed (1)" in next(line for line in lines if line.startswith("| broken |"))
+    assert "plain: no CFG" in imf_row and "cfg: ω " in imf_row  # the best point per variant
     names = {Path(p).name for p in report.files}
     assert {"report.md", "fid_vs_omega.png", "plain.png", "cfg.png"} <= names
     logged = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
