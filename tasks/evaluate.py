@@ -13,6 +13,7 @@ already on disk are not recomputed. Merging the sums gives exactly the single-pa
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -127,13 +128,14 @@ def evaluate(cfg, pre: PrecomputeResult, trained) -> EvalResult:
     num_classes = pre_manifest.extra["num_classes"]
     shape = tuple(pre_manifest.extra["latent_shape"][1:])
     runner_args = (trained.path, cfg.tokenizer, kind, weights, num_classes, shape, e)
+    local = functools.cache(lambda: UnitRunner(*runner_args))  # opened once, if at all
     points = [(w, list(iv)) for iv in e.intervals for w in e.omegas]
     shards = [(s, min(e.shard_size, e.n_samples - s)) for s in range(0, e.n_samples, e.shard_size)]
     units = [Unit(w, tuple(iv), k, s, n) for w, iv in points for k, (s, n) in enumerate(shards)]
     units_dir = out / "units"
     missing = [u for u in units if not (units_dir / f"{u.name}.npz").is_file()]
     computed = 0
-    for name, sums in run_units(runner_args, missing, e, cfg.train.ray_address):
+    for name, sums in run_units(runner_args, local, missing, e, cfg.train.ray_address):
         with atomic_path(units_dir / f"{name}.npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, **sums)  # written as each unit arrives: a kill loses only running units
         computed += 1
@@ -172,7 +174,7 @@ def evaluate(cfg, pre: PrecomputeResult, trained) -> EvalResult:
         entry["best"] = i == best
     write_json_atomic(out / "results.json", results)
     plots = plot_fid_vs_omega(results, out)
-    grids = UnitRunner(*runner_args).sample_grids(points, out) if e.grid_per_class else []
+    grids = local().sample_grids(points, out) if e.grid_per_class else []
     outputs = [out / "results.json", *plots, *grids, *sorted(units_dir.glob("*.npz"))]
     files = [FileRecord.of(p, out) for p in outputs]
     run_id = log_to_mlflow(cfg, trained, key, results, [out / "results.json", *plots, *grids])
@@ -316,12 +318,12 @@ class UnitRunner:
         return paths
 
 
-def run_units(runner_args: tuple, units: list[Unit], e, ray_address: str):
-    """Yields (unit name, sums) as units finish: in this process, or on `e.workers` Ray actors
-    (GPU actors when `e.gpus_per_worker` > 0) of the local or addressed cluster."""
+def run_units(runner_args: tuple, local, units: list[Unit], e, ray_address: str):
+    """Yields (unit name, sums) as units finish: in this process (on `local()`, the runner
+    the sample grids use too), or on `e.workers` Ray actors (GPU actors when
+    `e.gpus_per_worker` > 0) of the local or addressed cluster."""
     if e.workers <= 1 or len(units) <= 1:
-        runner = UnitRunner(*runner_args)
-        yield from (runner.run(u) for u in units)
+        yield from (local().run(u) for u in units)
         return
     import ray
     from ray.util import ActorPool
