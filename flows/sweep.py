@@ -31,8 +31,8 @@ from tasks.artifacts import content_key
 from tasks.config import CONFIG_DIR, ConfigError, ExperimentConfig, load_config
 from tasks.evaluate import evaluate_task
 from tasks.precompute import precompute_task
+from tasks.train import open_run, tracking_uri, train_task
 from tasks.train import output_dir as train_output_dir
-from tasks.train import tracking_uri, train_task
 
 
 # ------------------------------------------------------------------ the sweep file's schema
@@ -121,14 +121,6 @@ def parent_run(sweep: SweepConfig, scale: str, overrides: list[str], cfg) -> str
 
     key = content_key("sweep", {"sweep": sweep.name, "scale": scale, "overrides": overrides})
     id_file = Path(cfg.paths.artifacts).resolve() / "sweep" / key / "mlflow_run_id"
-    client = MlflowClient(tracking_uri(cfg))
-    if id_file.is_file():
-        run_id = id_file.read_text().strip()
-        client.update_run(run_id, "RUNNING")
-        return run_id
-    experiment = cfg.tracking.experiment
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     tags = {
         "sweep": sweep.name,
         "sweep.file": sweep.file,
@@ -136,11 +128,14 @@ def parent_run(sweep: SweepConfig, scale: str, overrides: list[str], cfg) -> str
         "stage": "sweep",
         "mlflow.note.content": sweep.title,
     }
-    run = client.create_run(experiment_id, run_name=f"{sweep.name}-{scale}", tags=tags)
-    client.log_param(run.info.run_id, "overrides", " ".join(overrides)[:500] or "-")
-    id_file.parent.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run.info.run_id)
-    return run.info.run_id
+    return open_run(
+        MlflowClient(tracking_uri(cfg)),
+        id_file,
+        cfg.tracking.experiment,
+        f"{sweep.name}-{scale}",
+        tags,
+        lambda: {"overrides": " ".join(overrides) or "-"},
+    )
 
 
 # ------------------------------------------------------------------ the flow

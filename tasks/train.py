@@ -109,43 +109,53 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def open_run(client, id_file: Path, experiment: str, run_name: str, tags: dict, params) -> str:
+    """The MLflow run whose id `id_file` keeps, reopened (RUNNING) on a resume; else a new run
+    in `experiment` (created when missing) with `tags` and the params `params()` returns, its
+    id written to `id_file` last, so a kept id always names a complete run."""
+    from mlflow.entities import Param
+
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+        client.update_run(run_id, "RUNNING")
+        return run_id
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    items = list(params().items())
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        batch = [Param(k, v[:500]) for k, v in items[start : start + 100]]
+        client.log_batch(run_id, params=batch)
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id)
+    return run_id
+
+
 def mlflow_run(cfg, out: Path, key: str) -> str:
     """Creates (or finds, on resume) this training run's MLflow run; returns its id.
 
     Created here, in the driver, before any worker starts: SQLite backends lock under
     concurrent writers, and rank 0 then only appends to an existing run.
     """
-    import mlflow
     from mlflow import MlflowClient
 
     from tasks.config import model_config, to_dict
 
-    id_file = out / "mlflow_run_id"
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    client = MlflowClient()
-    if id_file.is_file():
-        run_id = id_file.read_text().strip()
-        client.update_run(run_id, "RUNNING")  # resumed
-        return run_id
-    experiment = cfg.tracking.experiment or cfg.name
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    tags = {"stage": "train", "train_key": key, **cfg.tracking.tags}
-    run = client.create_run(experiment_id, run_name=f"{cfg.name}-{key[:8]}", tags=tags)
-    # The size the paper's tables quote (1-NFE inference: no auxiliary head), in millions.
-    with torch.device("meta"):
-        size = count_params(build(model_config(cfg))) / 1e6
-    params = flatten(to_dict(cfg)) | {"model.params_m": f"{size:.2f}"}
-    items = list(params.items())
-    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        from mlflow.entities import Param
+    def params() -> dict[str, str]:
+        # The size the paper's tables quote (1-NFE inference: no auxiliary head), in millions.
+        with torch.device("meta"):
+            size = count_params(build(model_config(cfg))) / 1e6
+        return flatten(to_dict(cfg)) | {"model.params_m": f"{size:.2f}"}
 
-        client.log_batch(
-            run.info.run_id, params=[Param(k, v[:500]) for k, v in items[start : start + 100]]
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run.info.run_id)
-    return run.info.run_id
+    tags = {"stage": "train", "train_key": key, **cfg.tracking.tags}
+    return open_run(
+        MlflowClient(tracking_uri(cfg)),
+        out / "mlflow_run_id",
+        cfg.tracking.experiment or cfg.name,
+        f"{cfg.name}-{key[:8]}",
+        tags,
+        params,
+    )
 
 
 def train(cfg, pre: PrecomputeResult) -> TrainResult:
