@@ -152,3 +152,49 @@ def test_jvp_on_gpu_through_the_training_attention_path():
         )
     assert torch.isfinite(du_dt_bf16).all()
     assert (du_dt_bf16.double() - du_dt).norm() / du_dt.norm() < 0.05
+
+
+def test_initialisation_is_the_official_one_at_b2():
+    """Official iMF init, measured on its B/2 (the issue's numbers): block linears
+    N(0, 0.32^2 / fan_in) (q 0.0115, w2 0.0071), embedder MLPs N(0, 1 / fan_in) (0.0626, 0.0361),
+    label table N(0, 1 / D) (0.0361); tokens N(0, 1 / D); xavier patch embedding."""
+    torch.manual_seed(0)
+    model = create("imf_b2")
+    block = model.blocks.v_head[3]
+    stds = {
+        "qkv": block.attn.qkv.weight.std(),
+        "proj": block.attn.proj.weight.std(),
+        "w1": block.mlp.w1.weight.std(),
+        "w2": block.mlp.w2.weight.std(),
+        "embed0": model.embedders.t_max.mlp[0].weight.std(),
+        "embed2": model.embedders.t_max.mlp[2].weight.std(),
+        "label": model.embedders.y.table.weight.std(),
+        "tokens": model.type_tokens["omega"].std(),
+        "patch": model.x_embed.proj.weight.std(),
+    }
+    expected = {
+        "qkv": 0.0115,
+        "proj": 0.0115,
+        "w1": 0.0115,
+        "w2": 0.0071,
+        "embed0": 0.0626,
+        "embed2": 0.0361,
+        "label": 0.0361,
+        "tokens": 0.0361,
+        "patch": (2 / (2 * 2 * 4 + 768)) ** 0.5,  # xavier-uniform's std
+    }
+    for name, value in expected.items():
+        assert stds[name].item() == pytest.approx(value, rel=0.03), name
+    assert block.attn.qkv.weight.mean().abs() < 1e-4
+    assert (block.attn_scale == 0).all() and (model.u_final.linear.weight == 0).all()
+
+
+def test_meanflows_dit_keeps_dits_initialisation():
+    torch.manual_seed(0)
+    model = create("mf_b2", **SMALL)
+    assert model.cfg.init == "dit"
+    lin = model.blocks.trunk[0].attn.qkv.weight  # xavier-uniform: std sqrt(2 / (fan_in + fan_out))
+    assert lin.std().item() == pytest.approx((2 / (32 + 96)) ** 0.5, rel=0.05)
+    assert model.embedders.h.mlp[0].weight.std().item() == pytest.approx(0.02, rel=0.05)
+    with pytest.raises(ValueError, match="model.init"):
+        create("tiny", init="kaiming")

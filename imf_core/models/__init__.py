@@ -19,7 +19,15 @@ from imf_core.models.dit import DiT
 from imf_core.models.in_context import InContextTransformer
 
 _IMF = dict(conditioning="in_context", blocks="advanced", aux_head_depth=8)
-_MF = dict(conditioning="adaln", blocks="plain", cond_t=True, cond_omega=False, cond_interval=False)
+# MeanFlow's DiT: conditioned on t and h, no CFG inputs, DiT's initialisation (its own code).
+_MF = dict(
+    conditioning="adaln",
+    blocks="plain",
+    init="dit",
+    cond_t=True,
+    cond_omega=False,
+    cond_interval=False,
+)
 
 PRESETS: dict[str, ModelConfig] = {
     # Tab. 4: iMF sizes (depth x width, heads); the aux v-head is 8 blocks deep.

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 CONDITIONINGS = ("in_context", "adaln")
 BLOCKS = ("plain", "advanced")
+INITS = ("imf", "dit")
 
 
 @dataclass
@@ -22,6 +23,9 @@ class ModelConfig:
     mlp_ratio: float = 0.0  # 0 = the blocks' default: 4 (plain) or 8/3 (advanced)
     num_classes: int = 1000
     aux_head_depth: int = 0  # > 0: a v-head duplicating the last blocks (imf_aux objective)
+    init: str = (
+        "imf"  # imf (official iMF code) | dit (DiT / original MeanFlow code): layers.init_weights
+    )
     cond_t: bool = False  # condition on t besides h = t - r (iMF: h only; MF: both)
     cond_omega: bool = True  # omega as an input (CFG-conditioning)
     cond_interval: bool = True  # (t_min, t_max) as inputs
@@ -38,6 +42,8 @@ class ModelConfig:
             )
         if self.blocks not in BLOCKS:
             raise ValueError(f"model.blocks must be one of {BLOCKS}, got {self.blocks!r}")
+        if self.init not in INITS:
+            raise ValueError(f"model.init must be one of {INITS}, got {self.init!r}")
         if self.width % self.heads or (self.width // self.heads) % 2:
             raise ValueError(
                 f"model.width {self.width} must split into {self.heads} heads of even size"

@@ -17,7 +17,7 @@ from imf_core.models.layers import (
     Positions,
     TrunkAndHeads,
     VelocityNet,
-    init_linear_and_embedders,
+    init_weights,
     make_norm,
 )
 
@@ -76,7 +76,7 @@ class DiT(VelocityNet):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        init_linear_and_embedders(self)
+        init_weights(self, self.cfg.init)
         # adaLN-zero: every block starts as the identity, and the output layers at zero.
         for module in self.modules():
             if isinstance(module, DiTBlock | FinalLayer):

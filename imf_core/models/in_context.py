@@ -1,9 +1,11 @@
 """The iMF Transformer: conditions as in-context tokens, no adaLN (paper, Sec. 4.4, Tab. 1c).
 
-Each condition (class, h = t - r, omega, t_min, t_max) is embedded by its own MLP and added to
-a few learnable type tokens; those tokens are prepended to the patch tokens. Dropping adaLN
-removes about a third of DiT's parameters. Residual branches have zero-initialised per-channel
-scales and the output layer is zero-initialised, so a fresh model predicts exactly zero.
+Each condition (class, omega, t_min, t_max, h = t - r) is embedded by its own MLP and added to
+a few learnable type tokens; those tokens are prepended to the patch tokens in the official
+code's order (PREFIX_ORDER: RoPE spans the whole sequence, so the order is part of the
+function). Dropping adaLN removes about a third of DiT's parameters. Residual branches have
+zero-initialised per-channel scales and the output layer is zero-initialised, so a fresh model
+predicts exactly zero.
 """
 
 from __future__ import annotations
@@ -20,9 +22,14 @@ from imf_core.models.layers import (
     Positions,
     TrunkAndHeads,
     VelocityNet,
-    init_linear_and_embedders,
+    init_weights,
     make_norm,
 )
+
+# The official prefix: [class x8, omega x4, t_min x2, t_max x2, h x4], then the patch tokens.
+# t (cond_t, an option of ours for small inputs; the official model does not condition on t)
+# comes last.
+PREFIX_ORDER = ("y", "omega", "t_min", "t_max", "h", "t")
 
 
 class InContextBlock(nn.Module):
@@ -66,14 +73,16 @@ class InContextTransformer(VelocityNet):
         self.embedders = ConditionEmbedders(
             cfg.width, cfg.num_classes, cfg.cond_t, cfg.cond_omega, cfg.cond_interval
         )
-        counts = {"y": cfg.class_tokens, "h": cfg.time_tokens}
-        counts |= {"t": cfg.time_tokens} if cfg.cond_t else {}
-        counts |= {"omega": cfg.omega_tokens} if cfg.cond_omega else {}
-        counts |= (
-            {"t_min": cfg.interval_tokens, "t_max": cfg.interval_tokens}
-            if cfg.cond_interval
-            else {}
-        )
+        tokens = {
+            "y": cfg.class_tokens,
+            "omega": cfg.omega_tokens if cfg.cond_omega else 0,
+            "t_min": cfg.interval_tokens if cfg.cond_interval else 0,
+            "t_max": cfg.interval_tokens if cfg.cond_interval else 0,
+            "h": cfg.time_tokens,
+            "t": cfg.time_tokens if cfg.cond_t else 0,
+        }
+        counts = {k: tokens[k] for k in PREFIX_ORDER if tokens[k]}
+        self.prefix = tuple(counts)  # the token order (a ParameterDict sorts its keys)
         self.type_tokens = nn.ParameterDict(
             {k: nn.Parameter(torch.empty(n, cfg.width)) for k, n in counts.items()}
         )
@@ -88,7 +97,7 @@ class InContextTransformer(VelocityNet):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        init_linear_and_embedders(self)
+        init_weights(self, self.cfg.init)
         for tokens in self.type_tokens.values():
             nn.init.normal_(tokens, std=self.cfg.width**-0.5)
         # Zero-initialised output layers: a fresh model predicts u = v = 0.
@@ -100,6 +109,6 @@ class InContextTransformer(VelocityNet):
     def forward(self, x: Tensor, t: Tensor, h: Tensor, cond, heads: str = "u"):
         patches, rope = self.positions(self.x_embed(x))  # (B, T_img, D)
         emb = self.embedders(t, h, cond)  # {name: (B, D)}
-        prefix = [self.type_tokens[k] + e[:, None] for k, e in emb.items()]  # (B, n_k, D) each
+        prefix = [self.type_tokens[k] + emb[k][:, None] for k in self.prefix]  # (B, n_k, D) each
         seq = torch.cat([*prefix, patches], dim=1)  # (B, T, D)
         return self.outputs(*self.blocks(seq, heads, rope), self.num_prefix)

@@ -174,21 +174,24 @@ class Mlp(nn.Module):
 
 
 def rope_tables(head_dim: int, seq_len: int, theta: float = 10_000.0) -> tuple[Tensor, Tensor]:
-    """cos and sin tables, (T, K), for 1-D rotary positions over the whole sequence."""
+    """cos and sin tables, (T, K), for 1-D rotary positions over the whole sequence; channels
+    2i and 2i + 1 share angle i (the official code's complex pairs)."""
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs).repeat(1, 2)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)  # (T, K/2)
+    angles = angles.repeat_interleave(2, dim=-1)  # (T, K)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotates channel pairs (i, i + K/2) of x (B, H, T, K) by position-dependent angles.
+    """Rotates channel pairs (2i, 2i + 1) of x (B, H, T, K) by position-dependent angles.
 
-    The half-split pairing (not interleaved) is the same rotation up to a fixed permutation of
-    head channels, which the q/k projections absorb; it needs two multiplies, where the
-    interleaved form needs four and a stack (it matters in the JVP pass).
+    The official code multiplies (x_2i + i x_2i+1) by e^(i angle) in complex arithmetic; this is
+    the same rotation in real arithmetic (two multiplies and a pair swap, cheap in the JVP), with
+    the same channel pairing, so released weights map without any permutation.
     """
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+    pairs = x.unflatten(-1, (-1, 2))  # (B, H, T, K/2, 2)
+    swapped = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (B, H, T, K)
+    return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
 
 
 def sincos_pos_embed_2d(width: int, grid: int) -> Tensor:
@@ -241,23 +244,45 @@ class TrunkAndHeads(nn.Module):
         return u, v
 
 
-def init_linear_and_embedders(model: nn.Module) -> None:
-    """DiT's initialisation: xavier linears and patch embedding, N(0, 0.02) condition embedders."""
+# The official iMF initialisation (imeanflow's TorchLinear "scaled_variance"): block linears
+# N(0, 0.32^2 / fan_in); condition-embedder MLPs N(0, 1 / fan_in); the label table N(0, 1 / D).
+OFFICIAL_BLOCK_GAIN = 0.32
+
+
+def init_weights(model: nn.Module, scheme: str) -> None:
+    """Initialises linears, the patch embedding and the condition embedders.
+
+    scheme "imf": the official iMF code (above); "dit": DiT's and original MeanFlow's code, xavier
+    linears and N(0, 0.02) embedders. Both: xavier patch embedding, zero biases. Zero gates,
+    zero output layers and the type tokens are set by each model's initialize_weights.
+    """
+    imf = scheme == "imf"
+
+    def scaled(linear: nn.Linear, gain: float) -> None:
+        nn.init.normal_(linear.weight, std=gain / math.sqrt(linear.in_features))
+
     for module in model.modules():
         if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
+            if imf:
+                scaled(module, OFFICIAL_BLOCK_GAIN)
+            else:
+                nn.init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, PatchEmbed):
+    for module in model.modules():
+        if isinstance(module, PatchEmbed):
             w = module.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
             nn.init.zeros_(module.proj.bias)
         elif isinstance(module, LabelEmbedder):
-            nn.init.normal_(module.table.weight, std=0.02)
-    for module in model.modules():
-        if isinstance(module, TimestepEmbedder):
-            nn.init.normal_(module.mlp[0].weight, std=0.02)
-            nn.init.normal_(module.mlp[2].weight, std=0.02)
+            std = module.table.weight.shape[1] ** -0.5 if imf else 0.02
+            nn.init.normal_(module.table.weight, std=std)
+        elif isinstance(module, TimestepEmbedder):
+            for linear in (module.mlp[0], module.mlp[2]):
+                if imf:
+                    scaled(linear, 1.0)
+                else:
+                    nn.init.normal_(linear.weight, std=0.02)
 
 
 #################################################################################
