@@ -1,17 +1,22 @@
 """Classifier-free guidance, the way MF and iMF train it (paper, Sec. 4.3).
 
 Modes (GuidanceConfig.mode):
-  none            conditional model, no class drop, target e - x.
-  fixed           original MeanFlow: omega fixed at training time and baked into the target,
-                  v_g = omega (e - x) + (1 - omega) v_uncond; the network never sees omega.
+  none            no guidance in the target: e - x.
+  fixed           original MeanFlow: omega (and MF's kappa) fixed at training time and baked into
+                  the target, v_g = omega (e - x) + (1 - omega - kappa) v_u + kappa v_c inside
+                  MF's interval [t_start, t_end] (omega = 1, kappa = 0 outside); the network
+                  never sees omega. MF's released default is omega 1, kappa 0.5.
   omega           CFG as conditioning: omega ~ p(omega) ∝ omega^-beta on [1, omega_max] per
                   sample and fed to the network; v_g = (e - x) + (1 - 1/omega)(v_c - v_u).
   omega_interval  as `omega`, plus a CFG interval t_min ~ U(0, .5), t_max ~ U(.5, 1) as inputs;
                   guidance is off (omega' = 1) where t is outside [t_min, t_max].
 
 v_c and v_u are the model's own boundary (r = t) velocity predictions with (class, omega') and
-(null class, omega = 1), computed without gradient. At sampling time omega, t_min and t_max are
-plain inputs and generation stays 1-NFE.
+(null class, omega = 1), computed without gradient. In every mode a share of labels becomes the
+null class (both official codes drop labels whatever their guidance): by default the first
+num_drop ~ Binomial(B, class_drop) rows of the batch, which are its r = t rows, so the null
+class is trained at h = 0 only. At sampling time omega, t_min and t_max are plain inputs and
+generation stays 1-NFE.
 """
 
 from __future__ import annotations
@@ -26,23 +31,47 @@ from torch import Tensor
 from imf_core.meanflow import expand_like, sample
 
 MODES = ("none", "fixed", "omega", "omega_interval")
+DROP_ROWS = ("first", "random")
 
 
 @dataclass
 class GuidanceConfig:
     mode: str = "omega_interval"  # none | fixed | omega | omega_interval
     class_drop: float = 0.1  # share of labels replaced by the null class (id = num_classes)
+    # first: num_drop ~ Binomial(B, class_drop) and the first num_drop rows lose their label
+    # (official iMF and MF code; those are r = t rows); random: each row independently (ablation)
+    drop_rows: str = "first"
     omega: float = 1.0  # `fixed` mode: the training-time CFG scale
+    kappa: float = 0.0  # `fixed` mode: MF's kappa (its release: omega 1, kappa 0.5)
+    t_start: float = 0.0  # `fixed` mode: MF's guidance interval [t_start, t_end]
+    t_end: float = 1.0
     omega_max: float = 8.0  # omega in [1, omega_max] (official code)
     beta: float = 1.0  # p(omega) ∝ omega^-beta: 1 for B/2, 2 for M, L, XL (Tab. 4)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"guidance.mode must be one of {MODES}, got {self.mode!r}")
+        if self.drop_rows not in DROP_ROWS:
+            raise ValueError(
+                f"guidance.drop_rows must be one of {DROP_ROWS}, got {self.drop_rows!r}"
+            )
         if not 0.0 <= self.class_drop < 1.0:
             raise ValueError(f"guidance.class_drop must be in [0, 1), got {self.class_drop}")
         if self.omega_max < 1.0 or self.omega < 1.0:
             raise ValueError("guidance.omega and guidance.omega_max must be >= 1")
+        if not 0.0 <= self.kappa < 1.0:
+            raise ValueError(f"guidance.kappa must be in [0, 1), got {self.kappa}")
+        if not 0.0 <= self.t_start <= self.t_end <= 1.0:
+            raise ValueError(
+                f"guidance.t_start, t_end must satisfy 0 <= t_start <= t_end <= 1, "
+                f"got {self.t_start}, {self.t_end}"
+            )
+        mf_only = {"omega": 1.0, "kappa": 0.0, "t_start": 0.0, "t_end": 1.0}
+        changed = [k for k, v in mf_only.items() if getattr(self, k) != v]
+        if changed and self.mode != "fixed":
+            raise ValueError(
+                f"guidance.{changed[0]} applies to guidance.mode=fixed only (mode is {self.mode!r})"
+            )
 
     @property
     def conditions_on_omega(self) -> bool:
@@ -111,10 +140,12 @@ def sample_conditions(
         return sampler(n * world, *args, generator=generator)[rank::world]
 
     cond = Conditions.unguided(y.cpu())
-    dropped = torch.zeros(n, dtype=torch.bool)
-    if cfg.mode != "none":
+    if cfg.drop_rows == "first":  # the first num_drop rows of the global batch, num_drop ~ Bin
+        num_drop = (torch.rand(n * world, generator=generator) < cfg.class_drop).sum()
+        dropped = (torch.arange(n * world) < num_drop)[rank::world]
+    else:
         dropped = draw(torch.rand) < cfg.class_drop
-        cond = cond._replace(y=torch.where(dropped, num_classes, cond.y))
+    cond = cond._replace(y=torch.where(dropped, num_classes, cond.y))
     if cfg.conditions_on_omega:
         cond = cond._replace(omega=draw(sample_omega, cfg.omega_max, cfg.beta))
     if cfg.mode == "omega_interval":
@@ -151,22 +182,27 @@ def guided_target(
     n = z.shape[0]
     null = torch.full_like(y, num_classes)
     ones, zeros = torch.ones_like(t), torch.zeros_like(t)
-    if cfg.mode == "fixed":
-        # MF (Eq. 15 of MeanFlow): the unconditional boundary prediction mixes into the target.
-        v_c = v_fn(z, t, Conditions(y, ones, zeros, ones))
-        v_u = v_fn(z, t, Conditions(null, ones, zeros, ones))
-        v_g = cfg.omega * v_data + (1.0 - cfg.omega) * v_u
-        return torch.where(expand_like(dropped, z), v_data, v_g), v_c
-    # omega' = omega inside [t_min, t_max], 1 outside (boundary rows have the interval [0, 1]).
-    inside = (t >= cond.t_min) & (t <= cond.t_max)
-    omega = torch.where(inside, cond.omega, ones)
-    both = v_fn(
+    if cfg.mode == "fixed":  # MF: omega, kappa baked in, on MF's interval [t_start, t_end]
+        inside = (t >= cfg.t_start) & (t <= cfg.t_end)
+        omega = torch.where(inside, cfg.omega, ones)
+        kappa = torch.where(inside, cfg.kappa, zeros)
+        omega_in = ones  # the network does not take omega
+    else:  # omega' = omega inside [t_min, t_max], 1 outside (r = t rows have [0, 1])
+        inside = (t >= cond.t_min) & (t <= cond.t_max)
+        omega = omega_in = torch.where(inside, cond.omega, ones)
+    both = v_fn(  # one batched call: conditional rows, then unconditional rows at omega = 1
         torch.cat([z, z]),
         torch.cat([t, t]),
-        Conditions(torch.cat([y, null]), torch.cat([omega, ones]), zeros.repeat(2), ones.repeat(2)),
+        Conditions(
+            torch.cat([y, null]), torch.cat([omega_in, ones]), zeros.repeat(2), ones.repeat(2)
+        ),
     )
     v_c, v_u = both[:n], both[n:]
-    v_g = v_data + expand_like(1.0 - 1.0 / omega, z) * (v_c - v_u)
+    if cfg.mode == "fixed":  # MeanFlow's guided field with kappa
+        w, k = expand_like(omega, z), expand_like(kappa, z)
+        v_g = w * v_data + (1.0 - w - k) * v_u + k * v_c
+    else:
+        v_g = v_data + expand_like(1.0 - 1.0 / omega, z) * (v_c - v_u)
     return torch.where(expand_like(dropped, z), v_data, v_g), v_c
 
 

@@ -43,7 +43,11 @@ def test_conditions_per_mode():
     boundary = torch.arange(N) < N // 2
     g = torch.Generator().manual_seed(0)
     cond, dropped = sample_conditions(GuidanceConfig(mode="none"), y, boundary, 10, g)
-    assert not dropped.any() and (cond.omega == 1).all() and (cond.y == y).all()
+    # Both official codes drop labels whatever their guidance (MF's guidance_eq="none" too).
+    assert dropped.double().mean().item() == pytest.approx(0.1, abs=0.005)
+    assert (cond.omega == 1).all() and (cond.y[~dropped] == y[~dropped]).all()
+    cond, _ = sample_conditions(GuidanceConfig(mode="none", class_drop=0.0), y, boundary, 10, g)
+    assert (cond.y == y).all()
 
     cond, dropped = sample_conditions(GuidanceConfig(mode="omega_interval"), y, boundary, 10, g)
     assert dropped.double().mean().item() == pytest.approx(0.1, abs=0.005)
@@ -56,11 +60,70 @@ def test_conditions_per_mode():
     assert (cond.t_min == 0).all() and (cond.t_max == 1).all() and cond.omega.std() > 0.5
 
 
+def test_the_first_rows_lose_their_label_as_in_the_official_code():
+    """num_drop ~ Binomial(B, 0.1), then rows 0..num_drop-1: the r = t rows (sample_t_r puts
+    them first), so no r != t row is ever unconditional."""
+    b, trials = 256, 400
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (b,))
+    boundary = torch.arange(b) < b // 2
+    counts = []
+    for _ in range(trials):
+        cond, dropped = sample_conditions(GuidanceConfig(), y, boundary, 10, g)
+        k = int(dropped.sum())
+        assert dropped[:k].all() and not dropped[k:].any()  # a prefix of the batch
+        assert not (dropped & ~boundary).any()  # only r = t rows
+        assert (cond.y[:k] == 10).all() and (cond.y[k:] == y[k:]).all()
+        counts.append(k)
+    counts = torch.tensor(counts, dtype=torch.float64)
+    # Binomial(256, 0.1): mean 25.6, sd 4.8; the mean of 400 draws within ~4 standard errors.
+    assert counts.mean().item() == pytest.approx(25.6, abs=1.0)
+    assert counts.std().item() == pytest.approx((b * 0.1 * 0.9) ** 0.5, rel=0.15)
+
+
+def test_random_rows_are_the_named_ablation():
+    b = 4096
+    g = torch.Generator().manual_seed(0)
+    boundary = torch.arange(b) < b // 2
+    cfg = GuidanceConfig(drop_rows="random")
+    _, dropped = sample_conditions(cfg, torch.zeros(b, dtype=torch.long), boundary, 10, g)
+    # Independent rows: r != t rows lose labels too, at the same rate.
+    assert dropped[~boundary].double().mean().item() == pytest.approx(0.1, abs=0.02)
+    assert dropped[boundary].double().mean().item() == pytest.approx(0.1, abs=0.02)
+
+
+def test_the_row_rule_splits_over_ranks_like_one_process():
+    b, world = 64, 4
+    y = torch.randint(0, 10, (b,))
+    boundary = torch.arange(b) < b // 2
+    _, whole = sample_conditions(
+        GuidanceConfig(), y, boundary, 10, torch.Generator().manual_seed(3)
+    )
+    for rank in range(world):
+        _, part = sample_conditions(
+            GuidanceConfig(),
+            y[rank::world],
+            boundary[rank::world],
+            10,
+            torch.Generator().manual_seed(3),
+            shard=(rank, world),
+        )
+        assert torch.equal(part, whole[rank::world])
+
+
 def test_bad_guidance_config_is_named():
     with pytest.raises(ValueError, match="guidance.mode"):
         GuidanceConfig(mode="cfg")
     with pytest.raises(ValueError, match="class_drop"):
         GuidanceConfig(class_drop=1.5)
+    with pytest.raises(ValueError, match="drop_rows"):
+        GuidanceConfig(drop_rows="last")
+    with pytest.raises(ValueError, match="kappa"):
+        GuidanceConfig(mode="fixed", kappa=1.0)
+    with pytest.raises(ValueError, match="t_start"):
+        GuidanceConfig(mode="fixed", t_start=0.6, t_end=0.4)
+    with pytest.raises(ValueError, match="guidance.kappa applies to guidance.mode=fixed"):
+        GuidanceConfig(mode="omega", kappa=0.5)
 
 
 class FakeV:
@@ -110,20 +173,69 @@ def test_cfg_is_off_outside_the_interval_and_for_dropped_rows():
     assert (fake.seen.y[n:] == null).all()
 
 
-def test_fixed_mode_is_meanflows_target():
-    n, null, w = 4, 10, 2.5
-    z, v_data, t = torch.zeros(n, 2), torch.randn(n, 2), torch.full((n,), 0.5)
-    cond = Conditions.unguided(torch.arange(n))
-    dropped = torch.zeros(n, dtype=torch.bool)
-    target, _ = guided_target(
-        GuidanceConfig(mode="fixed", omega=w),
-        FakeV(null),
+def fixed_target(cfg, t, v_data):
+    n = t.shape[0]
+    z = torch.zeros(n, 2)
+    fake = FakeV(10)
+    target, v_c = guided_target(
+        cfg,
+        fake,
         z,
         t,
         v_data,
-        cond,
+        Conditions.unguided(torch.arange(n)),
         torch.arange(n),
-        dropped,
-        null,
+        torch.zeros(n, dtype=torch.bool),
+        10,
     )
+    return target, v_c, fake
+
+
+def test_fixed_mode_is_meanflows_target():
+    n, w = 4, 2.5
+    v_data, t = torch.randn(n, 2), torch.full((n,), 0.5)
+    target, _, fake = fixed_target(GuidanceConfig(mode="fixed", omega=w), t, v_data)
     torch.testing.assert_close(target, w * v_data + (1 - w) * 0.5)  # omega v + (1 - omega) v_uncond
+    assert (fake.seen.omega == 1).all()  # the network never sees omega in fixed mode
+
+
+def test_kappa_target_is_meanflows_release_formula():
+    """v_g = omega v + (1 - omega - kappa) v_u + kappa v_c inside [t_start, t_end] (MF's code,
+    its release default omega 1, kappa 0.5), plain e - x outside."""
+    v_data = torch.randn(5, 2)
+    t = torch.tensor([0.05, 0.2, 0.5, 0.8, 0.95])
+    cfg = GuidanceConfig(mode="fixed", omega=1.0, kappa=0.5, t_start=0.1, t_end=0.9)
+    target, v_c, _ = fixed_target(cfg, t, v_data)
+    v_u, v_cond = 0.5, 2.0  # FakeV: unconditional 0.5, conditional omega_in + 1 = 2
+    inside = torch.tensor([False, True, True, True, False])
+    expected = torch.where(
+        inside[:, None], 1.0 * v_data + (1 - 1.0 - 0.5) * v_u + 0.5 * v_cond, v_data
+    )
+    torch.testing.assert_close(target, expected)
+    torch.testing.assert_close(v_c, torch.full_like(v_c, v_cond))
+    # omega / (1 - kappa) is MF's effective scale: a model whose conditional prediction already
+    # is the guided field 2 v + (1 - 2) v_u is a fixed point of both (omega 2, kappa 0) and
+    # (omega 1, kappa 0.5) -- the release default trains towards the same field as omega = 2.
+    perfect = GuidanceConfig(mode="fixed", omega=2.0)
+    released = GuidanceConfig(mode="fixed", omega=1.0, kappa=0.5)
+    z = torch.zeros(3, 2)
+    v = torch.randn(3, 2)
+    t3 = torch.full((3,), 0.5)
+
+    def oracle(z_, t_, cond):
+        guided = (2 * v - 0.3).repeat(2, 1)
+        return torch.where((cond.y == 10)[:, None], torch.full_like(z_, 0.3), guided)
+
+    args = (
+        z,
+        t3,
+        v,
+        Conditions.unguided(torch.arange(3)),
+        torch.arange(3),
+        torch.zeros(3, dtype=torch.bool),
+        10,
+    )
+    a, _ = guided_target(perfect, oracle, *args)
+    b, _ = guided_target(released, oracle, *args)
+    torch.testing.assert_close(a, 2 * v - 0.3)
+    torch.testing.assert_close(b, 2 * v - 0.3)

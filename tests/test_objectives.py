@@ -46,8 +46,9 @@ def test_every_variant_gives_a_finite_loss_and_gradients(objective, mode):
     torch.manual_seed(0)
     model = create("tiny", width=32, depth=2, heads=2, aux_head_depth=1)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    fixed = dict(omega=1.0, kappa=0.5) if mode == "fixed" else {}  # MF's release setting
     loss, parts = imf_loss(
-        model, x, y, ObjectiveConfig(name=objective), GuidanceConfig(mode=mode, omega=2.0), 10
+        model, x, y, ObjectiveConfig(name=objective), GuidanceConfig(mode=mode, **fixed), 10
     )
     loss.backward()
     assert torch.isfinite(loss)
@@ -94,3 +95,18 @@ def test_sharded_loss_equals_the_global_batch_loss(objective):
     halves = [loss_and_grad(slice(rank, None, 2), (rank, 2)) for rank in (0, 1)]
     torch.testing.assert_close((halves[0][0] + halves[1][0]) / 2, full_loss)
     torch.testing.assert_close((halves[0][1] + halves[1][1]) / 2, full_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_warmup_in_epochs_becomes_steps():
+    from imf_core.training import OptimConfig, lr_at, with_warmup_steps
+
+    # Tab. 4 at paper scale: 10 epochs of 1,281,167 images x 2 (flips) at batch 1024.
+    steps_per_epoch = -(-2 * 1_281_167 // 1024)
+    optim = with_warmup_steps(OptimConfig(lr=1e-4, warmup_epochs=10), steps_per_epoch)
+    assert optim.warmup_steps == 10 * steps_per_epoch == 25_030 and optim.warmup_epochs == 0
+    assert lr_at(0, optim) == pytest.approx(1e-4 / 25_030)
+    assert lr_at(25_029, optim) == pytest.approx(1e-4) and lr_at(10**6, optim) == 1e-4
+    with pytest.raises(ValueError, match="not both"):
+        OptimConfig(warmup_steps=5, warmup_epochs=1)
+    with pytest.raises(ValueError, match="with_warmup_steps"):
+        lr_at(0, OptimConfig(warmup_epochs=1))
