@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -22,9 +22,22 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.0
-    warmup_steps: int = 0  # linear warmup from 0
+    warmup_steps: int = 0  # linear warmup from 0 ...
+    warmup_epochs: float = 0.0  # ... or in epochs (Tab. 4: 10), steps derived from data and batch
     grad_clip: float = 0.0  # 0 = off
     ema_decay: float = 0.9999
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0 or self.warmup_epochs < 0:
+            raise ValueError("optim.warmup_steps and optim.warmup_epochs must be >= 0")
+        if self.warmup_steps and self.warmup_epochs:
+            raise ValueError("set optim.warmup_steps or optim.warmup_epochs, not both")
+
+
+def with_warmup_steps(cfg: OptimConfig, steps_per_epoch: int) -> OptimConfig:
+    """cfg with warmup_epochs turned into steps (steps_per_epoch: ceil(rows / global batch))."""
+    steps = cfg.warmup_steps or round(cfg.warmup_epochs * steps_per_epoch)
+    return replace(cfg, warmup_steps=steps, warmup_epochs=0.0)
 
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -34,7 +47,9 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then constant."""
+    """Linear warmup to cfg.lr over warmup_steps, then constant (see with_warmup_steps)."""
+    if cfg.warmup_epochs:
+        raise ValueError("lr_at needs warmup in steps: with_warmup_steps(cfg, steps_per_epoch)")
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     return cfg.lr

@@ -74,6 +74,11 @@ class TrainResult:
     steps: int
     mlflow_run_id: str
 
+    @property
+    def weights(self) -> Path:
+        """The exported EMA weights (what evaluation samples from)."""
+        return self.path / "ema.safetensors"
+
 
 def train_key(cfg, precompute_key: str) -> str:
     from tasks.config import model_config
@@ -251,7 +256,7 @@ def train_loop(config: dict) -> None:
 
     from imf_core.data import LatentDataset
     from imf_core.ema import EMA
-    from imf_core.training import make_optimizer, train_step
+    from imf_core.training import make_optimizer, train_step, with_warmup_steps
     from tasks.config import ExperimentConfig, model_config
 
     cfg = OmegaConf.to_object(
@@ -304,6 +309,7 @@ def train_loop(config: dict) -> None:
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=t.seed)
     steps_per_epoch = math.ceil(len(sampler) / local_batch)
     total = t.steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    optim = with_warmup_steps(cfg.optim, steps_per_epoch)
     bf16 = device.type == "cuda"
     logger = RankZeroLogger(config, cfg, dataset, total) if rank == 0 else None
     start_time, start_step = time.perf_counter(), step
@@ -337,7 +343,7 @@ def train_loop(config: dict) -> None:
                     cfg.guidance,
                     mcfg.num_classes,
                     step,
-                    cfg.optim,
+                    optim,
                     generator=generator,
                     inner=model,
                     compile_jvp=t.compile_jvp,

@@ -41,10 +41,11 @@ def history(cfg, run_id: str, metric: str) -> dict[int, list[float]]:
 
 
 def test_ddp_matches_one_worker_and_finished_runs_are_reused(tmp_path, local_ray):
-    cfg1, one = run(tmp_path / "one", "train.steps=4", "train.num_workers=1")
-    cfg2, two = run(
-        tmp_path / "two", "train.steps=4", "train.num_workers=2", "train.cpus_per_worker=1"
-    )
+    # Warmup in epochs (Tab. 4's unit): 1,797 digits / batch 16 = 113 steps an epoch (with 1 or
+    # 2 workers), so 0.1 epoch = 11 warmup steps.
+    warmup = ["train.steps=4", "optim.warmup_steps=0", "optim.warmup_epochs=0.1"]
+    cfg1, one = run(tmp_path / "one", *warmup, "train.num_workers=1")
+    cfg2, two = run(tmp_path / "two", *warmup, "train.num_workers=2", "train.cpus_per_worker=1")
     assert one.key == two.key  # the worker count is not part of what is computed
     loss1, loss2 = (
         history(cfg1, one.mlflow_run_id, "loss"),
@@ -53,6 +54,9 @@ def test_ddp_matches_one_worker_and_finished_runs_are_reused(tmp_path, local_ray
     assert sorted(loss1) == sorted(loss2) == [1, 2, 3, 4]
     for step in loss1:  # same global batch, same noise: the same loss, to float precision
         assert loss2[step][0] == pytest.approx(loss1[step][0], rel=1e-4)
+    for cfg, result in ((cfg1, one), (cfg2, two)):
+        lr = history(cfg, result.mlflow_run_id, "lr")
+        assert {s: v[0] for s, v in lr.items()} == pytest.approx({s: 1e-3 * s / 11 for s in lr})
     w1, w2 = load_file(one.path / "ema.safetensors"), load_file(two.path / "ema.safetensors")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5)
