@@ -93,10 +93,22 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from tasks.evaluate import evaluate
+    from tasks.config import load_config
+    from tasks.evaluate import checkpoint_source, evaluate, needs_precompute
+    from tasks.precompute import precompute
 
-    cfg, pre, trained = upstream(args, "evaluate")
-    result = evaluate(cfg, pre, trained)
+    cfg = load_config(args.experiment, args.overrides)
+    if cfg.eval.checkpoint:  # given weights: no training; precompute only if its outputs count
+        source = checkpoint_source(cfg)
+        pre = None
+        if needs_precompute(cfg):
+            pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+            print(f"precompute: {'computed' if pre.computed else 'reused'} {pre.path}")
+        print(f"checkpoint: {source.weights} (key {source.key})")
+        result = evaluate(cfg, pre, source)
+    else:
+        cfg, pre, trained = upstream(args, "evaluate")
+        result = evaluate(cfg, pre, trained)
     state = f"computed {result.units_computed} unit(s)" if result.computed else "reused"
     print(f"evaluate: {state}")
     print_results(result.results)

@@ -54,6 +54,8 @@ def results_beside(artifacts: str):
 def run_pipeline(experiment: str, overrides: list[str] | None = None) -> PipelineResult:
     """`imf run`: checks the config first (before a Prefect server starts), then the flow."""
     cfg = load_config(experiment, overrides or [])
+    if cfg.eval.checkpoint:
+        raise ConfigError("eval.checkpoint evaluates given weights without training: imf evaluate")
     with results_beside(cfg.paths.artifacts):
         return pipeline(experiment, overrides or [])
 

@@ -20,7 +20,7 @@ from typing import Any
 
 SUCCESS = "_SUCCESS"
 # Bumped whenever a stage's output format or semantics change, so old outputs are not reused.
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: official token order, init, class-drop rows, uint8 rounding
 
 
 def content_key(stage: str, config: Any, input_keys: list[str] | None = None) -> str:

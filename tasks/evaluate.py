@@ -2,13 +2,17 @@
 
     >>> result = evaluate(cfg, precompute_result, train_result)
     >>> json.loads((result.path / "results.json").read_text())
+    >>> evaluate(cfg, None, checkpoint_source(cfg))   # eval.checkpoint: given weights, no training
 
 Each grid point (omega x interval) x each shard of the N samples is one unit: generate with
 the EMA weights (imf_core.meanflow.sample; sample i has class i mod K, so every class gets its
 share; noise from (seed, i), the same at every grid point), decode through the tokenizer,
-convert to uint8 (tasks.features.to_uint8), extract features, and store the shard's float64
-sums (n, sum x, sum xx^T; sum p, sum p log p for IS; correct labels) in `units/`. Units
-already on disk are not recomputed. Merging the sums gives exactly the single-pass metrics.
+convert to uint8 as the official PyTorch evaluation does (tasks.features.to_uint8), extract
+features, and store the shard's float64 sums (n, sum x, sum xx^T; sum p, sum p log p for IS;
+correct labels) in `units/`. Units already on disk are not recomputed. Merging the sums gives
+exactly the single-pass metrics. The weights are a training run's EMA export, or any file
+`eval.checkpoint` names: one of our `ema.safetensors` or an official release `.pth`
+(imf_core.models.official.load_official).
 """
 
 from __future__ import annotations
@@ -28,16 +32,18 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from imf_core.guidance import generate
 from imf_core.metrics import FeatureStats, ScoreStats, frechet_distance
 from imf_core.models import build
+from imf_core.models.official import load_official
 from tasks.artifacts import (
     FileRecord,
     Manifest,
     atomic_path,
     cache_key_of,
     content_key,
+    sha256_file,
     write_json_atomic,
 )
-from tasks.features import check_weights, open_extractor, to_uint8
-from tasks.precompute import PrecomputeResult
+from tasks.features import UINT8_RULE, check_weights, open_extractor, to_uint8
+from tasks.precompute import PrecomputeResult, makes_classifier
 from tasks.tokenizers import open_tokenizer, pick_device
 
 
@@ -52,7 +58,12 @@ class EvalConfig:
     batch_size: int = 250
     features: str = "auto"  # auto (classifier when precompute made one, else inception) | ...
     inception_weights: str = ""  # a local torch-fidelity InceptionV3 weights file
-    reference: str = ""  # npz with mu, sigma (ADM format); "" = precompute's reference.npz
+    # FID reference: an npz with mu, sigma (ADM's VIRTUAL_imagenet256_labeled.npz, or the
+    # official PyTorch evaluation's JiT file jit_in256_stats.npz); "" = precompute's reference.npz
+    reference: str = ""
+    checkpoint: str = (
+        ""  # weights to evaluate without training: an official .pth or ema.safetensors
+    )
     grid_per_class: int = 8  # sample-grid columns per point (0 = no grids)
     device: str = "auto"
     workers: int = 1  # Ray actors running units in parallel (1 = in this process)
@@ -85,49 +96,102 @@ def point_name(omega: float, interval: list[float]) -> str:
     return f"w{omega:g}_t{interval[0]:g}-{interval[1]:g}"
 
 
-def feature_kind(e: EvalConfig, pre: PrecomputeResult) -> str:
-    """eval.features, with "auto" = the classifier when precompute trained one."""
-    if e.features != "auto":
-        return e.features
-    return "classifier" if (pre.path / "classifier.pt").is_file() else "inception"
+def feature_kind(cfg) -> str:
+    """eval.features, with "auto" = the classifier when precompute trains one (pixel data)."""
+    if cfg.eval.features != "auto":
+        return cfg.eval.features
+    return (
+        "classifier" if makes_classifier(cfg.data, cfg.tokenizer, cfg.precompute) else "inception"
+    )
 
 
-def eval_slice(e: EvalConfig, pre: PrecomputeResult) -> dict:
-    """What the evaluation's numbers depend on (besides its inputs' keys)."""
-    return {k: v for k, v in asdict(e).items() if k not in RUNTIME_ONLY} | {
-        "features": feature_kind(e, pre)
-    }
+def needs_precompute(cfg) -> bool:
+    """Whether evaluating given weights needs the precompute stage's outputs: its classifier, or
+    its reference statistics when eval.reference names none."""
+    return feature_kind(cfg) == "classifier" or not cfg.eval.reference
 
 
-def output_dir(cfg, pre: PrecomputeResult, trained) -> Path:
-    key = content_key("evaluate", eval_slice(cfg.eval, pre), [pre.key, trained.key])
+def reference_path(cfg, pre: PrecomputeResult | None) -> Path:
+    path = Path(cfg.eval.reference) if cfg.eval.reference else pre.path / "reference.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"no FID reference statistics at {path} (set eval.reference)")
+    return path
+
+
+def eval_slice(cfg, pre: PrecomputeResult | None) -> dict:
+    """What the evaluation's numbers depend on (besides its inputs' keys): the grid, the
+    features and the reference statistics' bytes (not their path). The weights enter as an
+    input key (a training's, or the checkpoint file's)."""
+    kept = {k: v for k, v in asdict(cfg.eval).items() if k not in RUNTIME_ONLY}
+    kept.pop("checkpoint")
+    kept["reference"] = sha256_file(reference_path(cfg, pre))
+    return kept | {"features": feature_kind(cfg)}
+
+
+def input_keys(pre: PrecomputeResult | None, trained) -> list[str]:
+    return [trained.key] + ([pre.key] if pre is not None else [])
+
+
+def output_dir(cfg, pre: PrecomputeResult | None, trained, slice_: dict | None = None) -> Path:
+    slice_ = slice_ or eval_slice(cfg, pre)
+    key = content_key("evaluate", slice_, input_keys(pre, trained))
     return Path(cfg.paths.artifacts).resolve() / "evaluate" / key
 
 
-def evaluate(cfg, pre: PrecomputeResult, trained) -> EvalResult:
-    """Computes the missing units of the grid, merges them, writes results.json and plots."""
+@dataclass
+class Checkpoint:
+    """Weights given to evaluate without training (eval.checkpoint), keyed by their bytes."""
+
+    weights: Path
+    key: str
+    mlflow_run_id: str = ""  # no training run: the evaluation's run stands alone
+
+
+def checkpoint_source(cfg) -> Checkpoint:
+    """The file eval.checkpoint names, checked and hashed (an official .pth or ema.safetensors)."""
+    path = Path(cfg.eval.checkpoint).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"eval.checkpoint {str(path)!r} is not a file")
+    if path.suffix not in (".pth", ".pt", ".safetensors"):
+        raise ValueError(
+            f"eval.checkpoint {path.name!r}: expected an official release .pth (or .pt) "
+            "or one of our ema.safetensors"
+        )
+    return Checkpoint(path, content_key("checkpoint", {"sha256": sha256_file(path)}))
+
+
+def evaluate(cfg, pre: PrecomputeResult | None, trained) -> EvalResult:
+    """Computes the missing units of the grid, merges them, writes results.json and plots.
+
+    `trained` is a TrainResult or a Checkpoint (anything with `weights`, `key`,
+    `mlflow_run_id`); `pre` may be None when the evaluation needs nothing from precompute
+    (needs_precompute)."""
     e = cfg.eval
     if e.nfe not in (1, 2):
         raise ValueError(f"eval.nfe must be 1 or 2, got {e.nfe}")
-    pre_manifest = Manifest.read(pre.path)
-    kind = feature_kind(e, pre)
+    if pre is None and needs_precompute(cfg):
+        raise ValueError("this evaluation needs the precompute stage (classifier or reference)")
+    kind = feature_kind(cfg)
     weights = pre.path / "classifier.pt" if kind == "classifier" else Path(e.inception_weights)
     check_weights(kind, weights)  # before any worker starts
-    reference = Path(e.reference) if e.reference else pre.path / "reference.npz"
-    if not reference.is_file():
-        raise FileNotFoundError(f"no FID reference statistics at {reference} (set eval.reference)")
-    out = output_dir(cfg, pre, trained)
+    reference = reference_path(cfg, pre)
+    slice_ = eval_slice(cfg, pre)
+    out = output_dir(cfg, pre, trained, slice_)
     key = out.name
-    slice_ = eval_slice(e, pre)
     done = Manifest.read(out)
     if done is not None:
         results = json.loads((out / "results.json").read_text())
         return EvalResult(out, key, False, 0, results, done.extra.get("mlflow_run_id", ""))
     started = time.time()
 
-    num_classes = pre_manifest.extra["num_classes"]
-    shape = tuple(pre_manifest.extra["latent_shape"][1:])
-    runner_args = (trained.path, cfg.tokenizer, kind, weights, num_classes, shape, e)
+    expect = None
+    if pre is not None:  # the model must fit the data it is compared with
+        extra = Manifest.read(pre.path).extra
+        expect = (extra["num_classes"], tuple(extra["latent_shape"][1:]))
+    from tasks.config import model_config
+
+    input_size = model_config(cfg).input_size  # official files hold no latent side (RoPE)
+    runner_args = (trained.weights, input_size, cfg.tokenizer, kind, weights, e, expect)
     local = functools.cache(lambda: UnitRunner(*runner_args))  # opened once, if at all
     points = [(w, list(iv)) for iv in e.intervals for w in e.omegas]
     shards = [(s, min(e.shard_size, e.n_samples - s)) for s in range(0, e.n_samples, e.shard_size)]
@@ -141,6 +205,9 @@ def evaluate(cfg, pre: PrecomputeResult, trained) -> EvalResult:
         computed += 1
 
     ref = np.load(reference)
+    if not {"mu", "sigma"} <= set(ref.files):
+        raise ValueError(f"FID reference {reference} has no mu and sigma (keys: {ref.files})")
+    reference_info = {"reference": str(reference), "reference_sha256": slice_["reference"]}
     results = []
     for omega, interval in points:
         parts = [
@@ -163,8 +230,9 @@ def evaluate(cfg, pre: PrecomputeResult, trained) -> EvalResult:
             "fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
             "is": scores.inception_score(),
             "features": kind,
-            "uint8": "clip(127.5x+128) floored (iMF release)",
-            "reference": str(reference),
+            "uint8": UINT8_RULE,
+            "weights": str(trained.weights),
+            **reference_info,
         }
         if kind == "classifier":
             entry["accuracy"] = float(sum(float(p["correct"]) for p in parts) / feats.n)
@@ -180,28 +248,42 @@ def evaluate(cfg, pre: PrecomputeResult, trained) -> EvalResult:
     run_id = log_to_mlflow(cfg, trained, key, results, [out / "results.json", *plots, *grids])
     extra = {"best": results[best], "mlflow_run_id": run_id}
     timings = {"seconds": time.time() - started}
-    Manifest(key, "evaluate", slice_, [pre.key, trained.key], files, extra, timings).write(out)
+    Manifest(key, "evaluate", slice_, input_keys(pre, trained), files, extra, timings).write(out)
     return EvalResult(out, key, True, computed, results, run_id)
 
 
 def log_to_mlflow(cfg, trained, key: str, results: list[dict], artifacts: list[Path]) -> str:
-    """A run nested under the training run: per-point metrics, the best point, the plots and
-    grids. The best point's numbers also go on the training run, so the MLflow compare view
-    of training runs shows FID beside their params. Returns the run id ("" if untracked)."""
-    train_run = getattr(trained, "mlflow_run_id", "")
-    if not train_run:
-        return ""
+    """An MLflow run of the evaluation: per-point metrics, the best point, the plots and grids.
+
+    Nested under the training run when there is one, whose run also gets the best point's
+    numbers (so the compare view of training runs shows FID beside their params); for given
+    weights (eval.checkpoint), a run of its own in the experiment, with the checkpoint as params.
+    Returns the run id ("" when the training is untracked)."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, Param
 
-    from tasks.train import tracking_uri
+    from tasks.train import flatten, tracking_uri
 
+    train_run = getattr(trained, "mlflow_run_id", "")
+    checkpoint = isinstance(trained, Checkpoint)
+    if not (train_run or checkpoint):
+        return ""
     client = MlflowClient(tracking_uri(cfg))
-    experiment_id = client.get_run(train_run).info.experiment_id
-    tags = {"mlflow.parentRunId": train_run, "stage": "evaluate", "eval_key": key}
-    run = client.create_run(
-        experiment_id, run_name=f"eval-{key[:8]}", tags=cfg.tracking.tags | tags
-    )
+    tags = cfg.tracking.tags | {"stage": "evaluate", "eval_key": key}
+    if train_run:
+        experiment_id = client.get_run(train_run).info.experiment_id
+        tags["mlflow.parentRunId"] = train_run
+        name = f"eval-{key[:8]}"
+    else:
+        experiment = cfg.tracking.experiment or cfg.name
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        tags["checkpoint"] = str(trained.weights)
+        name = f"eval {trained.weights.name}"
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    if checkpoint:
+        params = flatten({"eval": asdict(cfg.eval), "checkpoint_key": trained.key})
+        client.log_batch(run.info.run_id, params=[Param(k, v[:500]) for k, v in params.items()])
     stamp = int(time.time() * 1000)
     metrics = []
     for r in results:
@@ -219,7 +301,8 @@ def log_to_mlflow(cfg, trained, key: str, results: list[dict], artifacts: list[P
         names = ("fid", "is", "accuracy")
         summary += [Metric(f"{k}_no_cfg", float(no_cfg[k]), stamp, 0) for k in names if k in no_cfg]
     client.log_batch(run.info.run_id, metrics=metrics + summary)
-    client.log_batch(train_run, metrics=summary)
+    if train_run:
+        client.log_batch(train_run, metrics=summary)
     for path in artifacts:
         client.log_artifact(
             run.info.run_id, str(path), "grids" if path.parent.name == "grids" else None
@@ -228,17 +311,23 @@ def log_to_mlflow(cfg, trained, key: str, results: list[dict], artifacts: list[P
     return run.info.run_id
 
 
-def load_ema_model(train_dir: Path) -> torch.nn.Module:
-    """The network with the exported EMA weights (safetensors + its model config)."""
+def load_model(weights: Path, input_size: int) -> torch.nn.Module:
+    """The network in a weights file: our ema.safetensors (its model config in the metadata),
+    or an official release state dict (.pth: architecture read off the tensors; `input_size`
+    is the latent side, which those files do not record)."""
     from safetensors import safe_open
 
     from imf_core.models.config import ModelConfig
 
-    path = Path(train_dir) / "ema.safetensors"
-    with safe_open(str(path), "pt") as f:
-        model_cfg = ModelConfig(**json.loads(f.metadata()["model_config"]))
-    model = build(model_cfg)
-    model.load_state_dict(load_file(path))
+    weights = Path(weights)
+    if weights.suffix == ".safetensors":
+        with safe_open(str(weights), "pt") as f:
+            model_cfg = ModelConfig(**json.loads(f.metadata()["model_config"]))
+        model = build(model_cfg)
+        model.load_state_dict(load_file(weights))
+    else:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model = load_official(state, input_size=input_size)
     return model.eval().requires_grad_(False)
 
 
@@ -258,18 +347,25 @@ class Unit:
 
 
 class UnitRunner:
-    """What units need -- EMA model, tokenizer, feature extractor -- opened once per process
-    (the driver, or each Ray actor)."""
+    """What units need -- the model, tokenizer, feature extractor -- opened once per process
+    (the driver, or each Ray actor). `expect` = (classes, latent shape) of the data, if known."""
 
-    def __init__(self, train_dir, tokenizer_cfg, kind, weights, num_classes, shape, e, threads=0):
+    def __init__(self, weights, input_size, tokenizer_cfg, kind, features, e, expect, threads=0):
         if threads:
             torch.set_num_threads(threads)
-        self.e, self.num_classes, self.shape = e, num_classes, shape
+        self.e = e
         self.device = pick_device(e.device)
-        self.model = load_ema_model(train_dir).to(self.device)
+        self.model = load_model(weights, input_size).to(self.device)
+        m = self.model.cfg
+        self.num_classes, self.shape = m.num_classes, (m.in_channels, m.input_size, m.input_size)
+        if expect is not None and expect != (self.num_classes, self.shape):
+            raise ValueError(
+                f"the model in {weights} generates {self.shape} latents of {self.num_classes} "
+                f"classes; the data has {expect[1]} and {expect[0]}"
+            )
         t = tokenizer_cfg
         self.tokenizer = open_tokenizer(t.name, t.path, t.variant, e.device)
-        self.extractor = open_extractor(kind, weights).to(self.device)
+        self.extractor = open_extractor(kind, features).to(self.device)
 
     @torch.no_grad()
     def run(self, unit: Unit) -> tuple[str, dict]:

@@ -134,10 +134,16 @@ def open_extractor(kind: str, weights: str | Path) -> FeatureExtractorBase:
         )
 
 
-def to_uint8(x: Tensor) -> Tensor:
-    """Images in [-1, 1] -> uint8 as the iMF release converts them: clip(127.5 x + 128), floored.
+# How samples become uint8, recorded in every results.json entry.
+UINT8_RULE = "round(clip(255 * (x + 1) / 2, 0, 255)), half to even (iMF PyTorch release)"
 
-    That is 127.5 (x + 1) rounded half up; ADM's sampling scripts truncate (x + 1) * 127.5
-    instead, which darkens every pixel by half a level on average and moves FID (PAPER.md).
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Images in [-1, 1] -> uint8 exactly as the official PyTorch evaluation converts them:
+    np.round(np.clip((x + 1) / 2 * 255, 0, 255)) in float32, ties to even.
+
+    The JAX release writes clip(127.5 x + 128) cast to uint8, i.e. the same value rounded half
+    up: the two differ only where 255 (x + 1) / 2 is exactly k + 1/2 (tested). ADM's sampling
+    scripts truncate (x + 1) * 127.5 instead, half a level darker on average, which moves FID.
     """
-    return (127.5 * x.float() + 128.0).clamp(0, 255).floor().to(torch.uint8)
+    return (((x.float() + 1) / 2) * 255).clamp(0, 255).round().to(torch.uint8)

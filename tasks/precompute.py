@@ -238,8 +238,7 @@ def precompute(
             n: FileRecord.of(out / n) for n in names if (out / n).is_file() and _readable(out / n)
         }
     todo = [k for k, n in enumerate(names) if n not in valid]
-    pixel_data = tokenizer.name == "pixel" and data.name != "parquet"
-    derived = list(CLASSIFIER_FILES) if pre.classifier_steps and pixel_data else []
+    derived = list(CLASSIFIER_FILES) if makes_classifier(data, tokenizer, pre) else []
     if not todo and old is not None and all(d in valid for d in derived):
         return PrecomputeResult(out, key, False, [], old.extra["num_rows"], old.extra["skipped"])
 
@@ -298,6 +297,11 @@ def precompute(
 
 
 CLASSIFIER_FILES = ("classifier.pt", "reference.npz")
+
+
+def makes_classifier(data: DataConfig, tokenizer: TokenizerConfig, pre: PrecomputeConfig) -> bool:
+    """Whether precompute trains the evaluation classifier: pixel data with classifier_steps."""
+    return bool(pre.classifier_steps) and tokenizer.name == "pixel" and data.name != "parquet"
 
 
 def _fit_classifier(out: Path, names: list[str], num_classes: int, steps: int) -> float:

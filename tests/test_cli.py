@@ -40,3 +40,28 @@ def test_overrides_may_follow_options(capsys, tmp_path, monkeypatch):
     # ... while an unknown option is still an argparse error.
     with pytest.raises(SystemExit):
         main(["sweep", "table1b", "--scale", "smoke", "--bogus", "train.steps=5"])
+
+
+def test_evaluate_given_official_weights_trains_nothing(capsys, tmp_path, monkeypatch):
+    import torch
+
+    from imf_core.models import create
+    from imf_core.models.official import to_official
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = create("tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save(to_official(model), tmp_path / "iMF-tiny.pth")
+    args = ["eval.n_samples=100", "eval.shard_size=100", "eval.omegas=[1.0,2.0]"]
+    args += ["eval.grid_per_class=0", "precompute.classifier_steps=50"]
+    argv = ["evaluate", "-e", "smoke", f"eval.checkpoint={tmp_path / 'iMF-tiny.pth'}", *args]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint:" in out and "computed 2 unit(s)" in out and "FID" in out
+    assert (tmp_path / "artifacts" / "evaluate").is_dir()
+    assert not (tmp_path / "artifacts" / "train").exists()  # no training happened
+    assert main(["run", "-e", "smoke", f"eval.checkpoint={tmp_path / 'iMF-tiny.pth'}"]) == 2
+    assert "imf evaluate" in capsys.readouterr().err

@@ -21,6 +21,11 @@ from tasks.precompute import precompute
 class FakeTrainResult:
     path: Path
     key: str
+    mlflow_run_id: str = ""
+
+    @property
+    def weights(self) -> Path:
+        return self.path / "ema.safetensors"
 
 
 def fake_training(directory: Path) -> FakeTrainResult:
@@ -168,9 +173,22 @@ def test_inception_path_with_random_weights(setup, tmp_path):
         )
 
 
-def test_uint8_rounds_like_the_imf_release():
-    x = torch.tensor([-1.0, -0.999, 0.0, 0.999, 1.0, 1.5])
-    assert to_uint8(x).tolist() == [0, 0, 128, 255, 255, 255]
+def test_uint8_rounds_like_the_official_pytorch_evaluation():
+    # Every float32 in [-1.01, 1.01] that lands on an exact half level, and a dense grid between.
+    ties = (torch.arange(-1, 257, dtype=torch.float64) + 0.5) * 2 / 255 - 1
+    grid = torch.linspace(-1.01, 1.01, 200_001, dtype=torch.float64)
+    x = torch.cat([ties, grid]).float()
+    official = np.round(np.clip((x.numpy() + 1) / 2 * 255, 0, 255)).astype(np.uint8)
+    assert np.array_equal(to_uint8(x).numpy(), official)
+    # The JAX release's clip(127.5 x + 128) cast to uint8 is the same rounding, half up: the
+    # two differ only within float32 error of a half level (ties to even, and each formula's
+    # own float32 rounding there), by one level upwards, and nowhere else.
+    jax = np.clip(127.5 * x.numpy() + 128.0, 0, 255).astype(np.uint8)
+    scaled = (x.double().numpy() + 1) / 2 * 255
+    differ = jax != official
+    assert 0 < differ.sum() <= len(ties)
+    assert (np.abs(scaled[differ] % 1 - 0.5) < 1e-5).all()
+    assert (jax[differ].astype(int) - official[differ] == 1).all()
 
 
 def test_results_are_logged_under_the_training_run(setup, tmp_path):
@@ -180,8 +198,7 @@ def test_results_are_logged_under_the_training_run(setup, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     train_run = client.create_run(client.create_experiment("eval-test")).info.run_id
-    tracked = FakeTrainResult(trained.path, trained.key)
-    tracked.mlflow_run_id = train_run
+    tracked = FakeTrainResult(trained.path, trained.key, train_run)
     cfg = evaluation(root / "f", f"tracking.uri={uri}")
     result = evaluate(cfg, pre, tracked)
     best = next(r for r in result.results if r["best"])
@@ -191,3 +208,45 @@ def test_results_are_logged_under_the_training_run(setup, tmp_path):
     )
     assert {"fid/w1_t0-1", "fid/w3_t0-1", "is_best", "omega_best"} <= set(child.data.metrics)
     assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"results.json", "grids"}
+
+
+def test_given_weights_evaluate_without_training(setup, tmp_path):
+    """eval.checkpoint: one of our ema.safetensors, or the same weights as an official release
+    .pth, give the training's numbers; the official file is tracked in a run of its own."""
+    from mlflow import MlflowClient
+
+    from imf_core.models.official import to_official
+    from tasks.evaluate import checkpoint_source, load_model
+
+    root, pre, trained = setup
+    official = tmp_path / "iMF-tiny.pth"
+    torch.save(to_official(load_model(trained.weights, 8)), official)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ours = evaluate(evaluation(root / "i"), pre, trained)
+    results = {}
+    for name, path in (("safetensors", trained.weights), ("pth", official)):
+        cfg = evaluation(root / "i", f"eval.checkpoint={path}", f"tracking.uri={uri}")
+        source = checkpoint_source(cfg)
+        results[name] = evaluate(cfg, pre, source)
+        assert results[name].computed and results[name].key != ours.key
+        for a, b in zip(results[name].results, ours.results, strict=True):
+            assert a["fid"] == pytest.approx(b["fid"], rel=1e-6) and a["weights"] == str(path)
+        again = evaluate(cfg, pre, checkpoint_source(cfg))
+        assert not again.computed and again.path == results[name].path
+    client = MlflowClient(uri)
+    run = client.get_run(results["pth"].mlflow_run_id)
+    assert "mlflow.parentRunId" not in run.data.tags and run.data.tags["checkpoint"] == str(
+        official
+    )
+    assert run.info.run_name == "eval iMF-tiny.pth" and "fid_best" in run.data.metrics
+    with pytest.raises(FileNotFoundError, match="eval.checkpoint"):
+        checkpoint_source(evaluation(root / "i", "eval.checkpoint=/no/such.pth"))
+
+
+def test_results_say_which_reference_and_rounding(setup):
+    root, pre, trained = setup
+    result = evaluate(evaluation(root / "j", "eval.omegas=[1.0]"), pre, trained)
+    (entry,) = result.results
+    assert entry["uint8"].startswith("round(clip(255 * (x + 1) / 2, 0, 255))")
+    assert entry["reference"] == str(pre.path / "reference.npz")
+    assert len(entry["reference_sha256"]) == 64
