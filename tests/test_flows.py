@@ -32,6 +32,42 @@ def test_every_sweep_file_resolves_at_every_scale():
             assert all(cell.paper is not None for cell in v.cells.values()), (path, v.name)
 
 
+def release_point(cfg):
+    """The release's operating point for this config's model size and NFE (None: no size)."""
+    from imf_core.models.official import RELEASED_POINTS
+    from tasks.config import model_config
+
+    m = model_config(cfg)
+    sizes = {(12, 768): "imf_b2", (24, 768): "imf_m2", (32, 1024): "imf_l2", (48, 1024): "imf_xl2"}
+    size = sizes.get((m.depth, m.width))
+    points = [p for p in RELEASED_POINTS.get(size, ()) if p.nfe == cfg.eval.nfe]
+    return points[0] if points else None
+
+
+def assert_grid_holds_release_point(cfg, where):
+    point = release_point(cfg)
+    assert point is not None, f"{where}: no released point for this size and NFE"
+    assert point.omega in cfg.eval.omegas, where
+    if cfg.guidance.mode == "omega_interval":
+        assert [point.t_min, point.t_max] in cfg.eval.intervals, where
+    # ... and a neighbourhood that can find a better point: omegas on both sides.
+    assert min(cfg.eval.omegas[1:]) < point.omega < max(cfg.eval.omegas), where
+
+
+def test_every_paper_scale_grid_holds_its_sizes_release_point():
+    from tasks.config import load_config
+
+    assert_grid_holds_release_point(load_config("imagenet_b2"), "imagenet_b2")
+    checked = 0
+    for path in sorted((CONFIG_DIR / "sweep").glob("*.yaml")):
+        sweep = load_sweep(path.stem)
+        for name, cfg in variant_configs(sweep, "paper", [], []).items():
+            if cfg.guidance.conditions_on_omega:  # fixed-omega models take no omega input
+                assert_grid_holds_release_point(cfg, f"{path.stem}/{name}")
+                checked += 1
+    assert checked == 2 + 4 + 5  # Tab. 1b's two, Tab. 1c's four, Tab. 2's five
+
+
 def test_table1b_reuses_table1a_trainings():
     from tasks.train import train_key
 
