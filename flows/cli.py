@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--scale", default="smoke", help="a scale the sweep file defines")
     sweep.add_argument("--only", default="", help="comma-separated variant names")
     sweep.add_argument("--concurrency", type=int, default=1, help="variants at a time")
+    sweep.add_argument(
+        "--seeds", type=int, default=1, help="trainings per variant (train.seed, +1, ...)"
+    )
     sweep.add_argument("overrides", nargs="*", metavar="key=value")
     report = commands.add_parser("report", help=HELP["report"])
     report.add_argument("target", metavar="SWEEP_OR_RUN")
@@ -117,11 +120,34 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def print_results(results: list[dict]) -> None:
+    """The grid, then the calibration every number needs beside it, then the verdict."""
     for r in results:
         extra = f"  accuracy {r['accuracy']:.3f}" if "accuracy" in r else ""
+        if "precision" in r:
+            extra += f"  precision {r['precision']:.2f}  recall {r['recall']:.2f}"
         star = "  <- best" if r["best"] else ""
         point = f"omega {r['omega']:<5g} [{r['t_min']:g}, {r['t_max']:g}]"
         print(f"  {point}  FID {r['fid']:8.3f}  IS {r['is']:6.3f}{extra}{star}")
+    best = next(r for r in results if r["best"])
+    print("  calibration (same features, same reference):")
+    if "real_data_floor" in best:
+        floor, ceiling = best["real_data_floor"], best["class_mean_ceiling"]
+        print(f"    real data        FID {floor['fid']:8.3f}   ({floor['rows']})")
+        print(f"    class means      FID {ceiling['fid']:8.3f}   (every sample its class's mean)")
+    else:
+        print("    real data / class means: not computed (no precompute output, or calibrate off)")
+    for r in results:
+        if "many_step" in r:
+            m = r["many_step"]
+            point = f"omega {r['omega']:g} [{r['t_min']:g}, {r['t_max']:g}]"
+            print(
+                f"    {m['steps']}-step Euler   FID {m['fid']:8.3f}   (boundary velocity, {point})"
+            )
+    if best["did_not_learn"]:
+        print(
+            "  DID NOT LEARN: accuracy near chance or FID above half the class-mean ceiling; "
+            "these numbers say nothing about the method"
+        )
 
 
 def run_run(args: argparse.Namespace) -> int:
@@ -138,10 +164,11 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     from flows.sweep import run_sweep
 
     only = [v for v in args.only.split(",") if v]
-    result = run_sweep(args.sweep, args.scale, args.overrides, only, args.concurrency)
+    result = run_sweep(args.sweep, args.scale, args.overrides, only, args.concurrency, args.seeds)
     print(f"sweep {result.sweep} ({result.scale}): MLflow parent run {result.parent_run_id}")
     for v in result.variants:
         fid = f"best FID {v.fid_best:.3f}" if v.fid_best is not None else f"FAILED: {v.error}"
+        fid += "  DID NOT LEARN (see the report's calibration)" if v.did_not_learn else ""
         print(f"  {v.name:<20} {fid}")
     print(f"next: imf report {result.sweep} --scale {result.scale}")
     return 1 if result.failed else 0

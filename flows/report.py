@@ -13,7 +13,9 @@ reaches the tracking server.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -30,11 +32,12 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one ba
 
 @dataclass
 class VariantRuns:
-    name: str
+    name: str  # the variant (several runs of one variant differ in seed)
     status: str
     train: object | None  # mlflow Run
     evaluation: object | None
     results: list[dict]  # the evaluation's results.json
+    label: str = ""  # "<variant>" or "<variant>.s<seed>" (the parent run's tags)
 
 
 @dataclass
@@ -63,23 +66,34 @@ def find_parent(client, target: str, scale: str | None):
     return runs[0]
 
 
+def labels_of(tags: dict, name: str) -> list[str]:
+    """The runs of variant `name` in a parent's tags: itself, or one label per seed."""
+    if f"variant.{name}" in tags or f"variant.{name}.status" in tags:
+        return [name]
+    seeded = {
+        m.group(1)
+        for k in tags
+        if (m := re.fullmatch(rf"variant\.({re.escape(name)}\.s\d+)\.status", k))
+    }
+    return sorted(seeded, key=lambda label: int(label.rsplit(".s", 1)[1]))
+
+
 def variant_runs(client, parent, sweep: SweepConfig) -> list[VariantRuns]:
     tags = parent.data.tags
     out = []
     for v in sweep.variants:
-        train_id = tags.get(f"variant.{v.name}", "-")
-        if train_id == "-" and f"variant.{v.name}.status" not in tags:
-            continue  # not part of this run (e.g. --only)
-        eval_id = tags.get(f"variant.{v.name}.eval", "-")
-        train = client.get_run(train_id) if train_id != "-" else None
-        evaluation = client.get_run(eval_id) if eval_id != "-" else None
-        results = []
-        if evaluation is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = client.download_artifacts(eval_id, "results.json", tmp)
-                results = json.loads(Path(path).read_text())
-        status = tags.get(f"variant.{v.name}.status", "?")
-        out.append(VariantRuns(v.name, status, train, evaluation, results))
+        for label in labels_of(tags, v.name):
+            train_id = tags.get(f"variant.{label}", "-")
+            eval_id = tags.get(f"variant.{label}.eval", "-")
+            train = client.get_run(train_id) if train_id != "-" else None
+            evaluation = client.get_run(eval_id) if eval_id != "-" else None
+            results = []
+            if evaluation is not None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = client.download_artifacts(eval_id, "results.json", tmp)
+                    results = json.loads(Path(path).read_text())
+            status = tags.get(f"variant.{label}.status", "?")
+            out.append(VariantRuns(v.name, status, train, evaluation, results, label))
     return out
 
 
@@ -106,9 +120,44 @@ def best_point(runs: VariantRuns, best: dict) -> str:
     return f"ω {best['omega']:g} [{best['t_min']:g}, {best['t_max']:g}]"
 
 
+def mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1))
+    return f"{mean:.2f} ± {sd:.2f}"
+
+
+def welch(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Welch's t-test of two samples (unequal variances): (t, two-sided p)."""
+    from scipy import stats
+
+    result = stats.ttest_ind(a, b, equal_var=False)
+    return float(result.statistic), float(result.pvalue)
+
+
+def verdict(ours: tuple[list[float], list[float]], paper: tuple[float, float]) -> str:
+    """Does our difference go the paper's way? Welch's t-test at 5 %, both sides >= 2 seeds."""
+    a, b = ours
+    if len(a) < 2 or len(b) < 2:
+        return "not resolved at this n (one seed)"
+    t, p = welch(a, b)
+    if not p < 0.05:
+        return f"not resolved at this n (p = {p:.2f})"
+    same = (sum(a) / len(a) - sum(b) / len(b)) * (paper[0] - paper[1]) > 0
+    return f"{'same direction as the paper' if same else 'opposite'} (p = {p:.3f})"
+
+
+def cell_values(runs: list[VariantRuns], metric: str) -> list[float]:
+    return [x for r in runs if r.status == "ok" and (x := cell_value(r, metric)) is not None]
+
+
 def table_markdown(sweep: SweepConfig, scale: str, variants: list[VariantRuns]) -> str:
-    """The table in the paper's shape: one line per row, each column 'ours (paper)'."""
-    by_name = {v.name: v for v in variants}
+    """The table in the paper's shape: one line per row, each column 'ours (paper)', ours the
+    mean ± sd over seeds when there are several; then the calibration and the comparisons."""
+    by_name: dict[str, list[VariantRuns]] = {}
+    for v in variants:
+        by_name.setdefault(v.name, []).append(v)
     rows: dict[str, dict[str, str]] = {}
     notes = {}
     for v in sweep.variants:
@@ -116,20 +165,31 @@ def table_markdown(sweep: SweepConfig, scale: str, variants: list[VariantRuns]) 
             continue
         runs = by_name[v.name]
         cells = rows.setdefault(v.row, {})
+        flagged = sum(learned(r) is False for r in runs)
         for column, cell in v.cells.items():
-            ours = cell_value(runs, cell.metric) if runs.status == "ok" else None
-            text = "failed" if runs.status == "failed" else ("—" if ours is None else f"{ours:.2f}")
+            values = cell_values(runs, cell.metric)
+            if values:
+                text = mean_sd(values)
+            else:
+                text = "failed" if any(r.status == "failed" for r in runs) else "—"
+            if values and flagged:
+                text += " **did not learn**" + (
+                    f" ({flagged} of {len(runs)})" if len(runs) > 1 else ""
+                )
             paper = "—" if cell.paper is None else f"{cell.paper:g}"
             cells[column] = f"{text} ({paper})"
-        best = [r for r in runs.results if r.get("best")]
+        best = [r for r in runs[0].results if r.get("best")]
         if best:
-            notes[v.row] = notes.get(v.row, "") + f"{v.name}: {best_point(runs, best[0])}; "
+            notes[v.row] = notes.get(v.row, "") + f"{v.name}: {best_point(runs[0], best[0])}; "
+    seeds = max(len(r) for r in by_name.values()) if by_name else 1
     header = ["row", *sweep.columns, "best point"]
     lines = [
         f"## {sweep.title} — scale `{scale}`",
         "",
-        "Each cell: ours (paper). The paper's numbers are ImageNet 256 FID-50K; at other scales "
-        "only the direction between rows compares.",
+        "Each cell: ours (paper)"
+        + (f"; ours = mean ± sd over {seeds} training seeds" if seeds > 1 else "")
+        + ". The paper's numbers are ImageNet 256 FID-50K; at other scales only the direction "
+        "between rows compares.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -137,6 +197,98 @@ def table_markdown(sweep: SweepConfig, scale: str, variants: list[VariantRuns]) 
     for row, cells in rows.items():
         values = [cells.get(c, "") for c in sweep.columns]
         lines.append("| " + " | ".join([row, *values, notes.get(row, "").rstrip("; ")]) + " |")
+    return (
+        "\n".join(lines)
+        + "\n\n"
+        + calibration_markdown(variants)
+        + "\n"
+        + comparisons_markdown(sweep, by_name)
+    )
+
+
+def comparisons_markdown(sweep: SweepConfig, by_name: dict[str, list[VariantRuns]]) -> str:
+    """Each comparison the paper makes (a variant against the row it changes one factor of):
+    our difference, the paper's, and whether ours goes the paper's way (Welch's t-test)."""
+    lines = [
+        "### Comparisons (one factor each)",
+        "",
+        "| variant | vs | factor | column | ours | paper | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    variants = {v.name: v for v in sweep.variants}
+    for v in sweep.variants:
+        other = variants.get(v.compare_with)
+        if other is None or v.name not in by_name or other.name not in by_name:
+            continue
+        common = [c for c in v.cells if c in other.cells] or []
+        pairs = [(c, c) for c in common] or [(next(iter(v.cells)), next(iter(other.cells)))]
+        for mine, theirs in pairs:
+            a = cell_values(by_name[v.name], v.cells[mine].metric)
+            b = cell_values(by_name[other.name], other.cells[theirs].metric)
+            pa, pb = v.cells[mine].paper, other.cells[theirs].paper
+            if not a or not b or pa is None or pb is None:
+                continue
+            ours = f"{mean_sd(a).split(' ±')[0]} vs {mean_sd(b).split(' ±')[0]}"
+            column = mine if mine == theirs else f"{mine} vs {theirs}"
+            cells = [v.name, other.name, ", ".join(v.factor), column, ours, f"{pa:g} vs {pb:g}"]
+            cells.append(verdict((a, b), (pa, pb)))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def learned(runs: VariantRuns) -> bool | None:
+    """False when the variant's best point is flagged did-not-learn; None without results."""
+    best = [r for r in runs.results if r.get("best")]
+    if not best or "did_not_learn" not in best[0]:
+        return None
+    return not best[0]["did_not_learn"]
+
+
+def calibration_markdown(variants: list[VariantRuns]) -> str:
+    """What each variant's best FID means on these features: the real-data floor, the
+    class-mean ceiling, the same network's many-step result, diversity, and the verdict."""
+
+    def num(d: dict | None, key: str = "fid") -> str:
+        return "—" if not d or key not in d else f"{d[key]:.2f}"
+
+    lines = [
+        "### Calibration (same features, same reference, same n)",
+        "",
+        "A variant whose samples' accuracy is near chance or whose FID is above half the "
+        "class-mean ceiling is marked **did not learn**: its numbers say nothing about the "
+        "method.",
+        "",
+        "| variant | FID (best) | real data | class means | many-step | precision | recall "
+        "| accuracy | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in variants:
+        best = next((r for r in v.results if r.get("best")), None)
+        if best is None:
+            lines.append(f"| {v.label or v.name} | {v.status} | | | | | | | |")
+            continue
+        verdict = {None: "—", True: "learned", False: "**did not learn**"}[learned(v)]
+        many = best.get("many_step")
+        cells = [
+            v.label or v.name,
+            num(best),
+            num(best.get("real_data_floor")),
+            num(best.get("class_mean_ceiling")),
+            "—" if not many else f"{many['fid']:.2f} ({many['steps']} steps)",
+            num(best, "precision"),
+            num(best, "recall"),
+            num(best, "accuracy"),
+            verdict,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    floors = {
+        r["real_data_floor"]["rows"]
+        for v in variants
+        for r in v.results[:1]
+        if "real_data_floor" in r
+    }
+    if floors:
+        lines += ["", f"Real data: {'; '.join(sorted(floors))}."]
     return "\n".join(lines) + "\n"
 
 
@@ -155,7 +307,8 @@ def plot_curves(variants: list[VariantRuns], path: Path) -> Path:
                 (r for r in v.results if (r["t_min"], r["t_max"]) == (t_min, t_max)),
                 key=lambda r: r["omega"],
             )
-            label = v.name if len(intervals) == 1 else f"{v.name} [{t_min:g}, {t_max:g}]"
+            name = v.label or v.name
+            label = name if len(intervals) == 1 else f"{name} [{t_min:g}, {t_max:g}]"
             ax.plot([r["omega"] for r in rows], [r["fid"] for r in rows], "o-", label=label)
     ax.set(xlabel="CFG scale omega", ylabel="FID", title="FID vs omega, all variants")
     ax.grid(alpha=0.3)
@@ -179,7 +332,7 @@ def best_grids(client, variants: list[VariantRuns], directory: Path) -> list[Pat
                 src = client.download_artifacts(v.evaluation.info.run_id, f"grids/{name}", tmp)
             except Exception:  # grids are optional (eval.grid_per_class=0)
                 continue
-            dest = directory / "grids" / f"{v.name}.png"
+            dest = directory / "grids" / f"{v.label or v.name}.png"
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dest)
             paths.append(dest)

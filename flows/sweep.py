@@ -15,6 +15,7 @@ fails is reported and the others go on.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,11 @@ class Variant:
     overrides: list[str] = field(default_factory=list)
     scale_overrides: dict[str, list[str]] = field(default_factory=dict)
     cells: dict[str, Cell] = field(default_factory=dict)  # column -> what fills it
+    # One factor at a time: the variant this one is compared with in the paper's table, and the
+    # resolved config keys allowed to differ from it (the factor the paper ablates there, plus
+    # what the paper changes with it). tests/test_flows.py diffs them at every scale.
+    compare_with: str = ""
+    factor: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -83,20 +89,54 @@ def load_sweep(name: str) -> SweepConfig:
         unknown = set(v.cells) - set(sweep.columns)
         if unknown:
             raise ConfigError(f"{path}: variant {v.name!r} fills unknown column(s) {unknown}")
-    if len({v.name for v in sweep.variants}) != len(sweep.variants):
+    names = {v.name for v in sweep.variants}
+    if len(names) != len(sweep.variants):
         raise ConfigError(f"{path}: variant names must be unique")
+    for v in sweep.variants:
+        if v.compare_with and v.compare_with not in names:
+            raise ConfigError(
+                f"{path}: variant {v.name!r} compares with unknown {v.compare_with!r}"
+            )
     return sweep
 
 
+def resolved(cfg) -> dict[str, str]:
+    """Everything that decides what a variant computes, flattened: the config with the model
+    section resolved to the preset's full ModelConfig (tracking and names left out)."""
+    from dataclasses import asdict
+
+    from tasks.config import model_config, to_dict
+    from tasks.train import flatten
+
+    d = to_dict(cfg)
+    for k in ("name", "tracking", "paths"):
+        d.pop(k, None)
+    d["model"] = asdict(model_config(cfg))
+    return flatten(d)
+
+
+def config_diff(a, b) -> set[str]:
+    """The resolved keys whose values differ between two variant configs."""
+    ra, rb = resolved(a), resolved(b)
+    return {k for k in ra.keys() | rb.keys() if ra.get(k) != rb.get(k)}
+
+
 def variant_configs(
-    sweep: SweepConfig, scale: str, overrides: list[str], only: list[str]
+    sweep: SweepConfig, scale: str, overrides: list[str], only: list[str], seeds: int = 1
 ) -> dict[str, ExperimentConfig]:
-    """The experiment config of every (selected) variant; any bad one is an error up front."""
+    """The experiment config of every (selected) variant, and of every training seed of it
+    (`seeds` > 1: labels "<variant>.s<seed>", seeds train.seed, train.seed + 1, ...); any bad
+    one is an error up front."""
     if scale not in sweep.scales:
         raise ConfigError(f"sweep {sweep.name!r} has no scale {scale!r} ({sorted(sweep.scales)})")
     unknown = set(only) - {v.name for v in sweep.variants}
     if unknown:
-        raise ConfigError(f"sweep {sweep.name!r} has no variant(s) {sorted(unknown)}")
+        raise ConfigError(
+            f"sweep {sweep.name!r} has no variant(s) {sorted(unknown)} "
+            f"(its variants: {', '.join(v.name for v in sweep.variants)})"
+        )
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     s = sweep.scales[scale]
     configs = {}
     for v in sweep.variants:
@@ -107,34 +147,65 @@ def variant_configs(
             cfg = load_config(s.experiment, layers)
         except ConfigError as err:
             raise ConfigError(f"sweep {sweep.name!r}, variant {v.name!r}: {err}") from err
-        cfg.tracking.experiment = cfg.tracking.experiment or f"sweep-{sweep.name}"
-        cfg.tracking.tags |= {"sweep": sweep.name, "scale": scale, "row": v.row, "variant": v.name}
-        configs[v.name] = cfg
+        base_seed = cfg.train.seed
+        for k in range(seeds):
+            seeded = copy.deepcopy(cfg)
+            seeded.train.seed = base_seed + k
+            label = v.name if seeds == 1 else f"{v.name}.s{seeded.train.seed}"
+            seeded.tracking.experiment = cfg.tracking.experiment or f"sweep-{sweep.name}"
+            seeded.tracking.tags |= {"sweep": sweep.name, "scale": scale, "row": v.row}
+            seeded.tracking.tags |= {"variant": v.name, "seed": str(seeded.train.seed)}
+            seeded.tracking.run_name = (
+                v.name if seeds == 1 else f"{v.name} seed {seeded.train.seed}"
+            )
+            configs[label] = seeded
     return configs
 
 
 # ------------------------------------------------------------------ the parent run
-def parent_run(sweep: SweepConfig, scale: str, overrides: list[str], cfg) -> str:
-    """The sweep's MLflow parent run, created once per (sweep, scale, overrides) and found
-    again on a rerun (its id is kept under <artifacts>/sweep/<key>/)."""
+def sweep_dir(sweep: SweepConfig, scale: str, overrides: list[str], cfg, seeds: int = 1) -> Path:
+    """Where a sweep run keeps its MLflow run ids: one per (sweep, scale, overrides, seeds)."""
+    what = {"sweep": sweep.name, "scale": scale, "overrides": overrides}
+    what |= {"seeds": seeds} if seeds > 1 else {}
+    return Path(cfg.paths.artifacts).resolve() / "sweep" / content_key("sweep", what)
+
+
+def parent_run(sweep: SweepConfig, scale: str, overrides: list[str], cfg, seeds: int = 1) -> str:
+    """The sweep's MLflow parent run, created once per (sweep, scale, overrides, seeds) and
+    found again on a rerun (its id is kept under <artifacts>/sweep/<key>/)."""
     from mlflow import MlflowClient
 
-    key = content_key("sweep", {"sweep": sweep.name, "scale": scale, "overrides": overrides})
-    id_file = Path(cfg.paths.artifacts).resolve() / "sweep" / key / "mlflow_run_id"
     tags = {
         "sweep": sweep.name,
         "sweep.file": sweep.file,
         "scale": scale,
         "stage": "sweep",
+        "seeds": str(seeds),
         "mlflow.note.content": sweep.title,
     }
     return open_run(
         MlflowClient(tracking_uri(cfg)),
-        id_file,
+        sweep_dir(sweep, scale, overrides, cfg, seeds) / "mlflow_run_id",
         cfg.tracking.experiment,
-        f"{sweep.name}-{scale}",
+        f"{sweep.name}/{scale}",
         tags,
-        lambda: {"overrides": " ".join(overrides) or "-"},
+        lambda: {"overrides": " ".join(overrides) or "-", "seeds": str(seeds)},
+    )
+
+
+def variant_group_run(parent: str, variant, scale: str, directory: Path, cfg) -> str:
+    """With several seeds: a run per variant under the parent, its seeds' runs under it."""
+    from mlflow import MlflowClient
+
+    tags = {"mlflow.parentRunId": parent, "stage": "variant", "variant": variant.name}
+    tags |= {"row": variant.row, "scale": scale}
+    return open_run(
+        MlflowClient(tracking_uri(cfg)),
+        directory / variant.name / "mlflow_run_id",
+        cfg.tracking.experiment,
+        variant.name,
+        tags,
+        dict,
     )
 
 
@@ -147,6 +218,7 @@ class VariantOutcome:
     eval_run_id: str = ""
     fid_best: float | None = None
     error: str = ""
+    did_not_learn: bool | None = None
 
 
 @dataclass
@@ -167,17 +239,25 @@ def sweep_flow(
     scale: str = "smoke",
     overrides: list[str] | None = None,
     only: list[str] | None = None,
+    seeds: int = 1,
 ) -> SweepResult:
-    """Runs every variant's pipeline (shared stages once) under one MLflow parent run."""
+    """Runs every variant's pipeline (shared stages once) under one MLflow parent run; with
+    several seeds, each variant's seeds under a run of that variant."""
     from mlflow import MlflowClient
 
     overrides, only = overrides or [], only or []
     sweep = load_sweep(name)
-    configs = variant_configs(sweep, scale, overrides, only)
+    configs = variant_configs(sweep, scale, overrides, only, seeds)
     first = next(iter(configs.values()))
-    parent = parent_run(sweep, scale, overrides, first)
+    parent = parent_run(sweep, scale, overrides, first, seeds)
+    groups = {}
+    if seeds > 1:
+        directory = sweep_dir(sweep, scale, overrides, first, seeds)
+        for v in sweep.variants:
+            if not only or v.name in only:
+                groups[v.name] = variant_group_run(parent, v, scale, directory, first)
     for cfg in configs.values():
-        cfg.tracking.tags["mlflow.parentRunId"] = parent
+        cfg.tracking.tags["mlflow.parentRunId"] = groups.get(cfg.tracking.tags["variant"], parent)
 
     # Precompute once per distinct data setting (usually one for the whole sweep).
     precomputed, pre_of = {}, {}
@@ -209,7 +289,9 @@ def sweep_flow(
             train_run = read_run_id(train_output_dir(cfg, pre))
             best = next(r for r in result.results if r["best"])
             outcome = VariantOutcome(variant, "ok", train_run, result.mlflow_run_id, best["fid"])
-            print(f"variant {variant}: best FID {best['fid']:.3f} at omega {best['omega']:g}")
+            outcome.did_not_learn = best.get("did_not_learn")
+            flag = "  DID NOT LEARN" if outcome.did_not_learn else ""
+            print(f"variant {variant}: best FID {best['fid']:.3f} at omega {best['omega']:g}{flag}")
         outcomes.append(outcome)
         tags = {
             f"variant.{variant}": outcome.train_run_id,
@@ -224,6 +306,8 @@ def sweep_flow(
     client.log_text(parent, json.dumps(summary, indent=2), "variants.json")
     failed = [o for o in outcomes if o.status != "ok"]
     client.set_terminated(parent, "FAILED" if failed else "FINISHED")
+    for group in groups.values():
+        client.set_terminated(group, "FINISHED")
     return SweepResult(sweep.name, scale, parent, outcomes)
 
 
@@ -239,13 +323,14 @@ def run_sweep(
     overrides: list[str] | None = None,
     only: list[str] | None = None,
     concurrency: int = 1,
+    seeds: int = 1,
 ) -> SweepResult:
     """`imf sweep`: checks every variant's config first, then runs the flow with `concurrency`
     variants at a time (threads; each stage's heavy work runs in Ray or its own workers)."""
     overrides, only = overrides or [], only or []
     sweep = load_sweep(name)
-    configs = variant_configs(sweep, scale, overrides, only)
+    configs = variant_configs(sweep, scale, overrides, only, seeds)
     # Two threads per variant: its evaluation task waits on its training in a thread of its own.
     runner = ThreadPoolTaskRunner(max_workers=2 * max(1, concurrency))
     with results_beside(next(iter(configs.values())).paths.artifacts):
-        return sweep_flow.with_options(task_runner=runner)(name, scale, overrides, only)
+        return sweep_flow.with_options(task_runner=runner)(name, scale, overrides, only, seeds)

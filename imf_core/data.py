@@ -153,10 +153,15 @@ class LatentDataset(Dataset):
             return rows[:, 0]
         return rows[:, 0] + rows[:, 1] * torch.stack([self._noise(i) for i in indices])
 
+    def rows(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        """(samples (n, C, H, W), labels (n,)) of these rows, as one batch."""
+        samples = self._samples(torch.from_numpy(self._gather(indices)), indices)
+        return samples, torch.from_numpy(self.labels[indices]).long()
+
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, int]]:
         """Batched fetch (the DataLoader calls this): one gather, one noise pass."""
-        samples = self._samples(torch.from_numpy(self._gather(indices)), indices)
-        return list(zip(samples.unbind(0), self.labels[indices].tolist(), strict=True))
+        samples, labels = self.rows(indices)
+        return list(zip(samples.unbind(0), labels.tolist(), strict=True))

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from imf_core.meanflow import expand_like, sample
+from imf_core.meanflow import expand_like, sample, sample_euler
 
 MODES = ("none", "fixed", "omega", "omega_interval")
 DROP_ROWS = ("first", "random")
@@ -204,6 +204,20 @@ def guided_target(
     else:
         v_g = v_data + expand_like(1.0 - 1.0 / omega, z) * (v_c - v_u)
     return torch.where(expand_like(dropped, z), v_data, v_g), v_c
+
+
+def generate_euler(
+    model: torch.nn.Module,
+    noise: Tensor,
+    y: Tensor,
+    omega: float = 1.0,
+    t_min: float = 0.0,
+    t_max: float = 1.0,
+    steps: int = 32,
+) -> Tensor:
+    """`steps` Euler steps of the network's boundary velocity u(z, t, t) (h = 0), same inputs."""
+    cond = Conditions.for_sampling(y, omega, t_min, t_max)
+    return sample_euler(lambda z, t: model(z, t, torch.zeros_like(t), cond), noise, steps)
 
 
 def generate(

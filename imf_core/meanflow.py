@@ -100,3 +100,19 @@ def sample(u_fn: UFn, noise: Tensor, steps: int = 1) -> Tensor:
         r = r_next.expand(z.shape[0])
         z = z - expand_like(t - r, z) * u_fn(z, r, t)
     return z
+
+
+@torch.no_grad()
+def sample_euler(v_fn: Callable[[Tensor, Tensor], Tensor], noise: Tensor, steps: int) -> Tensor:
+    """Many-step Euler integration of an instantaneous velocity v_fn(z, t) from t = 1 to 0.
+
+    With v_fn = the boundary u(z, t, t) of a MeanFlow network, this measures what the network
+    knows about the data apart from its one-step map: a calibration for 1-NFE numbers.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    grid = torch.linspace(1.0, 0.0, steps + 1, device=noise.device, dtype=noise.dtype)
+    z = noise
+    for t_now, t_next in zip(grid[:-1], grid[1:], strict=True):
+        z = z - (t_now - t_next) * v_fn(z, t_now.expand(z.shape[0]))
+    return z

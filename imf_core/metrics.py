@@ -31,6 +31,13 @@ class FeatureStats:
         return cls(len(x), x.sum(0).numpy(), (x.T @ x).numpy())
 
     @classmethod
+    def weighted(cls, features: Tensor | np.ndarray, counts: Tensor | np.ndarray) -> FeatureStats:
+        """The statistics of a multiset: feature row k repeated counts[k] times."""
+        x = torch.as_tensor(features).to(torch.float64).reshape(len(features), -1)
+        c = torch.as_tensor(counts).to(torch.float64)
+        return cls(int(c.sum()), (c[:, None] * x).sum(0).numpy(), (x.T @ (c[:, None] * x)).numpy())
+
+    @classmethod
     def merge(cls, parts: list[FeatureStats]) -> FeatureStats:
         if not parts:
             raise ValueError("no statistics to merge")
@@ -90,3 +97,14 @@ class ScoreStats:
         p_y = self.p_sum / self.n
         kl = self.plogp_sum / self.n - float((p_y * np.log(np.clip(p_y, 1e-300, None))).sum())
         return float(np.exp(kl))
+
+
+def did_not_learn(
+    fid: float, ceiling_fid: float | None, accuracy: float | None, num_classes: int
+) -> bool:
+    """The flag a model gets before any number of it stands beside the paper's: its samples'
+    class accuracy is near chance (at most twice 1/K), or its FID is above half of what a
+    generator of class-mean images scores on the same features (the ceiling)."""
+    near_chance = accuracy is not None and accuracy <= 2.0 / num_classes
+    above_ceiling = ceiling_fid is not None and fid > ceiling_fid / 2
+    return near_chance or above_ceiling

@@ -60,6 +60,7 @@ class TrackingConfig:
     uri: str = ""  # else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = ""  # MLflow experiment name; "" = the experiment config's name
     tags: dict[str, str] = field(default_factory=dict)  # e.g. the ablation table and row
+    run_name: str = ""  # the training run's name; "" = "<experiment> <model> <objective>"
 
 
 @dataclass

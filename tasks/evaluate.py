@@ -29,8 +29,9 @@ from prefect import task
 from safetensors.torch import load_file
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from imf_core.guidance import generate
-from imf_core.metrics import FeatureStats, ScoreStats, frechet_distance
+from imf_core.data import LatentDataset
+from imf_core.guidance import generate, generate_euler
+from imf_core.metrics import FeatureStats, ScoreStats, did_not_learn, frechet_distance
 from imf_core.models import build
 from imf_core.models.official import load_official
 from tasks.artifacts import (
@@ -61,9 +62,16 @@ class EvalConfig:
     # FID reference: an npz with mu, sigma (ADM's VIRTUAL_imagenet256_labeled.npz, or the
     # official PyTorch evaluation's JiT file jit_in256_stats.npz); "" = precompute's reference.npz
     reference: str = ""
-    checkpoint: str = (
-        ""  # weights to evaluate without training: an official .pth or ema.safetensors
-    )
+    # Weights to evaluate without training: an official release .pth or one of our
+    # ema.safetensors ("" = the training's EMA export).
+    checkpoint: str = ""
+    # Calibration printed beside every FID: the real-data floor and the class-mean ceiling
+    # (need the precompute output), the network's many-step result (Euler steps of its boundary
+    # velocity u(z, t, t) at omega 1 and at the best point; 0 = off), and precision / recall
+    # (torch-fidelity, k = 3) on the first prc_samples samples of each point (0 = off).
+    calibrate: bool = True
+    many_steps: int = 32
+    prc_samples: int = 2000
     grid_per_class: int = 8  # sample-grid columns per point (0 = no grids)
     device: str = "auto"
     workers: int = 1  # Ray actors running units in parallel (1 = in this process)
@@ -191,29 +199,40 @@ def evaluate(cfg, pre: PrecomputeResult | None, trained) -> EvalResult:
     from tasks.config import model_config
 
     input_size = model_config(cfg).input_size  # official files hold no latent side (RoPE)
-    runner_args = (trained.weights, input_size, cfg.tokenizer, kind, weights, e, expect)
+    data = str(pre.path) if pre is not None else None
+    runner_args = (trained.weights, input_size, cfg.tokenizer, kind, weights, e, expect, data)
     local = functools.cache(lambda: UnitRunner(*runner_args))  # opened once, if at all
     points = [(w, list(iv)) for iv in e.intervals for w in e.omegas]
     shards = [(s, min(e.shard_size, e.n_samples - s)) for s in range(0, e.n_samples, e.shard_size)]
-    units = [Unit(w, tuple(iv), k, s, n) for w, iv in points for k, (s, n) in enumerate(shards)]
+
+    def units_of(kind: str, omega: float = 1.0, interval=(0.0, 1.0)) -> list[Unit]:
+        return [Unit(omega, tuple(interval), k, s, n, kind) for k, (s, n) in enumerate(shards)]
+
     units_dir = out / "units"
-    missing = [u for u in units if not (units_dir / f"{u.name}.npz").is_file()]
     computed = 0
-    for name, sums in run_units(runner_args, local, missing, e, cfg.train.ray_address):
-        with atomic_path(units_dir / f"{name}.npz") as tmp, open(tmp, "wb") as f:
-            np.savez(f, **sums)  # written as each unit arrives: a kill loses only running units
-        computed += 1
+
+    def compute(units: list[Unit]) -> list[dict]:
+        """Runs the units not on disk yet (each written as it arrives: a kill loses only the
+        running ones) and returns every unit's sums."""
+        nonlocal computed
+        missing = [u for u in units if not (units_dir / f"{u.name}.npz").is_file()]
+        for name, sums in run_units(runner_args, local, missing, e, cfg.train.ray_address):
+            with atomic_path(units_dir / f"{name}.npz") as tmp, open(tmp, "wb") as f:
+                np.savez(f, **sums)
+            computed += 1
+        return [dict(np.load(units_dir / f"{u.name}.npz")) for u in units]
+
+    calibrated = pre is not None and e.calibrate
+    grid_units = [u for w, iv in points for u in units_of("point", w, iv)]
+    real_units = units_of("real") if calibrated else []
+    done_units = dict(zip(grid_units + real_units, compute(grid_units + real_units), strict=True))
 
     ref = np.load(reference)
     if not {"mu", "sigma"} <= set(ref.files):
         raise ValueError(f"FID reference {reference} has no mu and sigma (keys: {ref.files})")
     reference_info = {"reference": str(reference), "reference_sha256": slice_["reference"]}
-    results = []
-    for omega, interval in points:
-        parts = [
-            dict(np.load(units_dir / f"{point_name(omega, interval)}_s{k:05d}.npz"))
-            for k in range(len(shards))
-        ]
+
+    def summary(parts: list[dict]) -> dict:
         feats = FeatureStats.merge(
             [FeatureStats(int(p["n"]), p["total"], p["outer"]) for p in parts]
         )
@@ -221,25 +240,45 @@ def evaluate(cfg, pre: PrecomputeResult | None, trained) -> EvalResult:
             [ScoreStats(int(p["n"]), p["p_sum"], float(p["plogp_sum"])) for p in parts]
         )
         mu, sigma = feats.mean_cov()
-        entry = {
-            "omega": omega,
-            "t_min": interval[0],
-            "t_max": interval[1],
-            "nfe": e.nfe,
-            "n_samples": feats.n,
-            "fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
-            "is": scores.inception_score(),
-            "features": kind,
-            "uint8": UINT8_RULE,
-            "weights": str(trained.weights),
-            **reference_info,
-        }
+        out_ = {"n_samples": feats.n, "fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"])}
+        out_["is"] = scores.inception_score()
         if kind == "classifier":
-            entry["accuracy"] = float(sum(float(p["correct"]) for p in parts) / feats.n)
+            out_["accuracy"] = float(sum(float(p["correct"]) for p in parts) / feats.n)
+        return out_
+
+    calibration = {}
+    real_prc = None
+    if calibrated:
+        parts = [done_units[u] for u in real_units]
+        calibration = real_calibration(parts, local(), ref, summary, e, num_rows(pre))
+        real_prc = np.concatenate([p["prc"] for p in parts])
+    results = []
+    for omega, interval in points:
+        parts = [done_units[u] for u in units_of("point", omega, interval)]
+        entry = {"omega": omega, "t_min": interval[0], "t_max": interval[1], "nfe": e.nfe}
+        entry |= summary(parts) | {"features": kind, "uint8": UINT8_RULE}
+        entry |= {"weights": str(trained.weights), **reference_info}
+        if real_prc is not None and len(real_prc):
+            entry |= precision_recall(np.concatenate([p["prc"] for p in parts]), real_prc)
         results.append(entry)
     best = min(range(len(results)), key=lambda i: results[i]["fid"])
+    if e.many_steps:  # the same network, many small steps: capacity apart from the 1-NFE map
+        for i, entry in enumerate(results):
+            unguided = (entry["omega"], entry["t_min"], entry["t_max"]) == (1.0, 0.0, 1.0)
+            if i == best or unguided:
+                point = (entry["omega"], [entry["t_min"], entry["t_max"]])
+                many = summary(compute(units_of("euler", *point)))
+                entry["many_step"] = {"steps": e.many_steps} | many
+    num_classes = results and local_num_classes(pre, local)
     for i, entry in enumerate(results):
         entry["best"] = i == best
+        entry |= calibration
+        entry["did_not_learn"] = did_not_learn(
+            entry["fid"],
+            calibration.get("class_mean_ceiling", {}).get("fid"),
+            entry.get("accuracy"),
+            num_classes,
+        )
     write_json_atomic(out / "results.json", results)
     plots = plot_fid_vs_omega(results, out)
     grids = local().sample_grids(points, out) if e.grid_per_class else []
@@ -252,6 +291,60 @@ def evaluate(cfg, pre: PrecomputeResult | None, trained) -> EvalResult:
     return EvalResult(out, key, True, computed, results, run_id)
 
 
+def num_rows(pre: PrecomputeResult) -> int:
+    return Manifest.read(pre.path).extra["num_rows"]
+
+
+def local_num_classes(pre: PrecomputeResult | None, local) -> int:
+    if pre is not None:
+        return Manifest.read(pre.path).extra["num_classes"]
+    return local().num_classes
+
+
+def real_indices(rows: int, n: int, seed: int) -> tuple[torch.Tensor, str]:
+    """Which training rows stand in for n real samples: n of them without replacement, or,
+    when the set has fewer than n, a bootstrap (n draws with replacement)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+    if rows >= n:
+        return torch.randperm(rows, generator=gen)[:n], f"{n} of {rows} training rows"
+    return torch.randint(0, rows, (n,), generator=gen), f"bootstrap: {n} draws of {rows} rows"
+
+
+def real_calibration(parts, runner, ref, summary, e, rows: int) -> dict:
+    """The real-data floor (n training images against the same reference) and the class-mean
+    ceiling (every sample the decoded mean latent of its class over those n rows: for pixel
+    data, the class's mean image), with how the rows were drawn."""
+    floor = summary(parts) | {"rows": real_indices(rows, e.n_samples, e.seed)[1]}
+    sums = sum(p["class_sum"] for p in parts)
+    counts = sum(p["class_count"] for p in parts)
+    means = torch.from_numpy(sums / np.maximum(counts, 1)[:, None, None, None]).float()
+    feats, logits = runner.features(means)
+    labels = torch.arange(e.n_samples) % runner.num_classes
+    per_class = torch.bincount(labels, minlength=runner.num_classes)
+    stats = FeatureStats.weighted(feats, per_class)
+    mu, sigma = stats.mean_cov()
+    ceiling = {"n_samples": stats.n, "fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"])}
+    correct = (logits.argmax(1) == torch.arange(len(logits))).double()
+    ceiling["accuracy"] = float((correct * per_class).sum() / stats.n)
+    return {"real_data_floor": floor, "class_mean_ceiling": ceiling}
+
+
+def precision_recall(generated: np.ndarray, real: np.ndarray) -> dict:
+    """torch-fidelity's precision and recall (k = 3) of generated against real features."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    m = min(len(generated), len(real))
+    out = prc_features_to_metric(
+        torch.from_numpy(generated[:m]).double(),
+        torch.from_numpy(real[:m]).double(),
+        prc_neighborhood=3,
+        prc_batch_size=10_000,
+        save_cpu_ram=False,
+        verbose=False,
+    )
+    return {"precision": out["precision"], "recall": out["recall"]}
+
+
 def log_to_mlflow(cfg, trained, key: str, results: list[dict], artifacts: list[Path]) -> str:
     """An MLflow run of the evaluation: per-point metrics, the best point, the plots and grids.
 
@@ -260,9 +353,12 @@ def log_to_mlflow(cfg, trained, key: str, results: list[dict], artifacts: list[P
     weights (eval.checkpoint), a run of its own in the experiment, with the checkpoint as params.
     Returns the run id ("" when the training is untracked)."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric, Param, RunTag
 
     from tasks.train import flatten, tracking_uri
+
+    def tag_list(tags: dict[str, str]) -> list:
+        return [RunTag(k, v) for k, v in tags.items()]
 
     train_run = getattr(trained, "mlflow_run_id", "")
     checkpoint = isinstance(trained, Checkpoint)
@@ -300,9 +396,15 @@ def log_to_mlflow(cfg, trained, key: str, results: list[dict], artifacts: list[P
     if no_cfg is not None and cfg.guidance.mode != "fixed":  # fixed: omega is baked in
         names = ("fid", "is", "accuracy")
         summary += [Metric(f"{k}_no_cfg", float(no_cfg[k]), stamp, 0) for k in names if k in no_cfg]
-    client.log_batch(run.info.run_id, metrics=metrics + summary)
+    if "real_data_floor" in best:
+        summary += [Metric("fid_real_floor", best["real_data_floor"]["fid"], stamp, 0)]
+        summary += [Metric("fid_class_mean_ceiling", best["class_mean_ceiling"]["fid"], stamp, 0)]
+    if "many_step" in best:
+        summary += [Metric("fid_many_step_best", best["many_step"]["fid"], stamp, 0)]
+    verdict = {"did_not_learn": str(best["did_not_learn"]).lower()}
+    client.log_batch(run.info.run_id, metrics=metrics + summary, tags=tag_list(verdict))
     if train_run:
-        client.log_batch(train_run, metrics=summary)
+        client.log_batch(train_run, metrics=summary, tags=tag_list(verdict))
     for path in artifacts:
         client.log_artifact(
             run.info.run_id, str(path), "grids" if path.parent.name == "grids" else None
@@ -333,24 +435,32 @@ def load_model(weights: Path, input_size: int) -> torch.nn.Module:
 
 @dataclass(frozen=True)
 class Unit:
-    """One unit of work: `count` samples from index `start` (shard `shard`) at one grid point."""
+    """One unit of work: `count` samples from index `start` (shard `shard`) of one kind: a grid
+    point ("point": eval.nfe MeanFlow steps), the many-step calibration at a point ("euler"), or
+    real training rows ("real", the floor and the class means)."""
 
     omega: float
     interval: tuple[float, float]
     shard: int
     start: int
     count: int
+    kind: str = "point"
 
     @property
     def name(self) -> str:
-        return f"{point_name(self.omega, list(self.interval))}_s{self.shard:05d}"
+        point = point_name(self.omega, list(self.interval))
+        prefix = {"point": point, "euler": f"euler_{point}", "real": "real"}[self.kind]
+        return f"{prefix}_s{self.shard:05d}"
 
 
 class UnitRunner:
-    """What units need -- the model, tokenizer, feature extractor -- opened once per process
-    (the driver, or each Ray actor). `expect` = (classes, latent shape) of the data, if known."""
+    """What units need -- the model, tokenizer, feature extractor, the data rows -- opened once
+    per process (the driver, or each Ray actor). `expect` = (classes, latent shape) of the data,
+    if known; `data` = the precompute output (for real rows), if any."""
 
-    def __init__(self, weights, input_size, tokenizer_cfg, kind, features, e, expect, threads=0):
+    def __init__(
+        self, weights, input_size, tokenizer_cfg, kind, features, e, expect, data, threads=0
+    ):
         if threads:
             torch.set_num_threads(threads)
         self.e = e
@@ -366,33 +476,58 @@ class UnitRunner:
         t = tokenizer_cfg
         self.tokenizer = open_tokenizer(t.name, t.path, t.variant, e.device)
         self.extractor = open_extractor(kind, features).to(self.device)
+        self.data = LatentDataset(data, sample_posterior=False) if data else None
+
+    def features(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, logits) of latents, decoded and converted to uint8 as samples are."""
+        images = to_uint8(self.tokenizer.decode(latents.to(self.device))).to(self.device)
+        if images.shape[1] == 1 and isinstance(self.extractor, FeatureExtractorInceptionV3):
+            images = images.repeat(1, 3, 1, 1)  # grey-scale data through an RGB network
+        f, logits = self.extractor(images)
+        return f.cpu(), logits.cpu()
 
     @torch.no_grad()
     def run(self, unit: Unit) -> tuple[str, dict]:
-        """Generates the unit's samples and reduces them to mergeable float64 sums."""
-        e, device = self.e, self.device
-        noise = sample_noise(range(unit.start, unit.start + unit.count), self.shape, e.seed)
-        labels = torch.arange(unit.start, unit.start + unit.count) % self.num_classes
-        feats, scores, correct = [], [], 0
+        """Generates (or reads) the unit's samples and reduces them to mergeable float64 sums,
+        plus the features of its samples among the first prc_samples (precision / recall)."""
+        e = self.e
+        index = range(unit.start, unit.start + unit.count)
+        if unit.kind == "real":
+            rows = real_indices(len(self.data), e.n_samples, e.seed)[0][index.start : index.stop]
+            latents, labels = self.data.rows(rows.tolist())
+        else:
+            latents = sample_noise(index, self.shape, e.seed)
+            labels = torch.tensor(index) % self.num_classes
+        feats, scores, correct, prc = [], [], 0, []
         for b in range(0, unit.count, e.batch_size):
-            y = labels[b : b + e.batch_size].to(device)
-            images = self.images(
-                noise[b : b + e.batch_size].to(device), y, unit.omega, unit.interval
-            )
-            if images.shape[1] == 1 and isinstance(self.extractor, FeatureExtractorInceptionV3):
-                images = images.repeat(1, 3, 1, 1)  # grey-scale data through an RGB network
-            f, logits = self.extractor(images)
-            feats.append(FeatureStats.of(f.cpu()))
-            scores.append(ScoreStats.of(logits.cpu()))
-            correct += int((logits.argmax(1).cpu() == y.cpu()).sum())
+            x, y = latents[b : b + e.batch_size].to(self.device), labels[b : b + e.batch_size]
+            if unit.kind != "real":
+                x = self.sample(unit, x, y.to(self.device))
+            f, logits = self.features(x)
+            feats.append(FeatureStats.of(f))
+            scores.append(ScoreStats.of(logits))
+            correct += int((logits.argmax(1) == y).sum())
+            keep = max(0, min(len(f), e.prc_samples - unit.start - b))
+            prc.append(f[:keep].float().numpy())
         fs, ss = FeatureStats.merge(feats), ScoreStats.merge(scores)
         sums = {"n": fs.n, "total": fs.total, "outer": fs.outer, "p_sum": ss.p_sum}
-        return unit.name, sums | {"plogp_sum": ss.plogp_sum, "correct": correct}
+        sums |= {"plogp_sum": ss.plogp_sum, "correct": correct, "prc": np.concatenate(prc)}
+        if unit.kind == "real":  # per-class latent sums: the class-mean ceiling
+            class_sum = torch.zeros(self.num_classes, *self.shape, dtype=torch.float64)
+            sums["class_sum"] = class_sum.index_add_(0, labels, latents.double()).numpy()
+            sums["class_count"] = torch.bincount(labels, minlength=self.num_classes).numpy()
+        return unit.name, sums
+
+    def sample(self, unit: Unit, noise, y) -> torch.Tensor:
+        """Latents of one batch: eval.nfe MeanFlow steps, or the many-step calibration."""
+        t_min, t_max = unit.interval
+        if unit.kind == "euler":
+            return generate_euler(self.model, noise, y, unit.omega, t_min, t_max, self.e.many_steps)
+        return generate(self.model, noise, y, unit.omega, t_min, t_max, self.e.nfe)
 
     def images(self, noise, y, omega, interval) -> torch.Tensor:
         """1- or 2-NFE samples, decoded and converted to uint8 (tasks.features.to_uint8)."""
-        t_min, t_max = interval
-        x = generate(self.model, noise, y, omega=omega, t_min=t_min, t_max=t_max, steps=self.e.nfe)
+        x = self.sample(Unit(omega, tuple(interval), 0, 0, len(y)), noise, y)
         return to_uint8(self.tokenizer.decode(x)).to(self.device)
 
     @torch.no_grad()

@@ -157,7 +157,7 @@ def mlflow_run(cfg, out: Path, key: str) -> str:
         MlflowClient(tracking_uri(cfg)),
         out / "mlflow_run_id",
         cfg.tracking.experiment or cfg.name,
-        f"{cfg.name}-{key[:8]}",
+        cfg.tracking.run_name or f"{cfg.name} {cfg.model.name} {cfg.objective.name}",
         tags,
         params,
     )

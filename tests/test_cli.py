@@ -56,11 +56,13 @@ def test_evaluate_given_official_weights_trains_nothing(capsys, tmp_path, monkey
             p.add_(0.05 * torch.randn_like(p))
     torch.save(to_official(model), tmp_path / "iMF-tiny.pth")
     args = ["eval.n_samples=100", "eval.shard_size=100", "eval.omegas=[1.0,2.0]"]
-    args += ["eval.grid_per_class=0", "precompute.classifier_steps=50"]
+    args += ["eval.grid_per_class=0", "precompute.classifier_steps=50", "eval.calibrate=false"]
+    args += ["eval.many_steps=0"]
     argv = ["evaluate", "-e", "smoke", f"eval.checkpoint={tmp_path / 'iMF-tiny.pth'}", *args]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "checkpoint:" in out and "computed 2 unit(s)" in out and "FID" in out
+    assert "checkpoint:" in out and "computed 2 unit(s)" in out and "FID" in out, out
+    assert "calibration" in out and "not computed" in out  # said, not silently missing
     assert (tmp_path / "artifacts" / "evaluate").is_dir()
     assert not (tmp_path / "artifacts" / "train").exists()  # no training happened
     assert main(["run", "-e", "smoke", f"eval.checkpoint={tmp_path / 'iMF-tiny.pth'}"]) == 2

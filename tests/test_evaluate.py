@@ -54,11 +54,14 @@ def setup(tmp_path_factory):
 
 
 def evaluation(root, *overrides):
+    """A small grid; the calibration (its own test) off unless an override turns it on."""
     args = [
         f"paths.artifacts={root}",
         "eval.n_samples=200",
         "eval.omegas=[1.0,3.0]",
         "eval.grid_per_class=2",
+        "eval.calibrate=false",
+        "eval.many_steps=0",
     ]
     return load_config("smoke", args + list(overrides))
 
@@ -250,3 +253,74 @@ def test_results_say_which_reference_and_rounding(setup):
     assert entry["uint8"].startswith("round(clip(255 * (x + 1) / 2, 0, 255))")
     assert entry["reference"] == str(pre.path / "reference.npz")
     assert len(entry["reference_sha256"]) == 64
+
+
+def test_every_number_comes_with_its_calibration(setup):
+    """Real-data floor, class-mean ceiling, many-step result, precision / recall, and the
+    did-not-learn verdict, in every results.json entry; each a real measurement."""
+    from imf_core.guidance import generate_euler
+    from imf_core.metrics import FeatureStats, frechet_distance
+    from tasks.datasets import digits
+    from tasks.evaluate import load_model
+
+    root, pre, trained = setup
+    on = ["eval.calibrate=true", "eval.many_steps=8", "eval.prc_samples=150"]
+    result = evaluate(evaluation(root / "k", "eval.shard_size=120", *on), pre, trained)
+    # 2 points x 2 shards, 2 real shards, the Euler units at omega 1 and at the best point
+    assert result.units_computed in (2 * 2 + 2 + 2, 2 * 2 + 2 + 2 * 2)
+    ref = np.load(pre.path / "reference.npz")
+    extractor = open_extractor("classifier", pre.path / "classifier.pt")
+    images, labels = digits()
+    for entry in result.results:
+        floor, ceiling = entry["real_data_floor"], entry["class_mean_ceiling"]
+        assert floor["n_samples"] == ceiling["n_samples"] == 200
+        assert 0 <= entry["precision"] <= 1 and 0 <= entry["recall"] <= 1
+        assert isinstance(entry["did_not_learn"], bool)
+    floor = result.results[0]["real_data_floor"]
+    assert floor["rows"] == "200 of 1797 training rows"
+    assert floor["accuracy"] > 0.9 and floor["fid"] < result.results[0]["class_mean_ceiling"]["fid"]
+    # The ceiling recomputed by hand: every sample the mean image of its class (over the real
+    # rows drawn for the floor).
+    from tasks.evaluate import real_indices
+
+    rows = real_indices(1797, 200, 0)[0]
+    images, labels = images[rows], labels[rows]
+    means = torch.stack([images[labels == k].mean(0) for k in range(10)])
+    feats, _ = extractor(to_uint8(means))
+    per_class = torch.bincount(torch.arange(200) % 10, minlength=10)
+    mu, sigma = FeatureStats.weighted(feats, per_class).mean_cov()
+    expected = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+    assert result.results[0]["class_mean_ceiling"]["fid"] == pytest.approx(expected, rel=1e-4)
+    # The many-step number at omega 1 [0, 1]: 8 Euler steps of u(z, t, t), recomputed here.
+    unguided = next(r for r in result.results if r["omega"] == 1.0)
+    model = load_model(trained.weights, 8)
+    from tasks.evaluate import sample_noise
+
+    noise = sample_noise(range(200), (1, 8, 8), 0)
+    x = generate_euler(model, noise, torch.arange(200) % 10, 1.0, 0.0, 1.0, 8)
+    f, _ = extractor(to_uint8(x))
+    mu, sigma = FeatureStats.of(f).mean_cov()
+    euler = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+    assert unguided["many_step"]["steps"] == 8
+    assert unguided["many_step"]["fid"] == pytest.approx(euler, rel=1e-3)
+
+
+def test_a_model_that_never_trained_is_flagged(setup, tmp_path):
+    """A fresh (zero-output) network maps noise to noise: flagged did-not-learn."""
+    from imf_core.models import create
+
+    root, pre, _ = setup
+    model = create("tiny")
+    directory = tmp_path / "untrained"
+    directory.mkdir()
+    meta = {"model_config": json.dumps(asdict(model.cfg))}
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        directory / "ema.safetensors",
+        metadata=meta,
+    )
+    cfg = evaluation(root / "l", "eval.calibrate=true", "eval.many_steps=0")
+    result = evaluate(cfg, pre, FakeTrainResult(directory, "untrained"))
+    assert all(r["did_not_learn"] for r in result.results)
+    ceiling = result.results[0]["class_mean_ceiling"]["fid"]
+    assert all(r["fid"] > ceiling / 2 for r in result.results)

@@ -68,6 +68,24 @@ def test_every_paper_scale_grid_holds_its_sizes_release_point():
     assert checked == 2 + 4 + 5  # Tab. 1b's two, Tab. 1c's four, Tab. 2's five
 
 
+def test_every_comparison_changes_one_factor():
+    """Each variant differs from the row it is compared with only in the factor the paper
+    ablates there (its `factor` list), at every scale; every sweep compares its rows."""
+    from flows.sweep import config_diff
+
+    for path in sorted((CONFIG_DIR / "sweep").glob("*.yaml")):
+        sweep = load_sweep(path.stem)
+        assert sum(bool(v.compare_with) for v in sweep.variants) == len(sweep.variants) - 1
+        for scale in sweep.scales:
+            configs = variant_configs(sweep, scale, [], [])
+            for v in sweep.variants:
+                if v.compare_with:
+                    diff = config_diff(configs[v.name], configs[v.compare_with])
+                    assert diff, f"{path.stem}/{scale}: {v.name} equals {v.compare_with}"
+                    extra = diff - set(v.factor)
+                    assert not extra, f"{path.stem}/{scale}: {v.name} vs {v.compare_with}: {extra}"
+
+
 def test_table1b_reuses_table1a_trainings():
     from tasks.train import train_key
 
@@ -166,3 +184,81 @@ def test_sweep_nests_variants_survives_a_failure_and_reports(tmp_path, prefect_s
     assert {"report.md", "fid_vs_omega.png", "plain.png", "cfg.png"} <= names
     logged = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
     assert "report/report.md" in logged
+
+
+def test_welch_t_test_and_verdicts_on_known_inputs():
+    from flows.report import verdict, welch
+
+    a, b = [1.0, 2.0, 3.0, 4.0], [6.0, 7.0, 8.0, 9.0, 10.0]
+    # By hand: means 2.5 and 8, variances 5/3 and 5/2, Welch-Satterthwaite df = 6.98.
+    va, vb = 5 / 3 / 4, 5 / 2 / 5
+    df = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 4)
+    t, p = welch(a, b)
+    assert t == pytest.approx((2.5 - 8) / (va + vb) ** 0.5) and df == pytest.approx(6.98, abs=0.01)
+    from scipy.stats import t as student
+
+    assert p == pytest.approx(2 * student.sf(abs(t), df)) and p == pytest.approx(7.09e-4, rel=0.01)
+    # Paper: the second row lower (better) than the first, like ours here -> same direction.
+    assert verdict((b, a), (32.69, 29.42)).startswith("same direction as the paper")
+    assert verdict((a, b), (32.69, 29.42)).startswith("opposite")
+    assert verdict(([1.0, 5.0], [2.0, 4.0]), (1, 2)).startswith("not resolved at this n")
+    assert verdict(([1.0], [2.0]), (1, 2)) == "not resolved at this n (one seed)"
+
+
+SEEDED = """
+title: "seeded"
+columns: ["FID"]
+scales:
+  smoke: {experiment: smoke, overrides: []}
+variants:
+  - name: base
+    row: base
+    overrides: [guidance.mode=none, "eval.omegas=[1.0]"]
+    cells: {"FID": {metric: fid_best, paper: 30.0}}
+  - name: faster
+    row: faster
+    overrides: [guidance.mode=none, "eval.omegas=[1.0]", optim.lr=3.0e-3]
+    compare_with: base
+    factor: [optim.lr]
+    cells: {"FID": {metric: fid_best, paper: 20.0}}
+"""
+
+
+@pytest.mark.slow
+def test_seeds_group_under_their_variant_and_the_report_compares(
+    tmp_path, prefect_server, local_ray
+):
+    sweep_file = tmp_path / "seeded.yaml"
+    sweep_file.write_text(SEEDED)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    overrides = [f"paths.artifacts={tmp_path}/a", f"tracking.uri={uri}"] + FAST
+    result = run_sweep(str(sweep_file), "smoke", overrides, seeds=2)
+    assert sorted(v.name for v in result.variants) == [
+        "base.s0",
+        "base.s1",
+        "faster.s0",
+        "faster.s1",
+    ]
+    client = MlflowClient(uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["seeds"] == "2" and parent.info.run_name == "seeded/smoke"
+    groups = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert {g.info.run_name for g in groups} == {"base", "faster"}
+    for group in groups:
+        seeds = client.search_runs(
+            [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{group.info.run_id}'"
+        )
+        name = group.info.run_name
+        assert {r.info.run_name for r in seeds} >= {f"{name} seed 0", f"{name} seed 1"}
+        assert {
+            r.data.params.get("train.seed") for r in seeds if "train.seed" in r.data.params
+        } == {"0", "1"}
+    report = report_flow(result.parent_run_id, tracking=uri, artifacts=str(tmp_path / "a"))
+    assert "mean ± sd over 2 training seeds" in report.markdown
+    row = next(
+        line for line in report.markdown.splitlines() if line.startswith("| faster | base |")
+    )
+    assert "optim.lr" in row and ("direction" in row or "not resolved" in row or "opposite" in row)
+    assert "### Calibration" in report.markdown and "real data" in report.markdown
