@@ -71,10 +71,13 @@ def run_precompute(args: argparse.Namespace) -> int:
 def upstream(args: argparse.Namespace, stage: str):
     """The config and the stages before `stage`, run or reused (the single-stage commands)."""
     from tasks.config import load_config
+    from tasks.evaluate import preflight
     from tasks.precompute import precompute
     from tasks.train import train
 
     cfg = load_config(args.experiment, args.overrides)
+    if stage == "evaluate":
+        preflight(cfg)
     pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
     print(f"precompute: {'computed' if pre.computed else 'reused'} {pre.path}")
     if stage == "train":
@@ -97,10 +100,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from tasks.config import load_config
-    from tasks.evaluate import checkpoint_source, evaluate, needs_precompute
+    from tasks.evaluate import checkpoint_source, evaluate, needs_precompute, preflight
     from tasks.precompute import precompute
 
     cfg = load_config(args.experiment, args.overrides)
+    preflight(cfg)
     if cfg.eval.checkpoint:  # given weights: no training; precompute only if its outputs count
         source = checkpoint_source(cfg)
         pre = None

@@ -21,7 +21,7 @@ from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_setti
 from prefect.states import State
 
 from tasks.config import ConfigError, load_config
-from tasks.evaluate import EvalResult, evaluate_task
+from tasks.evaluate import EvalResult, evaluate_task, preflight
 from tasks.precompute import PrecomputeResult, precompute_task
 from tasks.train import TrainResult, train_task
 
@@ -56,6 +56,7 @@ def run_pipeline(experiment: str, overrides: list[str] | None = None) -> Pipelin
     cfg = load_config(experiment, overrides or [])
     if cfg.eval.checkpoint:
         raise ConfigError("eval.checkpoint evaluates given weights without training: imf evaluate")
+    preflight(cfg)  # every file the stages will need, before a Prefect server starts
     with results_beside(cfg.paths.artifacts):
         return pipeline(experiment, overrides or [])
 

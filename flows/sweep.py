@@ -30,7 +30,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.pipeline import RETRIES, results_beside
 from tasks.artifacts import content_key
 from tasks.config import CONFIG_DIR, ConfigError, ExperimentConfig, load_config
-from tasks.evaluate import evaluate_task
+from tasks.evaluate import evaluate_task, preflight
 from tasks.precompute import precompute_task
 from tasks.train import open_run, tracking_uri, train_task
 from tasks.train import output_dir as train_output_dir
@@ -330,6 +330,8 @@ def run_sweep(
     overrides, only = overrides or [], only or []
     sweep = load_sweep(name)
     configs = variant_configs(sweep, scale, overrides, only, seeds)
+    for cfg in configs.values():
+        preflight(cfg)
     # Two threads per variant: its evaluation task waits on its training in a thread of its own.
     runner = ThreadPoolTaskRunner(max_workers=2 * max(1, concurrency))
     with results_beside(next(iter(configs.values())).paths.artifacts):

@@ -92,7 +92,13 @@ def _load_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
         raise ConfigError(f"no config file {path} (known: {known})")
-    return OmegaConf.load(path)
+    try:
+        return OmegaConf.load(path)
+    except Exception as err:  # yaml's parser errors: one line naming the file and the place
+        where = getattr(err, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{at}: {problem}") from err
 
 
 def load_config(

@@ -78,6 +78,33 @@ class EvalConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # > 0 on GPU nodes (one actor per GPU: 1.0)
 
+    def __post_init__(self) -> None:
+        if self.n_samples < 2 or self.shard_size < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"eval.n_samples must be >= 2, eval.shard_size and eval.batch_size >= 1 "
+                f"(got {self.n_samples}, {self.shard_size}, {self.batch_size})"
+            )
+        if self.nfe not in (1, 2):
+            raise ValueError(f"eval.nfe must be 1 or 2, got {self.nfe}")
+        if not self.omegas or any(w < 1.0 for w in self.omegas):
+            raise ValueError(
+                f"eval.omegas must be a non-empty list of values >= 1, got {self.omegas}"
+            )
+        for interval in self.intervals:
+            if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+                raise ValueError(
+                    f"eval.intervals: each must be [t_min, t_max] with 0 <= t_min <= t_max <= 1, "
+                    f"got {list(interval)}"
+                )
+        if not self.intervals:
+            raise ValueError("eval.intervals must not be empty (no CFG interval: [[0.0, 1.0]])")
+        if self.features not in ("auto", "inception", "classifier"):
+            raise ValueError(
+                f"eval.features must be auto | inception | classifier, got {self.features!r}"
+            )
+        if self.many_steps < 0 or self.prc_samples < 0:
+            raise ValueError("eval.many_steps and eval.prc_samples must be >= 0")
+
 
 # What does not change the numbers stays out of the key (workers: tested, same sums).
 RUNTIME_ONLY = (
@@ -111,6 +138,25 @@ def feature_kind(cfg) -> str:
     return (
         "classifier" if makes_classifier(cfg.data, cfg.tokenizer, cfg.precompute) else "inception"
     )
+
+
+def preflight(cfg) -> None:
+    """Files an evaluation will need, checked before any stage starts (a clear error, not a
+    failure after an hour of precompute and training)."""
+    tok = cfg.tokenizer
+    if tok.name == "sd_vae" and tok.path:
+        folder = Path(tok.path)
+        if folder.exists() and not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"tokenizer.path {tok.path!r} has no config.json: not a diffusers AutoencoderKL "
+                "folder (save one with AutoencoderKL.save_pretrained)"
+            )
+    if feature_kind(cfg) == "inception":
+        check_weights("inception", cfg.eval.inception_weights)
+    if cfg.eval.reference and not Path(cfg.eval.reference).is_file():
+        raise FileNotFoundError(f"eval.reference {cfg.eval.reference!r} is not a file")
+    if cfg.eval.checkpoint and not Path(cfg.eval.checkpoint).expanduser().is_file():
+        raise FileNotFoundError(f"eval.checkpoint {cfg.eval.checkpoint!r} is not a file")
 
 
 def needs_precompute(cfg) -> bool:
@@ -175,8 +221,6 @@ def evaluate(cfg, pre: PrecomputeResult | None, trained) -> EvalResult:
     `mlflow_run_id`); `pre` may be None when the evaluation needs nothing from precompute
     (needs_precompute)."""
     e = cfg.eval
-    if e.nfe not in (1, 2):
-        raise ValueError(f"eval.nfe must be 1 or 2, got {e.nfe}")
     if pre is None and needs_precompute(cfg):
         raise ValueError("this evaluation needs the precompute stage (classifier or reference)")
     kind = feature_kind(cfg)

@@ -51,6 +51,27 @@ class TrainConfig:
     ray_address: str = ""  # "" = a local Ray; else a cluster address (infra/README.md)
     fault_at_step: int = -1  # tests: the last rank kills itself once at this step
 
+    def __post_init__(self) -> None:
+        if self.steps < 0 or (self.steps == 0 and self.epochs <= 0):
+            raise ValueError(
+                f"train.steps must be >= 0 and train.epochs > 0 when steps is 0 "
+                f"(got steps={self.steps}, epochs={self.epochs})"
+            )
+        if self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError(
+                f"train.batch_size and train.num_workers must be >= 1 "
+                f"(got {self.batch_size}, {self.num_workers})"
+            )
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"train.batch_size {self.batch_size} does not split over "
+                f"train.num_workers {self.num_workers}: use a multiple of it"
+            )
+        if self.checkpoint_every < 1 or self.log_every < 1 or self.cpus_per_worker <= 0:
+            raise ValueError(
+                "train.checkpoint_every and train.log_every must be >= 1, train.cpus_per_worker > 0"
+            )
+
 
 # What does not change the numbers a run computes stays out of its key.
 RUNTIME_ONLY = (

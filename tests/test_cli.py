@@ -21,7 +21,20 @@ def test_help_lists_the_contract(capsys):
         (["run", "-e", "smoke", "train.stpes=3"], "train.stpes"),
         (["sweep", "nosuch"], "no sweep 'nosuch'"),
         (["sweep", "table1a", "--scale", "huge"], "no scale 'huge'"),
-        (["sweep", "table1a", "--only", "mf,nope"], "no variant(s) ['nope']"),
+        (["sweep", "table1a", "--only", "mf,nope"], "no variant(s) ['nope'] (its variants: mf,"),
+        (["run", "-e", "smoke", "train.steps=-5"], "train.steps must be >= 0"),
+        (["train", "-e", "smoke", "train.batch_size=0"], "train.batch_size and train.num_workers"),
+        (["run", "-e", "smoke", "train.num_workers=3"], "does not split over train.num_workers 3"),
+        (["evaluate", "-e", "smoke", "eval.n_samples=0"], "eval.n_samples must be >= 2"),
+        (["run", "-e", "smoke", "eval.omegas=[]"], "eval.omegas must be a non-empty list"),
+        (["run", "-e", "smoke", "eval.nfe=3"], "eval.nfe must be 1 or 2"),
+        (["run", "-e", "smoke", "eval.intervals=[[0.6,0.2]]"], "eval.intervals: each must be"),
+        (
+            ["run", "-e", "smoke", "eval.features=inception", "eval.inception_weights=/no.pth"],
+            "never downloaded",
+        ),
+        (["sweep", "table1a", "eval.features=inception"], "never downloaded"),
+        (["evaluate", "-e", "smoke", "eval.checkpoint=/no/such.pth"], "is not a file"),
     ],
 )
 def test_bad_input_fails_before_any_work(argv, message, capsys, tmp_path, monkeypatch):
@@ -67,3 +80,18 @@ def test_evaluate_given_official_weights_trains_nothing(capsys, tmp_path, monkey
     assert not (tmp_path / "artifacts" / "train").exists()  # no training happened
     assert main(["run", "-e", "smoke", f"eval.checkpoint={tmp_path / 'iMF-tiny.pth'}"]) == 2
     assert "imf evaluate" in capsys.readouterr().err
+
+
+def test_a_tokenizer_folder_without_config_json_is_refused(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vae").mkdir()
+    argv = [
+        "evaluate",
+        "-e",
+        "smoke",
+        "tokenizer.name=sd_vae",
+        f"tokenizer.path={tmp_path / 'vae'}",
+    ]
+    assert main(argv) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "artifacts").exists()

@@ -38,3 +38,17 @@ def test_bad_values_and_missing_files():
         load_config("smoke", ["data.name=cifar"])
     with pytest.raises(ConfigError, match="known: .*smoke"):
         load_config("no_such_experiment")
+
+
+def test_malformed_yaml_is_one_line_naming_the_file(tmp_path):
+    import shutil
+
+    from tasks.config import CONFIG_DIR
+
+    shutil.copytree(CONFIG_DIR, tmp_path / "configs")
+    (tmp_path / "configs" / "experiment" / "broken.yaml").write_text("train:\n  steps: [1, 2\n")
+    with pytest.raises(
+        ConfigError, match=r"broken.yaml is not valid YAML \(line \d+, column \d+\)"
+    ) as err:
+        load_config("broken", config_dir=tmp_path / "configs")
+    assert "\n" not in str(err.value)
