@@ -181,7 +181,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     from flows.report import report_flow
     from tasks.config import load_config
-    from tasks.train import tracking_uri
+    from tasks.tracking import tracking_uri
 
     cfg = load_config("smoke", args.overrides)  # only tracking.* and paths.* matter here
     report = report_flow(args.target, args.scale, tracking_uri(cfg), cfg.paths.artifacts)

@@ -17,7 +17,7 @@ import time
 from flows.cli import print_results
 from flows.pipeline import run_pipeline
 from tasks.config import load_config
-from tasks.train import tracking_uri
+from tasks.tracking import tracking_uri
 
 
 def main(argv: list[str] | None = None) -> int:

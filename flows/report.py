@@ -26,6 +26,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.sweep import SweepConfig, load_sweep
 from tasks.artifacts import atomic_path
+from tasks.tracking import client as tracking_client
+from tasks.tracking import get_run_or_none
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download
 
@@ -50,12 +52,9 @@ class Report:
 
 def find_parent(client, target: str, scale: str | None):
     """The parent run: `target` as a run id, else the latest run of sweep `target`."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_run(target)
-    except MlflowException:
-        pass
+    run = get_run_or_none(client, target)
+    if run is not None:
+        return run
     experiments = [e.experiment_id for e in client.search_experiments()]
     where = f"tags.stage = 'sweep' and tags.sweep = '{target}'"
     if scale:
@@ -344,9 +343,7 @@ def report_flow(
     target: str, scale: str | None = None, tracking: str = "", artifacts: str = "artifacts"
 ) -> Report:
     """Builds the report of a sweep (by name or parent run id) from MLflow."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking)
+    client = tracking_client(tracking)
     parent = find_parent(client, target, scale)
     sweep_name = parent.data.tags.get("sweep")
     if not sweep_name:

@@ -32,8 +32,10 @@ from tasks.artifacts import content_key
 from tasks.config import CONFIG_DIR, ConfigError, ExperimentConfig, load_config
 from tasks.evaluate import evaluate_task, preflight
 from tasks.precompute import precompute_task
-from tasks.train import open_run, tracking_uri, train_task
+from tasks.tracking import client as tracking_client
+from tasks.tracking import open_run, tracking_uri
 from tasks.train import output_dir as train_output_dir
+from tasks.train import train_task
 
 
 # ------------------------------------------------------------------ the sweep file's schema
@@ -105,8 +107,8 @@ def resolved(cfg) -> dict[str, str]:
     section resolved to the preset's full ModelConfig (tracking and names left out)."""
     from dataclasses import asdict
 
-    from tasks.config import model_config, to_dict
-    from tasks.train import flatten
+    from tasks.resolve import model_config, to_dict
+    from tasks.tracking import flatten
 
     d = to_dict(cfg)
     for k in ("name", "tracking", "paths"):
@@ -173,8 +175,6 @@ def sweep_dir(sweep: SweepConfig, scale: str, overrides: list[str], cfg, seeds: 
 def parent_run(sweep: SweepConfig, scale: str, overrides: list[str], cfg, seeds: int = 1) -> str:
     """The sweep's MLflow parent run, created once per (sweep, scale, overrides, seeds) and
     found again on a rerun (its id is kept under <artifacts>/sweep/<key>/)."""
-    from mlflow import MlflowClient
-
     tags = {
         "sweep": sweep.name,
         "sweep.file": sweep.file,
@@ -184,7 +184,7 @@ def parent_run(sweep: SweepConfig, scale: str, overrides: list[str], cfg, seeds:
         "mlflow.note.content": sweep.title,
     }
     return open_run(
-        MlflowClient(tracking_uri(cfg)),
+        tracking_uri(cfg),
         sweep_dir(sweep, scale, overrides, cfg, seeds) / "mlflow_run_id",
         cfg.tracking.experiment,
         f"{sweep.name}/{scale}",
@@ -195,12 +195,10 @@ def parent_run(sweep: SweepConfig, scale: str, overrides: list[str], cfg, seeds:
 
 def variant_group_run(parent: str, variant, scale: str, directory: Path, cfg) -> str:
     """With several seeds: a run per variant under the parent, its seeds' runs under it."""
-    from mlflow import MlflowClient
-
     tags = {"mlflow.parentRunId": parent, "stage": "variant", "variant": variant.name}
     tags |= {"row": variant.row, "scale": scale}
     return open_run(
-        MlflowClient(tracking_uri(cfg)),
+        tracking_uri(cfg),
         directory / variant.name / "mlflow_run_id",
         cfg.tracking.experiment,
         variant.name,
@@ -243,8 +241,6 @@ def sweep_flow(
 ) -> SweepResult:
     """Runs every variant's pipeline (shared stages once) under one MLflow parent run; with
     several seeds, each variant's seeds under a run of that variant."""
-    from mlflow import MlflowClient
-
     overrides, only = overrides or [], only or []
     sweep = load_sweep(name)
     configs = variant_configs(sweep, scale, overrides, only, seeds)
@@ -272,7 +268,7 @@ def sweep_flow(
         evaluated = evaluate_task.with_options(**RETRIES).submit(cfg, pre_of[variant], trained)
         evaluations[variant] = (trained, evaluated)
 
-    client = MlflowClient(tracking_uri(first))
+    client = tracking_client(tracking_uri(first))
     outcomes = []
     for variant, (trained, evaluated) in evaluations.items():
         cfg, pre = configs[variant], pre_of[variant]

@@ -19,12 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from imf_core.guidance import GuidanceConfig
-from imf_core.models import preset
 from imf_core.models.config import ModelConfig
 from imf_core.objectives import ObjectiveConfig
 from imf_core.training import OptimConfig
 from tasks.evaluate import EvalConfig
 from tasks.precompute import DataConfig, PrecomputeConfig, TokenizerConfig
+from tasks.resolve import model_config, to_dict  # noqa: F401 (the config's public helpers)
 from tasks.train import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -127,14 +127,3 @@ def load_config(
         return OmegaConf.to_object(cfg)
     except (OmegaConfBaseException, ValueError, TypeError) as err:
         raise ConfigError(f"experiment {experiment!r}: {err}") from err
-
-
-def model_config(cfg: ExperimentConfig) -> ModelConfig:
-    """The ModelConfig the experiment asks for: its preset with the non-null overrides."""
-    section = dataclasses.asdict(cfg.model)
-    name = section.pop("name")
-    return preset(name, **{k: v for k, v in section.items() if v is not None})
-
-
-def to_dict(cfg: ExperimentConfig) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -45,7 +45,9 @@ from tasks.artifacts import (
 )
 from tasks.features import UINT8_RULE, check_weights, open_extractor, to_uint8
 from tasks.precompute import PrecomputeResult, makes_classifier
+from tasks.resolve import model_config
 from tasks.tokenizers import open_tokenizer, pick_device
+from tasks.tracking import log_evaluation
 
 
 @dataclass
@@ -240,8 +242,6 @@ def evaluate(cfg, pre: PrecomputeResult | None, trained) -> EvalResult:
     if pre is not None:  # the model must fit the data it is compared with
         extra = Manifest.read(pre.path).extra
         expect = (extra["num_classes"], tuple(extra["latent_shape"][1:]))
-    from tasks.config import model_config
-
     input_size = model_config(cfg).input_size  # official files hold no latent side (RoPE)
     data = str(pre.path) if pre is not None else None
     runner_args = (trained.weights, input_size, cfg.tokenizer, kind, weights, e, expect, data)
@@ -328,7 +328,10 @@ def evaluate(cfg, pre: PrecomputeResult | None, trained) -> EvalResult:
     grids = local().sample_grids(points, out) if e.grid_per_class else []
     outputs = [out / "results.json", *plots, *grids, *sorted(units_dir.glob("*.npz"))]
     files = [FileRecord.of(p, out) for p in outputs]
-    run_id = log_to_mlflow(cfg, trained, key, results, [out / "results.json", *plots, *grids])
+    names = [point_name(r["omega"], [r["t_min"], r["t_max"]]) for r in results]
+    run_id = log_evaluation(
+        cfg, trained, key, results, names, [out / "results.json", *plots, *grids]
+    )
     extra = {"best": results[best], "mlflow_run_id": run_id}
     timings = {"seconds": time.time() - started}
     Manifest(key, "evaluate", slice_, input_keys(pre, trained), files, extra, timings).write(out)
@@ -387,74 +390,6 @@ def precision_recall(generated: np.ndarray, real: np.ndarray) -> dict:
         verbose=False,
     )
     return {"precision": out["precision"], "recall": out["recall"]}
-
-
-def log_to_mlflow(cfg, trained, key: str, results: list[dict], artifacts: list[Path]) -> str:
-    """An MLflow run of the evaluation: per-point metrics, the best point, the plots and grids.
-
-    Nested under the training run when there is one, whose run also gets the best point's
-    numbers (so the compare view of training runs shows FID beside their params); for given
-    weights (eval.checkpoint), a run of its own in the experiment, with the checkpoint as params.
-    Returns the run id ("" when the training is untracked)."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunTag
-
-    from tasks.train import flatten, tracking_uri
-
-    def tag_list(tags: dict[str, str]) -> list:
-        return [RunTag(k, v) for k, v in tags.items()]
-
-    train_run = getattr(trained, "mlflow_run_id", "")
-    checkpoint = isinstance(trained, Checkpoint)
-    if not (train_run or checkpoint):
-        return ""
-    client = MlflowClient(tracking_uri(cfg))
-    tags = cfg.tracking.tags | {"stage": "evaluate", "eval_key": key}
-    if train_run:
-        experiment_id = client.get_run(train_run).info.experiment_id
-        tags["mlflow.parentRunId"] = train_run
-        name = f"eval-{key[:8]}"
-    else:
-        experiment = cfg.tracking.experiment or cfg.name
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-        tags["checkpoint"] = str(trained.weights)
-        name = f"eval {trained.weights.name}"
-    run = client.create_run(experiment_id, run_name=name, tags=tags)
-    if checkpoint:
-        params = flatten({"eval": asdict(cfg.eval), "checkpoint_key": trained.key})
-        client.log_batch(run.info.run_id, params=[Param(k, v[:500]) for k, v in params.items()])
-    stamp = int(time.time() * 1000)
-    metrics = []
-    for r in results:
-        point = point_name(r["omega"], [r["t_min"], r["t_max"]])
-        metrics += [
-            Metric(f"{m}/{point}", r[m], stamp, 0) for m in ("fid", "is", "accuracy") if m in r
-        ]
-    best = next(r for r in results if r["best"])
-    names = ("fid", "is", "omega", "t_min", "t_max", "accuracy")
-    summary = [Metric(f"{k}_best", float(best[k]), stamp, 0) for k in names if k in best]
-    # Without CFG = the omega = 1 point (the interval does not matter there): the paper's
-    # "w/o CFG" column for omega-conditioned models.
-    no_cfg = next((r for r in results if r["omega"] == 1.0), None)
-    if no_cfg is not None and cfg.guidance.mode != "fixed":  # fixed: omega is baked in
-        names = ("fid", "is", "accuracy")
-        summary += [Metric(f"{k}_no_cfg", float(no_cfg[k]), stamp, 0) for k in names if k in no_cfg]
-    if "real_data_floor" in best:
-        summary += [Metric("fid_real_floor", best["real_data_floor"]["fid"], stamp, 0)]
-        summary += [Metric("fid_class_mean_ceiling", best["class_mean_ceiling"]["fid"], stamp, 0)]
-    if "many_step" in best:
-        summary += [Metric("fid_many_step_best", best["many_step"]["fid"], stamp, 0)]
-    verdict = {"did_not_learn": str(best["did_not_learn"]).lower()}
-    client.log_batch(run.info.run_id, metrics=metrics + summary, tags=tag_list(verdict))
-    if train_run:
-        client.log_batch(train_run, metrics=summary, tags=tag_list(verdict))
-    for path in artifacts:
-        client.log_artifact(
-            run.info.run_id, str(path), "grids" if path.parent.name == "grids" else None
-        )
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
 
 
 def load_model(weights: Path, input_size: int) -> torch.nn.Module:

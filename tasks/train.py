@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from prefect import task
 from safetensors.torch import save_file
 
@@ -30,6 +29,8 @@ from imf_core.models import build, count_params
 from tasks.artifacts import FileRecord, Manifest, cache_key_of, content_key, write_json_atomic
 from tasks.cluster import connect_ray
 from tasks.precompute import PrecomputeResult
+from tasks.resolve import model_config, to_dict
+from tasks.tracking import RunWriter, end_run, flatten, open_run, tracking_uri
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
@@ -44,6 +45,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0  # fractional on small machines
     use_gpu: bool = False
     checkpoint_every: int = 1000  # steps between checkpoints (and at the end)
+    keep_checkpoints: int = 3  # the newest kept on disk (~1.4 GB each for B/2 with Adam state)
     log_every: int = 50  # steps between MLflow metrics / terminal lines
     sample_every: int = 0  # steps between sample grids logged to MLflow (0 = only at the end)
     max_failures: int = 1  # worker failures Ray Train recovers from
@@ -67,6 +69,8 @@ class TrainConfig:
                 f"train.batch_size {self.batch_size} does not split over "
                 f"train.num_workers {self.num_workers}: use a multiple of it"
             )
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.cpus_per_worker <= 0:
             raise ValueError(
                 "train.checkpoint_every and train.log_every must be >= 1, train.cpus_per_worker > 0"
@@ -84,6 +88,7 @@ RUNTIME_ONLY = (
     "ray_address",
     "fault_at_step",
     "compile_jvp",
+    "keep_checkpoints",
 )
 
 
@@ -102,7 +107,6 @@ class TrainResult:
 
 
 def train_key(cfg, precompute_key: str) -> str:
-    from tasks.config import model_config
 
     train = {k: v for k, v in asdict(cfg.train).items() if k not in RUNTIME_ONLY}
     config = {
@@ -119,53 +123,12 @@ def output_dir(cfg, pre: PrecomputeResult) -> Path:
     return Path(cfg.paths.artifacts).resolve() / "train" / train_key(cfg, pre.key)
 
 
-def tracking_uri(cfg) -> str:
-    """tracking.uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db (made absolute for workers)."""
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, str]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = str(v)
-    return out
-
-
-def open_run(client, id_file: Path, experiment: str, run_name: str, tags: dict, params) -> str:
-    """The MLflow run whose id `id_file` keeps, reopened (RUNNING) on a resume; else a new run
-    in `experiment` (created when missing) with `tags` and the params `params()` returns, its
-    id written to `id_file` last, so a kept id always names a complete run."""
-    from mlflow.entities import Param
-
-    if id_file.is_file():
-        run_id = id_file.read_text().strip()
-        client.update_run(run_id, "RUNNING")
-        return run_id
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-    items = list(params().items())
-    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        batch = [Param(k, v[:500]) for k, v in items[start : start + 100]]
-        client.log_batch(run_id, params=batch)
-    id_file.parent.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run_id)
-    return run_id
-
-
 def mlflow_run(cfg, out: Path, key: str) -> str:
     """Creates (or finds, on resume) this training run's MLflow run; returns its id.
 
     Created here, in the driver, before any worker starts: SQLite backends lock under
     concurrent writers, and rank 0 then only appends to an existing run.
     """
-    from mlflow import MlflowClient
-
-    from tasks.config import model_config, to_dict
 
     def params() -> dict[str, str]:
         # The size the paper's tables quote (1-NFE inference: no auxiliary head), in millions.
@@ -175,7 +138,7 @@ def mlflow_run(cfg, out: Path, key: str) -> str:
 
     tags = {"stage": "train", "train_key": key, **cfg.tracking.tags}
     return open_run(
-        MlflowClient(tracking_uri(cfg)),
+        tracking_uri(cfg),
         out / "mlflow_run_id",
         cfg.tracking.experiment or cfg.name,
         cfg.tracking.run_name or f"{cfg.name} {cfg.model.name} {cfg.objective.name}",
@@ -186,7 +149,6 @@ def mlflow_run(cfg, out: Path, key: str) -> str:
 
 def train(cfg, pre: PrecomputeResult) -> TrainResult:
     """Trains (or resumes, or reuses) the run this config and precompute output define."""
-    from tasks.config import model_config, to_dict
 
     out = output_dir(cfg, pre)
     key = out.name
@@ -203,7 +165,7 @@ def train(cfg, pre: PrecomputeResult) -> TrainResult:
         if result.checkpoint is None:
             raise RuntimeError(f"training of {out} produced no checkpoint")
     except BaseException as err:
-        end_mlflow_run(cfg, run_id, err)
+        end_run(cfg, run_id, err)
         raise
     with result.checkpoint.as_directory() as ckpt:
         state = torch.load(Path(ckpt) / "state.pt", weights_only=True, map_location="cpu")
@@ -219,30 +181,18 @@ def train(cfg, pre: PrecomputeResult) -> TrainResult:
     Manifest(
         key, "train", resolved, [pre.key], files, extra, {"seconds": time.time() - started}
     ).write(out)
-    end_mlflow_run(cfg, run_id)
+    end_run(cfg, run_id)
     return TrainResult(out, key, True, state["step"], run_id)
 
 
-def end_mlflow_run(cfg, run_id: str, error: BaseException | None = None) -> None:
-    """Marks the run FINISHED, or FAILED with the error as a tag (a resume reopens it)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri(cfg))
-    if error is not None:
-        client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
-    client.set_terminated(run_id, "FAILED" if error is not None else "FINISHED")
-
-
 def _fit(cfg, pre: PrecomputeResult, out: Path, run_id: str):
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from tasks.config import to_dict
 
     t = cfg.train
     connect_ray(t.ray_address, t.num_workers * t.cpus_per_worker)
     loop_config = {
-        "cfg": to_dict(cfg),
+        "cfg": cfg,  # the dataclasses themselves (pickled by Ray): workers rebuild nothing
         "data": str(pre.path.resolve()),  # workers do not share the driver's cwd
         "out": str(out),
         "mlflow_uri": tracking_uri(cfg),
@@ -260,6 +210,7 @@ def _fit(cfg, pre: PrecomputeResult, out: Path, run_id: str):
             name="run",
             storage_path=str(out / "ray"),
             failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
         ),
     )
     return trainer.fit()
@@ -278,11 +229,8 @@ def train_loop(config: dict) -> None:
     from imf_core.data import LatentDataset
     from imf_core.ema import EMA
     from imf_core.training import make_optimizer, train_step, with_warmup_steps
-    from tasks.config import ExperimentConfig, model_config
 
-    cfg = OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(ExperimentConfig), config["cfg"])
-    )
+    cfg = config["cfg"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -416,10 +364,7 @@ class RankZeroLogger:
     """Terminal progress and MLflow metrics/images, from rank 0 only."""
 
     def __init__(self, config: dict, cfg, dataset, total: int):
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient(config["mlflow_uri"])
-        self.run_id = config["mlflow_run_id"]
+        self.run = RunWriter(config["mlflow_uri"], config["mlflow_run_id"])
         self.cfg, self.total, self.dataset = cfg, total, dataset
         self.last = time.perf_counter()
         self.pixel = (
@@ -439,12 +384,7 @@ class RankZeroLogger:
             "steps_per_s": rate,
             "samples_per_s": rate * t.batch_size,
         }
-        from mlflow.entities import Metric
-
-        stamp = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, v, stamp, step) for k, v in metrics.items()]
-        )
+        self.run.metrics(metrics, step)
         eta = (self.total - step) / max(rate, 1e-9)
         print(
             f"step {step}/{self.total}  loss {metrics['loss']:.4f}  mse_u {metrics['mse_u']:.4f}  "
@@ -474,4 +414,4 @@ class RankZeroLogger:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"samples_step{step:07d}.png"
             save_image((x.clamp(-1, 1).float().cpu() + 1) / 2, path, nrow=8)
-            self.client.log_artifact(self.run_id, str(path), "samples")
+            self.run.artifact(path, "samples")

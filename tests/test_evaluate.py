@@ -242,6 +242,8 @@ def test_given_weights_evaluate_without_training(setup, tmp_path):
         official
     )
     assert run.info.run_name == "eval iMF-tiny.pth" and "fid_best" in run.data.metrics
+    kind = client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"  # the UI's classic view, not its GenAI mode
     with pytest.raises(FileNotFoundError, match="eval.checkpoint"):
         checkpoint_source(evaluation(root / "i", "eval.checkpoint=/no/such.pth"))
 

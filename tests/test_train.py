@@ -80,8 +80,16 @@ def test_a_killed_worker_resumes_from_its_checkpoint(tmp_path, local_ray):
         "train.num_workers=2",
         "train.cpus_per_worker=1",
     ]
-    cfg, result = run(tmp_path, *overrides, "train.fault_at_step=6", "train.max_failures=1")
+    cfg, result = run(
+        tmp_path,
+        *overrides,
+        "train.fault_at_step=6",
+        "train.max_failures=1",
+        "train.keep_checkpoints=2",
+    )
     assert result.steps == 12 and (result.path / "fault_injected").read_text() == "6"
+    kept = sorted(p.name for p in (result.path / "ray" / "run").glob("checkpoint_*"))
+    assert len(kept) == 2, kept  # 3 reported (steps 4, 8, 12): the oldest is gone
     loss = history(cfg, result.mlflow_run_id, "loss")
     assert sorted(loss) == list(range(1, 13))
     # Steps 5 and 6 ran before the kill and again after resuming from the step-4 checkpoint:
