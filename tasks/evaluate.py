@@ -229,6 +229,9 @@ def evaluate(cfg, pre: PrecomputeResult | None, trained) -> EvalResult:
     weights = pre.path / "classifier.pt" if kind == "classifier" else Path(e.inception_weights)
     check_weights(kind, weights)  # before any worker starts
     reference = reference_path(cfg, pre)
+    ref = np.load(reference)
+    if not {"mu", "sigma"} <= set(ref.files):
+        raise ValueError(f"FID reference {reference} has no mu and sigma (keys: {ref.files})")
     slice_ = eval_slice(cfg, pre)
     out = output_dir(cfg, pre, trained, slice_)
     key = out.name
@@ -271,9 +274,6 @@ def evaluate(cfg, pre: PrecomputeResult | None, trained) -> EvalResult:
     real_units = units_of("real") if calibrated else []
     done_units = dict(zip(grid_units + real_units, compute(grid_units + real_units), strict=True))
 
-    ref = np.load(reference)
-    if not {"mu", "sigma"} <= set(ref.files):
-        raise ValueError(f"FID reference {reference} has no mu and sigma (keys: {ref.files})")
     reference_info = {"reference": str(reference), "reference_sha256": slice_["reference"]}
 
     def summary(parts: list[dict]) -> dict:
