@@ -206,20 +206,6 @@ def guided_target(
     return torch.where(expand_like(dropped, z), v_data, v_g), v_c
 
 
-def generate_euler(
-    model: torch.nn.Module,
-    noise: Tensor,
-    y: Tensor,
-    omega: float = 1.0,
-    t_min: float = 0.0,
-    t_max: float = 1.0,
-    steps: int = 32,
-) -> Tensor:
-    """`steps` Euler steps of the network's boundary velocity u(z, t, t) (h = 0), same inputs."""
-    cond = Conditions.for_sampling(y, omega, t_min, t_max)
-    return sample_euler(lambda z, t: model(z, t, torch.zeros_like(t), cond), noise, steps)
-
-
 def generate(
     model: torch.nn.Module,
     noise: Tensor,
@@ -228,7 +214,14 @@ def generate(
     t_min: float = 0.0,
     t_max: float = 1.0,
     steps: int = 1,
+    euler: bool = False,
 ) -> Tensor:
-    """Class-conditional generation with CFG as network inputs: still `steps` NFE, no extra pass."""
+    """Class-conditional generation with CFG as network inputs: still `steps` NFE, no extra pass.
+
+    euler=True integrates the network's boundary velocity u(z, t, t) (h = 0) with `steps` Euler
+    steps instead: the many-step calibration of a MeanFlow network.
+    """
     cond = Conditions.for_sampling(y, omega, t_min, t_max)
+    if euler:
+        return sample_euler(lambda z, t: model(z, t, torch.zeros_like(t), cond), noise, steps)
     return sample(lambda z, r, t: model(z, t, t - r, cond), noise, steps)

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from imf_core.data import LatentDataset
-from imf_core.guidance import generate, generate_euler
+from imf_core.guidance import generate
 from imf_core.metrics import FeatureStats, ScoreStats, did_not_learn, frechet_distance
 from imf_core.models import build
 from imf_core.models.official import load_official
@@ -500,9 +500,9 @@ class UnitRunner:
     def sample(self, unit: Unit, noise, y) -> torch.Tensor:
         """Latents of one batch: eval.nfe MeanFlow steps, or the many-step calibration."""
         t_min, t_max = unit.interval
-        if unit.kind == "euler":
-            return generate_euler(self.model, noise, y, unit.omega, t_min, t_max, self.e.many_steps)
-        return generate(self.model, noise, y, unit.omega, t_min, t_max, self.e.nfe)
+        euler = unit.kind == "euler"
+        steps = self.e.many_steps if euler else self.e.nfe
+        return generate(self.model, noise, y, unit.omega, t_min, t_max, steps, euler=euler)
 
     def images(self, noise, y, omega, interval) -> torch.Tensor:
         """1- or 2-NFE samples, decoded and converted to uint8 (tasks.features.to_uint8)."""

@@ -260,7 +260,7 @@ def test_results_say_which_reference_and_rounding(setup):
 def test_every_number_comes_with_its_calibration(setup):
     """Real-data floor, class-mean ceiling, many-step result, precision / recall, and the
     did-not-learn verdict, in every results.json entry; each a real measurement."""
-    from imf_core.guidance import generate_euler
+    from imf_core.guidance import generate
     from imf_core.metrics import FeatureStats, frechet_distance
     from tasks.datasets import digits
     from tasks.evaluate import load_model
@@ -299,7 +299,7 @@ def test_every_number_comes_with_its_calibration(setup):
     from tasks.evaluate import sample_noise
 
     noise = sample_noise(range(200), (1, 8, 8), 0)
-    x = generate_euler(model, noise, torch.arange(200) % 10, 1.0, 0.0, 1.0, 8)
+    x = generate(model, noise, torch.arange(200) % 10, 1.0, 0.0, 1.0, 8, euler=True)
     f, _ = extractor(to_uint8(x))
     mu, sigma = FeatureStats.of(f).mean_cov()
     euler = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
