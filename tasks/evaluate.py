@@ -313,7 +313,7 @@ def evaluate(cfg, pre: PrecomputeResult | None, trained) -> EvalResult:
                 point = (entry["omega"], [entry["t_min"], entry["t_max"]])
                 many = summary(compute(units_of("euler", *point)))
                 entry["many_step"] = {"steps": e.many_steps} | many
-    num_classes = results and local_num_classes(pre, local)
+    num_classes = local_num_classes(pre, local)
     for i, entry in enumerate(results):
         entry["best"] = i == best
         entry |= calibration
