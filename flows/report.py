@@ -356,10 +356,18 @@ def report_flow(
     directory = Path(artifacts).resolve() / "reports" / f"{sweep_name}-{run_scale}"
     directory.mkdir(parents=True, exist_ok=True)
     md_path = directory / "report.md"
+    grids = best_grids(client, variants, directory)
+    pictures = [
+        "",
+        "![FID vs omega](fid_vs_omega.png)",
+        "",
+        "### Samples at each variant's best point",
+        "",
+    ]
+    pictures += [f"![{g.stem}](grids/{g.name})" for g in grids]
     with atomic_path(md_path) as tmp:
-        tmp.write_text(markdown + "\n![FID vs omega](fid_vs_omega.png)\n")
-    files = [md_path, plot_curves(variants, directory / "fid_vs_omega.png")]
-    files += best_grids(client, variants, directory)
+        tmp.write_text(markdown + "\n".join(pictures) + "\n")
+    files = [md_path, plot_curves(variants, directory / "fid_vs_omega.png"), *grids]
     for path in files:
         sub = "report/grids" if path.parent.name == "grids" else "report"
         client.log_artifact(parent.info.run_id, str(path), sub)

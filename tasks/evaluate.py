@@ -511,9 +511,8 @@ class UnitRunner:
 
     @torch.no_grad()
     def sample_grids(self, points, out: Path) -> list[Path]:
-        """A PNG grid per grid point: a row per class (up to 10), grid_per_class columns."""
-        from torchvision.utils import save_image
-
+        """A PNG grid per grid point: a row per class (up to 10), grid_per_class columns,
+        enlarged for viewing (labelled_grid)."""
         e = self.e
         y = torch.arange(min(self.num_classes, 10)).repeat_interleave(e.grid_per_class)
         noise = torch.randn(len(y), *self.shape, generator=torch.Generator().manual_seed(e.seed))
@@ -523,9 +522,38 @@ class UnitRunner:
             path = out / "grids" / f"{point_name(omega, interval)}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
-                save_image(images.float() / 255, tmp, nrow=e.grid_per_class, format="png")
+                labelled_grid(images, e.grid_per_class, title=point_title(omega, interval)).save(
+                    tmp, format="png"
+                )
             paths.append(path)
         return paths
+
+
+def point_title(omega: float, interval: list[float]) -> str:
+    return f"omega {omega:g}, interval [{interval[0]:g}, {interval[1]:g}]"
+
+
+def labelled_grid(images: torch.Tensor, per_row: int, title: str, min_side: int = 256):
+    """uint8 images (N, C, H, W), one class per row -> a PIL image enlarged by an integer factor
+    (nearest neighbour: pixels stay pixels) to at least `min_side` per side, with the class
+    of each row on the left and the CFG point on top."""
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.cpu().float() / 255, nrow=per_row, padding=1, pad_value=0.5)
+    picture = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    scale = max(1, -(-min_side // min(picture.size)))
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    margin, top = 56, 20
+    canvas = Image.new("RGB", (picture.width + margin, picture.height + top), "white")
+    canvas.paste(picture.convert("RGB"), (margin, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), title, fill="black")
+    rows = -(-len(images) // per_row)
+    row_height = picture.height / rows
+    for k in range(rows):
+        draw.text((4, top + k * row_height + row_height / 2 - 5), f"class {k}", fill="black")
+    return canvas
 
 
 def run_units(runner_args: tuple, local, units: list[Unit], e, ray_address: str):

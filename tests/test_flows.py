@@ -188,6 +188,7 @@ def test_sweep_nests_variants_survives_a_failure_and_reports(tmp_path, prefect_s
     assert "| plain | " in report.markdown and "**did not learn** |" in report.markdown
     assert "failed (1)" in next(line for line in lines if line.startswith("| broken |"))
     assert "plain: no CFG" in imf_row and "cfg: ω " in imf_row  # the best point per variant
+    assert "![plain](grids/plain.png)" in (report.directory / "report.md").read_text()
     names = {Path(p).name for p in report.files}
     assert {"report.md", "fid_vs_omega.png", "plain.png", "cfg.png"} <= names
     logged = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
