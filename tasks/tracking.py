@@ -47,16 +47,16 @@ def get_run_or_none(mlflow_client, run_id: str):
 
 # MLflow 3's UI opens an experiment without this tag in its GenAI mode (traces, judges); the
 # classic model-training view is the one whose runs, params and metrics we log.
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def experiment_id(runs, name: str) -> str:
     """The experiment `name` (created when missing), marked as a model-training experiment."""
     found = runs.get_experiment_by_name(name)
     if found is None:
-        return runs.create_experiment(name, tags=EXPERIMENT_KIND)
-    if found.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
-        runs.set_experiment_tag(found.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        return runs.create_experiment(name, tags={KIND_TAG: MODEL_TRAINING})
+    if found.tags.get(KIND_TAG) != MODEL_TRAINING:
+        runs.set_experiment_tag(found.experiment_id, KIND_TAG, MODEL_TRAINING)
     return found.experiment_id
 
 
