@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -67,11 +68,15 @@ def open_run(uri: str, id_file: Path, experiment: str, run_name: str, tags: dict
     from mlflow.entities import Param
 
     runs = client(uri)
+    reap_dead_runs(uri)  # runs left RUNNING by killed processes: KILLED (or resumed below)
+    owner = owner_tags()
     if id_file.is_file():
         run_id = id_file.read_text().strip()
         runs.update_run(run_id, "RUNNING")
+        for key, value in owner.items():  # the process that now owns the run
+            runs.set_tag(run_id, key, value)
         return run_id
-    run_id = runs.create_run(experiment_id(runs, experiment), run_name=run_name, tags=tags)
+    run_id = runs.create_run(experiment_id(runs, experiment), run_name=run_name, tags=tags | owner)
     run_id = run_id.info.run_id
     items = list(params().items())
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
@@ -83,13 +88,52 @@ def open_run(uri: str, id_file: Path, experiment: str, run_name: str, tags: dict
 
 
 def end_run(cfg, run_id: str, error: BaseException | None = None) -> None:
-    """Marks the run FINISHED, or FAILED with the error as a tag (a resume reopens it)."""
-    from mlflow import MlflowClient
+    """Marks the run FINISHED; FAILED with the error as a tag; or KILLED, "interrupted by the
+    user", after Ctrl-C (a resume reopens it)."""
+    runs = client(tracking_uri(cfg))
+    status = "FINISHED"
+    if isinstance(error, KeyboardInterrupt | SystemExit):
+        status = "KILLED"
+        runs.set_tag(run_id, "error", "interrupted by the user")
+    elif error is not None:
+        status = "FAILED"
+        runs.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+    runs.set_terminated(run_id, status)
 
-    client = MlflowClient(tracking_uri(cfg))
-    if error is not None:
-        client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
-    client.set_terminated(run_id, "FAILED" if error is not None else "FINISHED")
+
+def owner_tags() -> dict[str, str]:
+    """Which process owns a RUNNING run: reap_dead_runs marks it KILLED once that is gone."""
+    return {"imf.host": socket.gethostname(), "imf.pid": str(os.getpid())}
+
+
+def reap_dead_runs(uri: str) -> list[str]:
+    """Marks KILLED every RUNNING run whose owner process on this host is gone (a SIGKILL,
+    an OOM kill, a lost machine session): MLflow would show it RUNNING forever. Returns the
+    run ids it marked. Runs of other hosts are left to commands there."""
+    runs = client(uri)
+    experiments = [e.experiment_id for e in runs.search_experiments()]
+    if not experiments:
+        return []
+    host = socket.gethostname()
+    where = f"attributes.status = 'RUNNING' and tags.`imf.host` = '{host}'"
+    reaped = []
+    for run in runs.search_runs(experiments, where, max_results=1000):
+        pid = int(run.data.tags.get("imf.pid", "0"))
+        if pid and not process_alive(pid):
+            runs.set_tag(run.info.run_id, "error", f"killed: its process (pid {pid}) is gone")
+            runs.set_terminated(run.info.run_id, "KILLED")
+            reaped.append(run.info.run_id)
+    return reaped
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 class RunWriter:
