@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -141,3 +142,17 @@ def cache_key_of(output_dir: Callable[..., Path]) -> Callable[[Any, dict], str |
         return f"{done.stage}-{done.key}-{hashlib.sha256(instance.encode()).hexdigest()[:8]}"
 
     return key_fn
+
+
+def require_free_space(directory: Path, need_bytes: int, what: str) -> None:
+    """Refuses, before a stage starts, when the disk under `directory` cannot take the stage's
+    estimated output (with a 10 % margin): a clear error now, not ENOSPC hours in."""
+    existing = Path(directory).resolve()
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < 1.1 * need_bytes:
+        raise OSError(
+            f"not enough disk for {what} under {directory}: it needs about "
+            f"{need_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB are free"
+        )

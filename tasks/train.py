@@ -26,7 +26,14 @@ from prefect import task
 from safetensors.torch import save_file
 
 from imf_core.models import build, count_params
-from tasks.artifacts import FileRecord, Manifest, cache_key_of, content_key, write_json_atomic
+from tasks.artifacts import (
+    FileRecord,
+    Manifest,
+    cache_key_of,
+    content_key,
+    require_free_space,
+    write_json_atomic,
+)
 from tasks.cluster import connect_ray
 from tasks.precompute import PrecomputeResult
 from tasks.resolve import model_config, to_dict
@@ -119,6 +126,13 @@ def train_key(cfg, precompute_key: str) -> str:
     return content_key("train", config, [precompute_key])
 
 
+def checkpoint_bytes(cfg) -> int:
+    """One checkpoint's size: model, EMA and Adam's two moments, float32 (the export is less)."""
+    with torch.device("meta"):
+        params = count_params(build(model_config(cfg)), inference=False)
+    return 4 * 4 * params
+
+
 def output_dir(cfg, pre: PrecomputeResult) -> Path:
     return Path(cfg.paths.artifacts).resolve() / "train" / train_key(cfg, pre.key)
 
@@ -156,6 +170,7 @@ def train(cfg, pre: PrecomputeResult) -> TrainResult:
     if done is not None and all(f.valid_in(out, "size") for f in done.files):
         return TrainResult(out, key, False, done.extra["steps"], done.extra["mlflow_run_id"])
     started = time.time()
+    require_free_space(out, checkpoint_bytes(cfg) * (cfg.train.keep_checkpoints + 1), "training")
     run_id = mlflow_run(cfg, out, key)
     try:
         result = _fit(cfg, pre, out, run_id)

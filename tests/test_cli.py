@@ -127,3 +127,23 @@ def test_runs_of_dead_processes_are_marked_killed_and_ctrl_c_is_named(tmp_path):
     # Reopening a killed run resumes it, owned by this process.
     assert open_run(uri, tmp_path / "a" / "id", "exp", "orphan", {}, dict) == orphan
     assert runs.get_run(orphan).info.status == "RUNNING"
+
+
+def test_a_full_disk_refuses_training_up_front(capsys, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import tasks.artifacts
+
+    monkeypatch.chdir(tmp_path)
+    usage = namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+
+    def nearly_full(path):  # precompute's shards still fit; a training's checkpoints do not
+        return usage(real(path).total, real(path).total - 2_000_000, 2_000_000)
+
+    monkeypatch.setattr(tasks.artifacts.shutil, "disk_usage", nearly_full)
+    assert main(["train", "-e", "smoke", "precompute.classifier_steps=0"]) == 2
+    err = capsys.readouterr().err
+    assert "not enough disk for training" in err and "GB are free" in err
+    assert not list((tmp_path / "artifacts").glob("train/*/ray"))  # Ray never started
