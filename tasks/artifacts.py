@@ -8,10 +8,12 @@ timings. This, not any orchestrator cache, is the source of truth for "already c
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -156,3 +158,29 @@ def require_free_space(directory: Path, need_bytes: int, what: str) -> None:
             f"not enough disk for {what} under {directory}: it needs about "
             f"{need_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB are free"
         )
+
+
+@contextmanager
+def output_lock(out: Path, what: str, say: Callable[[str], None] = print) -> Iterator[None]:
+    """Holds the lock of one stage output while it is computed, so that two launches of the same
+    work compute it once: the second waits (saying who holds it), then finds the first one's
+    `_SUCCESS` and reuses it. An OS file lock (flock) on `.<key>.lock` beside the output: the
+    kernel releases it when its holder dies, so a killed holder's lock is simply taken over.
+    (flock is per host on most network file systems: one launch per output across nodes.)"""
+    path = Path(out).parent / f".{Path(out).name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            say(f"{what} {Path(out).name} is being computed by {holder}: waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.ctime()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(owner).encode(), 0)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

@@ -40,6 +40,7 @@ from tasks.artifacts import (
     atomic_path,
     cache_key_of,
     content_key,
+    output_lock,
     sha256_file,
     write_json_atomic,
 )
@@ -234,6 +235,12 @@ def evaluate(cfg, pre: PrecomputeResult | None, trained) -> EvalResult:
         raise ValueError(f"FID reference {reference} has no mu and sigma (keys: {ref.files})")
     slice_ = eval_slice(cfg, pre)
     out = output_dir(cfg, pre, trained, slice_)
+    with output_lock(out, "evaluation"):
+        return _evaluate(cfg, pre, trained, out, slice_, kind, weights, reference, ref)
+
+
+def _evaluate(cfg, pre, trained, out: Path, slice_: dict, kind, weights, reference, ref):
+    e = cfg.eval
     key = out.name
     done = Manifest.read(out)
     if done is not None:

@@ -32,6 +32,7 @@ from tasks.artifacts import (
     atomic_path,
     cache_key_of,
     content_key,
+    output_lock,
     require_manifest,
 )
 from tasks.datasets import open_source
@@ -228,6 +229,13 @@ def precompute(
             data.flips,
         )
     out = Path(artifacts) / "precompute" / key
+    with output_lock(out, "precompute"):
+        return _precompute(
+            data, tokenizer, pre, out, key, tok_fp, rows, num_classes, flips, started
+        )
+
+
+def _precompute(data, tokenizer, pre, out, key, tok_fp, rows, num_classes, flips, started):
     shards = [rows[i : i + pre.rows_per_shard] for i in range(0, len(rows), pre.rows_per_shard)]
     names = [f"shard-{k:05d}.parquet" for k in range(len(shards))]
 

@@ -31,6 +31,7 @@ from tasks.artifacts import (
     Manifest,
     cache_key_of,
     content_key,
+    output_lock,
     require_free_space,
     write_json_atomic,
 )
@@ -162,9 +163,14 @@ def mlflow_run(cfg, out: Path, key: str) -> str:
 
 
 def train(cfg, pre: PrecomputeResult) -> TrainResult:
-    """Trains (or resumes, or reuses) the run this config and precompute output define."""
-
+    """Trains (or resumes, or reuses) the run this config and precompute output define; a
+    second launch of the same training waits for the first and reuses its output."""
     out = output_dir(cfg, pre)
+    with output_lock(out, "training"):
+        return _train(cfg, pre, out)
+
+
+def _train(cfg, pre: PrecomputeResult, out: Path) -> TrainResult:
     key = out.name
     done = Manifest.read(out)
     if done is not None and all(f.valid_in(out, "size") for f in done.files):

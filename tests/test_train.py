@@ -110,3 +110,53 @@ def test_a_non_finite_loss_stops_with_a_clear_message(tmp_path, local_ray):
         )
     checkpoints = list((tmp_path / "train").glob("*/ray/run/checkpoint_*"))
     assert checkpoints  # the last good checkpoint is kept
+
+
+def test_two_launches_of_the_same_training_train_once(tmp_path):
+    """Two `imf train` at once on one artifacts directory: one trains, the other waits for it
+    (saying who holds the output) and reuses what it made."""
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "flows.cli", "train", "-e", "smoke", "train.steps=30"]
+    args += ["train.checkpoint_every=10", "precompute.classifier_steps=0"]
+    args += [f"paths.artifacts={tmp_path}/a", f"tracking.uri=sqlite:///{tmp_path}/m.db"]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    launches = [
+        subprocess.Popen(
+            args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in launches]
+    assert [p.returncode for p in launches] == [0, 0], outputs
+    states = sorted(
+        line.split(",")[0] for o in outputs for line in o.splitlines() if line.startswith("train: ")
+    )
+    assert states == ["train: reused", "train: trained"], outputs
+    assert any("is being computed by" in o for o in outputs)
+    (train_dir,) = (tmp_path / "a" / "train").iterdir()
+    assert len([p for p in (train_dir / "ray" / "run").glob("checkpoint_*") if p.is_dir()]) == 3
+
+
+def test_a_dead_holders_lock_is_taken_over(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tasks.artifacts import output_lock
+
+    out = tmp_path / "train" / "key"
+    script = (
+        "import time\nfrom tasks.artifacts import output_lock\n"
+        f"with output_lock({str(out)!r}, 'x'):\n    print('held', flush=True)\n    time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    started = time.time()
+    with output_lock(out, "training"):  # the kernel released the dead holder's lock
+        assert time.time() - started < 5
