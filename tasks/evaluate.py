@@ -144,8 +144,11 @@ def feature_kind(cfg) -> str:
 
 
 def preflight(cfg) -> None:
-    """Files an evaluation will need, checked before any stage starts (a clear error, not a
-    failure after an hour of precompute and training)."""
+    """What the stages will need -- the tracking server, the files -- checked before any stage
+    starts (a clear error, not a failure after an hour of precompute and training)."""
+    from tasks.tracking import check_reachable, tracking_uri
+
+    check_reachable(tracking_uri(cfg))
     tok = cfg.tokenizer
     if tok.name == "sd_vae" and tok.path:
         folder = Path(tok.path)

@@ -20,6 +20,26 @@ def tracking_uri(cfg) -> str:
     return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server must answer before any stage starts (MLflow's own client retries a
+    dead server for minutes): one quick /health request. Local stores need no check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as answer:
+            if answer.status == 200:
+                return
+            problem = f"HTTP {answer.status}"
+    except OSError as err:
+        problem = str(getattr(err, "reason", err))
+    raise ConnectionError(
+        f"the MLflow tracking server at {uri} does not answer ({problem}); start it, or set "
+        "tracking.uri (or MLFLOW_TRACKING_URI) to a reachable server or a local sqlite:/// file"
+    )
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     out = {}
     for k, v in d.items():

@@ -35,6 +35,11 @@ def test_help_lists_the_contract(capsys):
         ),
         (["sweep", "table1a", "eval.features=inception"], "never downloaded"),
         (["evaluate", "-e", "smoke", "eval.checkpoint=/no/such.pth"], "is not a file"),
+        (
+            ["train", "-e", "smoke", "tracking.uri=http://127.0.0.1:9"],
+            "the MLflow tracking server at http://127.0.0.1:9 does not answer",
+        ),
+        (["run", "-e", "smoke", "tracking.uri=http://127.0.0.1:9"], "does not answer"),
     ],
 )
 def test_bad_input_fails_before_any_work(argv, message, capsys, tmp_path, monkeypatch):
