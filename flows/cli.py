@@ -205,6 +205,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tasks.cluster import quiet_known_warnings
+
+    quiet_known_warnings()
     parser = build_parser()
     # key=value overrides may follow options (`imf sweep t --scale smoke k=v`): argparse binds
     # a trailing positional list at its first position, so the rest arrive as extras.

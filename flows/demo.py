@@ -16,11 +16,13 @@ import time
 
 from flows.cli import print_results
 from flows.pipeline import run_pipeline
+from tasks.cluster import quiet_known_warnings
 from tasks.config import load_config
 from tasks.tracking import tracking_uri
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_known_warnings()
     overrides = sys.argv[1:] if argv is None else argv
     started = time.perf_counter()
     result = run_pipeline("demo", overrides)

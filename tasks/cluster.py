@@ -20,6 +20,15 @@ def quiet_worker_logs() -> None:
 
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_known_warnings()
+
+
+def quiet_known_warnings() -> None:
+    """torch's own forward-AD decompositions still call torch.jit.script, which warns that it
+    is deprecated on every first JVP: not ours to fix, and not a user's concern."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
 
 
 def connect_ray(address: str, cpus_needed: float) -> None:
