@@ -164,10 +164,12 @@ def require_free_space(directory: Path, need_bytes: int, what: str) -> None:
 def output_lock(out: Path, what: str, say: Callable[[str], None] = print) -> Iterator[None]:
     """Holds the lock of one stage output while it is computed, so that two launches of the same
     work compute it once: the second waits (saying who holds it), then finds the first one's
-    `_SUCCESS` and reuses it. An OS file lock (flock) on `.<key>.lock` beside the output: the
-    kernel releases it when its holder dies, so a killed holder's lock is simply taken over.
-    (flock is per host on most network file systems: one launch per output across nodes.)"""
-    path = Path(out).parent / f".{Path(out).name}.lock"
+    `_SUCCESS` and reuses it. An OS file lock (flock) on `<artifacts>/locks/<stage>-<key>.lock`:
+    the kernel releases it when its holder dies, so a killed holder's lock is simply taken
+    over. (flock is per host on most network file systems: one launch per output across
+    nodes.)"""
+    out = Path(out)
+    path = out.parent.parent / "locks" / f"{out.parent.name}-{out.name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
