@@ -171,6 +171,10 @@ class RunWriter:
         batch = [Metric(k, v, stamp, step) for k, v in values.items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
+    def last_step(self, metric: str) -> int:
+        """The last step of `metric` already in the run (0 for a new run)."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, metric)), default=0)
+
     def artifact(self, path: Path, directory: str) -> None:
         self.client.log_artifact(self.run_id, str(path), directory)
 

@@ -386,6 +386,9 @@ class RankZeroLogger:
 
     def __init__(self, config: dict, cfg, dataset, total: int):
         self.run = RunWriter(config["mlflow_uri"], config["mlflow_run_id"])
+        # After a restart from a checkpoint the steps since it run again (the same numbers):
+        # the run already has them, so each step is logged exactly once.
+        self.logged = self.run.last_step("loss")
         self.cfg, self.total, self.dataset = cfg, total, dataset
         self.last = time.perf_counter()
         self.pixel = (
@@ -405,11 +408,14 @@ class RankZeroLogger:
             "steps_per_s": rate,
             "samples_per_s": rate * t.batch_size,
         }
-        self.run.metrics(metrics, step)
+        replayed = step <= self.logged
+        if not replayed:
+            self.run.metrics(metrics, step)
         eta = (self.total - step) / max(rate, 1e-9)
         print(
             f"step {step}/{self.total}  loss {metrics['loss']:.4f}  mse_u {metrics['mse_u']:.4f}  "
-            f"{rate:.2f} it/s  eta {eta:.0f}s",
+            f"{rate:.2f} it/s  eta {eta:.0f}s"
+            + ("  (replayed: logged before)" if replayed else ""),
             flush=True,
         )
 
