@@ -252,9 +252,9 @@ def _evaluate(cfg, pre, trained, out: Path, slice_: dict, kind, weights, referen
     started = time.time()
 
     expect = None
-    if pre is not None:  # the model must fit the data it is compared with
-        extra = Manifest.read(pre.path).extra
-        expect = (extra["num_classes"], tuple(extra["latent_shape"][1:]))
+    data_info = Manifest.read(pre.path).extra if pre is not None else None
+    if data_info is not None:  # the model must fit the data it is compared with
+        expect = (data_info["num_classes"], tuple(data_info["latent_shape"][1:]))
     input_size = model_config(cfg).input_size  # official files hold no latent side (RoPE)
     data = str(pre.path) if pre is not None else None
     runner_args = (trained.weights, input_size, cfg.tokenizer, kind, weights, e, expect, data)
@@ -304,7 +304,7 @@ def _evaluate(cfg, pre, trained, out: Path, slice_: dict, kind, weights, referen
     real_prc = None
     if calibrated:
         parts = [done_units[u] for u in real_units]
-        calibration = real_calibration(parts, local(), ref, summary, e, num_rows(pre))
+        calibration = real_calibration(parts, local(), ref, summary, e, data_info["num_rows"])
         real_prc = np.concatenate([p["prc"] for p in parts])
     results = []
     for omega, interval in points:
@@ -323,7 +323,7 @@ def _evaluate(cfg, pre, trained, out: Path, slice_: dict, kind, weights, referen
                 point = (entry["omega"], [entry["t_min"], entry["t_max"]])
                 many = summary(compute(units_of("euler", *point)))
                 entry["many_step"] = {"steps": e.many_steps} | many
-    num_classes = local_num_classes(pre, local)
+    num_classes = data_info["num_classes"] if data_info is not None else local().num_classes
     for i, entry in enumerate(results):
         entry["best"] = i == best
         entry |= calibration
@@ -346,16 +346,6 @@ def _evaluate(cfg, pre, trained, out: Path, slice_: dict, kind, weights, referen
     timings = {"seconds": time.time() - started}
     Manifest(key, "evaluate", slice_, input_keys(pre, trained), files, extra, timings).write(out)
     return EvalResult(out, key, True, computed, results, run_id)
-
-
-def num_rows(pre: PrecomputeResult) -> int:
-    return Manifest.read(pre.path).extra["num_rows"]
-
-
-def local_num_classes(pre: PrecomputeResult | None, local) -> int:
-    if pre is not None:
-        return Manifest.read(pre.path).extra["num_classes"]
-    return local().num_classes
 
 
 def real_indices(rows: int, n: int, seed: int) -> tuple[torch.Tensor, str]:
