@@ -73,14 +73,14 @@ def upstream(args: argparse.Namespace, stage: str):
     from tasks.config import load_config
     from tasks.evaluate import preflight
     from tasks.precompute import precompute
-    from tasks.tracking import check_reachable, tracking_uri
+    from tasks.tracking import prepare
     from tasks.train import train
 
     cfg = load_config(args.experiment, args.overrides)
     if stage == "evaluate":
         preflight(cfg)
     else:
-        check_reachable(tracking_uri(cfg))
+        prepare(cfg)
     pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
     print(f"precompute: {'computed' if pre.computed else 'reused'} {pre.path}")
     if stage == "train":

@@ -146,9 +146,9 @@ def feature_kind(cfg) -> str:
 def preflight(cfg) -> None:
     """What the stages will need -- the tracking server, the files -- checked before any stage
     starts (a clear error, not a failure after an hour of precompute and training)."""
-    from tasks.tracking import check_reachable, tracking_uri
+    from tasks.tracking import prepare
 
-    check_reachable(tracking_uri(cfg))
+    prepare(cfg)
     tok = cfg.tokenizer
     if tok.name == "sd_vae" and tok.path:
         folder = Path(tok.path)

@@ -8,10 +8,19 @@ training only appends to its run.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import json
 import os
+import shutil
 import socket
+import threading
 import time
 from pathlib import Path
+
+# MLflow's client retries an unreachable server for ~4 minutes (7 retries, doubling backoff):
+# a training's journal retries on its own, so a few seconds of retrying is enough (env wins).
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def tracking_uri(cfg) -> str:
@@ -38,6 +47,14 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         f"the MLflow tracking server at {uri} does not answer ({problem}); start it, or set "
         "tracking.uri (or MLFLOW_TRACKING_URI) to a reachable server or a local sqlite:/// file"
     )
+
+
+def prepare(cfg) -> None:
+    """Before any stage: the server answers (or a clear error, at once), and what an outage
+    left in earlier trainings' journals is sent now, completing their MLflow records."""
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    replay_all(Path(cfg.paths.artifacts), uri)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -107,17 +124,27 @@ def open_run(uri: str, id_file: Path, experiment: str, run_name: str, tags: dict
     return run_id
 
 
-def end_run(cfg, run_id: str, error: BaseException | None = None) -> None:
+def end_run(cfg, run_id: str, error: BaseException | None = None, journal: Path | None = None):
     """Marks the run FINISHED; FAILED with the error as a tag; or KILLED, "interrupted by the
-    user", after Ctrl-C (a resume reopens it)."""
-    runs = client(tracking_uri(cfg))
-    status = "FINISHED"
+    user", after Ctrl-C (a resume reopens it). With a training's `journal`, the end is its last
+    record: sent now if the server answers, else by the next replay."""
+    status, message = "FINISHED", ""
     if isinstance(error, KeyboardInterrupt | SystemExit):
-        status = "KILLED"
-        runs.set_tag(run_id, "error", "interrupted by the user")
+        status, message = "KILLED", "interrupted by the user"
     elif error is not None:
-        status = "FAILED"
-        runs.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+        status, message = "FAILED", f"{type(error).__name__}: {error}"[:5000]
+    if journal is None:
+        finish(client(tracking_uri(cfg)), run_id, status, message)
+        return
+    append_record(journal, {"end": status, "error": message, "run_id": run_id})
+    replay(journal, tracking_uri(cfg))
+
+
+def finish(runs, run_id: str, status: str, error: str) -> None:
+    if error:
+        runs.set_tag(run_id, "error", error)
+    elif "error" in runs.get_run(run_id).data.tags:  # e.g. reaped while its journal waited
+        runs.delete_tag(run_id, "error")
     runs.set_terminated(run_id, status)
 
 
@@ -156,27 +183,134 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-class RunWriter:
-    """Appends metrics and files to one run (a training's rank 0)."""
+class RunJournal:
+    """Rank 0's MLflow record of a training, written first to a local JSONL journal beside the
+    checkpoints and sent from there by a background thread: a tracking outage neither stops
+    nor slows training. What the server did not take stays in the journal; `replay` sends it
+    when the server is back (the end of this training, its resume, or any later `imf` command),
+    in order and once. The journal also says which steps were logged, so a training resumed
+    from a checkpoint logs the steps it runs again only once."""
 
-    def __init__(self, uri: str, run_id: str):
-        from mlflow import MlflowClient
+    def __init__(self, uri: str, run_id: str, path: Path, flush_every: float = 2.0):
+        self.uri, self.run_id, self.path = uri, run_id, path
+        self.files = path.parent / "journal_files"
+        self.logged = max((r.get("step", 0) for r in read_journal(path)), default=0)
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(
+            target=self._flush_loop, args=(flush_every,), name="mlflow-journal", daemon=True
+        )
+        self._flusher.start()
 
-        self.client, self.run_id = MlflowClient(uri), run_id
-
-    def metrics(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        stamp = int(time.time() * 1000)
-        batch = [Metric(k, v, stamp, step) for k, v in values.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
-
-    def last_step(self, metric: str) -> int:
-        """The last step of `metric` already in the run (0 for a new run)."""
-        return max((m.step for m in self.client.get_metric_history(self.run_id, metric)), default=0)
+    def metrics(self, values: dict[str, float], step: int) -> bool:
+        """Journals `values` at `step` unless that step was logged before; True if journaled."""
+        if step <= self.logged:
+            return False
+        append_record(
+            self.path,
+            {
+                "run_id": self.run_id,
+                "step": step,
+                "time": int(time.time() * 1000),
+                "metrics": values,
+            },
+        )
+        self.logged = step
+        return True
 
     def artifact(self, path: Path, directory: str) -> None:
-        self.client.log_artifact(self.run_id, str(path), directory)
+        """Keeps a copy of `path` beside the journal until it is sent."""
+        self.files.mkdir(exist_ok=True)
+        kept = self.files / path.name
+        shutil.copyfile(path, kept)
+        append_record(self.path, {"run_id": self.run_id, "artifact": kept.name, "dir": directory})
+
+    def _flush_loop(self, every: float) -> None:
+        while not self._stop.wait(every):
+            replay(self.path, self.uri, quiet=True)
+
+    def close(self, timeout: float = 30.0) -> int:
+        """Stops the flusher and makes one last attempt; returns the records still unsent."""
+        self._stop.set()
+        self._flusher.join(timeout)
+        return replay(self.path, self.uri, quiet=True)
+
+
+JOURNAL = "mlflow_journal.jsonl"
+
+
+def append_record(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_journal(path: Path) -> list[dict]:
+    """The journal's complete records (a line cut short by a kill is not one)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def replay(path: Path, uri: str, quiet: bool = False) -> int:
+    """Sends the journal's unsent records to MLflow in order; returns how many remain unsent
+    (0: the run's MLflow record is complete). `<journal>.sent` counts the records sent, under
+    a file lock, so the flusher, the driver and a later command never send one twice."""
+    records = read_journal(path)
+    sent_file = path.with_suffix(".sent")
+    if not records:
+        return 0
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = int(sent_file.read_text() or 0) if sent_file.is_file() else 0
+        runs = client(uri)
+        for i in range(done, len(records)):
+            try:
+                send_record(runs, path.parent, records[i])
+            except Exception as err:  # the server is away: the rest waits for the next replay
+                if not quiet:
+                    print(
+                        f"MLflow at {uri} is unreachable ({type(err).__name__}); "
+                        f"{len(records) - i} records stay in {path} and are sent later"
+                    )
+                return len(records) - i
+            tmp = sent_file.with_suffix(".tmp")
+            tmp.write_text(str(i + 1))
+            tmp.replace(sent_file)
+    return 0
+
+
+def send_record(runs, directory: Path, record: dict) -> None:
+    from mlflow.entities import Metric
+
+    run_id = record["run_id"]
+    if "metrics" in record:
+        batch = [Metric(k, v, record["time"], record["step"]) for k, v in record["metrics"].items()]
+        runs.log_batch(run_id, metrics=batch)
+    elif "artifact" in record:
+        runs.log_artifact(
+            run_id, str(directory / "journal_files" / record["artifact"]), record["dir"]
+        )
+    elif "end" in record:
+        finish(runs, run_id, record["end"], record.get("error", ""))
+
+
+def replay_all(artifacts: Path, uri: str) -> int:
+    """Replays every training journal under `artifacts` that has unsent records (after an
+    outage, the next command completes the MLflow record). Returns the records still unsent."""
+    pending = 0
+    for journal in sorted(Path(artifacts).glob(f"train/*/{JOURNAL}")):
+        sent = journal.with_suffix(".sent")
+        count = int(sent.read_text() or 0) if sent.is_file() else 0
+        if count < len(read_journal(journal)):
+            pending += replay(journal, uri)
+    return pending
 
 
 def log_evaluation(

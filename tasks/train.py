@@ -38,7 +38,7 @@ from tasks.artifacts import (
 from tasks.cluster import connect_ray
 from tasks.precompute import PrecomputeResult
 from tasks.resolve import model_config, to_dict
-from tasks.tracking import RunWriter, end_run, flatten, open_run, tracking_uri
+from tasks.tracking import JOURNAL, RunJournal, end_run, flatten, open_run, replay, tracking_uri
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
@@ -178,6 +178,8 @@ def _train(cfg, pre: PrecomputeResult, out: Path) -> TrainResult:
     started = time.time()
     require_free_space(out, checkpoint_bytes(cfg) * (cfg.train.keep_checkpoints + 1), "training")
     run_id = mlflow_run(cfg, out, key)
+    journal = out / JOURNAL
+    replay(journal, tracking_uri(cfg))  # a resume: first what an outage left unsent
     try:
         result = _fit(cfg, pre, out, run_id)
         nan_marker = out / "NAN"
@@ -186,7 +188,7 @@ def _train(cfg, pre: PrecomputeResult, out: Path) -> TrainResult:
         if result.checkpoint is None:
             raise RuntimeError(f"training of {out} produced no checkpoint")
     except BaseException as err:
-        end_run(cfg, run_id, err)
+        end_run(cfg, run_id, err, journal)
         raise
     with result.checkpoint.as_directory() as ckpt:
         state = torch.load(Path(ckpt) / "state.pt", weights_only=True, map_location="cpu")
@@ -202,7 +204,7 @@ def _train(cfg, pre: PrecomputeResult, out: Path) -> TrainResult:
     Manifest(
         key, "train", resolved, [pre.key], files, extra, {"seconds": time.time() - started}
     ).write(out)
-    end_run(cfg, run_id)
+    end_run(cfg, run_id, journal=journal)
     return TrainResult(out, key, True, state["step"], run_id)
 
 
@@ -303,63 +305,69 @@ def train_loop(config: dict) -> None:
     bf16 = device.type == "cuda"
     logger = RankZeroLogger(config, cfg, dataset, total) if rank == 0 else None
     start_time, start_step = time.perf_counter(), step
-    while step < total:
-        epoch, skip = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        for indices in list(BatchSampler(sampler, local_batch, drop_last=False))[skip:]:
-            if step >= total:
-                break
-            if (
-                step == t.fault_at_step
-                and rank == world - 1
-                and not (out / "fault_injected").exists()
-            ):
-                # A worker dies mid-run (tests). It waits first: Ray registers a reported
-                # checkpoint asynchronously, and one reported just before a crash can be lost.
-                (out / "fault_injected").write_text(str(step))
-                time.sleep(5)
-                os.kill(os.getpid(), signal.SIGKILL)
-            x, y = (v.to(device) for v in default_collate(dataset.__getitems__(indices)))
-            generator = torch.Generator().manual_seed(t.seed * 1_000_003 + step)  # resumable noise
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                parts = train_step(
-                    ddp,
-                    optimizer,
-                    ema,
-                    x,
-                    y,
-                    cfg.objective,
-                    cfg.guidance,
-                    mcfg.num_classes,
-                    step,
-                    optim,
-                    generator=generator,
-                    inner=model,
-                    compile_jvp=t.compile_jvp,
-                    shard=(rank, world),
-                )
-            bad = torch.tensor([0.0 if torch.isfinite(parts["loss"]) else 1.0], device=device)
-            if world > 1:
-                torch.distributed.all_reduce(bad)
-            if bad.item() > 0:  # every rank sees it, so every rank stops at the same report
-                if rank == 0:
-                    (out / "NAN").write_text(
-                        f"loss is not finite at step {step}; the last good checkpoint is kept"
+    try:
+        while step < total:
+            epoch, skip = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            for indices in list(BatchSampler(sampler, local_batch, drop_last=False))[skip:]:
+                if step >= total:
+                    break
+                if (
+                    step == t.fault_at_step
+                    and rank == world - 1
+                    and not (out / "fault_injected").exists()
+                ):
+                    # A worker dies mid-run (tests). It waits first: Ray registers a reported
+                    # checkpoint asynchronously, and one reported just before a crash can be lost.
+                    (out / "fault_injected").write_text(str(step))
+                    time.sleep(5)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                x, y = (v.to(device) for v in default_collate(dataset.__getitems__(indices)))
+                generator = torch.Generator().manual_seed(
+                    t.seed * 1_000_003 + step
+                )  # resumable noise
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    parts = train_step(
+                        ddp,
+                        optimizer,
+                        ema,
+                        x,
+                        y,
+                        cfg.objective,
+                        cfg.guidance,
+                        mcfg.num_classes,
+                        step,
+                        optim,
+                        generator=generator,
+                        inner=model,
+                        compile_jvp=t.compile_jvp,
+                        shard=(rank, world),
                     )
-                ray.train.report({"step": step, "nan": 1})
-                return
-            step += 1
-            if step % t.log_every == 0 or step == total:
-                if world > 1:  # log the global batch's numbers, not rank 0's share
-                    names = sorted(parts)
-                    values = torch.stack([parts[k].float() for k in names]).to(device)
-                    torch.distributed.all_reduce(values)
-                    parts = dict(zip(names, values / world, strict=True))
-                if logger is not None:
-                    logger.step(step, parts, optimizer, start_time, start_step)
-            if step % t.checkpoint_every == 0 or step == total:
-                report(step, model, optimizer, ema, rank, logger)
+                bad = torch.tensor([0.0 if torch.isfinite(parts["loss"]) else 1.0], device=device)
+                if world > 1:
+                    torch.distributed.all_reduce(bad)
+                if bad.item() > 0:  # every rank sees it, so every rank stops at the same report
+                    if rank == 0:
+                        (out / "NAN").write_text(
+                            f"loss is not finite at step {step}; the last good checkpoint is kept"
+                        )
+                    ray.train.report({"step": step, "nan": 1})
+                    return
+                step += 1
+                if step % t.log_every == 0 or step == total:
+                    if world > 1:  # log the global batch's numbers, not rank 0's share
+                        names = sorted(parts)
+                        values = torch.stack([parts[k].float() for k in names]).to(device)
+                        torch.distributed.all_reduce(values)
+                        parts = dict(zip(names, values / world, strict=True))
+                    if logger is not None:
+                        logger.step(step, parts, optimizer, start_time, start_step)
+                if step % t.checkpoint_every == 0 or step == total:
+                    report(step, model, optimizer, ema, rank, logger)
+    finally:
+        if logger is not None:
+            logger.run.close()  # one last send; what stays unsent, the driver replays
 
 
 def report(step: int, model, optimizer, ema, rank: int, logger) -> None:
@@ -385,10 +393,12 @@ class RankZeroLogger:
     """Terminal progress and MLflow metrics/images, from rank 0 only."""
 
     def __init__(self, config: dict, cfg, dataset, total: int):
-        self.run = RunWriter(config["mlflow_uri"], config["mlflow_run_id"])
+        # Journaled first, sent by a background thread (a tracking outage never stops training).
         # After a restart from a checkpoint the steps since it run again (the same numbers):
-        # the run already has them, so each step is logged exactly once.
-        self.logged = self.run.last_step("loss")
+        # the journal already has them, so each step is logged exactly once.
+        self.run = RunJournal(
+            config["mlflow_uri"], config["mlflow_run_id"], Path(config["out"]) / JOURNAL
+        )
         self.cfg, self.total, self.dataset = cfg, total, dataset
         self.last = time.perf_counter()
         self.pixel = (
@@ -408,9 +418,7 @@ class RankZeroLogger:
             "steps_per_s": rate,
             "samples_per_s": rate * t.batch_size,
         }
-        replayed = step <= self.logged
-        if not replayed:
-            self.run.metrics(metrics, step)
+        replayed = not self.run.metrics(metrics, step)
         eta = (self.total - step) / max(rate, 1e-9)
         print(
             f"step {step}/{self.total}  loss {metrics['loss']:.4f}  mse_u {metrics['mse_u']:.4f}  "

@@ -4,8 +4,6 @@ Every run, metric and artifact must arrive. Skipped (with the reason) without Po
 
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from services import free_port, service, stop
 
 pytestmark = pytest.mark.slow
 
@@ -31,12 +30,6 @@ def postgres_or_skip():
         pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432 ({type(err).__name__}: {err})")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def fresh_database(name: str):
     import psycopg2
@@ -52,31 +45,6 @@ def fresh_database(name: str):
         with conn.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.close()
-
-
-@contextmanager
-def service(args: list[str], health: str, log: Path, env: dict | None = None, timeout=300):
-    """Starts a server in its own process group; waits until `health` answers 200."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{args[0]} exited: {log.read_text()[-2000:]}")
-            try:
-                if urllib.request.urlopen(health, timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise TimeoutError(f"{health} not healthy after {timeout} s")
-            time.sleep(1)
-        yield proc
-    finally:
-        stop(proc)
 
 
 @contextmanager
@@ -131,19 +99,6 @@ def wait_for_nodes(address: str, n: int, env: dict, timeout: int = 120) -> None:
             return
         time.sleep(2)
     raise TimeoutError(f"Ray cluster at {address} did not reach {n} nodes")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group, SIGKILL after 60 s."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(60)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def test_sweep_against_postgres_backed_services_and_a_ray_cluster(tmp_path):

@@ -3,6 +3,7 @@
 Each test launches a real TorchTrainer on local Ray (CPU, gloo): tens of seconds each.
 """
 
+import time
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,66 @@ def test_a_dead_holders_lock_is_taken_over(tmp_path):
     started = time.time()
     with output_lock(out, "training"):  # the kernel released the dead holder's lock
         assert time.time() - started < 5
+
+
+def test_a_tracking_outage_mid_run_loses_nothing(tmp_path, local_ray):
+    """The MLflow server is SIGKILLed while a training runs: the training still ends with
+    `_SUCCESS`; once the server is back, the next command's replay completes the record."""
+    import sys
+    import threading
+
+    from services import free_port, service, stop
+
+    from tasks.tracking import JOURNAL, prepare, read_journal
+
+    port, store = free_port(), f"sqlite:///{tmp_path}/server.db"
+    server_args = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        f"--backend-store-uri={store}",
+        f"--artifacts-destination={tmp_path / 'mlflow-artifacts'}",
+        "--workers=1",
+    ]
+    health, uri = f"http://127.0.0.1:{port}/health", f"http://127.0.0.1:{port}"
+    steps = 40
+    overrides = [f"tracking.uri={uri}", f"train.steps={steps}", "train.checkpoint_every=10"]
+    killed = threading.Event()
+    with service(server_args, health, tmp_path / "mlflow-1.log") as server:
+
+        def kill_after_a_few_steps() -> None:
+            deadline = time.time() + 300
+            while time.time() < deadline:
+                journals = list((tmp_path / "train").glob(f"*/{JOURNAL}"))
+                if journals and len(read_journal(journals[0])) >= 5:
+                    stop(server)
+                    killed.set()
+                    return
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=kill_after_a_few_steps, daemon=True)
+        watcher.start()
+        cfg, result = run(tmp_path, *overrides)
+        watcher.join()
+    assert killed.is_set()
+    assert (result.path / "_SUCCESS").is_file() and result.steps == steps
+    journal = result.path / JOURNAL
+    records = read_journal(journal)
+    assert [r["step"] for r in records if "step" in r] == list(range(1, steps + 1))
+    assert records[-1]["end"] == "FINISHED"
+    sent_file = result.path / "mlflow_journal.sent"
+
+    def sent() -> int:
+        return int(sent_file.read_text()) if sent_file.is_file() else 0
+
+    assert sent() < len(records)  # the outage kept some back
+
+    with service(server_args, health, tmp_path / "mlflow-2.log"):
+        prepare(cfg)  # what every command does first
+        assert sent() == len(records)
+        loss = history(cfg, result.mlflow_run_id, "loss")
+        assert sorted(loss) == list(range(1, steps + 1)) and all(len(v) == 1 for v in loss.values())
+        run_info = MlflowClient(uri).get_run(result.mlflow_run_id)
+        assert run_info.info.status == "FINISHED" and "error" not in run_info.data.tags
+        assert [a.path for a in MlflowClient(uri).list_artifacts(result.mlflow_run_id, "samples")]
