@@ -124,11 +124,9 @@ class ImageFolderSource(Source):
             try:
                 with Image.open(path) as image:
                     arr = center_crop_adm(image.convert("RGB"), self.image_size)
-            except Exception as err:  # PIL raises several types for broken files
-                if self.on_bad_image != "skip":
-                    raise ValueError(
-                        f"unreadable image {path} ({err}); set data.on_bad_image=skip to skip it"
-                    ) from err
+            except Exception:  # PIL raises several types for broken files
+                # Noted and passed over either way: with on_bad_image=fail the caller refuses
+                # once it has seen them all (precompute lists every one, not only the first).
                 self.skipped.append(str(path))
                 continue
             arrays.append(arr)
@@ -142,6 +140,22 @@ class ImageFolderSource(Source):
             )
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         return x, torch.tensor(labels), kept
+
+
+class UnreadableImages(ValueError):
+    """Images that could not be decoded, all of them (data.on_bad_image=fail)."""
+
+    def __init__(self, paths: list[str]):
+        super().__init__(sorted(paths))
+        self.paths = sorted(paths)
+
+    def __str__(self) -> str:
+        shown = "\n  ".join(self.paths[:20])
+        more = f"\n  ... and {len(self.paths) - 20} more" if len(self.paths) > 20 else ""
+        return (
+            f"{len(self.paths)} unreadable image(s); fix or remove them, or set "
+            f"data.on_bad_image=skip to leave them out:\n  {shown}{more}"
+        )
 
 
 def open_source(

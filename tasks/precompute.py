@@ -13,7 +13,9 @@ zero-copy memory mapping.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -33,9 +35,10 @@ from tasks.artifacts import (
     cache_key_of,
     content_key,
     output_lock,
+    require_free_space,
     require_manifest,
 )
-from tasks.datasets import open_source
+from tasks.datasets import UnreadableImages, open_source
 from tasks.tokenizers import open_tokenizer
 
 DATASETS = ("digits", "mnist5k", "imagefolder", "parquet")
@@ -171,6 +174,8 @@ def _encode_shard(job: dict) -> tuple[str, list[str]]:
                 flip.numpy(),
             )
         )
+    if source.skipped and data.on_bad_image != "skip":
+        raise UnreadableImages(source.skipped)
     if not parts:
         raise ValueError(f"every image of {path.name} was unreadable and skipped")
     _write_shard(path, *(np.concatenate(col) for col in zip(*parts, strict=True)), row_group)
@@ -230,9 +235,25 @@ def precompute(
         )
     out = Path(artifacts) / "precompute" / key
     with output_lock(out, "precompute"):
+        if Manifest.read(out) is None:  # a new (or interrupted) output: will it fit?
+            need = len(rows) * row_bytes(data, tokenizer, upstream)
+            require_free_space(out, need, f"precompute's {len(rows)} rows")
         return _precompute(
             data, tokenizer, pre, out, key, tok_fp, rows, num_classes, flips, started
         )
+
+
+def row_bytes(data: DataConfig, tokenizer: TokenizerConfig, upstream: Manifest | None) -> int:
+    """One stored row: its float32 latent plus label, source index and flip flag (uncompressed
+    Parquet), for the free-space check."""
+    if upstream is not None:
+        shape = upstream.extra["latent_shape"]
+    elif data.name == "imagefolder":
+        side = data.image_size // 8 if tokenizer.name == "sd_vae" else data.image_size
+        shape = [8 if tokenizer.name == "sd_vae" else 3, side, side]  # sd_vae: mean and std
+    else:
+        shape = {"digits": [1, 8, 8], "mnist5k": [1, 28, 28]}[data.name]
+    return 4 * int(np.prod(shape)) + 8 + 8 + 1
 
 
 def _precompute(data, tokenizer, pre, out, key, tok_fp, rows, num_classes, flips, started):
@@ -261,19 +282,27 @@ def _precompute(data, tokenizer, pre, out, key, tok_fp, rows, num_classes, flips
         for k in todo
     ]
     skipped = [s for f in valid.values() for s in f.meta.get("skipped", [])]
-    results = {}
+    results, unreadable = {}, []
     progress = tqdm(total=len(jobs), desc=f"precompute {key}", unit="shard", disable=not jobs)
+
+    def collect(encoded: Callable[[], tuple[str, list[str]]]) -> None:
+        try:
+            name, skip = encoded()
+            results[name] = skip
+        except UnreadableImages as err:  # the other shards go on: one error names every file
+            unreadable.extend(err.paths)
+        progress.update()
+
     if pre.workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(pre.workers, mp_context=get_context("spawn")) as pool:
-            for name, skip in pool.map(_encode_shard, jobs):
-                results[name] = skip
-                progress.update()
+            for future in [pool.submit(_encode_shard, job) for job in jobs]:
+                collect(future.result)
     else:
         for job in jobs:
-            name, skip = _encode_shard(job)
-            results[name] = skip
-            progress.update()
+            collect(functools.partial(_encode_shard, job))
     progress.close()
+    if unreadable:  # the good shards are kept: a rerun after the fix encodes only the rest
+        raise UnreadableImages(unreadable)
     for name, skip in results.items():
         pf = pq.ParquetFile(out / name)
         valid[name] = FileRecord.of(out / name, rows=pf.metadata.num_rows, skipped=skip)

@@ -152,3 +152,20 @@ def test_a_full_disk_refuses_training_up_front(capsys, tmp_path, monkeypatch):
     err = capsys.readouterr().err
     assert "not enough disk for training" in err and "GB are free" in err
     assert not list((tmp_path / "artifacts").glob("train/*/ray"))  # Ray never started
+
+
+def test_a_full_disk_refuses_precompute_up_front(capsys, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import tasks.artifacts
+
+    monkeypatch.chdir(tmp_path)
+    usage = namedtuple("usage", "total used free")
+    total = shutil.disk_usage(tmp_path).total
+    # digits: 1,797 rows of 64 float32 + 17 bytes = 0.49 MB; 0.3 MB free
+    full = usage(total, total, 300_000)
+    monkeypatch.setattr(tasks.artifacts.shutil, "disk_usage", lambda path: full)
+    assert main(["precompute", "-e", "smoke"]) == 2
+    assert "not enough disk for precompute's 1797 rows" in capsys.readouterr().err
+    assert not list((tmp_path / "artifacts").glob("precompute/*/*.parquet"))

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from imf_core.data import LatentDataset
 from tasks.artifacts import SUCCESS
-from tasks.datasets import center_crop_adm, digits
+from tasks.datasets import UnreadableImages, center_crop_adm, digits
 from tasks.precompute import DataConfig, PrecomputeConfig, TokenizerConfig, precompute
 
 DIGITS = DataConfig(name="digits")
@@ -133,6 +133,7 @@ def make_image_folder(root: Path, broken: bool = False) -> Path:
             )
     if broken:
         (root / "cat" / "9.png").write_bytes(b"not a png")
+        (root / "ant" / "8.jpg").write_bytes(b"not a jpeg either")
     return root
 
 
@@ -186,19 +187,22 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(ValueError, match="dog"):
         precompute(DataConfig(name="imagefolder", root=str(empty)), PIXEL, SMALL_SHARDS, tmp_path)
     broken = make_image_folder(tmp_path / "broken", broken=True)
-    with pytest.raises(ValueError, match="9.png"):
+    # Two unreadable files in different shards: one error names both (not only the first).
+    two_per_shard = PrecomputeConfig(rows_per_shard=2, rows_per_row_group=1)
+    with pytest.raises(UnreadableImages) as refused:
         precompute(
             DataConfig(name="imagefolder", root=str(broken), image_size=16),
             PIXEL,
-            SMALL_SHARDS,
+            two_per_shard,
             tmp_path,
         )
+    bad = [str(broken / "ant" / "8.jpg"), str(broken / "cat" / "9.png")]
+    assert refused.value.paths == bad and all(p in str(refused.value) for p in bad)
+    assert "data.on_bad_image=skip" in str(refused.value)
     skip = DataConfig(name="imagefolder", root=str(broken), image_size=16, on_bad_image="skip")
     result = precompute(skip, PIXEL, SMALL_SHARDS, tmp_path)
     assert result.num_rows == 5
-    assert json.loads((result.path / SUCCESS).read_text())["extra"]["skipped"] == [
-        str(broken / "cat" / "9.png")
-    ]
+    assert json.loads((result.path / SUCCESS).read_text())["extra"]["skipped"] == bad
     not_vae = make_tiny_vae(tmp_path / "unet", kind="UNet2DModel")
     with pytest.raises(ValueError, match="not a diffusers AutoencoderKL"):
         precompute(
