@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, tags
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.states import State
 
@@ -57,7 +57,7 @@ def run_pipeline(experiment: str, overrides: list[str] | None = None) -> Pipelin
     if cfg.eval.checkpoint:
         raise ConfigError("eval.checkpoint evaluates given weights without training: imf evaluate")
     preflight(cfg)  # every file the stages will need, before a Prefect server starts
-    with results_beside(cfg.paths.artifacts):
+    with results_beside(cfg.paths.artifacts), tags("imf", f"experiment:{experiment}"):
         return pipeline(experiment, overrides or [])
 
 
@@ -71,12 +71,20 @@ class PipelineResult:
 
 
 def stage_outcome(state: State) -> str:
-    if state.name == "Cached":
-        return "cached"
-    return "computed" if state.result().computed else "reused"
+    return {"Cached": "cached", "Reused": "reused"}.get(state.name, "computed")
 
 
-@flow(name="imf-pipeline", log_prints=True)
+def stage_names(cfg) -> dict[str, dict[str, str]]:
+    """Task-run names that say what each stage works on (Prefect's default is `train-c8f`)."""
+    label = (cfg.tracking.run_name or cfg.name).replace("{", "(").replace("}", ")")
+    return {
+        "precompute": {"task_run_name": f"precompute {cfg.data.name}"},
+        "train": {"task_run_name": f"train {label}"},
+        "evaluate": {"task_run_name": f"evaluate {label}"},
+    }
+
+
+@flow(name="imf-pipeline", flow_run_name="run {experiment}", log_prints=True)
 def pipeline(experiment: str = "smoke", overrides: list[str] | None = None) -> PipelineResult:
     """Precompute, train and evaluate one experiment config (configs/experiment/<name>.yaml)."""
     cfg = load_config(experiment, overrides or [])
@@ -93,14 +101,16 @@ def precompute_flow(experiment: str = "smoke", overrides: list[str] | None = Non
 
 def run_stages(cfg) -> PipelineResult:
     """The three stage tasks of one config, in order; each raises if its stage failed."""
-    states = {}
-    states["precompute"] = precompute_task.with_options(**RETRIES)(
+    states, names = {}, stage_names(cfg)
+    states["precompute"] = precompute_task.with_options(**RETRIES, **names["precompute"])(
         cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts, return_state=True
     )
     pre = states["precompute"].result()
-    states["train"] = train_task.with_options(**RETRIES)(cfg, pre, return_state=True)
+    train_named = train_task.with_options(**RETRIES, **names["train"])
+    states["train"] = train_named(cfg, pre, return_state=True)
     trained = states["train"].result()
-    states["evaluate"] = evaluate_task.with_options(**RETRIES)(cfg, pre, trained, return_state=True)
+    evaluate_named = evaluate_task.with_options(**RETRIES, **names["evaluate"])
+    states["evaluate"] = evaluate_named(cfg, pre, trained, return_state=True)
     evaluated = states["evaluate"].result()
     stages = {name: stage_outcome(state) for name, state in states.items()}
     for name, outcome in stages.items():

@@ -12,6 +12,7 @@ reaches the tracking server.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -21,8 +22,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
 from flows.sweep import SweepConfig, load_sweep
 from tasks.artifacts import atomic_path
@@ -97,10 +99,11 @@ def variant_runs(client, parent, sweep: SweepConfig) -> list[VariantRuns]:
 
 
 def cell_value(runs: VariantRuns, metric: str) -> float | None:
-    """A metric of the evaluation run, else of the training run (metrics, then params)."""
-    for run in (runs.evaluation, runs.train):
-        if run is not None and metric in run.data.metrics:
-            return run.data.metrics[metric]
+    """A metric (`eval/<metric>`, as evaluations log them) of the training run, else of the
+    evaluation run (given weights), else a param of the training run (e.g. params_m)."""
+    for run in (runs.train, runs.evaluation):
+        if run is not None and f"eval/{metric}" in run.data.metrics:
+            return run.data.metrics[f"eval/{metric}"]
     if runs.train is not None:
         for key in (metric, f"model.{metric}"):
             if key in runs.train.data.params:
@@ -151,12 +154,17 @@ def cell_values(runs: list[VariantRuns], metric: str) -> list[float]:
     return [x for r in runs if r.status == "ok" and (x := cell_value(r, metric)) is not None]
 
 
-def table_markdown(sweep: SweepConfig, scale: str, variants: list[VariantRuns]) -> str:
-    """The table in the paper's shape: one line per row, each column 'ours (paper)', ours the
-    mean ± sd over seeds when there are several; then the calibration and the comparisons."""
+def group_by_variant(variants: list[VariantRuns]) -> dict[str, list[VariantRuns]]:
     by_name: dict[str, list[VariantRuns]] = {}
     for v in variants:
         by_name.setdefault(v.name, []).append(v)
+    return by_name
+
+
+def paper_table(sweep: SweepConfig, variants: list[VariantRuns]) -> dict[str, list[str]]:
+    """The table in the paper's shape, by column: one entry per row, each cell 'ours (paper)',
+    ours the mean ± sd over seeds when there are several, and each row's best CFG point."""
+    by_name = group_by_variant(variants)
     rows: dict[str, dict[str, str]] = {}
     notes = {}
     for v in sweep.variants:
@@ -180,8 +188,18 @@ def table_markdown(sweep: SweepConfig, scale: str, variants: list[VariantRuns]) 
         best = [r for r in runs[0].results if r.get("best")]
         if best:
             notes[v.row] = notes.get(v.row, "") + f"{v.name}: {best_point(runs[0], best[0])}; "
+    table = {"row": list(rows)}
+    table |= {c: [cells.get(c, "") for cells in rows.values()] for c in sweep.columns}
+    table["best point"] = [notes.get(row, "").rstrip("; ") for row in rows]
+    return table
+
+
+def table_markdown(sweep: SweepConfig, scale: str, variants: list[VariantRuns]) -> str:
+    """The paper's table (paper_table), then the calibration and the comparisons."""
+    by_name = group_by_variant(variants)
+    table = paper_table(sweep, variants)
     seeds = max(len(r) for r in by_name.values()) if by_name else 1
-    header = ["row", *sweep.columns, "best point"]
+    header = list(table)
     lines = [
         f"## {sweep.title} — scale `{scale}`",
         "",
@@ -193,9 +211,8 @@ def table_markdown(sweep: SweepConfig, scale: str, variants: list[VariantRuns]) 
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
-    for row, cells in rows.items():
-        values = [cells.get(c, "") for c in sweep.columns]
-        lines.append("| " + " | ".join([row, *values, notes.get(row, "").rstrip("; ")]) + " |")
+    for i in range(len(table["row"])):
+        lines.append("| " + " | ".join(table[c][i] for c in header) + " |")
     return (
         "\n".join(lines)
         + "\n\n"
@@ -338,7 +355,7 @@ def best_grids(client, variants: list[VariantRuns], directory: Path) -> list[Pat
     return paths
 
 
-@flow(name="imf-report", log_prints=True)
+@flow(name="imf-report", flow_run_name="report {target}", log_prints=True)
 def report_flow(
     target: str, scale: str | None = None, tracking: str = "", artifacts: str = "artifacts"
 ) -> Report:
@@ -351,12 +368,15 @@ def report_flow(
     sweep_file = parent.data.tags.get("sweep.file", "")
     sweep = load_sweep(sweep_file if Path(sweep_file).is_file() else sweep_name)
     run_scale = parent.data.tags.get("scale", "?")
-    variants = variant_runs(client, parent, sweep)
+    # Each step a task run of its own, so the flow run's page shows what the report did.
+    step = functools.partial(task, cache_policy=NO_CACHE)
+    variants = step(variant_runs, name="read variant runs from MLflow")(client, parent, sweep)
     markdown = table_markdown(sweep, run_scale, variants)
     directory = Path(artifacts).resolve() / "reports" / f"{sweep_name}-{run_scale}"
     directory.mkdir(parents=True, exist_ok=True)
     md_path = directory / "report.md"
-    grids = best_grids(client, variants, directory)
+    grids = step(best_grids, name="fetch sample grids")(client, variants, directory)
+    plot = step(plot_curves, name="plot FID vs omega")(variants, directory / "fid_vs_omega.png")
     pictures = [
         "",
         "![FID vs omega](fid_vs_omega.png)",
@@ -367,10 +387,12 @@ def report_flow(
     pictures += [f"![{g.stem}](grids/{g.name})" for g in grids]
     with atomic_path(md_path) as tmp:
         tmp.write_text(markdown + "\n".join(pictures) + "\n")
-    files = [md_path, plot_curves(variants, directory / "fid_vs_omega.png"), *grids]
+    files = [md_path, plot, *grids]
     for path in files:
         sub = "report/grids" if path.parent.name == "grids" else "report"
         client.log_artifact(parent.info.run_id, str(path), sub)
+    # The paper's table on the parent run, in MLflow's table view too.
+    client.log_table(parent.info.run_id, paper_table(sweep, variants), "report/table.json")
     create_markdown_artifact(
         markdown, key=f"imf-report-{sweep_name}-{run_scale}".replace("_", "-").lower()
     )

@@ -24,10 +24,10 @@ from typing import Optional
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from prefect import flow
+from prefect import flow, tags
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.pipeline import RETRIES, results_beside
+from flows.pipeline import RETRIES, results_beside, stage_names
 from tasks.artifacts import content_key
 from tasks.config import CONFIG_DIR, ConfigError, ExperimentConfig, load_config
 from tasks.evaluate import evaluate_task, preflight
@@ -105,15 +105,13 @@ def load_sweep(name: str) -> SweepConfig:
 def resolved(cfg) -> dict[str, str]:
     """Everything that decides what a variant computes, flattened: the config with the model
     section resolved to the preset's full ModelConfig (tracking and names left out)."""
-    from dataclasses import asdict
-
-    from tasks.resolve import model_config, to_dict
+    from tasks.resolve import to_dict
     from tasks.tracking import flatten
 
     d = to_dict(cfg)
     for k in ("name", "tracking", "paths"):
         d.pop(k, None)
-    d["model"] = asdict(model_config(cfg))
+    d["model"].pop("name")  # the preset's name: its resolved fields are what count
     return flatten(d)
 
 
@@ -231,7 +229,7 @@ class SweepResult:
         return [v for v in self.variants if v.status != "ok"]
 
 
-@flow(name="imf-sweep", log_prints=True)
+@flow(name="imf-sweep", flow_run_name="sweep {name}/{scale}", log_prints=True)
 def sweep_flow(
     name: str,
     scale: str = "smoke",
@@ -260,12 +258,18 @@ def sweep_flow(
     for variant, cfg in configs.items():
         args = (cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
         if repr(args) not in precomputed:
-            precomputed[repr(args)] = precompute_task.with_options(**RETRIES)(*args)
+            named = stage_names(cfg)
+            precomputed[repr(args)] = precompute_task.with_options(
+                **RETRIES, **named["precompute"]
+            )(*args)
         pre_of[variant] = precomputed[repr(args)]
     evaluations = {}
     for variant, cfg in configs.items():
-        trained = train_task.with_options(**RETRIES).submit(cfg, pre_of[variant])
-        evaluated = evaluate_task.with_options(**RETRIES).submit(cfg, pre_of[variant], trained)
+        named = stage_names(cfg)
+        trained = train_task.with_options(**RETRIES, **named["train"]).submit(cfg, pre_of[variant])
+        evaluated = evaluate_task.with_options(**RETRIES, **named["evaluate"]).submit(
+            cfg, pre_of[variant], trained
+        )
         evaluations[variant] = (trained, evaluated)
 
     client = tracking_client(tracking_uri(first))
@@ -295,8 +299,6 @@ def sweep_flow(
         }
         for key, value in tags.items():
             client.set_tag(parent, key, value or "-")
-        if outcome.fid_best is not None:
-            client.log_metric(parent, f"fid_best.{variant}", outcome.fid_best)
         client.set_tag(parent, f"variant.{variant}.status", outcome.status)
     summary = [o.__dict__ for o in outcomes]
     client.log_text(parent, json.dumps(summary, indent=2), "variants.json")
@@ -331,4 +333,5 @@ def run_sweep(
     # Two threads per variant: its evaluation task waits on its training in a thread of its own.
     runner = ThreadPoolTaskRunner(max_workers=2 * max(1, concurrency))
     with results_beside(next(iter(configs.values())).paths.artifacts):
-        return sweep_flow.with_options(task_runner=runner)(name, scale, overrides, only, seeds)
+        with tags("imf", f"sweep:{name}", f"scale:{scale}"):
+            return sweep_flow.with_options(task_runner=runner)(name, scale, overrides, only, seeds)

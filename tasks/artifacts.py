@@ -9,6 +9,7 @@ timings. This, not any orchestrator cache, is the source of truth for "already c
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -186,3 +187,18 @@ def output_lock(out: Path, what: str, say: Callable[[str], None] = print) -> Ite
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def reported(stage: Callable[..., Any]) -> Callable[..., Any]:
+    """A stage as a Prefect task body whose state says "Reused" (not a bare "Completed" in a
+    few ms) when the stage found its output complete; `.result()` is the stage's result."""
+    from prefect.states import Completed
+
+    @functools.wraps(stage)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        result = stage(*args, **kwargs)
+        if getattr(result, "computed", True):
+            return result
+        return Completed(data=result, name="Reused", message=f"reused {result.path}")
+
+    return run

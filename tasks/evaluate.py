@@ -41,6 +41,7 @@ from tasks.artifacts import (
     cache_key_of,
     content_key,
     output_lock,
+    reported,
     sha256_file,
     write_json_atomic,
 )
@@ -625,5 +626,5 @@ def plot_fid_vs_omega(results: list[dict], out: Path) -> list[Path]:
 # The Prefect task the flows call: cached by content key while `_SUCCESS` stands (the unit
 # files decide what an interrupted evaluation still has to compute).
 evaluate_task = task(
-    evaluate, name="evaluate", cache_key_fn=cache_key_of(output_dir), persist_result=True
+    reported(evaluate), name="evaluate", cache_key_fn=cache_key_of(output_dir), persist_result=True
 )

@@ -35,6 +35,7 @@ from tasks.artifacts import (
     cache_key_of,
     content_key,
     output_lock,
+    reported,
     require_free_space,
     require_manifest,
 )
@@ -381,5 +382,8 @@ def _tokenizer_fingerprint(tok: TokenizerConfig) -> dict:
 
 # The Prefect task the flows call: cached by content key while `_SUCCESS` stands.
 precompute_task = task(
-    precompute, name="precompute", cache_key_fn=cache_key_of(output_dir), persist_result=True
+    reported(precompute),
+    name="precompute",
+    cache_key_fn=cache_key_of(output_dir),
+    persist_result=True,
 )

@@ -22,5 +22,8 @@ def model_config(cfg) -> ModelConfig:
 
 
 def to_dict(cfg) -> dict:
-    """The experiment config as plain, resolved containers (for manifests and MLflow params)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    """The experiment config as plain, resolved containers (for manifests and MLflow params):
+    the model section is the preset's name plus every field it resolves to, no None left."""
+    out = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    out["model"] = {"name": cfg.model.name} | dataclasses.asdict(model_config(cfg))
+    return out

@@ -325,54 +325,71 @@ def log_evaluation(
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
-    def tag_list(tags: dict[str, str]) -> list:
-        return [RunTag(k, v) for k, v in tags.items()]
-
     train_run = getattr(trained, "mlflow_run_id", "")
     checkpoint = not hasattr(trained, "steps")  # given weights (eval.checkpoint), no training
     if not (train_run or checkpoint):
         return ""
     client = MlflowClient(tracking_uri(cfg))
     tags = cfg.tracking.tags | {"stage": "evaluate", "eval_key": key}
+    omegas = sorted({r["omega"] for r in results})
+    grid = f"omega {omegas[0]:g}-{omegas[-1]:g}, {len(results)} points"
     if train_run:
-        experiment = client.get_run(train_run).info.experiment_id
+        parent = client.get_run(train_run)
+        experiment = parent.info.experiment_id
         tags["mlflow.parentRunId"] = train_run
-        name = f"eval-{key[:8]}"
+        name = f"{parent.info.run_name} / eval ({grid})"
     else:
         experiment = experiment_id(client, cfg.tracking.experiment or cfg.name)
         tags["checkpoint"] = str(trained.weights)
-        name = f"eval {trained.weights.name}"
-    run = client.create_run(experiment, run_name=name, tags=tags)
-    if checkpoint:
-        params = flatten({"eval": dataclasses.asdict(cfg.eval), "checkpoint_key": trained.key})
-        client.log_batch(run.info.run_id, params=[Param(k, v[:500]) for k, v in params.items()])
+        name = f"eval {trained.weights.name} ({grid})"
+    run = client.create_run(experiment, run_name=name, tags=tags).info.run_id
+    source = {"checkpoint_key": trained.key} if checkpoint else {"train_key": trained.key}
+    params = flatten({"eval": dataclasses.asdict(cfg.eval)} | source)
+    client.log_batch(run, params=[Param(k, v[:500]) for k, v in params.items() if v != "None"])
+    # Every grid point in one table (MLflow's table view), not dozens of single-bar charts.
+    client.log_table(run, points_table(results, points), "eval/points.json")
+    best = next(r for r in results if r["best"])
     stamp = int(time.time() * 1000)
-    metrics = []
-    for r, point in zip(results, points, strict=True):
-        metrics += [
-            Metric(f"{m}/{point}", r[m], stamp, 0) for m in ("fid", "is", "accuracy") if m in r
-        ]
+    summary = [Metric(f"eval/{k}", v, stamp, 0) for k, v in summary_metrics(cfg, results).items()]
+    verdict = [RunTag("did_not_learn", str(best["did_not_learn"]).lower())]
+    # The summary goes on one run only -- the training's when there is one, so that the compare
+    # view of a sweep's runs shows one FID per variant beside its params.
+    client.log_batch(train_run or run, metrics=summary, tags=verdict)
+    if train_run:
+        client.log_batch(run, tags=verdict)
+    for path in artifacts:
+        client.log_artifact(run, str(path), "grids" if path.parent.name == "grids" else None)
+    client.set_terminated(run)
+    return run
+
+
+def points_table(results: list[dict], points: list[str]) -> dict[str, list]:
+    """One row per CFG point: FID, IS, accuracy, diversity and the many-step calibration."""
+    columns = ("omega", "t_min", "t_max", "fid", "is", "accuracy", "precision", "recall")
+    table: dict[str, list] = {"point": list(points)}
+    for c in columns:
+        if all(c in r for r in results):
+            table[c] = [float(r[c]) for r in results]
+    if all("many_step" in r for r in results):
+        table["many_step_fid"] = [float(r["many_step"]["fid"]) for r in results]
+    table["best"] = [bool(r["best"]) for r in results]
+    return table
+
+
+def summary_metrics(cfg, results: list[dict]) -> dict[str, float]:
+    """The best point's numbers (`*_best`), the no-CFG point's (`*_no_cfg`) and the calibration
+    every number needs beside it (`eval/` in MLflow; the sweep files name them unprefixed)."""
     best = next(r for r in results if r["best"])
     names = ("fid", "is", "omega", "t_min", "t_max", "accuracy")
-    summary = [Metric(f"{k}_best", float(best[k]), stamp, 0) for k in names if k in best]
+    out = {f"{k}_best": float(best[k]) for k in names if k in best}
     # Without CFG = the omega = 1 point (the interval does not matter there): the paper's
     # "w/o CFG" column for omega-conditioned models.
     no_cfg = next((r for r in results if r["omega"] == 1.0), None)
     if no_cfg is not None and cfg.guidance.mode != "fixed":  # fixed: omega is baked in
-        names = ("fid", "is", "accuracy")
-        summary += [Metric(f"{k}_no_cfg", float(no_cfg[k]), stamp, 0) for k in names if k in no_cfg]
+        out |= {f"{k}_no_cfg": float(no_cfg[k]) for k in ("fid", "is", "accuracy") if k in no_cfg}
     if "real_data_floor" in best:
-        summary += [Metric("fid_real_floor", best["real_data_floor"]["fid"], stamp, 0)]
-        summary += [Metric("fid_class_mean_ceiling", best["class_mean_ceiling"]["fid"], stamp, 0)]
+        out["fid_real_floor"] = best["real_data_floor"]["fid"]
+        out["fid_class_mean_ceiling"] = best["class_mean_ceiling"]["fid"]
     if "many_step" in best:
-        summary += [Metric("fid_many_step_best", best["many_step"]["fid"], stamp, 0)]
-    verdict = {"did_not_learn": str(best["did_not_learn"]).lower()}
-    client.log_batch(run.info.run_id, metrics=metrics + summary, tags=tag_list(verdict))
-    if train_run:
-        client.log_batch(train_run, metrics=summary, tags=tag_list(verdict))
-    for path in artifacts:
-        client.log_artifact(
-            run.info.run_id, str(path), "grids" if path.parent.name == "grids" else None
-        )
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+        out["fid_many_step_best"] = best["many_step"]["fid"]
+    return out

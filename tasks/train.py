@@ -32,6 +32,7 @@ from tasks.artifacts import (
     cache_key_of,
     content_key,
     output_lock,
+    reported,
     require_free_space,
     write_json_atomic,
 )
@@ -240,7 +241,9 @@ def _fit(cfg, pre: PrecomputeResult, out: Path, run_id: str):
 
 
 # The Prefect task the flows call: cached by content key while `_SUCCESS` stands.
-train_task = task(train, name="train", cache_key_fn=cache_key_of(output_dir), persist_result=True)
+train_task = task(
+    reported(train), name="train", cache_key_fn=cache_key_of(output_dir), persist_result=True
+)
 
 
 def train_loop(config: dict) -> None:
@@ -418,7 +421,7 @@ class RankZeroLogger:
             "steps_per_s": rate,
             "samples_per_s": rate * t.batch_size,
         }
-        replayed = not self.run.metrics(metrics, step)
+        replayed = not self.run.metrics({f"train/{k}": v for k, v in metrics.items()}, step)
         eta = (self.total - step) / max(rate, 1e-9)
         print(
             f"step {step}/{self.total}  loss {metrics['loss']:.4f}  mse_u {metrics['mse_u']:.4f}  "

@@ -207,11 +207,23 @@ def test_results_are_logged_under_the_training_run(setup, tmp_path):
     cfg = evaluation(root / "f", f"tracking.uri={uri}")
     result = evaluate(cfg, pre, tracked)
     best = next(r for r in result.results if r["best"])
-    assert client.get_run(train_run).data.metrics["fid_best"] == pytest.approx(best["fid"])
+    summary = client.get_run(train_run).data.metrics
+    assert summary["eval/fid_best"] == pytest.approx(best["fid"])
+    assert {"eval/is_best", "eval/omega_best", "eval/fid_no_cfg"} <= set(summary)
     (child,) = client.search_runs(
         [client.get_run(train_run).info.experiment_id], f"tags.mlflow.parentRunId = '{train_run}'"
     )
-    assert {"fid/w1_t0-1", "fid/w3_t0-1", "is_best", "omega_best"} <= set(child.data.metrics)
+    # The summary is on the training run only (one FID per variant in the compare view); the
+    # evaluation run has its settings as params and every grid point in one table.
+    assert not child.data.metrics and child.data.params["eval.n_samples"] == str(cfg.eval.n_samples)
+    assert not any(v == "None" for v in child.data.params.values())
+    table = json.loads(
+        Path(
+            client.download_artifacts(child.info.run_id, "eval/points.json", str(tmp_path))
+        ).read_text()
+    )
+    assert table["columns"][:4] == ["point", "omega", "t_min", "t_max"]
+    assert len(table["data"]) == len(result.results)
     assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"results.json", "grids"}
 
 
@@ -243,7 +255,8 @@ def test_given_weights_evaluate_without_training(setup, tmp_path):
     assert "mlflow.parentRunId" not in run.data.tags and run.data.tags["checkpoint"] == str(
         official
     )
-    assert run.info.run_name == "eval iMF-tiny.pth" and "fid_best" in run.data.metrics
+    assert run.info.run_name.startswith("eval iMF-tiny.pth (omega ")
+    assert "eval/fid_best" in run.data.metrics
     kind = client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"]
     assert kind == "custom_model_development"  # the UI's classic view, not its GenAI mode
     with pytest.raises(FileNotFoundError, match="eval.checkpoint"):

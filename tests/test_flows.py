@@ -165,11 +165,12 @@ def test_sweep_nests_variants_survives_a_failure_and_reports(tmp_path, prefect_s
         run = by_variant[name]
         assert run.info.status == "FINISHED" and run.data.tags["row"] == "iMF"
         assert run.data.params["train.steps"] == "20" and "model.params_m" in run.data.params
-        assert run.data.metrics["fid_best"] > 0
+        assert run.data.metrics["eval/fid_best"] > 0
+        assert run.info.run_name == name  # named for what it is, not a hash
+        assert not [k for k, v in run.data.params.items() if v == "None"]
+        assert run.data.params["model.depth"] == "4"  # the preset's resolved values
     assert by_variant["diverges"].info.status == "FAILED"
-    assert parent.data.metrics["fid_best.cfg"] == pytest.approx(
-        by_variant["cfg"].data.metrics["fid_best"]
-    )
+    assert not parent.data.metrics  # the variants' FIDs live on their runs, the table here
 
     # A rerun of the finished variants: same parent run, every stage reused, nothing retrained.
     again = run_sweep(str(sweep_file), "smoke", overrides, only=["plain", "cfg"])
@@ -182,7 +183,7 @@ def test_sweep_nests_variants_survives_a_failure_and_reports(tmp_path, prefect_s
     report = report_flow(result.parent_run_id, tracking=uri, artifacts=str(tmp_path / "a"))
     lines = report.markdown.splitlines()
     imf_row = next(line for line in lines if line.startswith("| iMF |"))
-    plain_fid = by_variant["plain"].data.metrics["fid_best"]
+    plain_fid = by_variant["plain"].data.metrics["eval/fid_best"]
     # 20 training steps learn nothing: the number stands beside the paper's only with the flag.
     assert f"{plain_fid:.2f} **did not learn** (30)" in imf_row and "(5)" in imf_row
     assert "| plain | " in report.markdown and "**did not learn** |" in report.markdown
@@ -192,7 +193,7 @@ def test_sweep_nests_variants_survives_a_failure_and_reports(tmp_path, prefect_s
     names = {Path(p).name for p in report.files}
     assert {"report.md", "fid_vs_omega.png", "plain.png", "cfg.png"} <= names
     logged = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
-    assert "report/report.md" in logged
+    assert {"report/report.md", "report/table.json"} <= logged
 
 
 def test_welch_t_test_and_verdicts_on_known_inputs():

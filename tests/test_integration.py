@@ -169,9 +169,9 @@ def test_sweep_against_postgres_backed_services_and_a_ray_cluster(tmp_path):
             run = client.get_run(parent.data.tags[f"variant.{name}"])
             assert run.info.status == "FINISHED"
             assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-            history = client.get_metric_history(run.info.run_id, "loss")
+            history = client.get_metric_history(run.info.run_id, "train/loss")
             assert sorted(m.step for m in history) == list(range(10, STEPS + 1, 10)), name
-            assert "fid_best" in run.data.metrics
+            assert "eval/fid_best" in run.data.metrics
             evaluation = parent.data.tags[f"variant.{name}.eval"]
             logged = {a.path for a in client.list_artifacts(evaluation)}
             assert {"results.json", "grids"} <= logged, name

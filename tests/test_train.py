@@ -36,7 +36,7 @@ def run(tmp_path: Path, *overrides: str):
 
 def history(cfg, run_id: str, metric: str) -> dict[int, list[float]]:
     out: dict[int, list[float]] = {}
-    for m in MlflowClient(cfg.tracking.uri).get_metric_history(run_id, metric):
+    for m in MlflowClient(cfg.tracking.uri).get_metric_history(run_id, f"train/{metric}"):
         out.setdefault(m.step, []).append(m.value)
     return out
 
@@ -65,7 +65,8 @@ def test_ddp_matches_one_worker_and_finished_runs_are_reused(tmp_path, local_ray
     client = MlflowClient(cfg2.tracking.uri)
     logged = client.get_run(two.mlflow_run_id).data
     assert logged.params["train.batch_size"] == "16" and logged.params["model.name"] == "tiny"
-    assert {"loss", "mse_u", "loss_v", "grad_norm", "lr", "samples_per_s"} <= set(logged.metrics)
+    names = {"loss", "mse_u", "loss_v", "grad_norm", "lr", "samples_per_s"}
+    assert {f"train/{n}" for n in names} <= set(logged.metrics)
     assert [a.path for a in client.list_artifacts(two.mlflow_run_id, "samples")]
 
     again = train(
