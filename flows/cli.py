@@ -23,26 +23,83 @@ HELP = {
 }
 
 
+def configs_in(folder: str) -> list[str]:
+    from tasks.config import CONFIG_DIR
+
+    return sorted(p.stem for p in (CONFIG_DIR / folder).glob("*.yaml"))
+
+
+def sweep_listing() -> str:
+    """Each sweep with its scales, for `imf sweep --help`."""
+    from flows.sweep import load_sweep
+
+    lines = []
+    for name in configs_in("sweep"):
+        try:
+            scales = ", ".join(load_sweep(name).scales)
+        except Exception as err:  # a broken sweep file must not break --help
+            scales = f"(unreadable: {err})"
+        lines.append(f"  {name:<14} scales: {scales}")
+    return "\n".join(lines)
+
+
+OVERRIDES_HELP = (
+    "key=value overrides of the composed config, e.g. train.steps=100 eval.omegas=[1.0,2.0] "
+    "model.name=tiny (no spaces around '='; lists in brackets)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="imf", description="Improved MeanFlow experiment pipeline."
+        prog="imf",
+        description="Improved MeanFlow experiment pipeline.",
+        epilog="example: imf run -e demo train.steps=500    (imf COMMAND --help for more)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    experiments = configs_in("experiment")
     for name in ("precompute", "train", "evaluate", "run"):
-        sub = commands.add_parser(name, help=HELP[name])
-        sub.add_argument("-e", "--experiment", default="smoke")
-        sub.add_argument("overrides", nargs="*", metavar="key=value")
-    sweep = commands.add_parser("sweep", help=HELP["sweep"])
-    sweep.add_argument("sweep")
-    sweep.add_argument("--scale", default="smoke", help="a scale the sweep file defines")
+        sub = commands.add_parser(
+            name,
+            help=HELP[name],
+            description=f"{HELP[name]}. Experiments (configs/experiment/): "
+            f"{', '.join(experiments)}.",
+            epilog=f"example: imf {name} -e demo train.steps=500 train.batch_size=32",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.add_argument(
+            "-e",
+            "--experiment",
+            default="smoke",
+            help=f"one of: {', '.join(experiments)} (default: smoke)",
+        )
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    sweep = commands.add_parser(
+        "sweep",
+        help=HELP["sweep"],
+        description=f"{HELP['sweep']}. Sweeps and their scales:\n{sweep_listing()}",
+        epilog="example: imf sweep table1b --scale smoke --seeds 5 train.steps=800",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("sweep", help=f"one of: {', '.join(configs_in('sweep'))}")
+    sweep.add_argument(
+        "--scale", default="smoke", help="a scale the sweep file defines (default: smoke)"
+    )
     sweep.add_argument("--only", default="", help="comma-separated variant names")
     sweep.add_argument("--concurrency", type=int, default=1, help="variants at a time")
     sweep.add_argument(
         "--seeds", type=int, default=1, help="trainings per variant (train.seed, +1, ...)"
     )
-    sweep.add_argument("overrides", nargs="*", metavar="key=value")
-    report = commands.add_parser("report", help=HELP["report"])
-    report.add_argument("target", metavar="SWEEP_OR_RUN")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    report = commands.add_parser(
+        "report",
+        help=HELP["report"],
+        epilog="example: imf report table1b --scale smoke",
+    )
+    report.add_argument(
+        "target",
+        metavar="SWEEP_OR_RUN",
+        help=f"a sweep ({', '.join(configs_in('sweep'))}) or a parent run's MLflow id",
+    )
     report.add_argument("--scale", default=None, help="pick the latest run at this scale")
     report.add_argument("overrides", nargs="*", metavar="key=value", help="tracking.uri, paths.*")
     return parser
@@ -182,12 +239,15 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from flows.report import report_flow
+    from flows.report import find_parent, report_flow
     from tasks.config import load_config
+    from tasks.tracking import client as tracking_client
     from tasks.tracking import tracking_uri
 
     cfg = load_config("smoke", args.overrides)  # only tracking.* and paths.* matter here
-    report = report_flow(args.target, args.scale, tracking_uri(cfg), cfg.paths.artifacts)
+    uri = tracking_uri(cfg)
+    find_parent(tracking_client(uri), args.target, args.scale)  # a clear error before Prefect
+    report = report_flow(args.target, args.scale, uri, cfg.paths.artifacts)
     print(report.markdown)
     for path in report.files:
         print(path)

@@ -57,13 +57,22 @@ def find_parent(client, target: str, scale: str | None):
     run = get_run_or_none(client, target)
     if run is not None:
         return run
+    sweep = load_sweep(target)  # an unknown name: an error listing the sweeps there are
+    if scale and scale not in sweep.scales:
+        raise LookupError(
+            f"sweep {target!r} has no scale {scale!r} (its scales: {', '.join(sweep.scales)})"
+        )
     experiments = [e.experiment_id for e in client.search_experiments()]
     where = f"tags.stage = 'sweep' and tags.sweep = '{target}'"
     if scale:
         where += f" and tags.scale = '{scale}'"
     runs = client.search_runs(experiments, where, order_by=["attributes.start_time DESC"])
     if not runs:
-        raise LookupError(f"no MLflow run of sweep {target!r} (run `imf sweep {target}` first)")
+        at = f" --scale {scale}" if scale else ""
+        raise LookupError(
+            f"no MLflow run of sweep {target!r}{' at scale ' + repr(scale) if scale else ''} "
+            f"in this tracking store (run `imf sweep {target}{at}` first)"
+        )
     return runs[0]
 
 

@@ -16,6 +16,7 @@ fails is reported and the others go on.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,9 @@ def load_sweep(name: str) -> SweepConfig:
     path = Path(name) if name.endswith(".yaml") else CONFIG_DIR / "sweep" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (CONFIG_DIR / "sweep").glob("*.yaml"))
-        raise ConfigError(f"no sweep {name!r} (known: {known})")
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"no sweep {name!r} ({hint}known: {', '.join(known)})")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), OmegaConf.load(path))
         sweep = OmegaConf.to_object(merged)

@@ -25,10 +25,12 @@ def quiet_worker_logs() -> None:
 
 def quiet_known_warnings() -> None:
     """torch's own forward-AD decompositions still call torch.jit.script, which warns that it
-    is deprecated on every first JVP: not ours to fix, and not a user's concern."""
+    is deprecated on every first JVP; MLflow's log_table trips a pandas 3 deprecation. Neither
+    is ours to fix, nor a user's concern."""
     import warnings
 
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
+    warnings.filterwarnings("ignore", message="For backward compatibility, 'str' dtypes")
 
 
 def connect_ray(address: str, cpus_needed: float) -> None:

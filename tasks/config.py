@@ -11,12 +11,13 @@ mistyped key is an error naming the key and the file it came from. Model presets
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from imf_core.guidance import GuidanceConfig
 from imf_core.models.config import ModelConfig
@@ -85,13 +86,35 @@ def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:
         return OmegaConf.merge(base, layer)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"{where}: bad key {key!r}: {str(err).splitlines()[0]}") from err
+        message = str(err).splitlines()[0]
+        if isinstance(err, ConfigKeyError):  # the key is not in the schema
+            raise ConfigError(f"{where}: unknown key {key!r}: {message}") from err
+        if "is not a ListConfig" in message:
+            message = f"a list is needed, e.g. {key}=[1.0,2.0]"
+        value = OmegaConf.select(layer, key) if isinstance(layer, DictConfig) else None
+        raise ConfigError(f"{where}: bad value {value!r} for {key!r}: {message}") from err
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    """key=value pairs; a word without '=' (`train.steps 100`) is refused, naming the form."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"override {item!r} has no value: write key=value (e.g. train.steps=100), "
+                "no spaces around '='"
+            )
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"command-line overrides: {str(err).splitlines()[0]}") from err
 
 
 def _load_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
-        raise ConfigError(f"no config file {path} (known: {known})")
+        close = difflib.get_close_matches(path.stem, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"no config file {path} ({hint}known: {', '.join(known)})")
     try:
         return OmegaConf.load(path)
     except Exception as err:  # yaml's parser errors: one line naming the file and the place
@@ -109,7 +132,7 @@ def load_config(
     base = _merge(schema, _load_yaml(config_dir / "base.yaml"), "configs/base.yaml")
     exp_file = config_dir / "experiment" / f"{experiment}.yaml"
     exp = _load_yaml(exp_file)
-    cli = OmegaConf.from_dotlist(list(overrides or []))
+    cli = _parse_overrides(list(overrides or []))
     data_name = (
         OmegaConf.select(cli, "defaults.data")
         or OmegaConf.select(exp, "defaults.data")
@@ -124,6 +147,10 @@ def load_config(
     cfg = _merge(cfg, cli, "command-line overrides")
     cfg.name = experiment
     try:
-        return OmegaConf.to_object(cfg)
+        result = OmegaConf.to_object(cfg)
+        model_config(result)  # the model preset and its overrides, checked now
+    except KeyError as err:
+        raise ConfigError(f"model.name: {err.args[0]}") from err
     except (OmegaConfBaseException, ValueError, TypeError) as err:
         raise ConfigError(f"experiment {experiment!r}: {err}") from err
+    return result

@@ -12,6 +12,24 @@ def test_help_lists_the_contract(capsys):
     out = capsys.readouterr().out
     for command in ("precompute", "train", "evaluate", "run", "sweep", "report"):
         assert command in out
+    assert "example: imf run -e demo train.steps=500" in out
+
+
+@pytest.mark.parametrize(
+    "command, shown",
+    [
+        ("run", ["demo, imagenet_b2, smoke (default: smoke)", "train.steps=100"]),
+        ("train", ["demo, imagenet_b2, smoke (default: smoke)", "key=value"]),
+        ("sweep", ["table1b        scales: paper, smoke, mnist", "(default: smoke)", "--seeds"]),
+        ("report", ["table1a, table1b", "example: imf report table1b --scale smoke"]),
+    ],
+)
+def test_each_commands_help_lists_its_choices(command, shown, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for text in shown:
+        assert " ".join(text.split()) in out, text
 
 
 @pytest.mark.parametrize(
@@ -40,6 +58,20 @@ def test_help_lists_the_contract(capsys):
             "the MLflow tracking server at http://127.0.0.1:9 does not answer",
         ),
         (["run", "-e", "smoke", "tracking.uri=http://127.0.0.1:9"], "does not answer"),
+        # A new user's common mistakes (issue 15): each one line, naming what would be valid.
+        (["run", "-e", "smoke", "model.name=tny"], "unknown model preset 'tny'; known: ['imf_b2'"),
+        (["run", "-e", "smok"], "did you mean 'smoke'?"),
+        (["report", "tabel1b"], "no sweep 'tabel1b' (did you mean 'table1b'? known: table1a,"),
+        (["report", "table1b", "--scale", "huge"], "(its scales: paper, smoke, mnist)"),
+        (
+            ["report", "table1b", "--scale", "paper"],
+            "no MLflow run of sweep 'table1b' at scale 'paper' in this tracking store "
+            "(run `imf sweep table1b --scale paper` first)",
+        ),
+        (["run", "-e", "smoke", "eval.omegas=1.5"], "a list is needed, e.g. eval.omegas=[1.0,2.0]"),
+        (["run", "-e", "smoke", "train.steps", "100"], "write key=value (e.g. train.steps=100)"),
+        (["run", "-e", "smoke", "train.steps=abc"], "bad value 'abc' for 'train.steps'"),
+        (["run", "-e", "smoke", "train.stpes=3"], "unknown key 'train.stpes'"),
     ],
 )
 def test_bad_input_fails_before_any_work(argv, message, capsys, tmp_path, monkeypatch):
