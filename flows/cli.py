@@ -216,12 +216,34 @@ def print_results(results: list[dict]) -> None:
 
 def run_run(args: argparse.Namespace) -> int:
     from flows.pipeline import run_pipeline
+    from tasks.config import load_config
 
     result = run_pipeline(args.experiment, args.overrides)
     for stage in ("precompute", "train", "evaluate"):
-        print(f"{stage}: {result.stages[stage]:<8} {getattr(result, stage).path}")
+        print(f"{stage}: {result.stages[stage]:<8} {getattr(result, stage).path.resolve()}")
     print_results(result.evaluate.results)
+    print_where_to_look(load_config(args.experiment, args.overrides), result)
     return 0
+
+
+def print_where_to_look(cfg, result) -> None:
+    """The end of `imf run` and the demo: the MLflow runs, the UI commands, absolute paths."""
+    from tasks.tracking import tracking_uri
+
+    uri, ev = tracking_uri(cfg), result.evaluate
+    best = next(r for r in ev.results if r["best"])
+    grid = f"w{best['omega']:g}_t{best['t_min']:g}-{best['t_max']:g}.png"
+    path = ev.path.resolve()
+    print("\nwhere to look:")
+    print(f"  MLflow runs     training {result.train.mlflow_run_id}, evaluation {ev.mlflow_run_id}")
+    if uri.startswith(("http://", "https://")):
+        print(f"  MLflow UI       {uri}  (experiment {cfg.tracking.experiment or cfg.name})")
+    else:
+        print(f"  MLflow UI       mlflow ui --backend-store-uri {uri}   # http://127.0.0.1:5000")
+    print("  Prefect UI      prefect server start                    # http://127.0.0.1:4200")
+    print(f"  FID vs omega    {path}/fid_vs_omega_t*.png")
+    print(f"  sample grids    {path}/grids/ (best: {grid})")
+    print(f"  results         {path}/results.json")
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:

@@ -14,11 +14,10 @@ from __future__ import annotations
 import sys
 import time
 
-from flows.cli import print_results
+from flows.cli import print_results, print_where_to_look
 from flows.pipeline import run_pipeline
 from tasks.cluster import quiet_known_warnings
 from tasks.config import load_config
-from tasks.tracking import tracking_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,22 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     result = run_pipeline("demo", overrides)
     seconds = time.perf_counter() - started
     ev = result.evaluate
-    best = next(r for r in ev.results if r["best"])
-    cfg_uri = tracking_uri(load_config("demo", overrides))
     print(f"\nimf demo: done in {seconds:.0f} s")
     for stage in ("precompute", "train", "evaluate"):
-        print(f"  {stage:<10} {result.stages[stage]:<8} {getattr(result, stage).path}")
+        print(f"  {stage:<10} {result.stages[stage]:<8} {getattr(result, stage).path.resolve()}")
     print(
         f"\nFID per CFG point ({ev.results[0]['n_samples']} samples each, "
         "digit-classifier features):"
     )
     print_results(ev.results)
-    grid = f"w{best['omega']:g}_t{best['t_min']:g}-{best['t_max']:g}.png"
-    print("\nwhere to look:")
-    print(f"  FID vs omega    {ev.path}/fid_vs_omega_t*.png")
-    print(f"  sample grids    {ev.path}/grids/ (best: {grid})")
-    print(f"  MLflow UI       mlflow ui --backend-store-uri {cfg_uri}   # http://127.0.0.1:5000")
-    print("  Prefect UI      prefect server start                    # http://127.0.0.1:4200")
+    print_where_to_look(load_config("demo", overrides), result)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -14,10 +15,11 @@ _lock = threading.Lock()  # sweeps start stages from several threads
 QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
 
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
 def quiet_worker_logs() -> None:
     """Ray worker setup hook: silences the known noise above, nothing else."""
-    import logging
-
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     quiet_known_warnings()
@@ -46,5 +48,8 @@ def connect_ray(address: str, cpus_needed: float) -> None:
         if address:
             ray.init(address=address, runtime_env=quiet)
         else:  # a new local Ray ("local": never join one another process started here)
+            # It enables token authentication by default and says so on every start, a line
+            # per command that asks nothing of the user: that logger stays quiet for it.
+            logging.getLogger(RAY_AUTH_LOGGER).setLevel(logging.ERROR)
             cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
             ray.init(address="local", include_dashboard=False, num_cpus=cpus, runtime_env=quiet)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch_fidelity import register_feature_extractor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from tqdm import tqdm
 
 CLASSIFIER_NAME = "imf-pixel-classifier"
 
@@ -41,14 +42,21 @@ class PixelClassifier(nn.Module):
 
 
 def train_classifier(
-    images: Tensor, labels: Tensor, num_classes: int, steps: int = 400, seed: int = 0
+    images: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    steps: int = 400,
+    seed: int = 0,
+    progress: bool = False,
 ) -> PixelClassifier:
-    """Fits the classifier on images in [-1, 1] (a few seconds on CPU for digits)."""
+    """Fits the classifier on images in [-1, 1] (a few seconds on CPU for digits; minutes for
+    mnist5k, hence the optional progress bar)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = PixelClassifier(images.shape[1], num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(steps):
+    bar = tqdm(range(steps), desc="evaluation classifier", unit="step", disable=not progress)
+    for _ in bar:
         idx = torch.randint(0, len(images), (128,), generator=gen)
         loss = F.cross_entropy(model(images[idx]), labels[idx])
         optimizer.zero_grad()

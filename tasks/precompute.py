@@ -351,7 +351,7 @@ def _fit_classifier(out: Path, names: list[str], num_classes: int, steps: int) -
     table = pa.concat_tables(pq.read_table(out / n, columns=["latent", "label"]) for n in names)
     images = torch.from_numpy(table["latent"].combine_chunks().to_numpy_ndarray()[:, 0].copy())
     labels = torch.from_numpy(table["label"].to_numpy().astype(np.int64))
-    model = train_classifier(images, labels, num_classes, steps)
+    model = train_classifier(images, labels, num_classes, steps, progress=True)
     with atomic_path(out / "classifier.pt") as tmp:
         save_classifier(model, tmp)
     extractor = open_extractor("classifier", out / "classifier.pt")
