@@ -1,0 +1,104 @@
+"""What a user sees after a smoke sweep: a quiet terminal, and MLflow pages (read through the
+tracking server's REST API, as the UI reads them) whose runs, metrics and params say what they
+are. One real `imf sweep` subprocess and one `mlflow server`."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from services import free_port, service
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+# Lines that are noise to a user (issue 15), none of which may appear.
+NOISE = [
+    r"PlacementGroupCleaner|Failed to query Ray Train Controller",
+    r"Token authentication is enabled",
+    r"torch\.jit\.script.* is deprecated",
+    r"[Tt]elemetry",
+    r"FutureWarning|DeprecationWarning|Pandas4Warning",
+    r"Traceback",
+]
+
+
+def api(base: str, path: str, body: dict | None = None) -> dict:
+    request = urllib.request.Request(
+        f"{base}/api/2.0/mlflow/{path}",
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())
+
+
+def test_a_smoke_sweep_is_quiet_and_reads_well_in_mlflow(tmp_path):
+    db = tmp_path / "mlflow.db"
+    env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)  # the command's own default must hold
+    sweep = subprocess.run(
+        [
+            str(BIN / "imf"),
+            "sweep",
+            "table1b",
+            "--scale=smoke",
+            "--only=omega",
+            f"paths.artifacts={tmp_path / 'artifacts'}",
+            f"tracking.uri=sqlite:///{db}",
+            "train.steps=30",
+            "train.checkpoint_every=30",
+            "eval.n_samples=200",
+            "eval.shard_size=100",
+            "eval.batch_size=100",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    output = sweep.stdout + sweep.stderr
+    assert sweep.returncode == 0, output[-5000:]
+    noisy = [line for line in output.splitlines() if any(re.search(p, line) for p in NOISE)]
+    assert noisy == [], "\n".join(noisy[:20])
+
+    port = free_port()
+    server = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        f"--backend-store-uri=sqlite:///{db}",
+        "--workers=1",
+    ]
+    base = f"http://127.0.0.1:{port}"
+    with service(server, f"{base}/health", tmp_path / "mlflow.log"):
+        experiment = api(base, "experiments/get-by-name?experiment_name=sweep-table1b")
+        experiment = experiment["experiment"]
+        tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"  # the classic view
+        runs = api(base, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+        by_stage: dict[str, list[dict]] = {}
+        for run in runs:
+            run_tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+            by_stage.setdefault(run_tags.get("stage", "?"), []).append(run)
+        (parent,) = by_stage["sweep"]
+        (train,) = by_stage["train"]
+        (evaluation,) = by_stage["evaluate"]
+        assert parent["info"]["run_name"] == "table1b/smoke"
+        assert train["info"]["run_name"] == "omega"
+        assert evaluation["info"]["run_name"].startswith("omega / eval (omega ")
+        train_metrics = {m["key"] for m in train["data"]["metrics"]}
+        assert {"train/loss", "train/mse_u", "train/lr", "eval/fid_best"} <= train_metrics
+        assert all(k.startswith(("train/", "eval/")) for k in train_metrics), train_metrics
+        assert not evaluation["data"].get("metrics")  # one FID per variant: on its training run
+        for run in (train, evaluation):
+            params = {p["key"]: p["value"] for p in run["data"].get("params", [])}
+            assert params and "None" not in params.values(), params
+        params = {p["key"]: p["value"] for p in train["data"]["params"]}
+        assert params["model.depth"] == "4" and params["model.width"] == "64"
