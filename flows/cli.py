@@ -228,18 +228,25 @@ def run_run(args: argparse.Namespace) -> int:
 
 def print_where_to_look(cfg, result) -> None:
     """The end of `imf run` and the demo: the MLflow runs, the UI commands, absolute paths."""
+    from tasks.tracking import client as tracking_client
     from tasks.tracking import tracking_uri
 
     uri, ev = tracking_uri(cfg), result.evaluate
     best = next(r for r in ev.results if r["best"])
     grid = f"w{best['omega']:g}_t{best['t_min']:g}-{best['t_max']:g}.png"
     path = ev.path.resolve()
+    train_run = result.train.mlflow_run_id
     print("\nwhere to look:")
-    print(f"  MLflow runs     training {result.train.mlflow_run_id}, evaluation {ev.mlflow_run_id}")
-    if uri.startswith(("http://", "https://")):
-        print(f"  MLflow UI       {uri}  (experiment {cfg.tracking.experiment or cfg.name})")
-    else:
-        print(f"  MLflow UI       mlflow ui --backend-store-uri {uri}   # http://127.0.0.1:5000")
+    print(f"  MLflow runs     training {train_run}, evaluation {ev.mlflow_run_id}")
+    web = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    if web != uri:
+        print(f"  MLflow UI       mlflow ui --backend-store-uri {uri}, then")
+    experiment = tracking_client(uri).get_run(train_run).info.experiment_id if train_run else ""
+    # MLflow 3's UI opens in its GenAI mode unless the URL asks for the model-training view.
+    print(
+        f"  {'' if web != uri else 'MLflow UI':<15} {web.rstrip('/')}/#/experiments/"
+        f"{experiment}/runs/{train_run}?workflowType=machine_learning"
+    )
     print("  Prefect UI      prefect server start                    # http://127.0.0.1:4200")
     print(f"  FID vs omega    {path}/fid_vs_omega_t*.png")
     print(f"  sample grids    {path}/grids/ (best: {grid})")

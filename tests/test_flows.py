@@ -128,6 +128,7 @@ def test_pipeline_reruns_only_what_failed(tmp_path, prefect_server, local_ray, c
         assert line.split()[1] in ("reused", "cached") and str(tmp_path) in line  # absolute
     assert f"training {rerun.train.mlflow_run_id}, evaluation {rerun.evaluate.mlflow_run_id}" in out
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/m.db" in out
+    assert f"/runs/{rerun.train.mlflow_run_id}?workflowType=machine_learning" in out  # classic UI
     assert f"{rerun.evaluate.path.resolve()}/results.json" in out
 
 
