@@ -44,7 +44,12 @@ def connect_ray(address: str, cpus_needed: float) -> None:
     with _lock:
         if ray.is_initialized():
             return
-        quiet = {"worker_process_setup_hook": "tasks.cluster.quiet_worker_logs"}
+        quiet = {
+            "worker_process_setup_hook": "tasks.cluster.quiet_worker_logs",
+            # Ray Train's print patch sends a worker's print to its logger *and*, when stdout
+            # is wrapped (as in Ray workers), to the original print: every line twice.
+            "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
+        }
         if address:
             ray.init(address=address, runtime_env=quiet)
         else:  # a new local Ray ("local": never join one another process started here)

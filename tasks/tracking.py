@@ -195,6 +195,9 @@ class RunJournal:
         self.uri, self.run_id, self.path = uri, run_id, path
         self.files = path.parent / "journal_files"
         self.logged = max((r.get("step", 0) for r in read_journal(path)), default=0)
+        self._runs = None  # one client for the flusher (making one per flush cost 2x step time)
+        self._unsent = threading.Event()  # set by each append: the flusher idles otherwise
+        self._unsent.set()  # a resumed run may hold what an outage kept back
         self._stop = threading.Event()
         self._flusher = threading.Thread(
             target=self._flush_loop, args=(flush_every,), name="mlflow-journal", daemon=True
@@ -215,6 +218,7 @@ class RunJournal:
             },
         )
         self.logged = step
+        self._unsent.set()
         return True
 
     def artifact(self, path: Path, directory: str) -> None:
@@ -223,16 +227,27 @@ class RunJournal:
         kept = self.files / path.name
         shutil.copyfile(path, kept)
         append_record(self.path, {"run_id": self.run_id, "artifact": kept.name, "dir": directory})
+        self._unsent.set()
+
+    def _send(self) -> int:
+        self._unsent.clear()
+        if self._runs is None:
+            self._runs = client(self.uri)
+        left = replay(self.path, self.uri, quiet=True, runs=self._runs)
+        if left:
+            self._unsent.set()  # the server is away: try again at the next tick
+        return left
 
     def _flush_loop(self, every: float) -> None:
         while not self._stop.wait(every):
-            replay(self.path, self.uri, quiet=True)
+            if self._unsent.is_set():
+                self._send()
 
     def close(self, timeout: float = 30.0) -> int:
         """Stops the flusher and makes one last attempt; returns the records still unsent."""
         self._stop.set()
         self._flusher.join(timeout)
-        return replay(self.path, self.uri, quiet=True)
+        return self._send()
 
 
 JOURNAL = "mlflow_journal.jsonl"
@@ -258,7 +273,7 @@ def read_journal(path: Path) -> list[dict]:
     return records
 
 
-def replay(path: Path, uri: str, quiet: bool = False) -> int:
+def replay(path: Path, uri: str, quiet: bool = False, runs=None) -> int:
     """Sends the journal's unsent records to MLflow in order; returns how many remain unsent
     (0: the run's MLflow record is complete). `<journal>.sent` counts the records sent, under
     a file lock, so the flusher, the driver and a later command never send one twice."""
@@ -269,7 +284,8 @@ def replay(path: Path, uri: str, quiet: bool = False) -> int:
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         done = int(sent_file.read_text() or 0) if sent_file.is_file() else 0
-        runs = client(uri)
+        if done < len(records) and runs is None:
+            runs = client(uri)
         for i in range(done, len(records)):
             try:
                 send_record(runs, path.parent, records[i])

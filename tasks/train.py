@@ -210,7 +210,7 @@ def _train(cfg, pre: PrecomputeResult, out: Path) -> TrainResult:
 
 
 def _fit(cfg, pre: PrecomputeResult, out: Path, run_id: str):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t = cfg.train
@@ -235,6 +235,9 @@ def _fit(cfg, pre: PrecomputeResult, out: Path, run_id: str):
             storage_path=str(out / "ray"),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            # Ray Train's own INFO lines ("Checkpoint successfully created", "Reporting
+            # training result") are a third of a run's output; its warnings still show.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     return trainer.fit()

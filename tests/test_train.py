@@ -57,7 +57,7 @@ def test_ddp_matches_one_worker_and_finished_runs_are_reused(tmp_path, local_ray
         assert loss2[step][0] == pytest.approx(loss1[step][0], rel=1e-4)
     for cfg, result in ((cfg1, one), (cfg2, two)):
         lr = history(cfg, result.mlflow_run_id, "lr")
-        assert {s: v[0] for s, v in lr.items()} == pytest.approx({s: 1e-3 * s / 11 for s in lr})
+        assert {s: v[0] for s, v in lr.items()} == pytest.approx({s: 3e-3 * s / 11 for s in lr})
     w1, w2 = load_file(one.path / "ema.safetensors"), load_file(two.path / "ema.safetensors")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5)

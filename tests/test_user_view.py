@@ -24,6 +24,7 @@ NOISE = [
     r"[Tt]elemetry",
     r"FutureWarning|DeprecationWarning|Pandas4Warning",
     r"Traceback",
+    r"Checkpoint successfully created|Reporting training result",  # Ray Train's INFO lines
 ]
 
 
@@ -66,6 +67,8 @@ def test_a_smoke_sweep_is_quiet_and_reads_well_in_mlflow(tmp_path):
     assert sweep.returncode == 0, output[-5000:]
     noisy = [line for line in output.splitlines() if any(re.search(p, line) for p in NOISE)]
     assert noisy == [], "\n".join(noisy[:20])
+    progress = [line for line in output.splitlines() if re.search(r"step \d+/30 ", line)]
+    assert progress and len(progress) == len(set(progress)), progress  # each line once
 
     port = free_port()
     server = [
