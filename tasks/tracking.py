@@ -195,7 +195,7 @@ class RunJournal:
         self.uri, self.run_id, self.path = uri, run_id, path
         self.files = path.parent / "journal_files"
         self.logged = max((r.get("step", 0) for r in read_journal(path)), default=0)
-        self._runs = None  # one client for the flusher (making one per flush cost 2x step time)
+        self._runs = None  # one client for the flusher, not a new store connection per flush
         self._unsent = threading.Event()  # set by each append: the flusher idles otherwise
         self._unsent.set()  # a resumed run may hold what an outage kept back
         self._stop = threading.Event()
