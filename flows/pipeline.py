@@ -96,7 +96,7 @@ def precompute_flow(experiment: str = "smoke", overrides: list[str] | None = Non
     """Stage 1 alone (a CPU work pool's deployment); returns the output directory."""
     cfg = load_config(experiment, overrides or [])
     args = (cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
-    return str(precompute_task.with_options(**RETRIES)(*args).path)
+    return str(precompute_task.with_options(**RETRIES)(*args, return_state=True).result().path)
 
 
 def run_stages(cfg) -> PipelineResult:

@@ -262,9 +262,11 @@ def sweep_flow(
         args = (cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
         if repr(args) not in precomputed:
             named = stage_names(cfg)
+            # return_state: a stage that reused its output returns a "Reused" state, whose
+            # .result() is the stage's result (a direct call would hand back the state)
             precomputed[repr(args)] = precompute_task.with_options(
                 **RETRIES, **named["precompute"]
-            )(*args)
+            )(*args, return_state=True).result()
         pre_of[variant] = precomputed[repr(args)]
     evaluations = {}
     for variant, cfg in configs.items():

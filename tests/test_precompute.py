@@ -262,6 +262,7 @@ def test_precompute_as_a_prefect_task(tmp_path, prefect_server):
     states = stages()
     first, second, elsewhere, third, again = (s.result() for s in states)
     assert first.computed and not second.computed and first.path == second.path
+    assert states[1].name == "Reused"  # says so on the Prefect page, not a bare "Completed"
     assert elsewhere.computed and elsewhere.path.parent.parent == tmp_path / "b"
     assert states[3].name == "Cached" and third.path == first.path
     assert again.path == elsewhere.path  # b's finished output is b's, never a's cache record
