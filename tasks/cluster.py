@@ -20,6 +20,11 @@ RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 def quiet_worker_logs() -> None:
     """Ray worker setup hook: silences the known noise above, nothing else."""
+    # Ray Train logs "Reporting training result N: TrainingReport(...)" at INFO on a logger
+    # named by its file path (not under ray.train, so LoggingConfig does not reach it).
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     quiet_known_warnings()
