@@ -238,7 +238,7 @@ variants:
     cells: {"FID": {metric: fid_best, paper: 30.0}}
   - name: faster
     row: faster
-    overrides: [guidance.mode=none, "eval.omegas=[1.0]", optim.lr=3.0e-3]
+    overrides: [guidance.mode=none, "eval.omegas=[1.0]", optim.lr=6.0e-3]
     compare_with: base
     factor: [optim.lr]
     cells: {"FID": {metric: fid_best, paper: 20.0}}
