@@ -320,13 +320,10 @@ def send_record(runs, directory: Path, record: dict) -> None:
 def replay_all(artifacts: Path, uri: str) -> int:
     """Replays every training journal under `artifacts` that has unsent records (after an
     outage, the next command completes the MLflow record). Returns the records still unsent."""
-    pending = 0
-    for journal in sorted(Path(artifacts).glob(f"train/*/{JOURNAL}")):
-        sent = journal.with_suffix(".sent")
-        count = int(sent.read_text() or 0) if sent.is_file() else 0
-        if count < len(read_journal(journal)):
-            pending += replay(journal, uri)
-    return pending
+    # replay itself reads the journal once and opens a client only when something is unsent
+    return sum(
+        replay(journal, uri) for journal in sorted(Path(artifacts).glob(f"train/*/{JOURNAL}"))
+    )
 
 
 def log_evaluation(
