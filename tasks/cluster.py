@@ -13,6 +13,12 @@ _lock = threading.Lock()  # sweeps start stages from several threads
 # off (it would bind a port), and warns every few seconds that the query failed: a third of a
 # demo's output. Its real work (freeing a dead controller's placement group) is unaffected.
 QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+# For the same reason the cleaner's monitor thread can sit in a State API query for up to 10 s;
+# on a loaded machine the controller's 12 s wait to stop it then runs out and it logs
+# "Failed to stop PlacementGroupCleaner gracefully" with a traceback after a training that
+# succeeded. The cleaner cannot do its job without the State API anyway, and it is a detached
+# actor of the command's own local Ray, gone when the command ends.
+SILENT_LOGGERS = ("ray.train.v2._internal.callbacks.placement_group_callback",)
 
 
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -27,6 +33,8 @@ def quiet_worker_logs() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in SILENT_LOGGERS:  # its only message is logger.exception, at ERROR
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     quiet_known_warnings()
 
 
