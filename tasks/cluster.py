@@ -9,6 +9,11 @@ import threading
 
 _lock = threading.Lock()  # sweeps start stages from several threads
 
+# Ray merges "similar" lines of different workers into one ("[repeated 6x across cluster]"):
+# with `--concurrency` above 1 that hid whole trainings' progress lines. Read when ray is
+# first imported, which happens below, after this module.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
 # Ray Train V2's placement-group cleaner polls the State API, which needs the dashboard we keep
 # off (it would bind a port), and warns every few seconds that the query failed: a third of a
 # demo's output. Its real work (freeing a dead controller's placement group) is unaffected.

@@ -426,9 +426,10 @@ class RankZeroLogger:
         }
         replayed = not self.run.metrics({f"train/{k}": v for k, v in metrics.items()}, step)
         eta = (self.total - step) / max(rate, 1e-9)
-        print(
-            f"step {step}/{self.total}  loss {metrics['loss']:.4f}  mse_u {metrics['mse_u']:.4f}  "
-            f"{rate:.2f} it/s  eta {eta:.0f}s"
+        label = f"{self.cfg.tracking.run_name}: " if self.cfg.tracking.run_name else ""
+        print(  # named by run: a sweep's concurrent trainings print side by side
+            f"{label}step {step}/{self.total}  loss {metrics['loss']:.4f}  "
+            f"mse_u {metrics['mse_u']:.4f}  {rate:.2f} it/s  eta {eta:.0f}s"
             + ("  (replayed: logged before)" if replayed else ""),
             flush=True,
         )

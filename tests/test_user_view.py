@@ -75,6 +75,7 @@ def test_a_smoke_sweep_is_quiet_and_reads_well_in_mlflow(tmp_path):
     assert noisy == [], "\n".join(noisy[:20])
     progress = [line for line in output.splitlines() if re.search(r"step \d+/30 ", line)]
     assert progress and len(progress) == len(set(progress)), progress  # each line once
+    assert all("omega: step" in line for line in progress), progress  # named by its variant
 
     port = free_port()
     server = [
