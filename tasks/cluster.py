@@ -74,5 +74,11 @@ def connect_ray(address: str, cpus_needed: float) -> None:
             # It enables token authentication by default and says so on every start, a line
             # per command that asks nothing of the user: that logger stays quiet for it.
             logging.getLogger(RAY_AUTH_LOGGER).setLevel(logging.ERROR)
+            # Ray Train's preemption watcher polls for nodes being drained (spot instances on
+            # a cluster); one local machine is never drained, and creating the watcher logs a
+            # C++ error line ("PreemptionWatcher ... constructor arguments in the object
+            # store") per training. On a cluster (`address` above) it stays on.
+            preemption = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+            quiet["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = preemption
             cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
             ray.init(address="local", include_dashboard=False, num_cpus=cpus, runtime_env=quiet)
