@@ -318,30 +318,75 @@ def calibration_markdown(variants: list[VariantRuns]) -> str:
 
 
 def plot_curves(variants: list[VariantRuns], path: Path) -> Path:
-    """FID against omega for every variant (one line per variant x interval)."""
+    """Saves fid_figure(variants) as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = fid_figure(variants)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def fid_figure(variants: list[VariantRuns]):
+    """FID against omega, one line per variant (x interval): the mean over its seeds, +- one
+    sd, and each seed as a faint dot. When every variant has the one omega (the fixed-omega
+    tables), FID by variant instead: an omega axis with a single tick says nothing."""
+    import statistics
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for v in variants:
-        intervals = sorted({(r["t_min"], r["t_max"]) for r in v.results})
-        for t_min, t_max in intervals:
-            rows = sorted(
-                (r for r in v.results if (r["t_min"], r["t_max"]) == (t_min, t_max)),
-                key=lambda r: r["omega"],
-            )
-            name = v.label or v.name
-            label = name if len(intervals) == 1 else f"{name} [{t_min:g}, {t_max:g}]"
-            ax.plot([r["omega"] for r in rows], [r["fid"] for r in rows], "o-", label=label)
-    ax.set(xlabel="CFG scale omega", ylabel="FID", title="FID vs omega, all variants")
+    series: list[tuple[str, dict[float, list[float]]]] = []
+    for name, runs in group_by_variant(variants).items():
+        intervals = sorted({(r["t_min"], r["t_max"]) for v in runs for r in v.results})
+        for interval in intervals:
+            fids: dict[float, list[float]] = {}
+            for v in runs:
+                for r in v.results:
+                    if (r["t_min"], r["t_max"]) == interval:
+                        fids.setdefault(r["omega"], []).append(r["fid"])
+            label = name if len(intervals) == 1 else f"{name} [{interval[0]:g}, {interval[1]:g}]"
+            series.append((label, fids))
+    seeds = max((len(f) for _, fids in series for f in fids.values()), default=1)
+
+    def spread_of(values: list[float]) -> tuple[float, float]:
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    colors = plt.get_cmap("tab10" if len(series) <= 10 else "tab20").colors
+    omegas = sorted({w for _, fids in series for w in fids})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (label, fids) in enumerate(series):
+        color = colors[i % len(colors)]
+        if len(omegas) == 1:
+            xs, ys = [i], [fids[omegas[0]]]
+        else:
+            xs = sorted(fids)
+            ys = [fids[w] for w in xs]
+        stats = [spread_of(y) for y in ys]
+        ax.errorbar(
+            xs,
+            [m for m, _ in stats],
+            yerr=[sd for _, sd in stats] if seeds > 1 else None,
+            fmt="o" if len(omegas) == 1 else "o-",
+            capsize=3,
+            color=color,
+            label=label,
+        )
+        if seeds > 1:
+            dots = [(x, y) for x, values in zip(xs, ys, strict=True) for y in values]
+            ax.scatter(*zip(*dots, strict=True), s=9, alpha=0.35, color=color)
+    spread = f"mean ± sd over {seeds} seeds" if seeds > 1 else "one seed"
+    if len(omegas) == 1:
+        ax.set_xticks(range(len(series)), [label for label, _ in series], rotation=25, ha="right")
+        ax.set(ylabel="FID", title=f"FID by variant, sampled at omega {omegas[0]:g} ({spread})")
+    else:
+        ax.set(xlabel="CFG scale omega", ylabel="FID", title=f"FID vs omega ({spread})")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return fig
 
 
 def best_grids(client, variants: list[VariantRuns], directory: Path) -> list[Path]:

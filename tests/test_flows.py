@@ -246,6 +246,31 @@ variants:
 
 
 @pytest.mark.slow
+def test_the_fid_plot_draws_one_series_per_variant_with_its_seed_spread():
+    from flows.report import VariantRuns, fid_figure
+
+    def runs(name, seed, fids, omegas):
+        pairs = zip(omegas, fids, strict=True)
+        results = [{"omega": w, "t_min": 0.0, "t_max": 1.0, "fid": f} for w, f in pairs]
+        return VariantRuns(name, "ok", None, None, results, f"{name}.s{seed}")
+
+    one_omega = [runs("a", s, [10.0 + s], [1.0]) for s in range(3)]
+    one_omega += [runs("b", s, [20.0 + 2 * s], [1.0]) for s in range(3)]
+    ax = fid_figure(one_omega).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]  # by variant, not seed
+    assert "3 seeds" in ax.get_title()
+    means = [c.lines[0].get_ydata().tolist() for c in ax.containers]
+    assert means == [[11.0], [22.0]]
+    sds = [c.lines[2][0].get_segments()[0][:, 1].tolist() for c in ax.containers]
+    assert sds == [[10.0, 12.0], [20.0, 24.0]]  # mean -+ sd (1 and 2)
+
+    curves = [runs("a", s, [30.0, 20.0 + s], [1.0, 2.0]) for s in range(2)]
+    ax = fid_figure(curves).axes[0]
+    assert ax.get_xlabel() == "CFG scale omega"
+    assert [c.lines[0].get_xdata().tolist() for c in ax.containers] == [[1.0, 2.0]]
+    assert [c.lines[0].get_ydata().tolist() for c in ax.containers] == [[30.0, 20.5]]
+
+
 def test_seeds_group_under_their_variant_and_the_report_compares(
     tmp_path, prefect_server, local_ray
 ):
