@@ -29,6 +29,12 @@ SILENT_LOGGERS = ("ray.train.v2._internal.callbacks.placement_group_callback",)
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
+def _not_the_sigterm_notice(record: logging.LogRecord) -> bool:
+    """ray.init from a Prefect task's thread warns on every command that it cannot install its
+    SIGTERM handler there; the command's own handling of SIGTERM is unchanged by it."""
+    return "SIGTERM handler is not set" not in record.getMessage()
+
+
 def quiet_worker_logs() -> None:
     """Ray worker setup hook: silences the known noise above, nothing else."""
     # Ray Train logs "Reporting training result N: TrainingReport(...)" at INFO on a logger
@@ -62,6 +68,9 @@ def connect_ray(address: str, cpus_needed: float) -> None:
     with _lock:
         if ray.is_initialized():
             return
+        worker_logger = logging.getLogger("ray._private.worker")
+        if _not_the_sigterm_notice not in worker_logger.filters:
+            worker_logger.addFilter(_not_the_sigterm_notice)
         quiet = {
             "worker_process_setup_hook": "tasks.cluster.quiet_worker_logs",
             # Ray Train's print patch sends a worker's print to its logger *and*, when stdout

@@ -25,6 +25,7 @@ NOISE = [
     r"FutureWarning|DeprecationWarning|Pandas4Warning",
     r"Traceback",
     r"Checkpoint successfully created|Reporting training result",  # Ray Train's INFO lines
+    r"SIGTERM handler is not set",  # ray.init from a task's thread
     r"PreemptionWatcher",  # a C++ error line from Ray Train's preemption watcher
     r"repeated \d+x across cluster",  # Ray's log dedup, which merges trainings' lines
 ]
