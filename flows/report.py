@@ -26,7 +26,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.sweep import SweepConfig, load_sweep
+from flows.sweep import SweepConfig, comparisons, load_sweep
 from tasks.artifacts import atomic_path
 from tasks.tracking import client as tracking_client
 from tasks.tracking import get_run_or_none
@@ -156,7 +156,8 @@ def verdict(ours: tuple[list[float], list[float]], paper: tuple[float, float]) -
     if not p < 0.05:
         return f"not resolved at this n (p = {p:.2f})"
     same = (sum(a) / len(a) - sum(b) / len(b)) * (paper[0] - paper[1]) > 0
-    return f"{'same direction as the paper' if same else 'opposite'} (p = {p:.3f})"
+    shown = "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    return f"{'same direction as the paper' if same else 'opposite'} ({shown})"
 
 
 def cell_values(runs: list[VariantRuns], metric: str) -> list[float]:
@@ -240,24 +241,19 @@ def comparisons_markdown(sweep: SweepConfig, by_name: dict[str, list[VariantRuns
         "| variant | vs | factor | column | ours | paper | verdict |",
         "|---|---|---|---|---|---|---|",
     ]
-    variants = {v.name: v for v in sweep.variants}
-    for v in sweep.variants:
-        other = variants.get(v.compare_with)
-        if other is None or v.name not in by_name or other.name not in by_name:
+    for v, other, mine, theirs in comparisons(sweep):
+        if v.name not in by_name or other.name not in by_name:
             continue
-        common = [c for c in v.cells if c in other.cells] or []
-        pairs = [(c, c) for c in common] or [(next(iter(v.cells)), next(iter(other.cells)))]
-        for mine, theirs in pairs:
-            a = cell_values(by_name[v.name], v.cells[mine].metric)
-            b = cell_values(by_name[other.name], other.cells[theirs].metric)
-            pa, pb = v.cells[mine].paper, other.cells[theirs].paper
-            if not a or not b or pa is None or pb is None:
-                continue
-            ours = f"{mean_sd(a).split(' ±')[0]} vs {mean_sd(b).split(' ±')[0]}"
-            column = mine if mine == theirs else f"{mine} vs {theirs}"
-            cells = [v.name, other.name, ", ".join(v.factor), column, ours, f"{pa:g} vs {pb:g}"]
-            cells.append(verdict((a, b), (pa, pb)))
-            lines.append("| " + " | ".join(cells) + " |")
+        a = cell_values(by_name[v.name], v.cells[mine].metric)
+        b = cell_values(by_name[other.name], other.cells[theirs].metric)
+        pa, pb = v.cells[mine].paper, other.cells[theirs].paper
+        if not a or not b or pa is None or pb is None:
+            continue
+        ours = f"{mean_sd(a).split(' ±')[0]} vs {mean_sd(b).split(' ±')[0]}"
+        column = mine if mine == theirs else f"{mine} vs {theirs}"
+        cells = [v.name, other.name, ", ".join(v.factor), column, ours, f"{pa:g} vs {pb:g}"]
+        cells.append(verdict((a, b), (pa, pb)))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -124,6 +124,28 @@ def config_diff(a, b) -> set[str]:
     return {k for k in ra.keys() | rb.keys() if ra.get(k) != rb.get(k)}
 
 
+def comparisons(sweep: SweepConfig) -> list[tuple[Variant, Variant, str, str]]:
+    """Each comparison a variant's cells make in the paper's table: (variant, other, its
+    column, other's column). Column by column against the row it is compared with; a column
+    that variant of the row lacks comes from the row's other variant (Tab. 1b's "fixed omega"
+    row is two trainings, w/o and w/ CFG). No shared column: first cell against first cell
+    (a CFG row against its own no-CFG twin)."""
+    by_name = {v.name: v for v in sweep.variants}
+    pairs = []
+    for v in sweep.variants:
+        other = by_name.get(v.compare_with)
+        if other is None:
+            continue
+        row = [other] + [w for w in sweep.variants if w.row == other.row and w not in (v, other)]
+        found = []
+        for column in v.cells:
+            match = next((w for w in row if column in w.cells), None)
+            if match is not None:
+                found.append((v, match, column, column))
+        pairs += found or [(v, other, next(iter(v.cells)), next(iter(other.cells)))]
+    return pairs
+
+
 def variant_configs(
     sweep: SweepConfig, scale: str, overrides: list[str], only: list[str], seeds: int = 1
 ) -> dict[str, ExperimentConfig]:

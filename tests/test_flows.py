@@ -71,19 +71,31 @@ def test_every_paper_scale_grid_holds_its_sizes_release_point():
 def test_every_comparison_changes_one_factor():
     """Each variant differs from the row it is compared with only in the factor the paper
     ablates there (its `factor` list), at every scale; every sweep compares its rows."""
-    from flows.sweep import config_diff
+    from flows.sweep import comparisons, config_diff
 
     for path in sorted((CONFIG_DIR / "sweep").glob("*.yaml")):
         sweep = load_sweep(path.stem)
         assert sum(bool(v.compare_with) for v in sweep.variants) == len(sweep.variants) - 1
+        pairs = {(v.name, other.name) for v, other, _, _ in comparisons(sweep)}
         for scale in sweep.scales:
             configs = variant_configs(sweep, scale, [], [])
-            for v in sweep.variants:
-                if v.compare_with:
-                    diff = config_diff(configs[v.name], configs[v.compare_with])
-                    assert diff, f"{path.stem}/{scale}: {v.name} equals {v.compare_with}"
-                    extra = diff - set(v.factor)
-                    assert not extra, f"{path.stem}/{scale}: {v.name} vs {v.compare_with}: {extra}"
+            for name, other in pairs:  # compare_with, and its row's other training where used
+                diff = config_diff(configs[name], configs[other])
+                assert diff, f"{path.stem}/{scale}: {name} equals {other}"
+                extra = diff - set(next(v.factor for v in sweep.variants if v.name == name))
+                assert not extra, f"{path.stem}/{scale}: {name} vs {other}: {extra}"
+
+
+def test_a_row_of_two_trainings_is_compared_column_by_column():
+    """Tab. 1b: the omega row is compared with the fixed-omega row in both columns; that row
+    is two trainings (w/o CFG: imf_aux, w/ CFG: imf_aux_cfg)."""
+    from flows.sweep import comparisons
+
+    pairs = [(v.name, o.name, c) for v, o, c, _ in comparisons(load_sweep("table1b"))]
+    assert ("omega", "imf_aux", "FID w/o CFG") in pairs
+    assert ("omega", "imf_aux_cfg", "FID w/ CFG") in pairs
+    assert ("imf_aux_cfg", "imf_aux", "FID w/ CFG") in pairs  # CFG against its own no-CFG twin
+    assert len(pairs) == len(set(pairs)) == 5
 
 
 def test_table1b_reuses_table1a_trainings():
@@ -220,7 +232,7 @@ def test_welch_t_test_and_verdicts_on_known_inputs():
 
     assert p == pytest.approx(2 * student.sf(abs(t), df)) and p == pytest.approx(7.09e-4, rel=0.01)
     # Paper: the second row lower (better) than the first, like ours here -> same direction.
-    assert verdict((b, a), (32.69, 29.42)).startswith("same direction as the paper")
+    assert verdict((b, a), (32.69, 29.42)) == "same direction as the paper (p < 0.001)"
     assert verdict((a, b), (32.69, 29.42)).startswith("opposite")
     assert verdict(([1.0, 5.0], [2.0, 4.0]), (1, 2)).startswith("not resolved at this n")
     assert verdict(([1.0], [2.0]), (1, 2)) == "not resolved at this n (one seed)"
