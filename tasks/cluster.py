@@ -16,13 +16,14 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 # Ray Train V2's placement-group cleaner polls the State API, which needs the dashboard we keep
 # off (it would bind a port), and warns every few seconds that the query failed: a third of a
-# demo's output. Its real work (freeing a dead controller's placement group) is unaffected.
+# demo's output. Without that query it never learns that a controller died, so it cannot do
+# its job here (freeing a dead controller's placement group) with or without the warnings; the
+# command's local Ray, placement groups included, ends with the command.
 QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 # For the same reason the cleaner's monitor thread can sit in a State API query for up to 10 s;
 # on a loaded machine the controller's 12 s wait to stop it then runs out and it logs
 # "Failed to stop PlacementGroupCleaner gracefully" with a traceback after a training that
-# succeeded. The cleaner cannot do its job without the State API anyway, and it is a detached
-# actor of the command's own local Ray, gone when the command ends.
+# succeeded.
 SILENT_LOGGERS = ("ray.train.v2._internal.callbacks.placement_group_callback",)
 
 
