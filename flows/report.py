@@ -107,6 +107,11 @@ def variant_runs(client, parent, sweep: SweepConfig) -> list[VariantRuns]:
     return out
 
 
+# Cells that describe the network rather than what it learned (Tab. 1c's parameter counts):
+# the same for every seed, so shown once, never flagged did-not-learn, never t-tested.
+MODEL_PROPERTIES = ("params_m",)
+
+
 def cell_value(runs: VariantRuns, metric: str) -> float | None:
     """A metric (`eval/<metric>`, as evaluations log them) of the training run, else of the
     evaluation run (given weights), else a param of the training run (e.g. params_m)."""
@@ -185,11 +190,12 @@ def paper_table(sweep: SweepConfig, variants: list[VariantRuns]) -> dict[str, li
         flagged = sum(learned(r) is False for r in runs)
         for column, cell in v.cells.items():
             values = cell_values(runs, cell.metric)
+            prop = cell.metric in MODEL_PROPERTIES
             if values:
-                text = mean_sd(values)
+                text = f"{values[0]:.2f}" if prop else mean_sd(values)
             else:
                 text = "failed" if any(r.status == "failed" for r in runs) else "—"
-            if values and flagged:
+            if values and flagged and not prop:
                 text += " **did not learn**" + (
                     f" ({flagged} of {len(runs)})" if len(runs) > 1 else ""
                 )
@@ -243,6 +249,8 @@ def comparisons_markdown(sweep: SweepConfig, by_name: dict[str, list[VariantRuns
     ]
     for v, other, mine, theirs in comparisons(sweep):
         if v.name not in by_name or other.name not in by_name:
+            continue
+        if v.cells[mine].metric in MODEL_PROPERTIES:  # a design choice, not a measurement
             continue
         a = cell_values(by_name[v.name], v.cells[mine].metric)
         b = cell_values(by_name[other.name], other.cells[theirs].metric)

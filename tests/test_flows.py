@@ -283,6 +283,46 @@ def test_the_fid_plot_draws_one_series_per_variant_with_its_seed_spread():
     assert [c.lines[0].get_ydata().tolist() for c in ax.containers] == [[30.0, 20.5]]
 
 
+SIZES = """
+title: "sizes"
+columns: ["params (M)", "FID"]
+scales: {smoke: {experiment: smoke, overrides: []}}
+variants:
+  - name: big
+    row: big
+    cells: {"params (M)": {metric: params_m, paper: 133}, "FID": {metric: fid_best, paper: 4.57}}
+  - name: small
+    row: small
+    compare_with: big
+    factor: [model.conditioning]
+    cells: {"params (M)": {metric: params_m, paper: 89}, "FID": {metric: fid_best, paper: 4.09}}
+"""
+
+
+def test_a_model_property_is_shown_once_never_flagged_or_t_tested(tmp_path):
+    from types import SimpleNamespace
+
+    from flows.report import VariantRuns, comparisons_markdown, group_by_variant, paper_table
+
+    (tmp_path / "sizes.yaml").write_text(SIZES)
+    sweep = load_sweep(str(tmp_path / "sizes.yaml"))
+
+    def runs(name, seed, size, fid, flagged):
+        data = SimpleNamespace(metrics={"eval/fid_best": fid}, params={"model.params_m": size})
+        best = {"best": True, "omega": 1.0, "t_min": 0.0, "t_max": 1.0, "fid": fid}
+        best["did_not_learn"] = flagged
+        return VariantRuns(name, "ok", SimpleNamespace(data=data), None, [best], f"{name}.s{seed}")
+
+    variants = [runs("big", s, "0.39", 40.0 + s, False) for s in range(3)]
+    variants += [runs("small", s, "0.28", 60.0 + s, s == 2) for s in range(3)]
+    table = paper_table(sweep, variants)
+    assert table["params (M)"] == ["0.39 (133)", "0.28 (89)"]  # once: no "± 0.00", no flag
+    assert table["FID"][1] == "61.00 ± 1.00 **did not learn** (1 of 3) (4.09)"
+    rows = [line for line in comparisons_markdown(sweep, group_by_variant(variants)).splitlines()]
+    compared = [line.split(" | ")[3] for line in rows if line.startswith("| small")]
+    assert compared == ["FID"]  # the parameter counts are not t-tested
+
+
 def test_seeds_group_under_their_variant_and_the_report_compares(
     tmp_path, prefect_server, local_ray
 ):
