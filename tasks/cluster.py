@@ -20,20 +20,41 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # its job here (freeing a dead controller's placement group) with or without the warnings; the
 # command's local Ray, placement groups included, ends with the command.
 QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
-# For the same reason the cleaner's monitor thread can sit in a State API query for up to 10 s;
-# on a loaded machine the controller's 12 s wait to stop it then runs out and it logs
-# "Failed to stop PlacementGroupCleaner gracefully" with a traceback after a training that
-# succeeded.
-SILENT_LOGGERS = ("ray.train.v2._internal.callbacks.placement_group_callback",)
-
-
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
-def _not_the_sigterm_notice(record: logging.LogRecord) -> bool:
-    """ray.init from a Prefect task's thread warns on every command that it cannot install its
-    SIGTERM handler there; the command's own handling of SIGTERM is unchanged by it."""
-    return "SIGTERM handler is not set" not in record.getMessage()
+class DropMessage(logging.Filter):
+    """Drops one known message of one logger, nothing else. A filter, not a level: Ray Train
+    configures its controller's loggers with dictConfig after our setup hook, which resets the
+    level of every logger under `ray.train` but keeps their filters."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+DROPPED = {
+    # The cleaner's monitor thread can sit in a State API query for up to 10 s (see above); on a
+    # loaded machine the controller's 12 s wait to stop it then runs out and it logs this, with
+    # a traceback, after a training that succeeded.
+    "ray.train.v2._internal.callbacks.placement_group_callback": (
+        "Failed to stop PlacementGroupCleaner gracefully"
+    ),
+    # ray.init from a Prefect task's thread warns on every command that it cannot install its
+    # SIGTERM handler there; the command's own handling of SIGTERM is unchanged by it.
+    "ray._private.worker": "SIGTERM handler is not set",
+}
+
+
+def drop_known_messages() -> None:
+    """Attaches each DROPPED filter once (in this process)."""
+    for name, text in DROPPED.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropMessage) and f.text == text for f in logger.filters):
+            logger.addFilter(DropMessage(text))
 
 
 def quiet_worker_logs() -> None:
@@ -45,8 +66,7 @@ def quiet_worker_logs() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    for name in SILENT_LOGGERS:  # its only message is logger.exception, at ERROR
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    drop_known_messages()
     quiet_known_warnings()
 
 
@@ -69,9 +89,7 @@ def connect_ray(address: str, cpus_needed: float) -> None:
     with _lock:
         if ray.is_initialized():
             return
-        worker_logger = logging.getLogger("ray._private.worker")
-        if _not_the_sigterm_notice not in worker_logger.filters:
-            worker_logger.addFilter(_not_the_sigterm_notice)
+        drop_known_messages()
         quiet = {
             "worker_process_setup_hook": "tasks.cluster.quiet_worker_logs",
             # Ray Train's print patch sends a worker's print to its logger *and*, when stdout

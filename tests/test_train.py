@@ -227,3 +227,30 @@ def test_a_tracking_outage_mid_run_loses_nothing(tmp_path, local_ray):
         run_info = MlflowClient(uri).get_run(result.mlflow_run_id)
         assert run_info.info.status == "FINISHED" and "error" not in run_info.data.tags
         assert [a.path for a in MlflowClient(uri).list_artifacts(result.mlflow_run_id, "samples")]
+
+
+def test_known_ray_messages_stay_dropped_after_ray_trains_logging_setup():
+    """Ray Train's controller runs dictConfig on `ray.train` after our worker hook, resetting
+    the level of every logger under it: the filters must survive and drop only the known line.
+    (In a subprocess: dictConfig would rewire this test session's own loggers.)"""
+    import subprocess
+    import sys
+
+    script = """
+import logging, logging.config
+from tasks.cluster import DROPPED, DropMessage, drop_known_messages
+drop_known_messages(); drop_known_messages()
+name = "ray.train.v2._internal.callbacks.placement_group_callback"
+logger = logging.getLogger(name)
+logger.setLevel(logging.CRITICAL)
+logging.config.dictConfig({"version": 1, "disable_existing_loggers": False, "loggers": {
+    "ray.train": {"level": "DEBUG", "handlers": [], "propagate": False}}})
+assert logger.level == logging.NOTSET  # what made a level useless
+record = lambda msg: logger.makeRecord(name, logging.ERROR, "f", 1, msg, None, None)
+assert not logger.filter(record(DROPPED[name] + "."))
+assert logger.filter(record("Failed to launch PlacementGroupCleaner: boom"))
+assert sum(isinstance(f, DropMessage) for f in logger.filters) == 1
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr
