@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import re
 import shutil
+import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,11 +136,15 @@ def best_point(runs: VariantRuns, best: dict) -> str:
     return f"ω {best['omega']:g} [{best['t_min']:g}, {best['t_max']:g}]"
 
 
+def spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value) over seeds."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def mean_sd(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
-    mean = sum(values) / len(values)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1))
+    mean, sd = spread(values)
     return f"{mean:.2f} ± {sd:.2f}"
 
 
@@ -336,8 +340,6 @@ def fid_figure(variants: list[VariantRuns]):
     """FID against omega, one line per variant (x interval): the mean over its seeds, +- one
     sd, and each seed as a faint dot. When every variant has the one omega (the fixed-omega
     tables), FID by variant instead: an omega axis with a single tick says nothing."""
-    import statistics
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -356,9 +358,6 @@ def fid_figure(variants: list[VariantRuns]):
             series.append((label, fids))
     seeds = max((len(f) for _, fids in series for f in fids.values()), default=1)
 
-    def spread_of(values: list[float]) -> tuple[float, float]:
-        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
     colors = plt.get_cmap("tab10" if len(series) <= 10 else "tab20").colors
     omegas = sorted({w for _, fids in series for w in fids})
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -369,7 +368,7 @@ def fid_figure(variants: list[VariantRuns]):
         else:
             xs = sorted(fids)
             ys = [fids[w] for w in xs]
-        stats = [spread_of(y) for y in ys]
+        stats = [spread(y) for y in ys]
         ax.errorbar(
             xs,
             [m for m, _ in stats],
@@ -382,12 +381,12 @@ def fid_figure(variants: list[VariantRuns]):
         if seeds > 1:
             dots = [(x, y) for x, values in zip(xs, ys, strict=True) for y in values]
             ax.scatter(*zip(*dots, strict=True), s=9, alpha=0.35, color=color)
-    spread = f"mean ± sd over {seeds} seeds" if seeds > 1 else "one seed"
+    seeds_note = f"mean ± sd over {seeds} seeds" if seeds > 1 else "one seed"
     if len(omegas) == 1:
         ax.set_xticks(range(len(series)), [label for label, _ in series], rotation=25, ha="right")
-        ax.set(ylabel="FID", title=f"FID by variant, sampled at omega {omegas[0]:g} ({spread})")
+        ax.set(ylabel="FID", title=f"FID by variant, sampled at omega {omegas[0]:g} ({seeds_note})")
     else:
-        ax.set(xlabel="CFG scale omega", ylabel="FID", title=f"FID vs omega ({spread})")
+        ax.set(xlabel="CFG scale omega", ylabel="FID", title=f"FID vs omega ({seeds_note})")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(alpha=0.3)
     return fig
