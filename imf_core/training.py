@@ -25,6 +25,9 @@ class OptimConfig:
     warmup_steps: int = 0  # linear warmup from 0 ...
     warmup_epochs: float = 0.0  # ... or in epochs (Tab. 4: 10), steps derived from data and batch
     grad_clip: float = 0.0  # 0 = off
+    # lr falls linearly to 0 over this last share of the steps; 0 = constant (Tab. 4). Short
+    # CPU runs end better with a cooldown (configs/experiment/demo.yaml); long runs keep EMA.
+    decay_fraction: float = 0.0
     ema_decay: float = 0.9999
 
     def __post_init__(self) -> None:
@@ -32,6 +35,8 @@ class OptimConfig:
             raise ValueError("optim.warmup_steps and optim.warmup_epochs must be >= 0")
         if self.warmup_steps and self.warmup_epochs:
             raise ValueError("set optim.warmup_steps or optim.warmup_epochs, not both")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ValueError(f"optim.decay_fraction must be in [0, 1], got {self.decay_fraction}")
 
 
 def with_warmup_steps(cfg: OptimConfig, steps_per_epoch: int) -> OptimConfig:
@@ -46,13 +51,20 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     )
 
 
-def lr_at(step: int, cfg: OptimConfig) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then constant (see with_warmup_steps)."""
+def lr_at(step: int, cfg: OptimConfig, total_steps: int = 0) -> float:
+    """Linear warmup to cfg.lr over warmup_steps (see with_warmup_steps), constant, and with
+    decay_fraction > 0 a linear fall towards 0 over the last decay_fraction * total_steps."""
     if cfg.warmup_epochs:
         raise ValueError("lr_at needs warmup in steps: with_warmup_steps(cfg, steps_per_epoch)")
+    lr = cfg.lr
     if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr
+        lr *= (step + 1) / cfg.warmup_steps
+    if cfg.decay_fraction:
+        if total_steps < 1:
+            raise ValueError("lr_at needs total_steps when optim.decay_fraction > 0")
+        decay = cfg.decay_fraction * total_steps
+        lr *= min(1.0, max(0.0, total_steps - step) / decay)
+    return lr
 
 
 def train_step(
@@ -71,6 +83,7 @@ def train_step(
     inner: nn.Module | None = None,
     compile_jvp: bool = False,
     shard: tuple[int, int] = (0, 1),
+    total_steps: int = 0,
 ) -> dict[str, Tensor]:
     """Loss, backward, (clip), Adam step and EMA update. Returns the detached loss parts.
 
@@ -78,7 +91,7 @@ def train_step(
     passes so that DDP's hooks only see the one ordinary forward/backward.
     """
     for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, optim)
+        group["lr"] = lr_at(step, optim, total_steps)
     loss, parts = imf_loss(
         model,
         x,

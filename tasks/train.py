@@ -99,6 +99,9 @@ RUNTIME_ONLY = (
     "compile_jvp",
     "keep_checkpoints",
 )
+# Settings added after trainings already exist: in the key only when set, so that a training
+# made before the setting existed (it ran with the default) is still found and reused.
+KEYED_WHEN_SET = {"optim": {"decay_fraction": 0.0}}
 
 
 @dataclass
@@ -116,7 +119,6 @@ class TrainResult:
 
 
 def train_key(cfg, precompute_key: str) -> str:
-
     train = {k: v for k, v in asdict(cfg.train).items() if k not in RUNTIME_ONLY}
     config = {
         "model": asdict(model_config(cfg)),
@@ -125,6 +127,10 @@ def train_key(cfg, precompute_key: str) -> str:
         "optim": asdict(cfg.optim),
         "train": train,
     }
+    for section, defaults in KEYED_WHEN_SET.items():
+        for name, default in defaults.items():
+            if config[section][name] == default:
+                del config[section][name]
     return content_key("train", config, [precompute_key])
 
 
@@ -349,6 +355,7 @@ def train_loop(config: dict) -> None:
                         inner=model,
                         compile_jvp=t.compile_jvp,
                         shard=(rank, world),
+                        total_steps=total,
                     )
                 bad = torch.tensor([0.0 if torch.isfinite(parts["loss"]) else 1.0], device=device)
                 if world > 1:

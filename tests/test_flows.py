@@ -106,6 +106,17 @@ def test_table1b_reuses_table1a_trainings():
     assert train_key(a, "p") == train_key(b, "p")
 
 
+def test_a_setting_added_later_keeps_existing_trainings_found():
+    from tasks.config import load_config
+    from tasks.train import train_key
+
+    # The smoke training's key before optim.decay_fraction existed: still the same, so the
+    # training made then is reused; setting the new value makes a new training.
+    assert train_key(load_config("smoke"), "0" * 16) == "a75e5239ea60d243"
+    cooled = load_config("smoke", ["optim.decay_fraction=0.3"])
+    assert train_key(cooled, "0" * 16) != "a75e5239ea60d243"
+
+
 @pytest.mark.slow
 def test_pipeline_reruns_only_what_failed(tmp_path, prefect_server, local_ray, capsys):
     root = [f"paths.artifacts={tmp_path}/a", f"tracking.uri=sqlite:///{tmp_path}/m.db"] + FAST

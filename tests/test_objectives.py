@@ -110,3 +110,19 @@ def test_warmup_in_epochs_becomes_steps():
         OptimConfig(warmup_steps=5, warmup_epochs=1)
     with pytest.raises(ValueError, match="with_warmup_steps"):
         lr_at(0, OptimConfig(warmup_epochs=1))
+
+
+def test_lr_cooldown_falls_linearly_to_zero_over_the_last_share_of_steps():
+    from imf_core.training import OptimConfig, lr_at
+
+    optim = OptimConfig(lr=3e-3, warmup_steps=50, decay_fraction=0.3)
+    total = 3000  # decay over the last 900 steps: from step 2100 on
+    assert lr_at(0, optim, total) == pytest.approx(3e-3 / 50)  # warmup unchanged
+    assert lr_at(2100, optim, total) == pytest.approx(3e-3)
+    assert lr_at(2550, optim, total) == pytest.approx(1.5e-3)
+    assert lr_at(2999, optim, total) == pytest.approx(3e-3 / 900)
+    assert lr_at(5000, OptimConfig(lr=1e-4), 0) == 1e-4  # the paper's constant lr needs no total
+    with pytest.raises(ValueError, match="total_steps"):
+        lr_at(0, optim)
+    with pytest.raises(ValueError, match="decay_fraction"):
+        OptimConfig(decay_fraction=1.5)
