@@ -46,6 +46,9 @@ DROPPED = {
     # ray.init from a Prefect task's thread warns on every command that it cannot install its
     # SIGTERM handler there; the command's own handling of SIGTERM is unchanged by it.
     "ray._private.worker": "SIGTERM handler is not set",
+    # torch.compile (train.compile_jvp, the demo) on a machine with a CUDA toolkit but no GPU
+    # warns once per worker that it found the toolkit without a runtime: nothing to act on.
+    "torch.utils.cpp_extension": "No CUDA runtime is found",
 }
 
 
