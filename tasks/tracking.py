@@ -363,11 +363,17 @@ def log_evaluation(
     client.log_table(run, points_table(results, points), "eval/points.json")
     best = next(r for r in results if r["best"])
     stamp = int(time.time() * 1000)
-    summary = [Metric(f"eval/{k}", v, stamp, 0) for k, v in summary_metrics(cfg, results).items()]
-    verdict = [RunTag("did_not_learn", str(best["did_not_learn"]).lower())]
+    summary = summary_metrics(cfg, results)
     # The summary goes on one run only -- the training's when there is one, so that the compare
-    # view of a sweep's runs shows one FID per variant beside its params.
-    client.log_batch(train_run or run, metrics=summary, tags=verdict)
+    # view of a sweep's runs shows one FID per variant beside its params. A run's page lists
+    # its chart sections alphabetically, `eval/` above `train/`: there, only the FIDs a compare
+    # view sets side by side are metrics (one row of charts, the training curves right below);
+    # the rest of the summary (best point, IS, accuracy, floor, ceiling) are tags of those names.
+    charted = {k: v for k, v in summary.items() if k in HEADLINE or not train_run}
+    metrics = [Metric(f"eval/{k}", v, stamp, 0) for k, v in charted.items()]
+    verdict = [RunTag("did_not_learn", str(best["did_not_learn"]).lower())]
+    verdict += [RunTag(f"eval/{k}", f"{v:.6g}") for k, v in summary.items() if k not in charted]
+    client.log_batch(train_run or run, metrics=metrics, tags=verdict)
     if train_run:
         client.log_batch(run, tags=verdict)
     for path in artifacts:
@@ -387,6 +393,10 @@ def points_table(results: list[dict], points: list[str]) -> dict[str, list]:
         table["many_step_fid"] = [float(r["many_step"]["fid"]) for r in results]
     table["best"] = [bool(r["best"]) for r in results]
     return table
+
+
+# The summary numbers charted on a training run's page (see log_evaluation).
+HEADLINE = ("fid_best", "fid_no_cfg", "fid_many_step_best")
 
 
 def summary_metrics(cfg, results: list[dict]) -> dict[str, float]:
