@@ -588,7 +588,9 @@ def sample_noise(indices, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def plot_fid_vs_omega(results: list[dict], out: Path) -> list[Path]:
-    """One FID-vs-omega plot per CFG interval, the best point marked."""
+    """One FID-vs-omega plot per CFG interval, the best point marked, with the calibration a
+    reader needs beside the curve: the real-data floor, the same network's many-step points
+    and the class-mean ceiling (in the legend; drawn, it would flatten the curve)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -608,7 +610,25 @@ def plot_fid_vs_omega(results: list[dict], out: Path) -> list[Path]:
                 ax.plot(
                     [r["omega"]], [r["fid"]], "r*", markersize=14, label=f"best: FID {r['fid']:.2f}"
                 )
-                ax.legend()
+        many = [r for r in rows if "many_step" in r]
+        if many:
+            steps = many[0]["many_step"]["steps"]
+            ax.plot(
+                [r["omega"] for r in many],
+                [r["many_step"]["fid"] for r in many],
+                "kx",
+                markersize=9,
+                label=f"same network, {steps} Euler steps",
+            )
+        if "real_data_floor" in rows[0]:
+            floor = rows[0]["real_data_floor"]["fid"]
+            ax.axhline(floor, color="g", ls="--", label=f"real data: {floor:.2f}")
+            ax.set_ylim(bottom=0)
+        if "class_mean_ceiling" in rows[0]:
+            ceiling = rows[0]["class_mean_ceiling"]["fid"]
+            ax.plot([], [], " ", label=f"class means: {ceiling:.1f}")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         ax.set(
             xlabel="CFG scale omega",
             ylabel="FID",
