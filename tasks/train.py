@@ -163,7 +163,9 @@ def mlflow_run(cfg, out: Path, key: str) -> str:
         tracking_uri(cfg),
         out / "mlflow_run_id",
         cfg.tracking.experiment or cfg.name,
-        cfg.tracking.run_name or f"{cfg.name} {cfg.model.name} {cfg.objective.name}",
+        # Runs of one experiment differ in seed most often: it is in the name, not only a param.
+        cfg.tracking.run_name
+        or f"{cfg.name} {cfg.model.name} {cfg.objective.name} seed {cfg.train.seed}",
         tags,
         params,
     )

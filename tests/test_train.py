@@ -63,6 +63,8 @@ def test_ddp_matches_one_worker_and_finished_runs_are_reused(tmp_path, local_ray
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5)
 
     client = MlflowClient(cfg2.tracking.uri)
+    # named for what it trains (experiment, model, objective, seed), not a hash
+    assert client.get_run(two.mlflow_run_id).info.run_name == "smoke tiny imf_aux seed 0"
     logged = client.get_run(two.mlflow_run_id).data
     assert logged.params["train.batch_size"] == "16" and logged.params["model.name"] == "tiny"
     names = {"loss", "mse_u", "loss_v", "grad_norm", "lr", "samples_per_s"}
