@@ -326,6 +326,10 @@ def replay_all(artifacts: Path, uri: str) -> int:
     )
 
 
+# The summary numbers charted on a training run's page (see log_evaluation).
+HEADLINE = ("fid_best", "fid_no_cfg", "fid_many_step_best")
+
+
 def log_evaluation(
     cfg, trained, key: str, results: list[dict], points: list[str], artifacts: list[Path]
 ) -> str:
@@ -372,8 +376,8 @@ def log_evaluation(
     charted = {k: v for k, v in summary.items() if k in HEADLINE or not train_run}
     metrics = [Metric(f"eval/{k}", v, stamp, 0) for k, v in charted.items()]
     verdict = [RunTag("did_not_learn", str(best["did_not_learn"]).lower())]
-    verdict += [RunTag(f"eval/{k}", f"{v:.6g}") for k, v in summary.items() if k not in charted]
-    client.log_batch(train_run or run, metrics=metrics, tags=verdict)
+    rest = [RunTag(f"eval/{k}", f"{v:.6g}") for k, v in summary.items() if k not in charted]
+    client.log_batch(train_run or run, metrics=metrics, tags=verdict + rest)
     if train_run:
         client.log_batch(run, tags=verdict)
     for path in artifacts:
@@ -393,10 +397,6 @@ def points_table(results: list[dict], points: list[str]) -> dict[str, list]:
         table["many_step_fid"] = [float(r["many_step"]["fid"]) for r in results]
     table["best"] = [bool(r["best"]) for r in results]
     return table
-
-
-# The summary numbers charted on a training run's page (see log_evaluation).
-HEADLINE = ("fid_best", "fid_no_cfg", "fid_many_step_best")
 
 
 def summary_metrics(cfg, results: list[dict]) -> dict[str, float]:
