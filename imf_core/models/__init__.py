@@ -45,7 +45,9 @@ PRESETS: dict[str, ModelConfig] = {
     "imf_b2_in_context": ModelConfig(
         conditioning="in_context", blocks="plain", aux_head_depth=8, depth=12, width=768, heads=12
     ),
-    # A debug-sized model for digits (8x8, one channel) on CPU.
+    # A debug-sized model for digits (8x8, one channel) on CPU. One token per condition: its
+    # 16 image tokens shared attention with 10 condition tokens at (4, 2, 2, 1, 1), and these
+    # models are overhead-bound (1 CPU thread, batch 64: 4.4 -> 6.0 steps/s with cond_t).
     "tiny": ModelConfig(
         **_IMF | dict(aux_head_depth=1),
         input_size=8,
@@ -54,9 +56,9 @@ PRESETS: dict[str, ModelConfig] = {
         width=64,
         heads=4,
         num_classes=10,
-        class_tokens=4,
-        time_tokens=2,
-        omega_tokens=2,
+        class_tokens=1,
+        time_tokens=1,
+        omega_tokens=1,
         interval_tokens=1,
     ),
 }
