@@ -26,10 +26,10 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.sweep import SweepConfig, comparisons, load_sweep
+from flows.sweep import MODEL_PROPERTIES, SweepConfig, comparisons, load_sweep
 from tasks.artifacts import atomic_path
 from tasks.tracking import client as tracking_client
-from tasks.tracking import get_run_or_none
+from tasks.tracking import get_run_or_none, summary_metrics
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download
 
@@ -107,14 +107,16 @@ def variant_runs(client, parent, sweep: SweepConfig) -> list[VariantRuns]:
     return out
 
 
-# Cells that describe the network rather than what it learned (Tab. 1c's parameter counts):
-# the same for every seed, so shown once, never flagged did-not-learn, never t-tested.
-MODEL_PROPERTIES = ("params_m",)
-
-
 def cell_value(runs: VariantRuns, metric: str) -> float | None:
-    """A metric (`eval/<metric>`, as evaluations log them) of the training run, else of the
-    evaluation run (given weights), else a param of the training run (e.g. params_m)."""
+    """A number of the variant's own evaluation (its results.json), else a metric
+    (`eval/<metric>`) of the training or evaluation run, else a param of the training run (e.g.
+    params_m). Own results first: one training can serve several evaluations (Tab. 2's 1- and
+    2-NFE rows), and its run's eval/ metrics are the last one's."""
+    if runs.results:
+        mode = runs.train.data.params.get("guidance.mode", "") if runs.train else ""
+        own = summary_metrics(runs.results, mode)
+        if metric in own:
+            return own[metric]
     for run in (runs.train, runs.evaluation):
         if run is not None and f"eval/{metric}" in run.data.metrics:
             return run.data.metrics[f"eval/{metric}"]

@@ -124,12 +124,21 @@ def config_diff(a, b) -> set[str]:
     return {k for k in ra.keys() | rb.keys() if ra.get(k) != rb.get(k)}
 
 
+# Cells that describe the network rather than what it learned (Tab. 1c's parameter counts):
+# the same for every seed, so shown once, never flagged did-not-learn, never t-tested.
+MODEL_PROPERTIES = ("params_m",)
+
+
 def comparisons(sweep: SweepConfig) -> list[tuple[Variant, Variant, str, str]]:
     """Each comparison a variant's cells make in the paper's table: (variant, other, its
     column, other's column). Column by column against the row it is compared with; a column
     that variant of the row lacks comes from the row's other variant (Tab. 1b's "fixed omega"
-    row is two trainings, w/o and w/ CFG). No shared column: first cell against first cell
-    (a CFG row against its own no-CFG twin)."""
+    row is two trainings, w/o and w/ CFG). No shared column: first measured cell against first
+    measured cell (a CFG row against its own no-CFG twin; Tab. 2's 2-NFE against 1-NFE)."""
+
+    def first_measured(v: Variant) -> str | None:
+        return next((c for c, cell in v.cells.items() if cell.metric not in MODEL_PROPERTIES), None)
+
     by_name = {v.name: v for v in sweep.variants}
     pairs = []
     for v in sweep.variants:
@@ -142,7 +151,10 @@ def comparisons(sweep: SweepConfig) -> list[tuple[Variant, Variant, str, str]]:
             match = next((w for w in row if column in w.cells), None)
             if match is not None:
                 found.append((v, match, column, column))
-        pairs += found or [(v, other, next(iter(v.cells)), next(iter(other.cells)))]
+        mine, theirs = first_measured(v), first_measured(other)
+        if not found and mine and theirs:
+            found = [(v, other, mine, theirs)]
+        pairs += found
     return pairs
 
 

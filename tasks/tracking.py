@@ -367,7 +367,7 @@ def log_evaluation(
     client.log_table(run, points_table(results, points), "eval/points.json")
     best = next(r for r in results if r["best"])
     stamp = int(time.time() * 1000)
-    summary = summary_metrics(cfg, results)
+    summary = summary_metrics(results, cfg.guidance.mode)
     # The summary goes on one run only -- the training's when there is one, so that the compare
     # view of a sweep's runs shows one FID per variant beside its params. A run's page lists
     # its chart sections alphabetically, `eval/` above `train/`: there, only the FIDs a compare
@@ -399,16 +399,17 @@ def points_table(results: list[dict], points: list[str]) -> dict[str, list]:
     return table
 
 
-def summary_metrics(cfg, results: list[dict]) -> dict[str, float]:
+def summary_metrics(results: list[dict], guidance_mode: str) -> dict[str, float]:
     """The best point's numbers (`*_best`), the no-CFG point's (`*_no_cfg`) and the calibration
-    every number needs beside it (`eval/` in MLflow; the sweep files name them unprefixed)."""
+    every number needs beside it (`eval/` in MLflow; the sweep files name them unprefixed), from
+    an evaluation's results.json and the training's guidance.mode."""
     best = next(r for r in results if r["best"])
     names = ("fid", "is", "omega", "t_min", "t_max", "accuracy")
     out = {f"{k}_best": float(best[k]) for k in names if k in best}
     # Without CFG = the omega = 1 point (the interval does not matter there): the paper's
     # "w/o CFG" column for omega-conditioned models.
     no_cfg = next((r for r in results if r["omega"] == 1.0), None)
-    if no_cfg is not None and cfg.guidance.mode != "fixed":  # fixed: omega is baked in
+    if no_cfg is not None and guidance_mode != "fixed":  # fixed: omega is baked in
         out |= {f"{k}_no_cfg": float(no_cfg[k]) for k in ("fid", "is", "accuracy") if k in no_cfg}
     if "real_data_floor" in best:
         out["fid_real_floor"] = best["real_data_floor"]["fid"]

@@ -98,6 +98,15 @@ def test_a_row_of_two_trainings_is_compared_column_by_column():
     assert len(pairs) == len(set(pairs)) == 5
 
 
+def test_the_two_step_row_is_compared_with_the_one_step_fid_not_the_parameter_count():
+    from flows.sweep import comparisons
+
+    pairs = [(v.name, o.name, c, d) for v, o, c, d in comparisons(load_sweep("table2_sizes"))]
+    assert [p for p in pairs if p[0] == "xl2_nfe2"] == [
+        ("xl2_nfe2", "xl2", "FID 2-NFE", "FID 1-NFE")
+    ]
+
+
 def test_table1b_reuses_table1a_trainings():
     from tasks.train import train_key
 
@@ -333,6 +342,25 @@ def test_a_model_property_is_shown_once_never_flagged_or_t_tested(tmp_path):
     rows = [line for line in comparisons_markdown(sweep, group_by_variant(variants)).splitlines()]
     compared = [line.split(" | ")[3] for line in rows if line.startswith("| small")]
     assert compared == ["FID"]  # the parameter counts are not t-tested
+
+
+def test_a_cell_is_read_from_the_variants_own_evaluation_not_a_shared_training_run():
+    """Tab. 2's 1- and 2-NFE rows share one training: its run's eval/ metrics are whichever
+    evaluation logged last, so each row's number comes from its own results.json."""
+    from types import SimpleNamespace
+
+    from flows.report import VariantRuns, cell_value
+
+    shared = SimpleNamespace(
+        data=SimpleNamespace(metrics={"eval/fid_best": 27.8}, params={"guidance.mode": "none"})
+    )
+    one_step = {"best": False, "omega": 1.0, "fid": 30.0}
+    two_step = {"best": True, "omega": 1.5, "fid": 22.2}
+    runs = VariantRuns("xl2_nfe2", "ok", shared, None, [one_step, two_step])
+    assert cell_value(runs, "fid_best") == 22.2
+    assert cell_value(runs, "fid_no_cfg") == 30.0
+    fixed = SimpleNamespace(data=SimpleNamespace(metrics={}, params={"guidance.mode": "fixed"}))
+    assert cell_value(VariantRuns("cfg", "ok", fixed, None, [two_step]), "fid_no_cfg") is None
 
 
 def test_seeds_group_under_their_variant_and_the_report_compares(
