@@ -11,6 +11,7 @@ import torch_fidelity
 from safetensors.torch import save_file
 
 from imf_core.models import create
+from benchmarks.random_weights import random_inception_weights
 from tasks.config import load_config
 from tasks.evaluate import evaluate
 from tasks.features import CLASSIFIER_NAME, open_extractor, to_uint8
@@ -134,23 +135,6 @@ def test_pixel_classifier_is_a_registered_extractor(setup):
     assert (logits.argmax(1) == labels).double().mean() > 0.9
 
 
-def random_inception_weights(path: Path) -> Path:
-    """A randomly initialised torch-fidelity InceptionV3 state dict, saved like the real one."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class Unloaded(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep random init
-            return None
-
-    empty = path.with_suffix(".empty")
-    torch.save({}, empty)
-    torch.manual_seed(0)
-    torch.save(
-        Unloaded("x", ["2048"], feature_extractor_weights_path=str(empty)).state_dict(), path
-    )
-    return path
-
-
 @pytest.mark.slow
 def test_inception_path_with_random_weights(setup, tmp_path):
     root, pre, trained = setup
@@ -160,16 +144,21 @@ def test_inception_path_with_random_weights(setup, tmp_path):
     cfg = evaluation(
         root / "d",
         "eval.n_samples=20",
-        "eval.omegas=[2.0]",
+        "eval.omegas=[1.0,4.0]",
         "eval.features=inception",
         f"eval.inception_weights={weights}",
         f"eval.reference={stats}",
         "eval.grid_per_class=0",
     )
     result = evaluate(cfg, pre, trained)
-    (entry,) = result.results
-    assert entry["features"] == "inception" and entry["n_samples"] == 20
-    assert np.isfinite(entry["fid"]) and entry["is"] >= 1.0 and "accuracy" not in entry
+    plain, guided = result.results
+    for entry in (plain, guided):
+        assert entry["features"] == "inception" and entry["n_samples"] == 20
+        assert np.isfinite(entry["fid"]) and entry["is"] >= 1.0 - 1e-9 and "accuracy" not in entry
+    # The random extractor keeps its features' scale (benchmarks.random_weights): the numbers
+    # depend on the samples. PyTorch's default init gave FID 2048.000 and IS 1 for any samples.
+    assert abs(plain["fid"] - 2048.0) > 1.0 and abs(plain["fid"] - guided["fid"]) > 1e-3
+    assert plain["is"] != guided["is"]
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         evaluate(
             evaluation(root / "e", "eval.features=inception", "eval.inception_weights=/nope.pth"),
