@@ -4,9 +4,8 @@
 
 Runs each benchmark as its own process (so one's threads or compiled graphs do not colour the
 next), takes the JSON of its last line, and writes a markdown page with the machine, the
-versions and every figure. On a machine with a CUDA GPU it adds the GPU entries: iMF-B/2
-training images/s and MFU in bf16, the step-time ratios on GPU, and 1-NFE sampling images/s
-with the SD-VAE decode.
+versions and every figure, followed by the GPU checks kept in benchmarks/gpu/ (the reports
+of `make gpu-check` on a GPU machine, benchmarks/gpu_check.py, newest first).
 """
 
 from __future__ import annotations
@@ -25,18 +24,17 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+GPU_CHECKS = Path(__file__).resolve().parent / "gpu"
 
 
-def suite(quick: bool, gpu: bool) -> list[tuple[str, list[str]]]:
-    """(title, module + arguments) of every benchmark this machine can run."""
+def suite(quick: bool) -> list[tuple[str, list[str]]]:
+    """(title, module + arguments) of every benchmark (the GPU's: benchmarks/gpu_check.py)."""
     steps = ["--steps", "5" if quick else "15"]
+    cpu = ["step_time", "--device", "cpu", *steps]
     entries = [
-        ("Step time, CPU, tiny, batch 256, eager JVP", ["step_time", "--device", "cpu", *steps]),
-        (
-            "Step time, CPU, tiny, batch 256, compiled JVP, omega_interval CFG",
-            ["step_time", "--device", "cpu", "--compile-jvp", "--guidance", "omega_interval"]
-            + steps,
-        ),
+        ("Step time, CPU, tiny, batch 256, the default: whole step compiled", cpu),
+        ("Step time, CPU, tiny, batch 256, JVP compiled", [*cpu, "--compile", "jvp"]),
+        ("Step time, CPU, tiny, batch 256, eager", [*cpu, "--compile", "none"]),
         (
             "Latent reader, ImageNet-shaped rows",
             ["data_read"] + (["--rows", "4096"] if quick else []),
@@ -49,18 +47,6 @@ def suite(quick: bool, gpu: bool) -> list[tuple[str, list[str]]]:
         ("Sampling, CPU, tiny, 1-NFE, pixels", ["sampling", "--device", "cpu"]),
         ("Pipeline: first run and cached rerun (imf run -e smoke)", ["pipeline_rerun"]),
     ]
-    if gpu:
-        bf16 = ["--device", "cuda", "--bf16", "--compile-jvp", "--guidance", "omega_interval"]
-        entries += [
-            (
-                "GPU training: iMF-B/2, batch 128, bf16, compiled JVP, omega_interval",
-                ["step_time", "--model", "imf_b2", "--batch", "128", *bf16, *steps],
-            ),
-            (
-                "GPU sampling: iMF-B/2, 1-NFE + SD-VAE decode, bf16",
-                ["sampling", "--model", "imf_b2", "--vae", "sd", "--bf16", "--device", "cuda"],
-            ),
-        ]
     return entries
 
 
@@ -101,7 +87,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     lines = ["# Benchmark results", "", "Written by `python -m benchmarks`.", "", *machine(), ""]
-    for title, module_args in suite(args.quick, torch.cuda.is_available()):
+    for title, module_args in suite(args.quick):
         print(f"== {title}", flush=True)
         result, text, seconds = run(module_args)
         print(text, json.dumps(result), sep="\n", flush=True)
@@ -114,15 +100,9 @@ def main() -> None:
         if text.strip():
             lines += ["```", text.strip(), "```", ""]
         lines += ["```json", json.dumps(result, indent=1), "```", ""]
-    if not torch.cuda.is_available():
-        lines += [
-            "## GPU",
-            "",
-            "No CUDA device on this machine: the GPU entries (iMF-B/2 bf16 training images/s and",
-            "MFU, sampling with the SD-VAE decode) were skipped. Run `python -m benchmarks` on a",
-            "GPU machine to add them.",
-            "",
-        ]
+    lines += ["# GPU checks", "", "`make gpu-check` on a GPU machine, kept in benchmarks/gpu/.", ""]
+    checks = sorted(GPU_CHECKS.glob("*.md"), reverse=True)
+    lines += [p.read_text().replace("\n## ", "\n### ").replace("\n### ", "\n#### ") for p in checks]
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
 

@@ -26,13 +26,21 @@ SD_VAE_CONFIG = dict(
     latent_channels=4,
     sample_size=256,
 )
+# A toy of the same family for CPU runs: 4-channel latents, images twice their size.
+TOY_VAE_CONFIG = SD_VAE_CONFIG | dict(
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(32, 32),
+    layers_per_block=1,
+    sample_size=16,
+)
 
 
-def sd_vae() -> nn.Module:
-    """diffusers' AutoencoderKL in the SD-VAE ft-mse architecture, randomly initialised."""
+def sd_vae(toy: bool = False) -> nn.Module:
+    """diffusers' AutoencoderKL in the SD-VAE ft-mse architecture (or its toy), random weights."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(**SD_VAE_CONFIG)
+    return AutoencoderKL(**(TOY_VAE_CONFIG if toy else SD_VAE_CONFIG))
 
 
 def scale_keeping_init(model: nn.Module) -> None:

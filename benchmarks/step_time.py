@@ -1,11 +1,13 @@
 """Time one training step of each objective on the same model and batch.
 
-    python -m benchmarks.step_time [--model tiny] [--batch 256] [--steps 30] [--guidance none]
+    python -m benchmarks.step_time [--model tiny] [--batch 256] [--steps 30]
+                                   [--guidance omega_interval] [--compile auto]
 
 Prints a table, then as its last line one JSON object with the step-time ratios to flow
 matching (`ratio_<objective>_to_fm`) and the memory ratios (`mem_ratio_<objective>_to_fm`):
-peak allocated memory on a GPU; on the CPU, bytes autograd saved for backward (the activation
-memory, which dominates training memory; the no-grad JVP pass saves none).
+peak allocated memory on a GPU; on the CPU, bytes autograd saved for backward in an eager step
+(the activation memory, which dominates training memory; the no-grad JVP pass saves none).
+The defaults are the training defaults (base.yaml's objective and guidance; train.compile auto).
 """
 
 from __future__ import annotations
@@ -16,14 +18,22 @@ import platform
 import statistics
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch import nn
 
 from imf_core.guidance import GuidanceConfig
-from imf_core.models import count_params, create
+from imf_core.models import build, count_params, create
 from imf_core.objectives import OBJECTIVES, ObjectiveConfig
-from imf_core.training import OptimConfig, make_optimizer, train_step
+from imf_core.training import (
+    COMPILE_MODES,
+    DEFAULT_COMPILE,
+    OptimConfig,
+    make_optimizer,
+    step_flops_per_image,
+    train_step,
+)
 
 
 class SavedBytes:
@@ -40,8 +50,82 @@ class SavedBytes:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
 
-# Dense bf16 peak of known accelerators (TFLOP/s), for MFU.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class StepTimer:
+    """Runs and times training steps of one model on one fixed batch (random data and labels)."""
+
+    model: nn.Module
+    batch: int
+    guidance: str = "omega_interval"
+    compile: str = "none"
+    bf16: bool = False
+    compile_backend: str = "inductor"  # aot_eager: the same graph, no code generation (toy runs)
+
+    def __post_init__(self) -> None:
+        self.device = next(self.model.parameters()).device
+        cfg = self.model.cfg
+        gen = torch.Generator().manual_seed(0)
+        shape = (self.batch, cfg.in_channels, cfg.input_size, cfg.input_size)
+        self.x = torch.randn(shape, generator=gen).to(self.device)
+        self.y = torch.randint(0, cfg.num_classes, (self.batch,), generator=gen).to(self.device)
+        self.optim = OptimConfig()
+        self.optimizer = make_optimizer(self.model, self.optim)
+
+    def step(
+        self, objective: str, compile: str | None = None, seed: int = 1
+    ) -> dict[str, torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return train_step(
+                self.model,
+                self.optimizer,
+                None,
+                self.x,
+                self.y,
+                ObjectiveConfig(name=objective),
+                GuidanceConfig(mode=self.guidance),
+                self.model.cfg.num_classes,
+                10,
+                self.optim,
+                generator=torch.Generator().manual_seed(seed),
+                compile=compile or self.compile,
+                compile_backend=self.compile_backend,
+            )
+
+    def flops_per_image(self, objective: str) -> float:
+        """FLOPs of one step per image (training.step_flops_per_image), counted on a copy of
+        the model on the meta device: every op is counted (fused CPU attention kernels have no
+        FLOP formula) and a compiled step runs the same math. Until 2026-12-04 this doubled the
+        count, which already holds 2 FLOPs per multiply-add."""
+        with torch.device("meta"):
+            meta = build(self.model.cfg)
+        cfg = ObjectiveConfig(name=objective)
+        guidance = GuidanceConfig(mode=self.guidance)
+        return step_flops_per_image(meta, cfg, guidance, self.model.cfg.num_classes)
+
+    def memory(self, objective: str) -> int:
+        """Peak allocated bytes on a GPU; autograd's saved bytes of an eager step on the CPU."""
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats()
+            self.step(objective)
+            sync(self.device)
+            return torch.cuda.max_memory_allocated()
+        saved = SavedBytes()
+        with saved.hooks():
+            self.step(objective, compile="none")
+        return saved.total
+
+    def seconds(self, objective: str) -> float:
+        sync(self.device)
+        start = time.perf_counter()
+        self.step(objective)
+        sync(self.device)
+        return time.perf_counter() - start
 
 
 def main() -> None:
@@ -53,75 +137,34 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=256, help="the paper's ablation batch")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per objective")
-    parser.add_argument("--guidance", default="none", help="none | fixed | omega | omega_interval")
+    parser.add_argument("--guidance", default="omega_interval", help="none|fixed|omega|...")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
-    parser.add_argument("--compile-jvp", action="store_true", help="torch.compile the JVP pass")
     parser.add_argument(
-        "--peak-tflops", type=float, default=0.0, help="for MFU (default: known GPUs)"
+        "--compile", default="auto", choices=("auto", *COMPILE_MODES), help="train.compile"
     )
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    compile = DEFAULT_COMPILE if args.compile == "auto" else args.compile
     torch.manual_seed(0)
     overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.set)}
     model = create(args.model, **overrides).to(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    cfg = model.cfg
-    x = torch.randn(args.batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
-    y = torch.randint(0, cfg.num_classes, (args.batch,), device=device)
-    guidance = GuidanceConfig(mode=args.guidance)
-    optim = OptimConfig()
-    optimizer = make_optimizer(model, optim)
+    timer = StepTimer(model, args.batch, args.guidance, compile, args.bf16)
 
-    def step(name: str) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            train_step(
-                model,
-                optimizer,
-                None,
-                x,
-                y,
-                ObjectiveConfig(name=name),
-                guidance,
-                cfg.num_classes,
-                10,
-                optim,
-                compile_jvp=args.compile_jvp,
-            )
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
+    flops = {name: timer.flops_per_image(name) for name in OBJECTIVES}
+    memory = {name: timer.memory(name) for name in OBJECTIVES}
+    start = time.perf_counter()
+    for name in OBJECTIVES:  # warm-up (a compiled step compiles here)
+        timer.step(name)
+    compile_s = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in OBJECTIVES}
-    memory: dict[str, int] = {}
-    flops: dict[str, float] = {}
-    for name in OBJECTIVES:  # warm-up, one step counting FLOPs, one measuring memory
-        step(name)
-        sync()
-        with FlopCounterMode(display=False) as counter:  # forward, JVP and backward ops
-            step(name)
-        flops[name] = 2 * counter.get_total_flops() / args.batch  # FLOPs (2 per multiply-add)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            step(name)
-            sync()
-            memory[name] = torch.cuda.max_memory_allocated()
-        else:
-            saved = SavedBytes()
-            with saved.hooks():
-                step(name)
-            memory[name] = saved.total
     for _ in range(args.steps):  # round-robin so that drift in machine speed hits all alike
         for name in OBJECTIVES:
-            sync()
-            start = time.perf_counter()
-            step(name)
-            sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timer.seconds(name))
 
     median = {name: statistics.median(ts) for name, ts in times.items()}
     device_name = (
@@ -131,9 +174,9 @@ def main() -> None:
     )
     print(
         f"model {args.model} ({count_params(model, inference=False) / 1e6:.2f} M params in "
-        f"training), batch {args.batch}, guidance {args.guidance}, compile_jvp {args.compile_jvp}, "
-        f"bf16 {args.bf16}, {device_name}, "
-        f"{torch.get_num_threads()} threads"
+        f"training), batch {args.batch}, guidance {args.guidance}, compile {compile}, "
+        f"bf16 {args.bf16}, {device_name}, {torch.get_num_threads()} threads; "
+        f"first steps (compiling) {compile_s:.0f} s"
     )
     print(f"{'objective':<14}{'step ms':>10}{'x fm':>8}{'memory MB':>12}{'x fm':>8}")
     for name in OBJECTIVES:
@@ -145,22 +188,18 @@ def main() -> None:
         "model": args.model,
         "batch": args.batch,
         "guidance": args.guidance,
-        "compile_jvp": args.compile_jvp,
+        "compile": compile,
         "bf16": args.bf16,
         "device": device_name,
+        "warmup_s": round(compile_s, 1),
         "memory_measure": "cuda_peak_allocated"
         if device.type == "cuda"
         else "autograd_saved_bytes",
         "step_ms": {k: round(1e3 * v, 2) for k, v in median.items()},
     }
-    peak = args.peak_tflops or next(
-        (tf for key, tf in PEAK_BF16_TFLOPS.items() if key in device_name), 0.0
-    )
     for name in OBJECTIVES:
         result[f"images_per_s_{name}"] = round(args.batch / median[name], 1)
-        result[f"gflop_per_image_{name}"] = round(flops[name] / 1e9, 2)
-        if peak and args.bf16:  # model FLOPs utilisation against the dense bf16 peak
-            result[f"mfu_{name}"] = round(flops[name] * args.batch / median[name] / 1e12 / peak, 4)
+        result[f"gflop_per_image_{name}"] = round(flops[name] / 1e9, 3)
     for name in OBJECTIVES[1:]:
         result[f"ratio_{name}_to_fm"] = round(median[name] / median["fm"], 3)
         result[f"mem_ratio_{name}_to_fm"] = round(memory[name] / memory["fm"], 3)

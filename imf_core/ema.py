@@ -25,8 +25,10 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for k, p in model.named_parameters():
-            self.shadow[k].lerp_(p.detach().float(), 1.0 - self.decay)
+        names, params = zip(*model.named_parameters(), strict=True)
+        shadow = [self.shadow[k] for k in names]
+        # One fused kernel per group of tensors on a GPU, not one per parameter tensor.
+        torch._foreach_lerp_(shadow, [p.detach().float() for p in params], 1.0 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

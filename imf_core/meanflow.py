@@ -38,17 +38,20 @@ def time_derivative(u_fn: UFn, z: Tensor, r: Tensor, t: Tensor, v: Tensor) -> Te
     Computed without autograd history (the term is stop-gradient in every MeanFlow loss) and
     with the math SDPA backend: the fused kernels have no forward-mode AD rule.
     """
-    tangents = (v.to(z.dtype), torch.zeros_like(r), torch.ones_like(t))
+    # Fresh tensors, not views (the callers pass row slices): under torch.compile (torch 2.11)
+    # a view of a dual tensor whose primal is itself a view fails an internal assert.
+    z, r, t, v = z.clone(), r.clone(), t.clone(), v.to(z.dtype).clone()
+    tangents = (v, torch.zeros_like(r), torch.ones_like(t))
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         _, du_dt = torch.func.jvp(u_fn, (z, r, t), tangents)
     return du_dt
 
 
 @functools.cache
-def compiled_time_derivative() -> Callable[..., Tensor]:
+def compiled_time_derivative(backend: str = "inductor") -> Callable[..., Tensor]:
     """time_derivative under torch.compile: fuses the JVP's many small element-wise ops, whose
     eager forward-mode dispatch otherwise dominates its cost (one compile per input shape)."""
-    return torch.compile(time_derivative, dynamic=False)
+    return torch.compile(time_derivative, dynamic=False, backend=backend)
 
 
 def compound_velocity(
@@ -60,7 +63,7 @@ def compound_velocity(
     *,
     jvp_rows: Tensor | None = None,
     jvp_u_fn: UFn | None = None,
-    compile_jvp: bool = False,
+    compile_jvp: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """iMF's compound function V = u + (t - r) sg(du/dt), returned with u (paper, Sec. 4.1).
 
@@ -71,10 +74,12 @@ def compound_velocity(
     (a bool mask or index) to differentiate only those rows, together with `jvp_u_fn`, a u_fn
     for that subset of rows (its per-row conditions sliced alike). `jvp_u_fn` is also how a
     caller runs the JVP on a module unwrapped from DDP, whose hooks break forward-mode AD.
-    `compile_jvp` runs the JVP through torch.compile (for long runs: the first call compiles).
+    `compile_jvp`, a torch.compile backend ("inductor"), compiles the JVP pass alone (for long
+    runs: the first call compiles).
     """
-    jvp_u_fn = jvp_u_fn or u_fn
-    derivative = compiled_time_derivative() if compile_jvp else time_derivative
+    if jvp_u_fn is None:  # (not `or`: torch 2.11 cannot trace the truth of a function)
+        jvp_u_fn = u_fn
+    derivative = compiled_time_derivative(compile_jvp) if compile_jvp else time_derivative
     if jvp_rows is None:
         du_dt = derivative(jvp_u_fn, z, r, t, v)
     else:

@@ -16,6 +16,7 @@ is the JVP tangent, and so what the loss means:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -44,14 +45,19 @@ class ObjectiveConfig:
             )
 
 
+def boundary_rows(n: int, cfg: ObjectiveConfig) -> int:
+    """How many of n rows get r = t (all for flow matching): the first ones of the batch."""
+    return int(n * (1.0 if cfg.name == "fm" else cfg.boundary_share))
+
+
 def sample_t_r(
     n: int, cfg: ObjectiveConfig, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
     """(t, r): two logit-normal draws sorted so t >= r; the first boundary_share rows get r = t."""
     draws = torch.sigmoid(torch.randn(2, n, generator=generator) * cfg.p_std + cfg.p_mean)
     t, r = draws.max(dim=0).values, draws.min(dim=0).values
-    share = 1.0 if cfg.name == "fm" else cfg.boundary_share
-    r[: int(n * share)] = t[: int(n * share)]
+    k = boundary_rows(n, cfg)
+    r[:k] = t[:k]
     return t, r
 
 
@@ -65,6 +71,41 @@ def _sq_err(a: Tensor, b: Tensor) -> Tensor:
     return (a - b).pow(2).flatten(1).sum(dim=1)
 
 
+class Draws(NamedTuple):
+    """Everything random in one batch, drawn before the loss so that the loss itself is a pure
+    tensor function (what torch.compile captures whole, train.compile=step)."""
+
+    t: Tensor  # (B,) time, t >= r
+    r: Tensor  # (B,)
+    e: Tensor  # (B, C, S, S) noise
+    cond: Conditions  # the sampled network conditions (class drop, omega, interval)
+    dropped: Tensor  # (B,) bool: rows whose label became the null class
+    jvp_from: int  # rows [jvp_from, B) have r != t: the r = t rows are a prefix of the batch
+
+
+def draw(
+    x: Tensor,
+    y: Tensor,
+    cfg: ObjectiveConfig,
+    guidance: GuidanceConfig,
+    num_classes: int,
+    generator: torch.Generator | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> Draws:
+    """The batch's random draws, made for the global batch of shard=(rank, world) in a fixed
+    order (the official code's: (t, r), noise, then the conditions) and kept at rows rank::world,
+    which are the rows a DistributedSampler gives this rank."""
+    device, n = x.device, x.shape[0]
+    rank, world = shard
+    t, r = (s[rank::world].to(device) for s in sample_t_r(n * world, cfg, generator))
+    e = torch.randn((n * world, *x.shape[1:]), generator=generator)[rank::world].to(device)
+    # The first int(N * share) global rows have r = t; this rank's among them are a prefix.
+    jvp_from = len(range(rank, boundary_rows(n * world, cfg), world))
+    boundary = torch.arange(n, device=device) < jvp_from
+    cond, dropped = sample_conditions(guidance, y, boundary, num_classes, generator, shard)
+    return Draws(t, r, e, cond, dropped, jvp_from)
+
+
 def imf_loss(
     model: nn.Module,
     x: Tensor,
@@ -74,49 +115,60 @@ def imf_loss(
     num_classes: int,
     *,
     generator: torch.Generator | None = None,
-    inner: nn.Module | None = None,
-    compile_jvp: bool = False,
+    compile_jvp: str | None = None,
     shard: tuple[int, int] = (0, 1),
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One batch of any objective. Returns the scalar loss and its named parts (detached).
 
-    `model` is called as model(z, t, h, cond, heads) with h = t - r; `inner` is the same module
-    unwrapped from DDP (its hooks break the no-grad and JVP passes), defaulting to `model`;
-    `compile_jvp` compiles the JVP pass (meanflow.compound_velocity). With shard=(rank, world)
-    under data parallelism, every random draw is made for the global batch and this rank keeps
-    rows rank::world, which are the rows a DistributedSampler gives it: W ranks then compute
-    exactly the loss one process computes on the whole global batch.
+    `model` is called as model(z, t, h, cond, heads, jvp) with h = t - r; `compile_jvp` (a
+    torch.compile backend) compiles the JVP pass alone (meanflow.compound_velocity). With
+    shard=(rank, world) under data parallelism, every random draw is made for the global batch
+    and this rank keeps its rows (see `draw`): W ranks then compute exactly the loss one
+    process computes on the whole global batch.
     Parts: `loss` (the optimised, weighted loss), `mse_u` (unweighted ||V - target||^2 per
     element: with adaptive weighting the loss sits near 1, so this is what shows learning) and,
     for imf_aux, `loss_v`, `mse_v`.
     """
-    inner = inner or model
+    draws = draw(x, y, cfg, guidance, num_classes, generator, shard)
+    return loss_of_draws(model, x, y, draws, cfg, guidance, num_classes, compile_jvp=compile_jvp)
+
+
+def loss_of_draws(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    draws: Draws,
+    cfg: ObjectiveConfig,
+    guidance: GuidanceConfig,
+    num_classes: int,
+    *,
+    compile_jvp: str | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """imf_loss given its draws: no randomness, no data-dependent shapes, no host syncs, so that
+    torch.compile can take it whole, with its backward (imf_core.training, compile=step).
+    The model is the bare module: data parallelism averages gradients after the backward
+    (training.average_gradients), so no DDP hook sits in the no-grad or JVP passes."""
     aux = cfg.name == "imf_aux"
-    if aux and not getattr(inner, "has_aux_head", False):
+    if aux and not getattr(model, "has_aux_head", False):
         raise ValueError(
             "objective imf_aux needs a model with an auxiliary v-head (aux_head_depth > 0)"
         )
-    device, n = x.device, x.shape[0]
-    rank, world = shard
-    t, r = (s[rank::world].to(device) for s in sample_t_r(n * world, cfg, generator))
-    e = torch.randn((n * world, *x.shape[1:]), generator=generator)[rank::world].to(device)
+    t, r, e, cond, dropped, jvp_from = draws
     z = interpolate(x, e, t)
     v_data = e - x
-    jvp_rows = r != t
-    cond, dropped = sample_conditions(guidance, y, ~jvp_rows, num_classes, generator, shard)
+    jvp_rows = slice(jvp_from, None)
 
     def v_boundary(z_: Tensor, t_: Tensor, c: Conditions) -> Tensor:
         """The model's own marginal-velocity estimate: the aux head, else u at r = t."""
-        return inner(z_, t_, torch.zeros_like(t_), c, "v" if aux else "u")
+        return model(z_, t_, torch.zeros_like(t_), c, "v" if aux else "u")
 
     tangent = v_data
     if guidance.mode == "none":
         target = v_data
         if cfg.name in ("imf_boundary", "imf_aux"):
-            tangent = torch.zeros_like(z)
             with torch.no_grad():
                 v_rows = v_boundary(z[jvp_rows], t[jvp_rows], cond.select(jvp_rows))
-                tangent[jvp_rows] = v_rows.to(tangent.dtype)
+            tangent = torch.cat([torch.zeros_like(z[:jvp_from]), v_rows.to(z.dtype)])
     else:
         target, v_c = guided_target(
             guidance, v_boundary, z, t, v_data, cond, y, dropped, num_classes
@@ -135,7 +187,7 @@ def imf_loss(
     cond_jvp_rows = cond.select(jvp_rows)
 
     def u_fn_jvp_rows(z_: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
-        return inner(z_, t_, t_ - r_, cond_jvp_rows)
+        return model(z_, t_, t_ - r_, cond_jvp_rows, jvp=True)
 
     if cfg.name == "fm":
         V = u_fn(z, r, t)

@@ -1,4 +1,4 @@
-"""Stage 2: distributed iMF training on Ray Train (DDP), checkpointed, resumable, tracked in MLflow.
+"""Stage 2: data-parallel iMF training on Ray Train, checkpointed, resumable, tracked in MLflow.
 
     >>> result = train(cfg, precompute_result)     # cfg: the experiment config (tasks.config)
     >>> result.path / "ema.safetensors"
@@ -26,6 +26,7 @@ from prefect import task
 from safetensors.torch import save_file
 
 from imf_core.models import build, count_params
+from imf_core.training import COMPILE_MODES
 from tasks.artifacts import (
     FileRecord,
     Manifest,
@@ -50,7 +51,7 @@ class TrainConfig:
     epochs: float = 1.0  # passes over the precomputed rows (exact: a DistributedSampler per epoch)
     batch_size: int = 256  # global batch, split evenly over the workers
     seed: int = 0
-    num_workers: int = 1  # Ray Train workers (DDP ranks)
+    num_workers: int = 1  # Ray Train workers (data-parallel ranks)
     cpus_per_worker: float = 1.0  # fractional on small machines
     use_gpu: bool = False
     checkpoint_every: int = 1000  # steps between checkpoints (and at the end)
@@ -58,7 +59,10 @@ class TrainConfig:
     log_every: int = 50  # steps between MLflow metrics / terminal lines
     sample_every: int = 0  # steps between sample grids logged to MLflow (0 = only at the end)
     max_failures: int = 1  # worker failures Ray Train recovers from
-    compile_jvp: bool = False  # torch.compile the JVP pass (imf_core.meanflow)
+    # torch.compile: none | jvp (the JVP pass) | step (the whole loss and its backward) | auto
+    # (imf_core.training.DEFAULT_COMPILE: step, the fastest measured on GPU and CPU alike).
+    compile: str = "auto"
+    compile_jvp: bool = False  # the old name of compile=jvp, still read
     ray_address: str = ""  # "" = a local Ray; else a cluster address (infra/README.md)
     fault_at_step: int = -1  # tests: the last rank kills itself once at this step
 
@@ -80,6 +84,16 @@ class TrainConfig:
             )
         if self.keep_checkpoints < 1:
             raise ValueError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        modes = ("auto", *COMPILE_MODES)
+        if self.compile not in modes:
+            raise ValueError(f"train.compile must be one of {modes}, got {self.compile!r}")
+        if self.compile_jvp:
+            if self.compile not in ("auto", "jvp"):
+                raise ValueError(
+                    f"train.compile_jvp=true (the old name of train.compile=jvp) contradicts "
+                    f"train.compile={self.compile}: set train.compile alone"
+                )
+            self.compile, self.compile_jvp = "jvp", False
         if self.checkpoint_every < 1 or self.log_every < 1 or self.cpus_per_worker <= 0:
             raise ValueError(
                 "train.checkpoint_every and train.log_every must be >= 1, train.cpus_per_worker > 0"
@@ -96,9 +110,12 @@ RUNTIME_ONLY = (
     "max_failures",
     "ray_address",
     "fault_at_step",
+    "compile",
     "compile_jvp",
     "keep_checkpoints",
 )
+# Model settings that choose kernels, not the function (imf_core.models.config).
+MODEL_RUNTIME_ONLY = ("jvp_attention",)
 # Settings added after trainings already exist: in the key only when set, so that a training
 # made before the setting existed (it ran with the default) is still found and reused.
 KEYED_WHEN_SET = {"optim": {"decay_fraction": 0.0}}
@@ -121,7 +138,9 @@ class TrainResult:
 def train_key(cfg, precompute_key: str) -> str:
     train = {k: v for k, v in asdict(cfg.train).items() if k not in RUNTIME_ONLY}
     config = {
-        "model": asdict(model_config(cfg)),
+        "model": {
+            k: v for k, v in asdict(model_config(cfg)).items() if k not in MODEL_RUNTIME_ONLY
+        },
         "objective": asdict(cfg.objective),
         "guidance": asdict(cfg.guidance),
         "optim": asdict(cfg.optim),
@@ -258,14 +277,14 @@ train_task = task(
 
 
 def train_loop(config: dict) -> None:
-    """One Ray Train worker: data shard, DDP model, resume, steps, checkpoints, rank-0 logging."""
+    """One Ray Train worker: data shard, model, resume, steps, checkpoints, rank-0 logging."""
     import ray.train
     import ray.train.torch
     from torch.utils.data import BatchSampler, DistributedSampler, default_collate
 
     from imf_core.data import LatentDataset
     from imf_core.ema import EMA
-    from imf_core.training import make_optimizer, train_step, with_warmup_steps
+    from imf_core.training import DEFAULT_COMPILE, make_optimizer, train_step, with_warmup_steps
 
     cfg = config["cfg"]
     ctx = ray.train.get_context()
@@ -303,20 +322,14 @@ def train_loop(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         step = state["step"]
-    unused = model.has_aux_head and cfg.objective.name != "imf_aux"  # the v-head gets no gradient
-    ddp = (
-        ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"find_unused_parameters": unused}
-        )
-        if world > 1
-        else model
-    )
-
+    # Data parallel without DDP: every rank starts from the same weights (the seed above) and
+    # train_step averages the gradients over the ranks (imf_core.training.average_gradients).
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=t.seed)
     steps_per_epoch = math.ceil(len(sampler) / local_batch)
     total = t.steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     optim = with_warmup_steps(cfg.optim, steps_per_epoch)
     bf16 = device.type == "cuda"
+    compile = DEFAULT_COMPILE if t.compile == "auto" else t.compile
     logger = RankZeroLogger(config, cfg, dataset, total) if rank == 0 else None
     start_time, start_step = time.perf_counter(), step
     try:
@@ -343,7 +356,7 @@ def train_loop(config: dict) -> None:
                 )  # resumable noise
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     parts = train_step(
-                        ddp,
+                        model,
                         optimizer,
                         ema,
                         x,
@@ -354,8 +367,7 @@ def train_loop(config: dict) -> None:
                         step,
                         optim,
                         generator=generator,
-                        inner=model,
-                        compile_jvp=t.compile_jvp,
+                        compile=compile,
                         shard=(rank, world),
                         total_steps=total,
                     )

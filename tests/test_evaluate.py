@@ -10,8 +10,8 @@ import torch
 import torch_fidelity
 from safetensors.torch import save_file
 
-from imf_core.models import create
 from benchmarks.random_weights import random_inception_weights
+from imf_core.models import create
 from tasks.config import load_config
 from tasks.evaluate import evaluate
 from tasks.features import CLASSIFIER_NAME, open_extractor, to_uint8

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 CONDITIONINGS = ("in_context", "adaln")
 BLOCKS = ("plain", "advanced")
 INITS = ("imf", "dit")
+JVP_ATTENTION = ("auto", "math", "flash_jvp")
 
 
 @dataclass
@@ -34,6 +35,10 @@ class ModelConfig:
     time_tokens: int = 4
     omega_tokens: int = 4
     interval_tokens: int = 2
+    # How the JVP pass computes attention (not part of the function: runs of either agree):
+    # math | flash_jvp (a fused Triton kernel; CUDA, eager, 128-token blocks: layers.py) |
+    # auto (flash_jvp where it can run, else math).
+    jvp_attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.conditioning not in CONDITIONINGS:
@@ -44,6 +49,10 @@ class ModelConfig:
             raise ValueError(f"model.blocks must be one of {BLOCKS}, got {self.blocks!r}")
         if self.init not in INITS:
             raise ValueError(f"model.init must be one of {INITS}, got {self.init!r}")
+        if self.jvp_attention not in JVP_ATTENTION:
+            raise ValueError(
+                f"model.jvp_attention must be one of {JVP_ATTENTION}, got {self.jvp_attention!r}"
+            )
         if self.width % self.heads or (self.width // self.heads) % 2:
             raise ValueError(
                 f"model.width {self.width} must split into {self.heads} heads of even size"

@@ -33,14 +33,18 @@ class DiTBlock(nn.Module):
         super().__init__()
         advanced = cfg.blocks == "advanced"
         self.norm1 = make_norm(cfg.blocks, cfg.width, affine=False)
-        self.attn = Attention(cfg.width, cfg.heads, qk_norm=advanced, bias=True)
+        self.attn = Attention(
+            cfg.width, cfg.heads, qk_norm=advanced, bias=True, jvp_attention=cfg.jvp_attention
+        )
         self.norm2 = make_norm(cfg.blocks, cfg.width, affine=False)
         self.mlp = Mlp(cfg.width, cfg.ratio, cfg.blocks)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
 
-    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+    def forward(
+        self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None, jvp: bool = False
+    ) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=1)  # (B, D)
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope, jvp)
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
@@ -86,7 +90,7 @@ class DiT(VelocityNet):
                 nn.init.zeros_(module.linear.weight)
                 nn.init.zeros_(module.linear.bias)
 
-    def forward(self, x: Tensor, t: Tensor, h: Tensor, cond, heads: str = "u"):
+    def forward(self, x: Tensor, t: Tensor, h: Tensor, cond, heads: str = "u", jvp: bool = False):
         x, rope = self.positions(self.x_embed(x))  # (B, T, D)
         c = sum(self.embedders(t, h, cond).values())  # (B, D)
-        return self.outputs(*self.blocks(x, heads, c, rope), 0, c)
+        return self.outputs(*self.blocks(x, heads, c, rope, jvp=jvp), 0, c)

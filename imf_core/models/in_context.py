@@ -39,14 +39,20 @@ class InContextBlock(nn.Module):
         super().__init__()
         advanced = cfg.blocks == "advanced"
         self.norm1 = make_norm(cfg.blocks, cfg.width)
-        self.attn = Attention(cfg.width, cfg.heads, qk_norm=advanced, bias=not advanced)
+        self.attn = Attention(
+            cfg.width,
+            cfg.heads,
+            qk_norm=advanced,
+            bias=not advanced,
+            jvp_attention=cfg.jvp_attention,
+        )
         self.norm2 = make_norm(cfg.blocks, cfg.width)
         self.mlp = Mlp(cfg.width, cfg.ratio, cfg.blocks)
         self.attn_scale = nn.Parameter(torch.zeros(cfg.width))
         self.mlp_scale = nn.Parameter(torch.zeros(cfg.width))
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
-        x = x + self.attn_scale * self.attn(self.norm1(x), rope)  # (B, T, D)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, jvp: bool = False) -> Tensor:
+        x = x + self.attn_scale * self.attn(self.norm1(x), rope, jvp)  # (B, T, D)
         return x + self.mlp_scale * self.mlp(self.norm2(x))
 
 
@@ -64,7 +70,8 @@ class FinalLayer(nn.Module):
 
 class InContextTransformer(VelocityNet):
     """u_theta(z, t, h, conditions) -> average velocity u; heads="v" gives the aux head's v,
-    heads="uv" both (one shared trunk pass)."""
+    heads="uv" both (one shared trunk pass). jvp=True: the call is differentiated forward-mode
+    (attention then takes model.jvp_attention)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -106,9 +113,9 @@ class InContextTransformer(VelocityNet):
                 nn.init.zeros_(final.linear.weight)
                 nn.init.zeros_(final.linear.bias)
 
-    def forward(self, x: Tensor, t: Tensor, h: Tensor, cond, heads: str = "u"):
+    def forward(self, x: Tensor, t: Tensor, h: Tensor, cond, heads: str = "u", jvp: bool = False):
         patches, rope = self.positions(self.x_embed(x))  # (B, T_img, D)
         emb = self.embedders(t, h, cond)  # {name: (B, D)}
         prefix = [self.type_tokens[k] + emb[k][:, None] for k in self.prefix]  # (B, n_k, D) each
         seq = torch.cat([*prefix, patches], dim=1)  # (B, T, D)
-        return self.outputs(*self.blocks(seq, heads, rope), self.num_prefix)
+        return self.outputs(*self.blocks(seq, heads, rope, jvp=jvp), self.num_prefix)

@@ -5,6 +5,7 @@ Shape letters: B batch, T tokens, D width, H heads, K head dim, C channels, P pa
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -76,14 +77,24 @@ class ConditionEmbedders(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """(B, C, S, S) image or latent -> (B, T, D) patch tokens."""
+    """(B, C, S, S) image or latent -> (B, T, D) patch tokens.
+
+    A P x P convolution of stride P (its weights, hence checkpoints, are DiT's), computed as
+    patchify + matmul: the same numbers, and no convolution in the JVP pass, whose tangent
+    inductor of torch 2.11 cannot lower ("LoweringException: ExpandView", aten.convolution).
+    """
 
     def __init__(self, in_channels: int, patch_size: int, width: int):
         super().__init__()
+        self.patch_size = patch_size
         self.proj = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, T, D)
+        b, c, h, w = x.shape
+        p = self.patch_size
+        patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(b, (h // p) * (w // p), c * p * p)  # (B, T, C*P*P)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)  # (B, T, D)
 
 
 def unpatchify(x: Tensor, patch_size: int, channels: int) -> Tensor:
@@ -121,29 +132,98 @@ def make_norm(kind: str, width: int, affine: bool = True) -> nn.Module:
     return nn.LayerNorm(width, eps=1e-6, elementwise_affine=affine)
 
 
+# Whether the optional `jvp-flash-attention` kernel is installed (extra `gpu`).
+HAS_FLASH_JVP = importlib.util.find_spec("jvp_flash_attention") is not None
+
+
+def math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(K)) v written out in plain ops, each with a forward-mode AD rule (the
+    fused SDPA kernels have none); torch.compile fuses them. Softmax in float32."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, H, T, T)
+    return scores.float().softmax(dim=-1).to(v.dtype) @ v  # (B, H, T, K)
+
+
+def flash_jvp_applies(head_dim: int, seq_len: int) -> bool:
+    """Shapes on which the `jvp-flash-attention` Triton kernel (0.14) is right: head dim 16-256
+    (a power of two) and a sequence of whole 128-token blocks. Measured on an H200 (2026-12-04,
+    benchmarks/gpu_check.py): at 256 tokens its values and tangents match float64 math (bf16
+    3.4e-3, fp32 1.5e-3 relative); at 276 (B/2's 256 patches + 20 condition tokens) they are off
+    by 27 %. The in-context presets (276 tokens) and `tiny` (22) do not qualify; adaLN-zero
+    DiTs at 256x256 (256 tokens) do."""
+    return head_dim in (16, 32, 64, 128, 256) and seq_len % 128 == 0
+
+
+def flash_jvp_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The `jvp-flash-attention` kernel (optional extra `gpu`; Triton, CUDA only): attention and
+    its tangent in one fused pass, through its autograd.Function's explicit jvp rule. Eager only:
+    torch.compile cannot trace its launcher ("triton.set_allocator not supported", torch 2.11)."""
+    try:
+        from jvp_flash_attention.jvp_attention import JVPAttn
+    except ImportError as err:
+        raise ImportError(
+            "model.jvp_attention=flash_jvp needs the `jvp-flash-attention` package "
+            "(pip install 'imf-pipeline[gpu]')"
+        ) from err
+    return JVPAttn.fwd_dual(q, k, v)
+
+
+def jvp_attention_impl(choice: str, head_dim: int, seq_len: int, device: torch.device) -> str:
+    """Resolves model.jvp_attention for one call: "auto" is flash_jvp where its kernel is
+    installed, applies and runs eagerly (CUDA, not inside torch.compile), else math. An explicit
+    flash_jvp where it cannot run is an error naming why."""
+    compiling = torch.compiler.is_compiling()
+    usable = HAS_FLASH_JVP and device.type == "cuda" and flash_jvp_applies(head_dim, seq_len)
+    if choice == "auto":
+        return "flash_jvp" if usable and not compiling else "math"
+    if choice == "flash_jvp" and (not usable or compiling):
+        why = (
+            "the jvp-flash-attention package is not installed"
+            if not HAS_FLASH_JVP
+            else "it runs on CUDA only"
+            if device.type != "cuda"
+            else f"its kernel is wrong unless the sequence is whole 128-token blocks "
+            f"(this model: {seq_len} tokens, head dim {head_dim})"
+            if not flash_jvp_applies(head_dim, seq_len)
+            else "torch.compile cannot trace its launcher: use train.compile=none"
+        )
+        raise ValueError(f"model.jvp_attention=flash_jvp cannot be used here: {why}")
+    return choice
+
+
 class Attention(nn.Module):
     """Multi-head self-attention, optionally with q/k RMSNorm and rotary positions.
 
-    Uses F.scaled_dot_product_attention, so plain forwards get the fused kernel; the JVP pass
-    (meanflow.time_derivative) selects the math backend, which supports forward-mode AD.
+    A plain forward uses F.scaled_dot_product_attention (the fused flash / memory-efficient
+    kernels on CUDA, flash on CPU). A forward that is differentiated forward-mode (jvp=True, the
+    JVP pass of meanflow.time_derivative) uses `jvp_attention`: "math" (written out) or
+    "flash_jvp" (a fused Triton kernel with an explicit JVP rule); "auto" picks per device.
     """
 
-    def __init__(self, width: int, heads: int, qk_norm: bool, bias: bool):
+    def __init__(self, width: int, heads: int, qk_norm: bool, bias: bool, jvp_attention: str):
         super().__init__()
         self.heads = heads
+        self.jvp_attention = jvp_attention
         self.qkv = nn.Linear(width, 3 * width, bias=bias)
         self.proj = nn.Linear(width, width, bias=bias)
         head_dim = width // heads
         self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, jvp: bool = False
+    ) -> Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)  # (B, H, T, K)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, K)
+        if not jvp:
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, K)
+        else:
+            q, k = q.to(v.dtype), k.to(v.dtype)  # the norms return float32 under autocast
+            impl = jvp_attention_impl(self.jvp_attention, d // self.heads, n, x.device)
+            attend = flash_jvp_attention if impl == "flash_jvp" else math_attention
+            out = attend(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -226,21 +306,24 @@ class TrunkAndHeads(nn.Module):
         self.u_head = nn.ModuleList(make_block() for _ in range(aux_depth))
         self.v_head = nn.ModuleList(make_block() for _ in range(aux_depth)) if aux_depth else None
 
-    def forward(self, x: Tensor, heads: str, *args) -> tuple[Tensor | None, Tensor | None]:
-        """Runs the trunk, then the heads asked for ("u", "v" or "uv"); the other is None."""
+    def forward(
+        self, x: Tensor, heads: str, *args, jvp: bool = False
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Runs the trunk, then the heads asked for ("u", "v" or "uv"); the other is None.
+        `args` go to every block; jvp=True selects the attention for forward-mode AD."""
         if "v" in heads and self.v_head is None:
             raise ValueError("this model has no auxiliary v-head (aux_head_depth = 0)")
         for block in self.trunk:
-            x = block(x, *args)
+            x = block(x, *args, jvp=jvp)
         u = v = None
         if "u" in heads:
             u = x
             for block in self.u_head:
-                u = block(u, *args)
+                u = block(u, *args, jvp=jvp)
         if "v" in heads:
             v = x
             for block in self.v_head:
-                v = block(v, *args)
+                v = block(v, *args, jvp=jvp)
         return u, v
 
 

@@ -1,0 +1,133 @@
+"""train.compile=step: the whole loss and its backward as one graph, equal to eager.
+
+The matrix (objective x guidance) compiles with the aot_eager backend: Dynamo and AOTAutograd
+trace exactly what inductor would get, with fullgraph=True (a graph break is an error), and
+the traced forward and backward run. One inductor test generates and runs the real kernels.
+"""
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
+
+from imf_core.guidance import GuidanceConfig
+from imf_core.models import create
+from imf_core.models.layers import flash_jvp_applies, jvp_attention_impl
+from imf_core.objectives import OBJECTIVES, ObjectiveConfig, draw, loss_of_draws
+from imf_core.training import OptimConfig, make_optimizer, train_step
+
+MODES = ("none", "fixed", "omega", "omega_interval")
+
+
+def small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create("tiny", width=32, depth=1, heads=2, aux_head_depth=1)
+    with torch.no_grad():  # away from the zero-initialised output layers
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def loss_and_grads(fn, model, objective: str, mode: str, batch: int = 16):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 1, 8, 8, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    cfg = ObjectiveConfig(name=objective)
+    guidance = GuidanceConfig(mode=mode, **(dict(omega=1.5, kappa=0.5) if mode == "fixed" else {}))
+    draws = draw(x, y, cfg, guidance, 10, gen)
+    model.zero_grad(set_to_none=True)
+    loss, parts = fn(model, x, y, draws, cfg, guidance, 10)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return loss.detach(), grads, parts
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_compiled_loss_is_one_graph_equal_to_eager(objective, mode):
+    model = small_model()
+    eager_loss, eager_grads, eager_parts = loss_and_grads(loss_of_draws, model, objective, mode)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss_of_draws, fullgraph=True, dynamic=False, backend=counter)
+    loss, grads, parts = loss_and_grads(compiled, model, objective, mode)
+    assert counter.frame_count == 1  # one graph, no break (fullgraph would raise on one)
+    assert rel(loss, eager_loss) < 1e-4 and rel(grads, eager_grads) < 1e-4
+    assert parts.keys() == eager_parts.keys()
+    loss_and_grads(compiled, model, objective, mode)  # the same shapes again: no recompile
+    assert counter.frame_count == 1
+
+
+@pytest.mark.slow
+def test_inductor_step_equals_eager_and_compiles_once():
+    """The real kernels (inductor's C++ on the CPU), a whole train_step: loss, gradients and
+    the updated weights equal eager float32; a second step of the same shapes reuses the graph."""
+    counter = CompileCounterWithBackend("inductor")
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+    cfg, guidance = ObjectiveConfig(name="imf_aux"), GuidanceConfig(mode="omega_interval")
+    loss, grads, _ = loss_and_grads(loss_of_draws, small_model(), "imf_aux", "omega_interval")
+    c_loss, c_grads, _ = loss_and_grads(
+        torch.compile(loss_of_draws, fullgraph=True, dynamic=False, backend=counter),
+        small_model(),
+        "imf_aux",
+        "omega_interval",
+    )
+    assert rel(c_loss, loss) < 1e-4 and rel(c_grads, grads) < 1e-4
+
+    weights, graphs = {}, []
+    for compile in ("none", "step"):
+        model = small_model()
+        optim = OptimConfig(lr=1e-3)
+        opt = make_optimizer(model, optim)
+        for step in range(2):
+            g = torch.Generator().manual_seed(step)
+            train_step(
+                model, opt, None, x, y, cfg, guidance, 10, step, optim, generator=g, compile=compile
+            )
+            graphs.append(counters["stats"]["unique_graphs"])
+        weights[compile] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert rel(weights["step"], weights["none"]) < 1e-5
+    assert graphs[2] == graphs[1] + 1 and graphs[3] == graphs[2]  # new draws, same graph
+
+
+def test_bad_compile_mode_is_named():
+    model = small_model()
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="compile must be one of"):
+        train_step(
+            model,
+            make_optimizer(model, OptimConfig()),
+            None,
+            x,
+            y,
+            ObjectiveConfig(),
+            GuidanceConfig(),
+            10,
+            0,
+            OptimConfig(),
+            compile="full",
+        )
+
+
+def test_jvp_attention_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # The kernel is right on whole 128-token blocks only (measured on an H200, layers.py).
+    assert flash_jvp_applies(64, 256) and not flash_jvp_applies(64, 276)
+    assert not flash_jvp_applies(16, 22) and not flash_jvp_applies(48, 256)
+    assert jvp_attention_impl("auto", 64, 256, cpu) == "math"
+    assert jvp_attention_impl("math", 64, 256, cuda) == "math"
+    with pytest.raises(ValueError, match="flash_jvp cannot be used here"):
+        jvp_attention_impl("flash_jvp", 64, 276, cpu)
+    with pytest.raises(ValueError, match="jvp_attention"):
+        create("tiny", jvp_attention="triton")
