@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test lint format bench lock clean
+.PHONY: install demo test lint format bench gpu-check lock clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,10 @@ format: $(STAMP)
 
 bench: $(STAMP)  ## the benchmark suite; writes benchmarks/RESULTS.md
 	$(PY) -m benchmarks
+
+# On the GPU machine (no venv, no network): plain python3, with the wheels its docstring lists.
+gpu-check:  ## the GPU check (benchmarks/gpu_check.py) into out/gpu_check; toy sizes without CUDA
+	$(if $(wildcard $(PY)),$(PY),python3) -m benchmarks.gpu_check --out out/gpu_check
 
 lock:  ## re-pin requirements.lock from the current .venv
 	$(PY) -m pip freeze --exclude-editable | grep -v '^imf-pipeline' > requirements.lock
