@@ -113,3 +113,19 @@ def connect_ray(address: str, cpus_needed: float) -> None:
             quiet["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = preemption
             cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
             ray.init(address="local", include_dashboard=False, num_cpus=cpus, runtime_env=quiet)
+
+
+def require_resources(stage: str, cpus: float, gpus: float) -> None:
+    """Fails at once, naming the setting, when no node of the connected Ray could ever run a
+    `stage` worker (it would wait forever): GPUs asked for on a cluster without them."""
+    import ray
+
+    total = ray.cluster_resources()
+    if gpus > 0 and total.get("GPU", 0) < gpus:
+        raise ValueError(
+            f"{stage}.gpus_per_worker={gpus:g}, but the Ray cluster has "
+            f"{total.get('GPU', 0):g} GPUs: set it to 0 on a machine without GPUs"
+        )
+    if total.get("CPU", 0) < cpus:
+        have = total.get("CPU", 0)
+        raise ValueError(f"{stage}.cpus_per_worker={cpus:g}, but the Ray cluster has {have:g} CPUs")

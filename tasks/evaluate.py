@@ -567,9 +567,10 @@ def run_units(runner_args: tuple, local, units: list[Unit], e, ray_address: str)
     import ray
     from ray.util import ActorPool
 
-    from tasks.cluster import connect_ray
+    from tasks.cluster import connect_ray, require_resources
 
     connect_ray(ray_address, e.workers * e.cpus_per_worker)
+    require_resources("eval", e.cpus_per_worker, e.gpus_per_worker)
     actor = ray.remote(num_cpus=e.cpus_per_worker, num_gpus=e.gpus_per_worker)(UnitRunner)
     threads = max(1, int(e.cpus_per_worker))
     actors = [actor.remote(*runner_args, threads) for _ in range(min(e.workers, len(units)))]

@@ -13,10 +13,9 @@ zero-copy memory mapping.
 
 from __future__ import annotations
 
-import functools
+import os
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -73,7 +72,13 @@ class TokenizerConfig:
 class PrecomputeConfig:
     rows_per_shard: int = 4096
     rows_per_row_group: int = 256  # the unit the training reader decodes
-    workers: int = 1  # processes encoding shards in parallel
+    workers: int = 1  # processes encoding shards in parallel (without gpus_per_worker)
+    # > 0: shards are encoded by Ray tasks on the local or addressed Ray, each with this many
+    # GPUs (1.0: one GPU each; the Ray scheduler runs as many at once as there are GPUs) and
+    # cpus_per_worker CPUs; each shard is written by its task as it finishes.
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    ray_address: str = ""  # "" = a local Ray; else a cluster address (infra/README.md)
     verify: str = "sha256"  # on reuse, check each shard's sha256 (or only its size: "size")
     # Pixel data only: steps of the small classifier that evaluation uses as feature extractor
     # (tasks.features); 0 = none. Its training-set feature statistics are the FID reference.
@@ -147,7 +152,8 @@ def _write_shard(
 
 
 def _encode_shard(job: dict) -> tuple[str, list[str]]:
-    """Computes one shard (in this process or a worker); returns its name and skipped files."""
+    """Computes one shard (in this process, a worker process or a Ray task); returns its name
+    and the skipped files."""
     data, tok = DataConfig(**job["data"]), TokenizerConfig(**job["tokenizer"])
     row_group, path, rows = job["rows_per_row_group"], Path(job["path"]), job["rows"]
     if data.name == "parquet":
@@ -181,6 +187,51 @@ def _encode_shard(job: dict) -> tuple[str, list[str]]:
         raise ValueError(f"every image of {path.name} was unreadable and skipped")
     _write_shard(path, *(np.concatenate(col) for col in zip(*parts, strict=True)), row_group)
     return path.name, source.skipped
+
+
+def _encode_reporting(job: dict) -> tuple[str, list[str], list[str], str | None]:
+    """_encode_shard's outcome as values, so that it crosses process and Ray boundaries intact:
+    (name, skipped files, unreadable files (the shard is not written), the GPU it ran on)."""
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        name, skipped = _encode_shard(job)
+        return name, skipped, [], gpu
+    except UnreadableImages as err:
+        return "", [], err.paths, gpu
+
+
+def _encode_on_ray(jobs: list[dict], pre: PrecomputeConfig):
+    """Yields _encode_reporting's outcome of each job as its Ray task finishes."""
+    import ray
+
+    from tasks.cluster import connect_ray, require_resources
+
+    connect_ray(pre.ray_address, pre.cpus_per_worker)
+    require_resources("precompute", pre.cpus_per_worker, pre.gpus_per_worker)
+    encode = ray.remote(num_cpus=pre.cpus_per_worker, num_gpus=pre.gpus_per_worker)(
+        _encode_reporting
+    )
+    pending = [encode.remote(job) for job in jobs]
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+    finally:
+        for ref in pending:  # a failure (or a kill) leaves no task writing behind it
+            ray.cancel(ref, force=True)
+
+
+def _outcomes(jobs: list[dict], pre: PrecomputeConfig):
+    """Each job's outcome (_encode_reporting) as it finishes: on Ray tasks (gpus_per_worker),
+    in worker processes (workers), or one after another here."""
+    if pre.gpus_per_worker > 0 and jobs:
+        yield from _encode_on_ray(jobs, pre)
+    elif pre.workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(pre.workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_encode_reporting, job) for job in jobs]
+            yield from (f.result() for f in as_completed(futures))
+    else:
+        yield from map(_encode_reporting, jobs)
 
 
 def _read_rows(directory: Path, rows: list[tuple[int, bool]]) -> tuple[np.ndarray, ...]:
@@ -283,30 +334,21 @@ def _precompute(data, tokenizer, pre, out, key, tok_fp, rows, num_classes, flips
         for k in todo
     ]
     skipped = [s for f in valid.values() for s in f.meta.get("skipped", [])]
-    results, unreadable = {}, []
+    results, unreadable, gpus = {}, [], {}
     progress = tqdm(total=len(jobs), desc=f"precompute {key}", unit="shard", disable=not jobs)
-
-    def collect(encoded: Callable[[], tuple[str, list[str]]]) -> None:
-        try:
-            name, skip = encoded()
-            results[name] = skip
-        except UnreadableImages as err:  # the other shards go on: one error names every file
-            unreadable.extend(err.paths)
+    for name, skip, bad, gpu in _outcomes(jobs, pre):
+        if bad:  # the other shards go on: one error names every file
+            unreadable.extend(bad)
+        else:
+            results[name], gpus[name] = skip, gpu
         progress.update()
-
-    if pre.workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(pre.workers, mp_context=get_context("spawn")) as pool:
-            for future in [pool.submit(_encode_shard, job) for job in jobs]:
-                collect(future.result)
-    else:
-        for job in jobs:
-            collect(functools.partial(_encode_shard, job))
     progress.close()
     if unreadable:  # the good shards are kept: a rerun after the fix encodes only the rest
         raise UnreadableImages(unreadable)
     for name, skip in results.items():
         pf = pq.ParquetFile(out / name)
-        valid[name] = FileRecord.of(out / name, rows=pf.metadata.num_rows, skipped=skip)
+        gpu = {"gpu": gpus[name]} if gpus[name] is not None else {}  # where it was encoded
+        valid[name] = FileRecord.of(out / name, rows=pf.metadata.num_rows, skipped=skip, **gpu)
         skipped += skip
     classifier_accuracy = old.extra.get("classifier_accuracy") if old else None
     if any(d not in valid for d in derived):

@@ -98,8 +98,9 @@ class SDVAETokenizer:
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """(n, 4, h, w) latents -> (n, 3, 8h, 8w) images in [-1, 1] (not clipped)."""
-        return self.vae.decode(latents.to(self.device) / self.scale).sample.float().cpu()
+        """(n, 4, h, w) latents -> (n, 3, 8h, 8w) images in [-1, 1] (not clipped), float32 on
+        the VAE's device: evaluation converts and embeds them there, with no trip to the host."""
+        return self.vae.decode(latents.to(self.device) / self.scale).sample.float()
 
 
 def open_tokenizer(name: str, path: str = "", variant: str = "mse", device: str = "auto"):
