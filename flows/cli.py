@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
             default="smoke",
             help=f"one of: {', '.join(experiments)} (default: smoke)",
         )
+        if name == "run":
+            add_plan_options(sub)
         sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     sweep = commands.add_parser(
         "sweep",
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--seeds", type=int, default=1, help="trainings per variant (train.seed, +1, ...)"
     )
+    add_plan_options(sweep)
     sweep.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     report = commands.add_parser(
         "report",
@@ -103,6 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--scale", default=None, help="pick the latest run at this scale")
     report.add_argument("overrides", nargs="*", metavar="key=value", help="tracking.uri, paths.*")
     return parser
+
+
+def add_plan_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--plan",
+        action="store_true",
+        help="print what would run or be reused, images, FLOPs, GPU-hours and disk; start nothing",
+    )
+    sub.add_argument(
+        "--gpu", default="", help="--plan: GPU-hours at this GPU's measured rates (default h200)"
+    )
+    sub.add_argument("--mfu", type=float, default=0.0, help="--plan: an assumed MFU instead")
+    sub.add_argument(
+        "--images", type=int, default=None, help="--plan: the dataset's size, if not readable here"
+    )
+
+
+def print_plan(title: str, configs: dict, args: argparse.Namespace) -> int:
+    from flows.plan import plan_of
+
+    print(plan_of(title, configs, args.gpu, args.mfu, args.images).text())
+    return 0
 
 
 def run_precompute(args: argparse.Namespace) -> int:
@@ -218,6 +243,10 @@ def run_run(args: argparse.Namespace) -> int:
     from flows.pipeline import run_pipeline
     from tasks.config import load_config
 
+    if args.plan:
+        cfg = load_config(args.experiment, args.overrides)
+        return print_plan(f"imf run -e {args.experiment}", {args.experiment: cfg}, args)
+
     result = run_pipeline(args.experiment, args.overrides)
     for stage in ("precompute", "train", "evaluate"):
         print(f"{stage}: {result.stages[stage]:<8} {getattr(result, stage).path.resolve()}")
@@ -254,9 +283,13 @@ def print_where_to_look(cfg, result) -> None:
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
-    from flows.sweep import run_sweep
+    from flows.sweep import load_sweep, run_sweep, variant_configs
 
     only = [v for v in args.only.split(",") if v]
+    if args.plan:
+        sweep = load_sweep(args.sweep)
+        configs = variant_configs(sweep, args.scale, args.overrides, only, args.seeds)
+        return print_plan(f"sweep {sweep.name}, scale {args.scale}", configs, args)
     result = run_sweep(args.sweep, args.scale, args.overrides, only, args.concurrency, args.seeds)
     print(f"sweep {result.sweep} ({result.scale}): MLflow parent run {result.parent_run_id}")
     for v in result.variants:

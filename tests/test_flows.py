@@ -7,6 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.pipeline import run_pipeline
+from flows.plan import plan_of
 from flows.report import report_flow
 from flows.sweep import load_sweep, run_sweep, variant_configs
 from tasks.config import CONFIG_DIR
@@ -224,6 +225,13 @@ def test_sweep_nests_variants_survives_a_failure_and_reports(tmp_path, prefect_s
         by_variant["cfg"].info.run_id,
     }
 
+    # The plan of that sweep now: every stage is there, nothing would run.
+    sweep = load_sweep(str(sweep_file))
+    configs = variant_configs(sweep, "smoke", overrides, ["plain", "cfg"])
+    plan = plan_of("mini", configs, gpu="h200")
+    assert {s.status for s in plan.stages} == {"reused"} and len(plan.stages) == 5
+    assert "to run: 0 precompute, 0 trainings, 0 evaluations" in plan.text()
+
     report = report_flow(result.parent_run_id, tracking=uri, artifacts=str(tmp_path / "a"))
     lines = report.markdown.splitlines()
     imf_row = next(line for line in lines if line.startswith("| iMF |"))
@@ -400,3 +408,29 @@ def test_seeds_group_under_their_variant_and_the_report_compares(
     )
     assert "optim.lr" in row and ("direction" in row or "not resolved" in row or "opposite" in row)
     assert "### Calibration" in report.markdown and "real data" in report.markdown
+
+
+def test_a_paper_scale_plan_prints_the_costs_and_starts_nothing(tmp_path, monkeypatch, capsys):
+    import mlflow
+    import ray
+
+    from flows.cli import main
+
+    def started(*args, **kwargs):
+        raise AssertionError("a plan started something")
+
+    monkeypatch.setattr(ray, "init", started)
+    monkeypatch.setattr(mlflow.MlflowClient, "__init__", started)
+    monkeypatch.setattr("flows.sweep.sweep_flow", started)
+    monkeypatch.chdir(tmp_path)  # the default artifact root and MLflow file would land here
+    args = ["sweep", "table1a", "--scale", "paper", "--plan", "--gpu", "h200"]
+    assert main(args + [f"paths.artifacts={tmp_path}/a"]) == 0
+    text = capsys.readouterr().out
+    assert "nothing started, nothing written" in text and "NVIDIA H200" in text
+    # 240 epochs over ImageNet's 2 x 1,281,167 rows (flips stored as rows) at batch 256.
+    assert text.count("2,402,400 steps x 256 = 615.0 M images") == 6
+    assert "to run: 1 precompute, 6 trainings, 6 evaluations" in text
+    assert "GPU-hours" in text and "GB of new disk" in text
+    imf_aux = next(line for line in text.splitlines() if line.strip().startswith("imf_aux "))
+    assert "198.0 EFLOP" in imf_aux and "47 % MFU" in imf_aux  # 322 GFLOP a row, measured MFU
+    assert list(tmp_path.iterdir()) == []  # no artifact folder, no mlflow.db

@@ -1,0 +1,275 @@
+"""What a run or a sweep would do, before it does anything.
+
+    imf run -e imagenet_b2 --plan [--gpu h200 | --mfu 0.4] [--images N]
+    imf sweep table1a --scale paper --plan [--seeds 3] [--only mf,imf_aux]
+    >>> print(plan_of(configs, gpu="h200").text())
+
+For each stage of each configuration: its content key and whether its output is already there
+(then it would be reused), the images each training sees and its FLOPs (counted by PyTorch on
+the meta device: forward, guidance passes, JVP, backward), GPU-hours at the rates a GPU check
+measured (benchmarks/gpu/, `make gpu-check`) or at an assumed MFU, and the disk for latents
+and checkpoints. Nothing is started and nothing is written: no Prefect, Ray or MLflow, no
+precompute, no artifact folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imf_core.guidance import GuidanceConfig
+from imf_core.models import build
+from imf_core.objectives import ObjectiveConfig
+from imf_core.training import step_flops_per_image
+from tasks.artifacts import Manifest
+from tasks.resolve import model_config
+
+GPU_CHECKS = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu"
+IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k's training set (what configs/data/ points at)
+# The GPU check's model labels of the presets it measures.
+CHECKED_PRESETS = {"imf_b2": "B/2", "imf_xl2": "XL/2"}
+
+
+def done(out: Path) -> bool:
+    """An output is there when its `_SUCCESS` stands and its files have their sizes."""
+    manifest = Manifest.read(out)
+    return manifest is not None and all(f.valid_in(out, "size") for f in manifest.files)
+
+
+# ------------------------------------------------------------------ what a GPU gives
+@dataclass
+class Rates:
+    """One GPU's measured rates (the newest GPU check of it), or an assumed MFU."""
+
+    gpu: str
+    peak_tflops: float
+    source: str  # the record, or "assumed"
+    mfu: dict[tuple[str, str], float] = field(default_factory=dict)  # (label, objective)
+    eval_images_per_s: float = 0.0  # 1-NFE + SD-VAE decode + Inception, as evaluation runs
+    generate_images_per_s: float = 0.0  # one B/2 network evaluation per image
+    assumed_mfu: float = 0.0
+
+    @staticmethod
+    def of(gpu: str, mfu: float = 0.0) -> Rates:
+        """The newest benchmarks/gpu/*.json whose GPU name holds `gpu` (e.g. "h200")."""
+        records = []
+        for path in sorted(GPU_CHECKS.glob("*.json")):
+            record = json.loads(path.read_text())
+            name = record.get("machine", {}).get("gpu", "")
+            if gpu.lower() in name.lower() and record.get("speed"):
+                records.append((record["machine"]["date"], path, record))
+        if not records:
+            known = sorted(
+                {json.loads(p.read_text())["machine"]["gpu"] for p in GPU_CHECKS.glob("*.json")}
+            )
+            raise LookupError(f"no GPU check of a {gpu!r} in {GPU_CHECKS} (checked: {known})")
+        _, path, record = max(records, key=lambda r: r[0])
+        rates = Rates(record["machine"]["gpu"], record["machine"]["matmul"]["tflops"], path.name)
+        for e in record["speed"]["entries"]:
+            if e.get("compile") == "step" and "mfu" in e:
+                rates.mfu[(e["model"], e["objective"])] = e["mfu"]
+        sampling = record.get("sampling", {}).get("fp32", {})
+        rates.eval_images_per_s = sampling.get("all", 0.0)
+        rates.generate_images_per_s = sampling.get("generate", 0.0)
+        rates.assumed_mfu = mfu
+        return rates
+
+    def training_mfu(self, preset: str, objective: str) -> tuple[float, str]:
+        """The MFU to cost a training with, and what it rests on."""
+        if self.assumed_mfu:
+            return self.assumed_mfu, f"assumed {100 * self.assumed_mfu:.0f} % MFU"
+        label = CHECKED_PRESETS.get(preset, "B/2")
+        for key, why in (
+            ((label, objective), "measured"),
+            ((label, "imf_aux"), f"measured for imf_aux at {label}"),
+            (("B/2", "imf_aux"), "measured for B/2 imf_aux"),
+        ):
+            if key in self.mfu:
+                return self.mfu[key], f"{why}, {100 * self.mfu[key]:.0f} % MFU"
+        mfu = max(self.mfu.values())
+        return mfu, f"best measured, {100 * mfu:.0f} % MFU"
+
+
+# ------------------------------------------------------------------ the plan
+@dataclass
+class Stage:
+    stage: str  # precompute | train | evaluate
+    label: str  # the variant (or experiment) it serves
+    key: str | None  # None: unknown until the stage before it has run
+    status: str  # "reused" | "to run" | "shared (<label>)"
+    detail: str = ""
+    gpu_hours: float | None = None
+    disk_bytes: int = 0
+
+
+_FLOPS: dict[str, float] = {}
+
+
+def flops_per_image(model_cfg, objective: ObjectiveConfig, guidance: GuidanceConfig) -> float:
+    """One training step's FLOPs per image, counted once per (model, objective, guidance)."""
+    import torch
+
+    key = repr((model_cfg, objective, guidance))
+    if key not in _FLOPS:
+        with torch.device("meta"):
+            meta = build(model_cfg)
+        _FLOPS[key] = step_flops_per_image(meta, objective, guidance, model_cfg.num_classes)
+    return _FLOPS[key]
+
+
+def precompute_stage(cfg, label: str, images: int | None) -> tuple[Stage, str | None, int]:
+    """(stage, its key or None, rows) of a config's precompute: keyed as the stage keys it,
+    reading the data's listing (never the images) -- or, without the data, its size assumed."""
+    from tasks.precompute import _identify, row_bytes
+    from tasks.precompute import output_dir as pre_dir
+
+    data, tok, pre = cfg.data, cfg.tokenizer, cfg.precompute
+    try:
+        key, _, source, upstream = _identify(data, tok, pre)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        n = images or (IMAGENET_TRAIN_IMAGES if data.name == "imagefolder" else 0)
+        rows = n * (2 if data.flips else 1)
+        why = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        assumed = f"{n:,} images {'given' if images else 'assumed (ImageNet-1k)'}"
+        detail = f"key unknown ({why}); {assumed}, {rows:,} rows"
+        disk = rows * row_bytes(data, tok, None)
+        return Stage("precompute", label, None, "to run", detail, disk_bytes=disk), None, rows
+    rows = upstream.extra["num_rows"] if upstream else source.num_images * (1 + data.flips)
+    out = pre_dir(data, tok, pre, cfg.paths.artifacts)
+    detail = f"{data.name}: {rows:,} rows"
+    disk = rows * row_bytes(data, tok, upstream)
+    status = "reused" if done(out) else "to run"
+    return Stage("precompute", label, key, status, detail, disk_bytes=disk), key, rows
+
+
+def train_stage(cfg, label: str, pre_key: str | None, rows: int, rates: Rates | None) -> Stage:
+    from tasks.train import checkpoint_bytes, train_key
+
+    t = cfg.train
+    world = t.num_workers
+    steps_per_epoch = math.ceil(math.ceil(rows / world) / (t.batch_size // world)) if rows else 0
+    steps = t.steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    images = steps * t.batch_size
+    mcfg = model_config(cfg)
+    flops = images * flops_per_image(mcfg, cfg.objective, cfg.guidance)
+    detail = f"{steps:,} steps x {t.batch_size} = {images / 1e6:,.1f} M images"
+    if cfg.data.flips and not t.steps:  # an epoch is a pass over the rows, the flips among them
+        detail += f" ({t.epochs:g} epochs of {rows:,} rows, flips included)"
+    detail += f", {flops / 1e18:,.1f} EFLOP"
+    hours = None
+    if rates is not None:
+        mfu, basis = rates.training_mfu(cfg.model.name, cfg.objective.name)
+        hours = flops / (mfu * rates.peak_tflops * 1e12) / 3600
+        detail += f" ({basis})"
+    key = train_key(cfg, pre_key) if pre_key else None
+    out = Path(cfg.paths.artifacts).resolve() / "train" / key if key else None
+    status = "reused" if out is not None and done(out) else "to run"
+    disk = checkpoint_bytes(cfg) * (t.keep_checkpoints + 1)
+    return Stage("train", label, key, status, detail, hours, disk)
+
+
+def evaluate_stage(cfg, label: str, trained: Stage, rates: Rates | None) -> Stage:
+    e = cfg.eval
+    points = len(e.omegas) * len(e.intervals)
+    decoded = e.n_samples * (points + (1 + 2 * bool(e.many_steps) if e.calibrate else 0))
+    network_evals = e.n_samples * (points * e.nfe + (2 * e.many_steps if e.calibrate else 0))
+    detail = f"{points} points x {e.n_samples:,} samples; {decoded:,} images decoded and embedded"
+    hours = None
+    if rates is not None and rates.eval_images_per_s:
+        extra = max(0, network_evals - decoded) / max(rates.generate_images_per_s, 1e-9)
+        hours = (decoded / rates.eval_images_per_s + extra) / 3600
+        detail += f" (at {rates.eval_images_per_s:.0f} images/s measured for B/2)"
+    key, status = None, "to run"
+    if trained.key is not None and trained.status == "reused":
+        key, status = evaluation_status(cfg, trained.key)
+    return Stage("evaluate", label, key, status, detail, hours)
+
+
+def evaluation_status(cfg, train_key: str) -> tuple[str | None, str]:
+    """The evaluation's key and status once its training exists (its reference is needed)."""
+    from tasks.evaluate import output_dir, preflight
+    from tasks.precompute import PrecomputeResult
+    from tasks.precompute import output_dir as pre_dir
+
+    try:
+        preflight(cfg)
+        pre_path = pre_dir(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+        pre = PrecomputeResult(pre_path, pre_path.name, False, [], 0, [])
+
+        class Trained:
+            key = train_key
+
+        out = output_dir(cfg, pre, Trained())
+    except (FileNotFoundError, OSError, ValueError):
+        return None, "to run"
+    return out.name, "reused" if done(out) else "to run"
+
+
+@dataclass
+class Plan:
+    title: str
+    stages: list[Stage]
+    rates: Rates | None
+
+    def text(self) -> str:
+        lines = [f"plan: {self.title} -- nothing started, nothing written"]
+        if self.rates is not None:
+            lines.append(
+                f"GPU-hours on one {self.rates.gpu} ({self.rates.peak_tflops:.0f} TFLOP/s "
+                f"measured bf16 matmul; {self.rates.source})"
+            )
+        else:
+            lines.append("GPU-hours: no GPU check on record (pass --gpu NAME or --mfu X)")
+        for stage in ("precompute", "train", "evaluate"):
+            rows = [s for s in self.stages if s.stage == stage]
+            lines += ["", f"{stage}:"]
+            for s in rows:
+                hours = f"{s.gpu_hours:,.1f} GPU-h" if s.gpu_hours is not None else ""
+                disk = f"{s.disk_bytes / 1e9:,.1f} GB" if s.disk_bytes else ""
+                key = (s.key or "?")[:10]
+                lines.append(
+                    f"  {s.label:<22} {key:<10} {s.status:<20} {hours:>12} {disk:>9}  {s.detail}"
+                )
+        todo = [s for s in self.stages if s.status == "to run"]
+        reused = [s for s in self.stages if s.status == "reused"]
+        hours = sum(s.gpu_hours or 0.0 for s in todo)
+        disk = sum(s.disk_bytes for s in todo)
+        count = {st: sum(s.stage == st for s in todo) for st in ("precompute", "train", "evaluate")}
+        lines += [
+            "",
+            f"to run: {count['precompute']} precompute, {count['train']} trainings, "
+            f"{count['evaluate']} evaluations; reused: {len(reused)} stage outputs",
+        ]
+        if self.rates is not None:
+            lines.append(f"total: {hours:,.1f} GPU-hours, {disk / 1e9:,.1f} GB of new disk")
+        return "\n".join(lines)
+
+
+def plan_of(
+    title: str,
+    configs: dict[str, object],
+    gpu: str = "",
+    mfu: float = 0.0,
+    images: int | None = None,
+) -> Plan:
+    """The plan of `configs` (label -> experiment config): shared stages listed once."""
+    rates = None
+    if gpu or mfu or any(GPU_CHECKS.glob("*.json")):
+        rates = Rates.of(gpu or "h200", mfu)
+    stages, seen = [], {}
+    for label, cfg in configs.items():
+        pre, pre_key, rows = precompute_stage(cfg, label, images)
+        shared = seen.get(("precompute", pre_key, repr(pre.detail)))
+        if shared is None:
+            seen[("precompute", pre_key, repr(pre.detail))] = label
+            stages.append(pre)
+        trained = train_stage(cfg, label, pre_key, rows, rates)
+        first = seen.get(("train", trained.key)) if trained.key else None
+        if first is not None:  # another variant trains it (Tab. 1b reuses Tab. 1a's)
+            trained.status, trained.gpu_hours, trained.disk_bytes = f"shared ({first})", None, 0
+        elif trained.key:
+            seen[("train", trained.key)] = label
+        stages += [trained, evaluate_stage(cfg, label, trained, rates)]
+    return Plan(title, stages, rates)
