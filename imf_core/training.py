@@ -71,9 +71,9 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 # train.compile=auto: the whole step, on CUDA and on the CPU. Measured for the default objective
 # and guidance (imf_aux, omega-interval CFG): B/2 at batch 256 on an H200, 309 ms a step against
-# 927 eager; `tiny` at batch 256 on 2 CPU cores, 234 ms against 332 with the JVP alone compiled
-# and 365 eager (benchmarks/RESULTS.md). The price is the first step's compile: 136 s for B/2 on
-# the H200, ~40 s for `tiny` on the CPU, which short runs set aside (train.compile=none).
+# 927 eager; `tiny` at batch 256 on 2 CPU cores, 288 ms against 321 with the JVP alone compiled
+# and 414 eager (benchmarks/RESULTS.md). The price is the first step's compile: 136 s for B/2 on
+# the H200, ~40 s an objective for `tiny` on the CPU, which short runs set aside (compile=none).
 DEFAULT_COMPILE = "step"
 
 

@@ -52,3 +52,29 @@ def test_malformed_yaml_is_one_line_naming_the_file(tmp_path):
     ) as err:
         load_config("broken", config_dir=tmp_path / "configs")
     assert "\n" not in str(err.value)
+
+
+def test_compile_modes_and_the_old_name_of_the_jvp_one():
+    assert load_config("smoke", ["train.compile=auto"]).train.compile == "auto"
+    assert load_config("demo").train.compile == "jvp"
+    old = load_config("smoke", ["train.compile=auto", "train.compile_jvp=true"]).train
+    assert old.compile == "jvp" and not old.compile_jvp  # configs written before train.compile
+    with pytest.raises(ConfigError, match="contradicts train.compile=step"):
+        load_config("smoke", ["train.compile=step", "train.compile_jvp=true"])
+    with pytest.raises(ConfigError, match="train.compile must be one of"):
+        load_config("smoke", ["train.compile=full"])
+
+
+def test_kernel_choices_stay_out_of_the_training_key():
+    from tasks.train import train_key
+
+    keys = {
+        train_key(load_config("smoke", overrides), "pre")
+        for overrides in (
+            [],
+            ["model.jvp_attention=math"],
+            ["train.compile=step"],
+            ["precompute.gpus_per_worker=1"],
+        )
+    }
+    assert len(keys) == 1  # the same numbers, so the same training (reused)
