@@ -669,7 +669,7 @@ class Speed:
         self.check.sections["speed"] = [
             f"### Training step time ({bf16}, omega-interval CFG)",
             "",
-            "FLOPs per image counted by PyTorch on an eager step (forward, guidance passes, JVP, "
+            "FLOPs per image counted by PyTorch on the meta device (forward, guidance passes, JVP, "
             "backward); MFU against the matmul rate above; first step s = the warm-up step, "
             "compiling included.",
             "",
