@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--seeds", type=int, default=1, help="trainings per variant (train.seed, +1, ...)"
     )
+    sweep.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="--scale paper: run from uncommitted code (its runs record a hash of the change)",
+    )
     add_plan_options(sweep)
     sweep.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     report = commands.add_parser(
@@ -290,6 +295,10 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         sweep = load_sweep(args.sweep)
         configs = variant_configs(sweep, args.scale, args.overrides, only, args.seeds)
         return print_plan(f"sweep {sweep.name}, scale {args.scale}", configs, args)
+    if args.scale == "paper" and not args.allow_dirty:
+        from tasks.provenance import require_clean_tree
+
+        require_clean_tree()
     result = run_sweep(args.sweep, args.scale, args.overrides, only, args.concurrency, args.seeds)
     print(f"sweep {result.sweep} ({result.scale}): MLflow parent run {result.parent_run_id}")
     for v in result.variants:

@@ -47,6 +47,7 @@ from tasks.artifacts import (
 )
 from tasks.features import UINT8_RULE, check_weights, open_extractor, to_uint8
 from tasks.precompute import PrecomputeResult, makes_classifier
+from tasks.provenance import device_name
 from tasks.resolve import model_config
 from tasks.tokenizers import open_tokenizer, pick_device
 from tasks.tracking import log_evaluation
@@ -340,8 +341,15 @@ def _evaluate(cfg, pre, trained, out: Path, slice_: dict, kind, weights, referen
     outputs = [out / "results.json", *plots, *grids, *sorted(units_dir.glob("*.npz"))]
     files = [FileRecord.of(p, out) for p in outputs]
     names = [point_name(r["omega"], [r["t_min"], r["t_max"]]) for r in results]
+    device = device_name(pick_device(e.device))
+    if e.workers > 1:
+        device = (
+            f"{e.workers} Ray actors, {e.gpus_per_worker:g} GPU each"
+            if e.gpus_per_worker
+            else device
+        )
     run_id = log_evaluation(
-        cfg, trained, key, results, names, [out / "results.json", *plots, *grids]
+        cfg, trained, key, results, names, [out / "results.json", *plots, *grids], device, pre
     )
     extra = {"best": results[best], "mlflow_run_id": run_id}
     timings = {"seconds": time.time() - started}

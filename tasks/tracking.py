@@ -98,20 +98,31 @@ def experiment_id(runs, name: str) -> str:
     return found.experiment_id
 
 
-def open_run(uri: str, id_file: Path, experiment: str, run_name: str, tags: dict, params) -> str:
+def open_run(
+    uri: str,
+    id_file: Path,
+    experiment: str,
+    run_name: str,
+    tags: dict,
+    params,
+    datasets: list | None = None,
+) -> str:
     """The MLflow run whose id `id_file` keeps, reopened (RUNNING) on a resume; else a new run
-    in `experiment` (created when missing) with `tags` and the params `params()` returns, its
-    id written to `id_file` last, so a kept id always names a complete run."""
-    from mlflow.entities import Param
+    in `experiment` (created when missing) with `tags`, the params `params()` returns and the
+    `datasets` it reads (dataset_input), its id written to `id_file` last, so a kept id always
+    names a complete run. On a resume the owner and provenance tags are the resuming
+    process's: the code that ran last."""
+    from mlflow.entities import Param, RunTag
+
+    from tasks.provenance import provenance_tags
 
     runs = client(uri)
     reap_dead_runs(uri)  # runs left RUNNING by killed processes: KILLED (or resumed below)
-    owner = owner_tags()
+    owner = owner_tags() | provenance_tags()
     if id_file.is_file():
         run_id = id_file.read_text().strip()
         runs.update_run(run_id, "RUNNING")
-        for key, value in owner.items():  # the process that now owns the run
-            runs.set_tag(run_id, key, value)
+        runs.log_batch(run_id, tags=[RunTag(k, v) for k, v in owner.items()])
         return run_id
     run_id = runs.create_run(experiment_id(runs, experiment), run_name=run_name, tags=tags | owner)
     run_id = run_id.info.run_id
@@ -119,9 +130,34 @@ def open_run(uri: str, id_file: Path, experiment: str, run_name: str, tags: dict
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         batch = [Param(k, v[:500]) for k, v in items[start : start + 100]]
         runs.log_batch(run_id, params=batch)
+    if datasets:
+        runs.log_inputs(run_id, datasets=datasets)
     id_file.parent.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run_id)
     return run_id
+
+
+def dataset_input(pre, context: str):
+    """The precompute output as an MLflow dataset (the runs table's Dataset column): its data
+    and tokenizer as the name, its content key as the digest, its rows in the profile."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from tasks.artifacts import Manifest
+
+    manifest = Manifest.read(Path(pre.path))
+    config, extra = manifest.config, manifest.extra
+    name = f"{config['data']['name']} ({config['tokenizer']['name']})"
+    profile = {"num_rows": extra.get("num_rows"), "num_classes": extra.get("num_classes")}
+    schema = {"latent_shape": extra.get("latent_shape"), "flips": extra.get("flips")}
+    dataset = Dataset(
+        name=name,
+        digest=pre.key[:36],
+        source_type="local",
+        source=json.dumps({"uri": str(Path(pre.path).resolve())}),
+        schema=json.dumps(schema),
+        profile=json.dumps(profile),
+    )
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
 
 
 def end_run(cfg, run_id: str, error: BaseException | None = None, journal: Path | None = None):
@@ -221,6 +257,11 @@ class RunJournal:
         self._unsent.set()
         return True
 
+    def tags(self, values: dict[str, str]) -> None:
+        """Journals run tags (rank 0's device, say: only a worker knows it)."""
+        append_record(self.path, {"run_id": self.run_id, "tags": values})
+        self._unsent.set()
+
     def artifact(self, path: Path, directory: str) -> None:
         """Keeps a copy of `path` beside the journal until it is sent."""
         self.files.mkdir(exist_ok=True)
@@ -309,6 +350,10 @@ def send_record(runs, directory: Path, record: dict) -> None:
     if "metrics" in record:
         batch = [Metric(k, v, record["time"], record["step"]) for k, v in record["metrics"].items()]
         runs.log_batch(run_id, metrics=batch)
+    elif "tags" in record:
+        from mlflow.entities import RunTag
+
+        runs.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
     elif "artifact" in record:
         runs.log_artifact(
             run_id, str(directory / "journal_files" / record["artifact"]), record["dir"]
@@ -331,13 +376,21 @@ HEADLINE = ("fid_best", "fid_no_cfg", "fid_many_step_best")
 
 
 def log_evaluation(
-    cfg, trained, key: str, results: list[dict], points: list[str], artifacts: list[Path]
+    cfg,
+    trained,
+    key: str,
+    results: list[dict],
+    points: list[str],
+    artifacts: list[Path],
+    device: str = "",
+    pre=None,
 ) -> str:
     """An MLflow run of the evaluation: per-point metrics, the best point, the plots and grids.
 
     Nested under the training run when there is one, whose run also gets the best point's
     numbers (so the compare view of training runs shows FID beside their params); for given
     weights (eval.checkpoint), a run of its own in the experiment, with the checkpoint as params.
+    `device` is what the units ran on, `pre` the precompute output it read (its Dataset).
     Returns the run id ("" when the training is untracked)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
@@ -346,8 +399,10 @@ def log_evaluation(
     checkpoint = not hasattr(trained, "steps")  # given weights (eval.checkpoint), no training
     if not (train_run or checkpoint):
         return ""
+    from tasks.provenance import provenance_tags
+
     client = MlflowClient(tracking_uri(cfg))
-    tags = cfg.tracking.tags | {"stage": "evaluate", "eval_key": key}
+    tags = cfg.tracking.tags | {"stage": "evaluate", "eval_key": key} | provenance_tags(device)
     omegas = sorted({r["omega"] for r in results})
     grid = f"omega {omegas[0]:g}-{omegas[-1]:g}, {len(results)} points"
     if train_run:
@@ -360,6 +415,8 @@ def log_evaluation(
         tags["checkpoint"] = str(trained.weights)
         name = f"eval {trained.weights.name} ({grid})"
     run = client.create_run(experiment, run_name=name, tags=tags).info.run_id
+    if pre is not None:
+        client.log_inputs(run, datasets=[dataset_input(pre, "evaluation")])
     source = {"checkpoint_key": trained.key} if checkpoint else {"train_key": trained.key}
     params = flatten({"eval": dataclasses.asdict(cfg.eval)} | source)
     client.log_batch(run, params=[Param(k, v[:500]) for k, v in params.items() if v != "None"])

@@ -40,7 +40,16 @@ from tasks.artifacts import (
 from tasks.cluster import connect_ray
 from tasks.precompute import PrecomputeResult
 from tasks.resolve import model_config, to_dict
-from tasks.tracking import JOURNAL, RunJournal, end_run, flatten, open_run, replay, tracking_uri
+from tasks.tracking import (
+    JOURNAL,
+    RunJournal,
+    dataset_input,
+    end_run,
+    flatten,
+    open_run,
+    replay,
+    tracking_uri,
+)
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
@@ -164,7 +173,7 @@ def output_dir(cfg, pre: PrecomputeResult) -> Path:
     return Path(cfg.paths.artifacts).resolve() / "train" / train_key(cfg, pre.key)
 
 
-def mlflow_run(cfg, out: Path, key: str) -> str:
+def mlflow_run(cfg, out: Path, key: str, pre: PrecomputeResult) -> str:
     """Creates (or finds, on resume) this training run's MLflow run; returns its id.
 
     Created here, in the driver, before any worker starts: SQLite backends lock under
@@ -177,7 +186,9 @@ def mlflow_run(cfg, out: Path, key: str) -> str:
             size = count_params(build(model_config(cfg))) / 1e6
         return flatten(to_dict(cfg)) | {"model.params_m": f"{size:.2f}"}
 
-    tags = {"stage": "train", "train_key": key, **cfg.tracking.tags}
+    t = cfg.train
+    workers = f"{t.num_workers} {'GPU' if t.use_gpu else 'CPU'} worker(s)"  # rank 0 names it
+    tags = {"stage": "train", "train_key": key, "imf.device": workers, **cfg.tracking.tags}
     return open_run(
         tracking_uri(cfg),
         out / "mlflow_run_id",
@@ -187,6 +198,7 @@ def mlflow_run(cfg, out: Path, key: str) -> str:
         or f"{cfg.name} {cfg.model.name} {cfg.objective.name} seed {cfg.train.seed}",
         tags,
         params,
+        [dataset_input(pre, "training")],
     )
 
 
@@ -205,7 +217,7 @@ def _train(cfg, pre: PrecomputeResult, out: Path) -> TrainResult:
         return TrainResult(out, key, False, done.extra["steps"], done.extra["mlflow_run_id"])
     started = time.time()
     require_free_space(out, checkpoint_bytes(cfg) * (cfg.train.keep_checkpoints + 1), "training")
-    run_id = mlflow_run(cfg, out, key)
+    run_id = mlflow_run(cfg, out, key, pre)
     journal = out / JOURNAL
     replay(journal, tracking_uri(cfg))  # a resume: first what an outage left unsent
     try:
@@ -285,6 +297,7 @@ def train_loop(config: dict) -> None:
     from imf_core.data import LatentDataset
     from imf_core.ema import EMA
     from imf_core.training import DEFAULT_COMPILE, make_optimizer, train_step, with_warmup_steps
+    from tasks.provenance import device_name
 
     cfg = config["cfg"]
     ctx = ray.train.get_context()
@@ -331,6 +344,8 @@ def train_loop(config: dict) -> None:
     bf16 = device.type == "cuda"
     compile = DEFAULT_COMPILE if t.compile == "auto" else t.compile
     logger = RankZeroLogger(config, cfg, dataset, total) if rank == 0 else None
+    if logger is not None:  # the device the workers run on (the driver cannot know it)
+        logger.run.tags({"imf.device": f"{world} x {device_name(device)}"})
     start_time, start_step = time.perf_counter(), step
     try:
         while step < total:

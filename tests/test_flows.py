@@ -216,6 +216,12 @@ def test_sweep_nests_variants_survives_a_failure_and_reports(tmp_path, prefect_s
         assert run.data.params["model.depth"] == "4"  # the preset's resolved values
     assert by_variant["diverges"].info.status == "FAILED"
     assert not parent.data.metrics  # the variants' FIDs live on their runs, the table here
+    evaluations = client.search_runs([parent.info.experiment_id], "tags.stage = 'evaluate'")
+    assert len(evaluations) == 2
+    for run in evaluations:  # where each came from, and what it read
+        assert run.data.tags["imf.device"] == "cpu" and run.data.tags["mlflow.source.git.commit"]
+        (dataset,) = run.inputs.dataset_inputs
+        assert dataset.dataset.digest and '"num_rows": 1797' in dataset.dataset.profile
 
     # A rerun of the finished variants: same parent run, every stage reused, nothing retrained.
     again = run_sweep(str(sweep_file), "smoke", overrides, only=["plain", "cfg"])

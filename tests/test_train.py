@@ -70,6 +70,17 @@ def test_ddp_matches_one_worker_and_finished_runs_are_reused(tmp_path, local_ray
     names = {"loss", "mse_u", "loss_v", "grad_norm", "lr", "samples_per_s"}
     assert {f"train/{n}" for n in names} <= set(logged.metrics)
     assert [a.path for a in client.list_artifacts(two.mlflow_run_id, "samples")]
+    # Where it came from: the code, the locked packages, torch, the device its workers used,
+    # and the precompute output it read (MLflow's Dataset column).
+    tags = logged.tags
+    assert tags["mlflow.source.git.commit"] and tags["imf.git_dirty"] in ("true", "false")
+    assert len(tags["imf.lock_sha256"]) == 64 and tags["imf.torch"] == torch.__version__
+    assert tags["imf.device"] == "2 x cpu"  # sent by rank 0 through the journal
+    (dataset,) = client.get_run(two.mlflow_run_id).inputs.dataset_inputs
+    assert (
+        dataset.dataset.name == "digits (pixel)" and '"num_rows": 1797' in dataset.dataset.profile
+    )
+    assert {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "training"
 
     again = train(
         cfg2, precompute(cfg2.data, cfg2.tokenizer, cfg2.precompute, cfg2.paths.artifacts)
