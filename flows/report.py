@@ -111,7 +111,7 @@ def cell_value(runs: VariantRuns, metric: str) -> float | None:
     """A number of the variant's own evaluation (its results.json), else a metric
     (`eval/<metric>`) of the training or evaluation run, else a param of the training run (e.g.
     params_m). Own results first: one training can serve several evaluations (Tab. 2's 1- and
-    2-NFE rows), and its run's eval/ metrics are the last one's."""
+    2-NFE rows), and its run's eval/ metrics are those of the variant it was trained for."""
     if runs.results:
         mode = runs.train.data.params.get("guidance.mode", "") if runs.train else ""
         own = summary_metrics(runs.results, mode)

@@ -385,31 +385,42 @@ def log_evaluation(
     device: str = "",
     pre=None,
 ) -> str:
-    """An MLflow run of the evaluation: per-point metrics, the best point, the plots and grids.
+    """An MLflow run of the evaluation: the variant's settings, its headline numbers, every
+    grid point in a table, the plots and grids.
 
-    Nested under the training run when there is one, whose run also gets the best point's
-    numbers (so the compare view of training runs shows FID beside their params); for given
-    weights (eval.checkpoint), a run of its own in the experiment, with the checkpoint as params.
+    Nested under the training run when there is one. The evaluation run is the variant's own
+    row in a compare view: it carries the training's params with this evaluation's settings,
+    the variant's tags and its headline FIDs -- several evaluations can share one training
+    (Tab. 2's 1- and 2-NFE rows, Tab. 1b reusing Tab. 1a's trainings), and each keeps its own
+    number. The training run also gets the headline of its own variant's evaluation (the one
+    whose variant tag it bears), never another's, beside its training curves. For given weights
+    (eval.checkpoint), a run of its own in the experiment, with the checkpoint as params.
     `device` is what the units ran on, `pre` the precompute output it read (its Dataset).
     Returns the run id ("" when the training is untracked)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
+    from tasks.provenance import provenance_tags
+
     train_run = getattr(trained, "mlflow_run_id", "")
     checkpoint = not hasattr(trained, "steps")  # given weights (eval.checkpoint), no training
     if not (train_run or checkpoint):
         return ""
-    from tasks.provenance import provenance_tags
-
     client = MlflowClient(tracking_uri(cfg))
     tags = cfg.tracking.tags | {"stage": "evaluate", "eval_key": key} | provenance_tags(device)
     omegas = sorted({r["omega"] for r in results})
     grid = f"omega {omegas[0]:g}-{omegas[-1]:g}, {len(results)} points"
+    params: dict[str, str] = {}
+    own_variant = True
     if train_run:
         parent = client.get_run(train_run)
         experiment = parent.info.experiment_id
         tags["mlflow.parentRunId"] = train_run
-        name = f"{parent.info.run_name} / eval ({grid})"
+        variant = cfg.tracking.tags.get("variant", "")
+        own_variant = parent.data.tags.get("variant", "") == variant
+        label = variant if variant and not own_variant else parent.info.run_name
+        name = f"{label} / eval ({grid})"
+        params = {k: v for k, v in parent.data.params.items() if not k.startswith("eval.")}
     else:
         experiment = experiment_id(client, cfg.tracking.experiment or cfg.name)
         tags["checkpoint"] = str(trained.weights)
@@ -418,25 +429,26 @@ def log_evaluation(
     if pre is not None:
         client.log_inputs(run, datasets=[dataset_input(pre, "evaluation")])
     source = {"checkpoint_key": trained.key} if checkpoint else {"train_key": trained.key}
-    params = flatten({"eval": dataclasses.asdict(cfg.eval)} | source)
-    client.log_batch(run, params=[Param(k, v[:500]) for k, v in params.items() if v != "None"])
+    params |= flatten({"eval": dataclasses.asdict(cfg.eval)} | source)
+    items = [Param(k, v[:500]) for k, v in params.items() if v != "None"]
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run, params=items[start : start + 100])
     # Every grid point in one table (MLflow's table view), not dozens of single-bar charts.
     client.log_table(run, points_table(results, points), "eval/points.json")
     best = next(r for r in results if r["best"])
     stamp = int(time.time() * 1000)
     summary = summary_metrics(results, cfg.guidance.mode)
-    # The summary goes on one run only -- the training's when there is one, so that the compare
-    # view of a sweep's runs shows one FID per variant beside its params. A run's page lists
-    # its chart sections alphabetically, `eval/` above `train/`: there, only the FIDs a compare
-    # view sets side by side are metrics (one row of charts, the training curves right below);
-    # the rest of the summary (best point, IS, accuracy, floor, ceiling) are tags of those names.
-    charted = {k: v for k, v in summary.items() if k in HEADLINE or not train_run}
+    # A run's page lists its chart sections alphabetically, `eval/` above `train/`: only the
+    # FIDs a compare view sets side by side are metrics (one row of charts, the training curves
+    # right below on a training run); the rest of the summary (best point, IS, accuracy, floor,
+    # ceiling) are tags of those names.
+    charted = {k: v for k, v in summary.items() if k in HEADLINE}
     metrics = [Metric(f"eval/{k}", v, stamp, 0) for k, v in charted.items()]
     verdict = [RunTag("did_not_learn", str(best["did_not_learn"]).lower())]
     rest = [RunTag(f"eval/{k}", f"{v:.6g}") for k, v in summary.items() if k not in charted]
-    client.log_batch(train_run or run, metrics=metrics, tags=verdict + rest)
-    if train_run:
-        client.log_batch(run, tags=verdict)
+    client.log_batch(run, metrics=metrics, tags=verdict + rest)
+    if train_run and own_variant:
+        client.log_batch(train_run, metrics=metrics, tags=verdict + rest)
     for path in artifacts:
         client.log_artifact(run, str(path), "grids" if path.parent.name == "grids" else None)
     client.set_terminated(run)

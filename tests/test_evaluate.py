@@ -207,9 +207,10 @@ def test_results_are_logged_under_the_training_run(setup, tmp_path):
     (child,) = client.search_runs(
         [client.get_run(train_run).info.experiment_id], f"tags.mlflow.parentRunId = '{train_run}'"
     )
-    # The summary is on the training run only (one FID per variant in the compare view); the
-    # evaluation run has its settings as params and every grid point in one table.
-    assert not child.data.metrics and child.data.params["eval.n_samples"] == str(cfg.eval.n_samples)
+    # The evaluation run is the variant's own row: its headline FIDs (several evaluations may
+    # share a training), its settings as params, every grid point in one table.
+    assert child.data.metrics == summary.metrics
+    assert child.data.params["eval.n_samples"] == str(cfg.eval.n_samples)
     assert not any(v == "None" for v in child.data.params.values())
     table = json.loads(
         Path(

@@ -440,3 +440,47 @@ def test_a_paper_scale_plan_prints_the_costs_and_starts_nothing(tmp_path, monkey
     imf_aux = next(line for line in text.splitlines() if line.strip().startswith("imf_aux "))
     assert "198.0 EFLOP" in imf_aux and "47 % MFU" in imf_aux  # 322 GFLOP a row, measured MFU
     assert list(tmp_path.iterdir()) == []  # no artifact folder, no mlflow.db
+
+
+SHARED = """
+title: "one training, two evaluations (Tab. 2's XL/2 at 1 and 2 NFE)"
+columns: ["FID 1-NFE", "FID 2-NFE"]
+scales:
+  smoke: {experiment: smoke, overrides: [guidance.mode=none, "eval.omegas=[1.0]"]}
+variants:
+  - name: xl2
+    row: iMF-XL/2
+    overrides: []
+    cells: {"FID 1-NFE": {metric: fid_best}}
+  - name: xl2_nfe2
+    row: iMF-XL/2
+    overrides: [eval.nfe=2]
+    cells: {"FID 2-NFE": {metric: fid_best}}
+"""
+
+
+@pytest.mark.slow
+def test_variants_sharing_a_training_each_show_their_own_fid(tmp_path, prefect_server, local_ray):
+    """Read as MLflow's compare view reads it (the REST API, through the client): one
+    evaluation run per variant with its own FID, and the shared training run showing its own
+    variant's number, never the other's."""
+    sweep_file = tmp_path / "shared.yaml"
+    sweep_file.write_text(SHARED)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    overrides = [f"paths.artifacts={tmp_path}/a", f"tracking.uri={uri}"] + FAST
+    result = run_sweep(str(sweep_file), "smoke", overrides)
+    assert not result.failed
+    own = {v.name: v.fid_best for v in result.variants}  # from each one's results.json
+    assert own["xl2"] != own["xl2_nfe2"]
+    assert len({v.train_run_id for v in result.variants}) == 1  # one training for both
+    client = MlflowClient(uri)
+    experiment = client.get_run(result.parent_run_id).info.experiment_id
+    rows = client.search_runs([experiment], "tags.stage = 'evaluate'")
+    shown = {r.data.tags["variant"]: r.data.metrics["eval/fid_best"] for r in rows}
+    assert shown == pytest.approx(own)
+    for r in rows:  # each row carries the training's settings beside its own evaluation's
+        assert r.data.params["model.depth"] == "4" and "eval.nfe" in r.data.params
+    nfe = {r.data.tags["variant"]: r.data.params["eval.nfe"] for r in rows}
+    assert nfe == {"xl2": "1", "xl2_nfe2": "2"}
+    training = client.get_run(result.variants[0].train_run_id).data
+    assert training.metrics["eval/fid_best"] == pytest.approx(own[training.tags["variant"]])
