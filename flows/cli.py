@@ -347,14 +347,23 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
+    from tasks import preemption
     from tasks.config import ConfigError
 
+    preemption.install()  # SIGTERM / Ctrl-C: checkpoint, end cleanly, exit 128 + signal
     try:
         return COMMANDS[args.command](args)
+    except preemption.Preempted as stop:
+        print(f"imf {args.command}: {stop.reason}: stopped; relaunch to resume", file=sys.stderr)
+        return stop.exit_code
     except (ConfigError, FileNotFoundError, LookupError, ValueError, OSError) as err:
         # (ConnectionError, an unreachable tracking server, is an OSError)
         print(f"imf {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        from tasks.cluster import shutdown_ray
+
+        shutdown_ray()  # nothing of the command's Ray outlives it
 
 
 if __name__ == "__main__":

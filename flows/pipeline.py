@@ -20,6 +20,7 @@ from prefect import flow, tags
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.states import State
 
+from tasks import preemption
 from tasks.config import ConfigError, load_config
 from tasks.evaluate import EvalResult, evaluate_task, preflight
 from tasks.precompute import PrecomputeResult, precompute_task
@@ -51,12 +52,24 @@ def results_beside(artifacts: str):
     return temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: path})
 
 
+def start_ray(configs: list) -> None:
+    """The command's Ray, started here, in the main thread, before the flow's task threads: Ray
+    ties its processes' lives to the thread that starts them (PR_SET_PDEATHSIG), so a Ray
+    started in a task's thread died with that thread -- its agents left running for good after
+    every sweep -- and its SIGTERM handling is the main thread's (tasks.preemption)."""
+    from tasks.cluster import connect_ray
+
+    need = max(c.train.num_workers * c.train.cpus_per_worker for c in configs)
+    connect_ray(configs[0].train.ray_address, need)
+
+
 def run_pipeline(experiment: str, overrides: list[str] | None = None) -> PipelineResult:
     """`imf run`: checks the config first (before a Prefect server starts), then the flow."""
     cfg = load_config(experiment, overrides or [])
     if cfg.eval.checkpoint:
         raise ConfigError("eval.checkpoint evaluates given weights without training: imf evaluate")
     preflight(cfg)  # every file the stages will need, before a Prefect server starts
+    start_ray([cfg])
     with results_beside(cfg.paths.artifacts), tags("imf", f"experiment:{experiment}"):
         return pipeline(experiment, overrides or [])
 
@@ -87,6 +100,7 @@ def stage_names(cfg) -> dict[str, dict[str, str]]:
 @flow(name="imf-pipeline", flow_run_name="run {experiment}", log_prints=True)
 def pipeline(experiment: str = "smoke", overrides: list[str] | None = None) -> PipelineResult:
     """Precompute, train and evaluate one experiment config (configs/experiment/<name>.yaml)."""
+    preemption.reinstall()  # over Prefect's SIGTERM handler (tasks.preemption says why)
     cfg = load_config(experiment, overrides or [])
     return run_stages(cfg)
 

@@ -28,7 +28,8 @@ from omegaconf.errors import OmegaConfBaseException
 from prefect import flow, tags
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.pipeline import RETRIES, results_beside, stage_names
+from flows.pipeline import RETRIES, results_beside, stage_names, start_ray
+from tasks import preemption
 from tasks.artifacts import content_key
 from tasks.config import CONFIG_DIR, ConfigError, ExperimentConfig, load_config
 from tasks.evaluate import evaluate_task, preflight
@@ -276,6 +277,7 @@ def sweep_flow(
 ) -> SweepResult:
     """Runs every variant's pipeline (shared stages once) under one MLflow parent run; with
     several seeds, each variant's seeds under a run of that variant."""
+    preemption.reinstall()  # over Prefect's SIGTERM handler, which would let trainings run on
     overrides, only = overrides or [], only or []
     sweep = load_sweep(name)
     configs = variant_configs(sweep, scale, overrides, only, seeds)
@@ -289,7 +291,18 @@ def sweep_flow(
                 groups[v.name] = variant_group_run(parent, v, scale, directory, first)
     for cfg in configs.values():
         cfg.tracking.tags["mlflow.parentRunId"] = groups.get(cfg.tracking.tags["variant"], parent)
+    try:
+        return run_variants(sweep, scale, configs, parent, groups, first)
+    except preemption.Preempted as stop:  # a signal: the sweep's runs end KILLED, with why
+        runs = tracking_client(tracking_uri(first))
+        for run in (parent, *groups.values()):
+            runs.set_tag(run, "error", stop.reason)
+            runs.set_terminated(run, "KILLED")
+        raise
 
+
+def run_variants(sweep, scale: str, configs: dict, parent: str, groups: dict, first):
+    """The stages of every variant (shared ones once), then each variant's outcome."""
     # Precompute once per distinct data setting (usually one for the whole sweep).
     precomputed, pre_of = {}, {}
     for variant, cfg in configs.items():
@@ -369,6 +382,7 @@ def run_sweep(
     configs = variant_configs(sweep, scale, overrides, only, seeds)
     for cfg in configs.values():
         preflight(cfg)
+    start_ray(list(configs.values()))
     # Two threads per variant: its evaluation task waits on its training in a thread of its own.
     runner = ThreadPoolTaskRunner(max_workers=2 * max(1, concurrency))
     with results_beside(next(iter(configs.values())).paths.artifacts):

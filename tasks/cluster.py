@@ -8,11 +8,18 @@ import os
 import threading
 
 _lock = threading.Lock()  # sweeps start stages from several threads
+_connected = False  # whether this process's connect_ray started (or joined) the Ray it uses
 
 # Ray merges "similar" lines of different workers into one ("[repeated 6x across cluster]"):
 # with `--concurrency` above 1 that hid whole trainings' progress lines. Read when ray is
 # first imported, which happens below, after this module.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray's native crash handler takes SIGTERM in the driver process, process-wide, even when
+# ray.init runs in a thread that is not the main one: it logged "*** SIGTERM received ***" and
+# aborted the process at once, so a preempted command left its trainings' work, Ray's
+# processes and Prefect's server behind. The command handles SIGTERM (tasks.preemption).
+# Also read when ray is first imported.
+os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 
 # Ray Train V2's placement-group cleaner polls the State API, which needs the dashboard we keep
 # off (it would bind a port), and warns every few seconds that the query failed: a third of a
@@ -87,6 +94,7 @@ def connect_ray(address: str, cpus_needed: float) -> None:
     """Joins the Ray cluster at `address` ("" = start a local one with at least `cpus_needed`
     CPUs, so fractional workers fit on a small machine; the dashboard stays off, it would bind
     a port). An already initialised Ray is kept."""
+    global _connected
     import ray
 
     with _lock:
@@ -99,6 +107,7 @@ def connect_ray(address: str, cpus_needed: float) -> None:
             # is wrapped (as in Ray workers), to the original print: every line twice.
             "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
         }
+        _connected = True
         if address:
             ray.init(address=address, runtime_env=quiet)
         else:  # a new local Ray ("local": never join one another process started here)
@@ -113,6 +122,9 @@ def connect_ray(address: str, cpus_needed: float) -> None:
             quiet["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = preemption
             cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
             ray.init(address="local", include_dashboard=False, num_cpus=cpus, runtime_env=quiet)
+        from tasks import preemption
+
+        preemption.reinstall()  # ray.init replaced the SIGTERM handler with its own
 
 
 def require_resources(stage: str, cpus: float, gpus: float) -> None:
@@ -129,3 +141,33 @@ def require_resources(stage: str, cpus: float, gpus: float) -> None:
     if total.get("CPU", 0) < cpus:
         have = total.get("CPU", 0)
         raise ValueError(f"{stage}.cpus_per_worker={cpus:g}, but the Ray cluster has {have:g} CPUs")
+
+
+def shutdown_ray() -> None:
+    """Ends the Ray connect_ray started, and what of it ray.shutdown leaves: a local Ray's
+    DashboardAgent and RuntimeEnvAgent outlived it (seen after sweeps), so every process of
+    Ray's this one started and that is still alive after it is killed."""
+    import signal
+    import sys
+
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    from tasks.preemption import descendants
+
+    if not (_connected and ray.is_initialized()):  # a Ray someone else started is theirs
+        return
+    started = []
+    for pid in descendants(os.getpid()):
+        try:
+            if b"ray" in open(f"/proc/{pid}/cmdline", "rb").read():
+                started.append(pid)
+        except OSError:
+            pass
+    ray.shutdown()
+    for pid in started:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

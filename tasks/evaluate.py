@@ -34,6 +34,7 @@ from imf_core.guidance import generate
 from imf_core.metrics import FeatureStats, ScoreStats, did_not_learn, frechet_distance
 from imf_core.models import build
 from imf_core.models.official import load_official
+from tasks import preemption
 from tasks.artifacts import (
     FileRecord,
     Manifest,
@@ -279,6 +280,7 @@ def _evaluate(cfg, pre, trained, out: Path, slice_: dict, kind, weights, referen
             with atomic_path(units_dir / f"{name}.npz") as tmp, open(tmp, "wb") as f:
                 np.savez(f, **sums)
             computed += 1
+            preemption.check()  # a stop signal: the written units stay, a rerun does the rest
         return [dict(np.load(units_dir / f"{u.name}.npz")) for u in units]
 
     calibrated = pre is not None and e.calibrate

@@ -27,6 +27,7 @@ import torch
 from prefect import task
 from tqdm import tqdm
 
+from tasks import preemption
 from tasks.artifacts import (
     FileRecord,
     Manifest,
@@ -227,9 +228,12 @@ def _outcomes(jobs: list[dict], pre: PrecomputeConfig):
     if pre.gpus_per_worker > 0 and jobs:
         yield from _encode_on_ray(jobs, pre)
     elif pre.workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(pre.workers, mp_context=get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(pre.workers, mp_context=get_context("spawn"))
+        try:
             futures = [pool.submit(_encode_reporting, job) for job in jobs]
             yield from (f.result() for f in as_completed(futures))
+        finally:  # a stop: the queued shards are not started (finished ones are kept)
+            pool.shutdown(wait=False, cancel_futures=True)
     else:
         yield from map(_encode_reporting, jobs)
 
@@ -342,6 +346,7 @@ def _precompute(data, tokenizer, pre, out, key, tok_fp, rows, num_classes, flips
         else:
             results[name], gpus[name] = skip, gpu
         progress.update()
+        preemption.check()  # a stop signal: the written shards stay, a rerun does the rest
     progress.close()
     if unreadable:  # the good shards are kept: a rerun after the fix encodes only the rest
         raise UnreadableImages(unreadable)

@@ -131,10 +131,22 @@ def open_run(
         batch = [Param(k, v[:500]) for k, v in items[start : start + 100]]
         runs.log_batch(run_id, params=batch)
     if datasets:
-        runs.log_inputs(run_id, datasets=datasets)
+        log_inputs(runs, run_id, datasets)
     id_file.parent.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run_id)
     return run_id
+
+
+def log_inputs(runs, run_id: str, datasets: list) -> None:
+    """MLflow's log_inputs, once more if two runs registered the same dataset at once (its SQL
+    store creates a dataset row without a lock: concurrent variants of a sweep collided)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        runs.log_inputs(run_id, datasets=datasets)
+    except MlflowException:
+        time.sleep(0.5)
+        runs.log_inputs(run_id, datasets=datasets)
 
 
 def dataset_input(pre, context: str):
@@ -161,11 +173,16 @@ def dataset_input(pre, context: str):
 
 
 def end_run(cfg, run_id: str, error: BaseException | None = None, journal: Path | None = None):
-    """Marks the run FINISHED; FAILED with the error as a tag; or KILLED, "interrupted by the
-    user", after Ctrl-C (a resume reopens it). With a training's `journal`, the end is its last
-    record: sent now if the server answers, else by the next replay."""
+    """Marks the run FINISHED; FAILED with the error as a tag; or KILLED with the reason after
+    a stop signal ("preempted (SIGTERM)") or Ctrl-C (a resume reopens it). With a training's
+    `journal`, the end is its last record: sent now if the server answers, else by the next
+    replay."""
+    from tasks.preemption import Preempted
+
     status, message = "FINISHED", ""
-    if isinstance(error, KeyboardInterrupt | SystemExit):
+    if isinstance(error, Preempted):  # a signal: checkpointed, a relaunch resumes
+        status, message = "KILLED", error.reason
+    elif isinstance(error, KeyboardInterrupt | SystemExit):
         status, message = "KILLED", "interrupted by the user"
     elif error is not None:
         status, message = "FAILED", f"{type(error).__name__}: {error}"[:5000]
@@ -427,7 +444,7 @@ def log_evaluation(
         name = f"eval {trained.weights.name} ({grid})"
     run = client.create_run(experiment, run_name=name, tags=tags).info.run_id
     if pre is not None:
-        client.log_inputs(run, datasets=[dataset_input(pre, "evaluation")])
+        log_inputs(client, run, [dataset_input(pre, "evaluation")])
     source = {"checkpoint_key": trained.key} if checkpoint else {"train_key": trained.key}
     params |= flatten({"eval": dataclasses.asdict(cfg.eval)} | source)
     items = [Param(k, v[:500]) for k, v in params.items() if v != "None"]

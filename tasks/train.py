@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from imf_core.models import build, count_params
 from imf_core.training import COMPILE_MODES
+from tasks import preemption
 from tasks.artifacts import (
     FileRecord,
     Manifest,
@@ -74,6 +75,9 @@ class TrainConfig:
     compile_jvp: bool = False  # the old name of compile=jvp, still read
     ray_address: str = ""  # "" = a local Ray; else a cluster address (infra/README.md)
     fault_at_step: int = -1  # tests: the last rank kills itself once at this step
+    # On SIGTERM / SIGINT: checkpoint at the next step boundary and end; what has not ended
+    # after this many seconds is killed (tasks.preemption)
+    preempt_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.steps < 0 or (self.steps == 0 and self.epochs <= 0):
@@ -119,6 +123,7 @@ RUNTIME_ONLY = (
     "max_failures",
     "ray_address",
     "fault_at_step",
+    "preempt_grace_s",
     "compile",
     "compile_jvp",
     "keep_checkpoints",
@@ -220,8 +225,13 @@ def _train(cfg, pre: PrecomputeResult, out: Path) -> TrainResult:
     run_id = mlflow_run(cfg, out, key, pre)
     journal = out / JOURNAL
     replay(journal, tracking_uri(cfg))  # a resume: first what an outage left unsent
+    preemption.set_grace(cfg.train.preempt_grace_s)
     try:
-        result = _fit(cfg, pre, out, run_id)
+        with preemption.watching(out):
+            result = _fit(cfg, pre, out, run_id)
+        stopped = out / preemption.STOPPED_FILE
+        if stopped.is_file():  # a signal asked it to stop: checkpointed at that step
+            raise preemption.requested() or preemption.Preempted(signal.SIGTERM)
         nan_marker = out / "NAN"
         if nan_marker.is_file():
             raise RuntimeError(f"training stopped: {nan_marker.read_text().strip()}")
@@ -386,10 +396,17 @@ def train_loop(config: dict) -> None:
                         shard=(rank, world),
                         total_steps=total,
                     )
-                bad = torch.tensor([0.0 if torch.isfinite(parts["loss"]) else 1.0], device=device)
+                # [loss not finite, a stop asked for] agreed by every rank, so that all of them
+                # stop at the same step (and report the same number of times)
+                stop_asked = rank == 0 and (out / preemption.STOP_FILE).exists()
+                flags = torch.tensor(
+                    [0.0 if torch.isfinite(parts["loss"]) else 1.0, float(stop_asked)],
+                    device=device,
+                )
                 if world > 1:
-                    torch.distributed.all_reduce(bad)
-                if bad.item() > 0:  # every rank sees it, so every rank stops at the same report
+                    torch.distributed.all_reduce(flags)
+                bad, stop = flags.tolist()
+                if bad > 0:  # every rank sees it, so every rank stops at the same report
                     if rank == 0:
                         (out / "NAN").write_text(
                             f"loss is not finite at step {step}; the last good checkpoint is kept"
@@ -405,8 +422,12 @@ def train_loop(config: dict) -> None:
                         parts = dict(zip(names, values / world, strict=True))
                     if logger is not None:
                         logger.step(step, parts, optimizer, start_time, start_step)
-                if step % t.checkpoint_every == 0 or step == total:
+                if step % t.checkpoint_every == 0 or step == total or stop:
                     report(step, model, optimizer, ema, rank, logger)
+                if stop and step < total:  # preempted: checkpointed at this step, now end
+                    if rank == 0:
+                        (out / preemption.STOPPED_FILE).write_text(str(step))
+                    return
     finally:
         if logger is not None:
             logger.run.close()  # one last send; what stays unsent, the driver replays

@@ -109,7 +109,13 @@ def test_a_smoke_sweep_is_quiet_and_reads_well_in_mlflow(tmp_path):
         train_metrics = {m["key"] for m in train["data"]["metrics"]}
         assert {"train/loss", "train/mse_u", "train/lr", "eval/fid_best"} <= train_metrics
         assert all(k.startswith(("train/", "eval/")) for k in train_metrics), train_metrics
-        assert not evaluation["data"].get("metrics")  # one FID per variant: on its training run
+        # The evaluation run is the variant's row in a compare view: its own headline numbers,
+        # the same ones its (unshared) training run shows.
+        eval_metrics = {m["key"]: m["value"] for m in evaluation["data"]["metrics"]}
+        headline = {m["key"]: m["value"] for m in train["data"]["metrics"]}
+        assert "eval/fid_best" in eval_metrics
+        assert all(k.startswith("eval/") for k in eval_metrics), eval_metrics
+        assert all(headline[k] == v for k, v in eval_metrics.items()), (eval_metrics, headline)
         for run in (train, evaluation):
             params = {p["key"]: p["value"] for p in run["data"].get("params", [])}
             assert params and "None" not in params.values(), params

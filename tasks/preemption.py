@@ -1,0 +1,168 @@
+"""Stopping on a scheduler's SIGTERM (preemption, a spot instance, `scancel`) or a user's Ctrl-C
+without losing work: running trainings checkpoint at their next step boundary and end, the
+other stages stop between their units, MLflow runs end KILLED with the reason, the command
+exits non-zero (128 + the signal); what has not ended within the grace is killed, with every
+process the command started.
+
+    >>> preemption.install(grace_s=30)        # the command line, at start
+    >>> with preemption.watching(train_dir):  # a training asked to stop gets STOP_REQUESTED
+    ...     fit()
+    >>> preemption.check()                    # between units of work: raises Preempted if asked
+
+A training polls its directory's STOP_REQUESTED file at every step (tasks.train), which
+reaches its Ray workers wherever they run: the file lives in the storage they share.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+STOP_FILE = "STOP_REQUESTED"  # in a training's directory: checkpoint now and end
+STOPPED_FILE = "STOPPED"  # written by the training when it ended on a request (its step)
+
+
+class Preempted(BaseException):
+    """A stop asked for by a signal. Not an error (no retry, no traceback): a BaseException, so
+    that it passes every `except Exception` on its way out and Prefect marks the flow run
+    Crashed rather than Failed."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        name = signal.Signals(signum).name
+        self.reason = f"preempted ({name})" if signum != signal.SIGINT else "interrupted (SIGINT)"
+        super().__init__(self.reason)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+_lock = threading.Lock()
+_watched: set[Path] = set()
+_requested: Preempted | None = None
+_grace_s = 30.0
+_installed = False
+
+
+def requested() -> Preempted | None:
+    """The stop asked for, if any."""
+    return _requested
+
+
+def check() -> None:
+    """Raises the requested stop, if there is one (call it between units of work)."""
+    if _requested is not None:
+        raise _requested
+
+
+def _ask(directory: Path) -> None:
+    try:
+        (directory / STOP_FILE).write_text(_requested.reason if _requested else "stop")
+    except OSError:  # the directory is gone: nothing there to stop
+        pass
+
+
+@contextmanager
+def watching(directory: Path) -> Iterator[None]:
+    """Within: a stop request reaches `directory` as its STOP_FILE (at once, if it came
+    before). A request from an earlier process is cleared on entry: a relaunch resumes."""
+    for name in (STOP_FILE, STOPPED_FILE):
+        (directory / name).unlink(missing_ok=True)
+    with _lock:
+        _watched.add(directory)
+        if _requested is not None:
+            _ask(directory)
+    try:
+        yield
+    finally:
+        with _lock:
+            _watched.discard(directory)
+
+
+def request(signum: int) -> None:
+    """The signal handler: the first signal asks every watched training to stop and starts the
+    grace; a second one (an impatient Ctrl-C) ends the command at once."""
+    global _requested
+    with _lock:
+        first = _requested is None
+        if first:
+            _requested = Preempted(signum)
+            for directory in _watched:
+                _ask(directory)
+    if not first:
+        _hard_stop(_requested.exit_code)
+    print(
+        f"\n{_requested.reason}: stopping at the next step boundary (checkpoint kept); "
+        f"all is ended within {_grace_s:.0f} s",
+        flush=True,
+    )
+    threading.Thread(target=_grace, args=(_grace_s,), name="preemption-grace", daemon=True).start()
+
+
+def _grace(seconds: float) -> None:
+    time.sleep(seconds)
+    print(f"{_requested.reason}: not ended after {seconds:.0f} s; killing what is left", flush=True)
+    _hard_stop(_requested.exit_code)
+
+
+def _hard_stop(code: int) -> None:
+    """Ends this process and every process it started (Ray's, Prefect's server), now."""
+    children = descendants(os.getpid())
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os._exit(code)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc (children first, then theirs)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def set_grace(seconds: float) -> None:
+    """How long a stop may take before what is left is killed (train.preempt_grace_s)."""
+    global _grace_s
+    _grace_s = seconds
+
+
+def install(grace_s: float = 30.0) -> None:
+    """Handles SIGTERM and SIGINT in this (main) thread; again after a library replaced them
+    (ray.init installs its own SIGTERM handler). `grace_s`: how long a stop may take."""
+    global _grace_s, _installed
+    _grace_s = grace_s
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda s, _frame: request(s))
+    _installed = True
+
+
+def reinstall() -> None:
+    """Puts the handlers back if this process installed them: after ray.init (its own SIGTERM
+    handler exits at once) and at the start of a Prefect flow (its handler raises in the main
+    thread, then waits for the running tasks -- whole trainings -- to end before it stops)."""
+    if _installed:
+        install(_grace_s)
