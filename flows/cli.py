@@ -285,6 +285,11 @@ def print_where_to_look(cfg, result) -> None:
     print(f"  FID vs omega    {path}/fid_vs_omega_t*.png")
     print(f"  sample grids    {path}/grids/ (best: {grid})")
     print(f"  results         {path}/results.json")
+    during = sorted(result.train.path.resolve().glob("during/*/step*/results.json"))
+    if during:  # tasks.inrun_eval: eval/fid over steps on the training run
+        print(
+            f"  FID in training {during[0].parent.parent}/step*/results.json ({len(during)} steps)"
+        )
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:

@@ -4,7 +4,8 @@
     imf report <mlflow run id>              # a sweep's parent run
 
 Writes `<artifacts>/reports/<name>/report.md`, `fid_vs_omega.png` (every variant's curve on
-one plot) and `grids/<variant>.png` (each variant's best-point sample grid); logs them to the
+one plot), `fid_vs_step.png` (FID during training, tasks.inrun_eval, one line per variant)
+and `grids/<variant>.png` (each variant's best-point sample grid); logs them to the
 sweep's parent run and publishes the markdown as a Prefect artifact. Everything is read back
 from MLflow (tags `variant.<name>` on the parent run), so a report works from any machine that
 reaches the tracking server.
@@ -19,7 +20,7 @@ import re
 import shutil
 import statistics
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import flow, task
@@ -42,6 +43,7 @@ class VariantRuns:
     evaluation: object | None
     results: list[dict]  # the evaluation's results.json
     label: str = ""  # "<variant>" or "<variant>.s<seed>" (the parent run's tags)
+    curve: dict[int, float] = field(default_factory=dict)  # step -> FID during training
 
 
 @dataclass
@@ -103,7 +105,11 @@ def variant_runs(client, parent, sweep: SweepConfig) -> list[VariantRuns]:
                     path = client.download_artifacts(eval_id, "results.json", tmp)
                     results = json.loads(Path(path).read_text())
             status = tags.get(f"variant.{label}.status", "?")
-            out.append(VariantRuns(v.name, status, train, evaluation, results, label))
+            curve = {}
+            if train is not None:  # the in-run evaluation's FID over steps (tasks.inrun_eval)
+                history = client.get_metric_history(train_id, "eval/fid")
+                curve = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
+            out.append(VariantRuns(v.name, status, train, evaluation, results, label, curve))
     return out
 
 
@@ -271,6 +277,93 @@ def comparisons_markdown(sweep: SweepConfig, by_name: dict[str, list[VariantRuns
     return "\n".join(lines) + "\n"
 
 
+def training_steps(runs: VariantRuns) -> int | None:
+    """The last step of the variant's training curve (its length), if it has one."""
+    return max(runs.curve) if runs.curve else None
+
+
+def curve_mean(runs: list[VariantRuns]) -> dict[int, float]:
+    """FID during training at each step, the mean over the seeds that reached it."""
+    steps = sorted({s for r in runs for s in r.curve})
+    return {s: statistics.mean(r.curve[s] for r in runs if s in r.curve) for s in steps}
+
+
+def progress_markdown(sweep: SweepConfig, variants: list[VariantRuns]) -> str:
+    """FID during training per variant, and for a variant that trains longer than the row it
+    compares with (Tab. 1c's "longer training"), the reading off its curve at that row's
+    length: the same network family trained as long, then longer."""
+    by_name = group_by_variant(variants)
+    curves = {name: curve_mean(runs) for name, runs in by_name.items()}
+    if not any(curves.values()):
+        return ""
+    n = {
+        r.train.data.params.get("eval.during_samples")
+        for r in variants
+        if r.train is not None and r.curve
+    }
+    lines = [
+        "### FID during training",
+        "",
+        f"FID of {' / '.join(sorted(n - {None})) or 'a few'} samples at each evaluated step "
+        "(the best of each variant's `eval.during_points`): fewer samples than the table's, so "
+        "these numbers compare along a curve and between curves, not with the cells above.",
+        "",
+        "| variant | FID at step |",
+        "|---|---|",
+    ]
+    for name, curve in curves.items():
+        points = " · ".join(f"{s}: {f:.2f}" for s, f in curve.items()) or "—"
+        lines.append(f"| {name} | {points} |")
+    for v in sweep.variants:
+        longer = {"train.steps", "train.epochs"} & set(v.factor)
+        mine, theirs = curves.get(v.name), curves.get(v.compare_with)
+        if not (longer and mine and theirs):
+            continue
+        at = max(theirs)
+        if at >= max(mine) or at not in mine:
+            continue
+        lines += [
+            "",
+            f"**{v.row}**: at step {at}, the length of `{v.compare_with}`, `{v.name}`'s own "
+            f"curve reads FID {mine[at]:.2f} (`{v.compare_with}` ended at {theirs[at]:.2f}); "
+            f"trained on to step {max(mine)}, {mine[max(mine)]:.2f}. The difference between "
+            "the first two is the rest of the recipe (the learning-rate schedule follows the "
+            "length), the step from the first to the last is the longer training.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_progress(variants: list[VariantRuns], path: Path) -> Path | None:
+    """FID during training against the step, one line per variant (mean over seeds), with
+    the real-data floor at the same n as a dashed line; None without curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_name = {k: v for k, v in group_by_variant(variants).items() if any(r.curve for r in v)}
+    if not by_name:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, runs in by_name.items():
+        curve = curve_mean(runs)
+        ax.plot(list(curve), list(curve.values()), "o-", markersize=3, label=name)
+    floors = [
+        r.train.data.metrics["eval/fid_real_data_floor"]
+        for r in variants
+        if r.train is not None and "eval/fid_real_data_floor" in r.train.data.metrics
+    ]
+    if floors:
+        ax.axhline(statistics.mean(floors), color="g", ls="--", label="real data (same n)")
+    ax.set(xlabel="training step", ylabel="FID", title="FID during training", yscale="log")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.grid(alpha=0.3, which="both")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def learned(runs: VariantRuns) -> bool | None:
     """False when the variant's best point is flagged did-not-learn; None without results."""
     best = [r for r in runs.results if r.get("best")]
@@ -436,17 +529,17 @@ def report_flow(
     md_path = directory / "report.md"
     grids = step(best_grids, name="fetch sample grids")(client, variants, directory)
     plot = step(plot_curves, name="plot FID vs omega")(variants, directory / "fid_vs_omega.png")
-    pictures = [
-        "",
-        "![FID vs omega](fid_vs_omega.png)",
-        "",
-        "### Samples at each variant's best point",
-        "",
-    ]
+    progress = step(plot_progress, name="plot FID vs training step")(
+        variants, directory / "fid_vs_step.png"
+    )
+    pictures = ["", "![FID vs omega](fid_vs_omega.png)", ""]
+    if progress is not None:
+        pictures += [progress_markdown(sweep, variants), "![FID vs step](fid_vs_step.png)", ""]
+    pictures += ["### Samples at each variant's best point", ""]
     pictures += [f"![{g.stem}](grids/{g.name})" for g in grids]
     with atomic_path(md_path) as tmp:
         tmp.write_text(markdown + "\n".join(pictures) + "\n")
-    files = [md_path, plot, *grids]
+    files = [md_path, plot, *([progress] if progress else []), *grids]
     for path in files:
         sub = "report/grids" if path.parent.name == "grids" else "report"
         client.log_artifact(parent.info.run_id, str(path), sub)

@@ -47,6 +47,7 @@ from tasks.artifacts import (
     write_json_atomic,
 )
 from tasks.features import UINT8_RULE, check_weights, open_extractor, to_uint8
+from tasks.grids import decoded_grid, grid_inputs, point_title, save_png
 from tasks.precompute import PrecomputeResult, makes_classifier
 from tasks.provenance import device_name
 from tasks.resolve import model_config
@@ -80,6 +81,10 @@ class EvalConfig:
     prc_samples: int = 2000
     grid_per_class: int = 8  # sample-grid columns per point (0 = no grids)
     device: str = "auto"
+    # Evaluation during training (train.eval_every; tasks.inrun_eval): samples per evaluation
+    # and the variant's operating points, [omega, t_min, t_max] each (not the whole grid).
+    during_samples: int = 10_000
+    during_points: list[list[float]] = field(default_factory=lambda: [[1.0, 0.0, 1.0]])
     workers: int = 1  # Ray actors running units in parallel (1 = in this process)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # > 0 on GPU nodes (one actor per GPU: 1.0)
@@ -110,6 +115,16 @@ class EvalConfig:
             )
         if self.many_steps < 0 or self.prc_samples < 0:
             raise ValueError("eval.many_steps and eval.prc_samples must be >= 0")
+        if self.during_samples < 2:
+            raise ValueError(f"eval.during_samples must be >= 2, got {self.during_samples}")
+        if not self.during_points:
+            raise ValueError("eval.during_points must not be empty (no CFG: [[1.0, 0.0, 1.0]])")
+        for point in self.during_points:
+            if len(point) != 3 or point[0] < 1.0 or not 0.0 <= point[1] <= point[2] <= 1.0:
+                raise ValueError(
+                    "eval.during_points: each must be [omega, t_min, t_max] with omega >= 1 and "
+                    f"0 <= t_min <= t_max <= 1, got {list(point)}"
+                )
 
 
 # What does not change the numbers stays out of the key (workers: tested, same sums).
@@ -121,6 +136,8 @@ RUNTIME_ONLY = (
     "cpus_per_worker",
     "gpus_per_worker",
 )
+
+IN_RUN_ONLY = ("during_samples", "during_points")
 
 
 @dataclass
@@ -187,6 +204,8 @@ def eval_slice(cfg, pre: PrecomputeResult | None) -> dict:
     input key (a training's, or the checkpoint file's)."""
     kept = {k: v for k, v in asdict(cfg.eval).items() if k not in RUNTIME_ONLY}
     kept.pop("checkpoint")
+    for name in IN_RUN_ONLY:  # the evaluation during training's, not this one's
+        kept.pop(name)
     kept["reference"] = sha256_file(reference_path(cfg, pre))
     return kept | {"features": feature_kind(cfg)}
 
@@ -290,20 +309,7 @@ def _evaluate(cfg, pre, trained, out: Path, slice_: dict, kind, weights, referen
 
     reference_info = {"reference": str(reference), "reference_sha256": slice_["reference"]}
 
-    def summary(parts: list[dict]) -> dict:
-        feats = FeatureStats.merge(
-            [FeatureStats(int(p["n"]), p["total"], p["outer"]) for p in parts]
-        )
-        scores = ScoreStats.merge(
-            [ScoreStats(int(p["n"]), p["p_sum"], float(p["plogp_sum"])) for p in parts]
-        )
-        mu, sigma = feats.mean_cov()
-        out_ = {"n_samples": feats.n, "fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"])}
-        out_["is"] = scores.inception_score()
-        if kind == "classifier":
-            out_["accuracy"] = float(sum(float(p["correct"]) for p in parts) / feats.n)
-        return out_
-
+    summary = functools.partial(summarize, ref=ref, kind=kind)
     calibration = {}
     real_prc = None
     if calibrated:
@@ -357,6 +363,21 @@ def _evaluate(cfg, pre, trained, out: Path, slice_: dict, kind, weights, referen
     timings = {"seconds": time.time() - started}
     Manifest(key, "evaluate", slice_, input_keys(pre, trained), files, extra, timings).write(out)
     return EvalResult(out, key, True, computed, results, run_id)
+
+
+def summarize(parts: list[dict], ref, kind: str) -> dict:
+    """FID against `ref` (mu, sigma), IS and, with classifier features, class accuracy of the
+    merged sums of `parts` (units' npz contents): the single-pass numbers exactly."""
+    feats = FeatureStats.merge([FeatureStats(int(p["n"]), p["total"], p["outer"]) for p in parts])
+    scores = ScoreStats.merge(
+        [ScoreStats(int(p["n"]), p["p_sum"], float(p["plogp_sum"])) for p in parts]
+    )
+    mu, sigma = feats.mean_cov()
+    out = {"n_samples": feats.n, "fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"])}
+    out["is"] = scores.inception_score()
+    if kind == "classifier":
+        out["accuracy"] = float(sum(float(p["correct"]) for p in parts) / feats.n)
+    return out
 
 
 def real_indices(rows: int, n: int, seed: int) -> tuple[torch.Tensor, str]:
@@ -445,8 +466,10 @@ class Unit:
 
 class UnitRunner:
     """What units need -- the model, tokenizer, feature extractor, the data rows -- opened once
-    per process (the driver, or each Ray actor). `expect` = (classes, latent shape) of the data,
-    if known; `data` = the precompute output (for real rows), if any."""
+    per process (the driver, each Ray actor, or a training rank). `weights` is a weights file
+    (load_model) or the network itself (a training's, its EMA swapped in: tasks.inrun_eval).
+    `expect` = (classes, latent shape) of the data, if known; `data` = the precompute output
+    (for real rows), if any."""
 
     def __init__(
         self, weights, input_size, tokenizer_cfg, kind, features, e, expect, data, threads=0
@@ -455,7 +478,10 @@ class UnitRunner:
             torch.set_num_threads(threads)
         self.e = e
         self.device = pick_device(e.device)
-        self.model = load_model(weights, input_size).to(self.device)
+        if isinstance(weights, torch.nn.Module):
+            self.model = weights
+        else:
+            self.model = load_model(weights, input_size).to(self.device)
         m = self.model.cfg
         self.num_classes, self.shape = m.num_classes, (m.in_channels, m.input_size, m.input_size)
         if expect is not None and expect != (self.num_classes, self.shape):
@@ -515,56 +541,30 @@ class UnitRunner:
         steps = self.e.many_steps if euler else self.e.nfe
         return generate(self.model, noise, y, unit.omega, t_min, t_max, steps, euler=euler)
 
-    def images(self, noise, y, omega, interval) -> torch.Tensor:
-        """1- or 2-NFE samples, decoded and converted to uint8 (tasks.features.to_uint8)."""
-        x = self.sample(Unit(omega, tuple(interval), 0, 0, len(y)), noise, y)
-        return to_uint8(self.tokenizer.decode(x)).to(self.device)
-
     @torch.no_grad()
     def sample_grids(self, points, out: Path) -> list[Path]:
-        """A PNG grid per grid point: a row per class (up to 10), grid_per_class columns,
-        enlarged for viewing (labelled_grid)."""
+        """A PNG grid per grid point (tasks.grids): a row per grid class, grid_per_class
+        columns, decoded through the tokenizer."""
         e = self.e
-        y = torch.arange(min(self.num_classes, 10)).repeat_interleave(e.grid_per_class)
-        noise = torch.randn(len(y), *self.shape, generator=torch.Generator().manual_seed(e.seed))
-        paths = []
-        for omega, interval in points:
-            images = self.images(noise.to(self.device), y.to(self.device), omega, interval)
-            path = out / "grids" / f"{point_name(omega, interval)}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                labelled_grid(images, e.grid_per_class, title=point_title(omega, interval)).save(
-                    tmp, format="png"
-                )
-            paths.append(path)
-        return paths
-
-
-def point_title(omega: float, interval: list[float]) -> str:
-    return f"omega {omega:g}, interval [{interval[0]:g}, {interval[1]:g}]"
-
-
-def labelled_grid(images: torch.Tensor, per_row: int, title: str, min_side: int = 256):
-    """uint8 images (N, C, H, W), one class per row -> a PIL image enlarged by an integer factor
-    (nearest neighbour: pixels stay pixels) to at least `min_side` per side, with the class
-    of each row on the left and the CFG point on top."""
-    from PIL import Image, ImageDraw
-    from torchvision.utils import make_grid
-
-    grid = make_grid(images.cpu().float() / 255, nrow=per_row, padding=1, pad_value=0.5)
-    picture = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    scale = max(1, -(-min_side // min(picture.size)))
-    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    margin, top = 56, 20
-    canvas = Image.new("RGB", (picture.width + margin, picture.height + top), "white")
-    canvas.paste(picture.convert("RGB"), (margin, top))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((4, 4), title, fill="black")
-    rows = -(-len(images) // per_row)
-    row_height = picture.height / rows
-    for k in range(rows):
-        draw.text((4, top + k * row_height + row_height / 2 - 5), f"class {k}", fill="black")
-    return canvas
+        noise, y = grid_inputs(self.num_classes, self.shape, e.grid_per_class, e.seed)
+        noise, y = noise.to(self.device), y.to(self.device)
+        return [
+            save_png(
+                decoded_grid(
+                    self.model,
+                    self.tokenizer,
+                    noise,
+                    y,
+                    omega,
+                    e.grid_per_class,
+                    point_title(omega, interval),
+                    tuple(interval),
+                    e.nfe,
+                ),
+                out / "grids" / f"{point_name(omega, interval)}.png",
+            )
+            for omega, interval in points
+        ]
 
 
 def run_units(runner_args: tuple, local, units: list[Unit], e, ray_address: str):

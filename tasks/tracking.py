@@ -247,7 +247,11 @@ class RunJournal:
     def __init__(self, uri: str, run_id: str, path: Path, flush_every: float = 2.0):
         self.uri, self.run_id, self.path = uri, run_id, path
         self.files = path.parent / "journal_files"
-        self.logged = max((r.get("step", 0) for r in read_journal(path)), default=0)
+        self.logged: dict[str, int] = {}  # per group of metrics: the last step journaled
+        for record in read_journal(path):
+            if "metrics" in record:
+                group = record.get("group", "train")
+                self.logged[group] = max(self.logged.get(group, 0), record["step"])
         self._runs = None  # one client for the flusher, not a new store connection per flush
         self._unsent = threading.Event()  # set by each append: the flusher idles otherwise
         self._unsent.set()  # a resumed run may hold what an outage kept back
@@ -257,9 +261,10 @@ class RunJournal:
         )
         self._flusher.start()
 
-    def metrics(self, values: dict[str, float], step: int) -> bool:
-        """Journals `values` at `step` unless that step was logged before; True if journaled."""
-        if step <= self.logged:
+    def metrics(self, values: dict[str, float], step: int, group: str = "train") -> bool:
+        """Journals `values` at `step` unless `group` (the training's own metrics, or the
+        evaluations during it) logged that step before; True if journaled."""
+        if step <= self.logged.get(group, 0):
             return False
         append_record(
             self.path,
@@ -268,9 +273,10 @@ class RunJournal:
                 "step": step,
                 "time": int(time.time() * 1000),
                 "metrics": values,
+                "group": group,
             },
         )
-        self.logged = step
+        self.logged[group] = step
         self._unsent.set()
         return True
 

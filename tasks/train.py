@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from imf_core.models import build, count_params
 from imf_core.training import COMPILE_MODES
-from tasks import preemption
+from tasks import inrun_eval, preemption
 from tasks.artifacts import (
     FileRecord,
     Manifest,
@@ -68,6 +68,10 @@ class TrainConfig:
     keep_checkpoints: int = 3  # the newest kept on disk (~1.4 GB each for B/2 with Adam state)
     log_every: int = 50  # steps between MLflow metrics / terminal lines
     sample_every: int = 0  # steps between sample grids logged to MLflow (0 = only at the end)
+    # Evaluation during training (tasks.inrun_eval): every this many steps, or epochs, and at
+    # the end, FID of the EMA weights on eval.during_samples at eval.during_points (0 = off)
+    eval_every: int = 0
+    eval_every_epochs: float = 0.0
     max_failures: int = 1  # worker failures Ray Train recovers from
     # torch.compile: none | jvp (the JVP pass) | step (the whole loss and its backward) | auto
     # (imf_core.training.DEFAULT_COMPILE: step, the fastest measured on GPU and CPU alike).
@@ -107,6 +111,13 @@ class TrainConfig:
                     f"train.compile={self.compile}: set train.compile alone"
                 )
             self.compile, self.compile_jvp = "jvp", False
+        if self.eval_every < 0 or self.eval_every_epochs < 0:
+            raise ValueError("train.eval_every and train.eval_every_epochs must be >= 0")
+        if self.eval_every and self.eval_every_epochs:
+            raise ValueError(
+                f"train.eval_every={self.eval_every} and train.eval_every_epochs="
+                f"{self.eval_every_epochs} both set: choose steps or epochs"
+            )
         if self.checkpoint_every < 1 or self.log_every < 1 or self.cpus_per_worker <= 0:
             raise ValueError(
                 "train.checkpoint_every and train.log_every must be >= 1, train.cpus_per_worker > 0"
@@ -120,6 +131,8 @@ RUNTIME_ONLY = (
     "use_gpu",
     "log_every",
     "sample_every",
+    "eval_every",
+    "eval_every_epochs",
     "max_failures",
     "ray_address",
     "fault_at_step",
@@ -270,6 +283,7 @@ def _fit(cfg, pre: PrecomputeResult, out: Path, run_id: str):
         "out": str(out),
         "mlflow_uri": tracking_uri(cfg),
         "mlflow_run_id": run_id,
+        "inrun_eval": inrun_eval.plan(cfg, pre, out),  # None when train.eval_every is off
     }
     trainer = TorchTrainer(
         train_loop,
@@ -357,7 +371,19 @@ def train_loop(config: dict) -> None:
     if logger is not None:  # the device the workers run on (the driver cannot know it)
         logger.run.tags({"imf.device": f"{world} x {device_name(device)}"})
     start_time, start_step = time.perf_counter(), step
+    evaluation = None
+    if config["inrun_eval"] is not None:
+        plan = config["inrun_eval"]
+        evaluation = inrun_eval.InRunEvaluation(plan, cfg, rank, world, device, steps_per_epoch)
+
+    def evaluate(at: int) -> None:  # every rank; rank 0 logs
+        results = evaluation(at, model, ema)
+        if logger is not None:
+            logger.evaluation(at, results, evaluation.seconds, start_time)
+
     try:
+        if evaluation is not None and evaluation.due(step, total) and not evaluation.done(step):
+            evaluate(step)  # resumed from the checkpoint of an evaluation a stop cut short
         while step < total:
             epoch, skip = divmod(step, steps_per_epoch)
             sampler.set_epoch(epoch)
@@ -422,8 +448,12 @@ def train_loop(config: dict) -> None:
                         parts = dict(zip(names, values / world, strict=True))
                     if logger is not None:
                         logger.step(step, parts, optimizer, start_time, start_step)
-                if step % t.checkpoint_every == 0 or step == total or stop:
+                # the in-run evaluation's weights are a checkpoint's: a stop during it resumes
+                evaluating = evaluation is not None and evaluation.due(step, total) and not stop
+                if step % t.checkpoint_every == 0 or step == total or stop or evaluating:
                     report(step, model, optimizer, ema, rank, logger)
+                if evaluating:
+                    evaluate(step)
                 if stop and step < total:  # preempted: checkpointed at this step, now end
                     if rank == 0:
                         (out / preemption.STOPPED_FILE).write_text(str(step))
@@ -464,12 +494,7 @@ class RankZeroLogger:
         )
         self.cfg, self.total, self.dataset = cfg, total, dataset
         self.last = time.perf_counter()
-        self.pixel = (
-            json.loads((Path(config["data"]) / "_SUCCESS").read_text())["config"]["tokenizer"][
-                "name"
-            ]
-            == "pixel"
-        )
+        self.tokenizer = None  # opened at the first sample grid
 
     def step(self, step: int, parts: dict, optimizer, start: float, start_step: int) -> None:
         t = self.cfg.train
@@ -491,26 +516,50 @@ class RankZeroLogger:
             flush=True,
         )
 
+    def evaluation(self, step: int, results: dict, seconds: float, start: float) -> None:
+        """The in-run evaluation at `step` (tasks.inrun_eval): metrics over steps, one line."""
+        metrics = inrun_eval.metrics_of(results) | {"eval/seconds": results["seconds"]}
+        replayed = not self.run.metrics(metrics, step, group="eval")
+        best = min(results["points"], key=lambda r: r["fid"])
+        share = seconds / max(time.perf_counter() - start, 1e-9)
+        label = f"{self.cfg.tracking.run_name}: " if self.cfg.tracking.run_name else ""
+        print(
+            f"{label}eval at step {step}: FID {best['fid']:.2f} at omega {best['omega']:g} "
+            f"[{best['t_min']:g}, {best['t_max']:g}] ({best['n_samples']} samples"
+            + (
+                f", real data {results['real_data_floor']['fid']:.2f}"
+                if "real_data_floor" in results
+                else ""
+            )
+            + f"); {results['seconds']:.1f} s, {100 * share:.1f} % of this launch's time"
+            + ("  (replayed: logged before)" if replayed else ""),
+            flush=True,
+        )
+
     def samples(self, step: int, model, ema) -> None:
-        """A grid of 1-NFE EMA samples, one row per class (pixel-space data only)."""
+        """A grid of 1-NFE EMA samples (tasks.grids): one row per grid class, fixed noise,
+        decoded through the precompute's tokenizer (the SD-VAE for latent data)."""
         t = self.cfg.train
-        final = step == self.total
-        if not self.pixel or not (final or (t.sample_every and step % t.sample_every == 0)):
+        if not (step == self.total or (t.sample_every and step % t.sample_every == 0)):
             return
-        from torchvision.utils import save_image
+        from tasks.grids import decoded_grid, grid_inputs, point_title, save_png
+        from tasks.tokenizers import open_tokenizer
 
-        from imf_core.guidance import generate
-
-        classes = min(self.dataset.num_classes, 10)
-        y = torch.arange(classes).repeat_interleave(8).to(next(model.parameters()).device)
-        noise = torch.randn(
-            len(y), *self.dataset.latent_shape, generator=torch.Generator().manual_seed(0)
-        ).to(y.device)
+        device = next(model.parameters()).device
+        if self.tokenizer is None:
+            tok = self.cfg.tokenizer
+            self.tokenizer = open_tokenizer(tok.name, tok.path, tok.variant, str(device))
+        per_class = 8
+        noise, y = grid_inputs(
+            self.dataset.num_classes, self.dataset.latent_shape, per_class, seed=0
+        )
+        omega = 2.0 if self.cfg.guidance.conditions_on_omega else 1.0
+        title = f"step {step}, EMA, {point_title(omega, (0.0, 1.0))}"
         with ema.swap_in(model):
-            x = generate(
-                model, noise, y, omega=2.0 if self.cfg.guidance.conditions_on_omega else 1.0
+            picture = decoded_grid(
+                model, self.tokenizer, noise.to(device), y.to(device), omega, per_class, title
             )
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"samples_step{step:07d}.png"
-            save_image((x.clamp(-1, 1).float().cpu() + 1) / 2, path, nrow=8)
-            self.run.artifact(path, "samples")
+            self.run.artifact(
+                save_png(picture, Path(tmp) / f"samples_step{step:07d}.png"), "samples"
+            )

@@ -193,6 +193,7 @@ def test_sweep_nests_variants_survives_a_failure_and_reports(tmp_path, prefect_s
     sweep_file.write_text(SWEEP)
     uri = f"sqlite:///{tmp_path}/m.db"
     overrides = [f"paths.artifacts={tmp_path}/a", f"tracking.uri={uri}"] + FAST
+    overrides.append("train.eval_every=10")  # FID during training at steps 10 and 20
     result = run_sweep(str(sweep_file), "smoke", overrides)
     status = {v.name: v.status for v in result.variants}
     assert status == {"plain": "ok", "cfg": "ok", "diverges": "failed"}
@@ -249,9 +250,17 @@ def test_sweep_nests_variants_survives_a_failure_and_reports(tmp_path, prefect_s
     assert "plain: no CFG" in imf_row and "cfg: ω " in imf_row  # the best point per variant
     assert "![plain](grids/plain.png)" in (report.directory / "report.md").read_text()
     names = {Path(p).name for p in report.files}
-    assert {"report.md", "fid_vs_omega.png", "plain.png", "cfg.png"} <= names
+    assert {"report.md", "fid_vs_omega.png", "fid_vs_step.png", "plain.png", "cfg.png"} <= names
     logged = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
-    assert {"report/report.md", "report/table.json"} <= logged
+    assert {"report/report.md", "report/table.json", "report/fid_vs_step.png"} <= logged
+    # FID during training, read back from each training run's eval/fid history
+    text = (report.directory / "report.md").read_text()
+    assert "### FID during training" in text and "![FID vs step](fid_vs_step.png)" in text
+    for name in ("plain", "cfg"):
+        curve = client.get_metric_history(by_variant[name].info.run_id, "eval/fid")
+        assert sorted(m.step for m in curve) == [10, 20]
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} | 10: "))
+        assert f"20: {max(curve, key=lambda m: m.step).value:.2f}" in row
 
 
 def test_welch_t_test_and_verdicts_on_known_inputs():
@@ -356,6 +365,29 @@ def test_a_model_property_is_shown_once_never_flagged_or_t_tested(tmp_path):
     rows = [line for line in comparisons_markdown(sweep, group_by_variant(variants)).splitlines()]
     compared = [line.split(" | ")[3] for line in rows if line.startswith("| small")]
     assert compared == ["FID"]  # the parameter counts are not t-tested
+
+
+def test_the_longer_training_row_reads_off_its_own_curve():
+    """Tab. 1c's "longer training": the report reads the longer variant's FID-during-training
+    curve at the length of the row it is compared with, and at its own end."""
+    from types import SimpleNamespace
+
+    from flows.report import VariantRuns, progress_markdown
+
+    sweep = load_sweep("table1c")
+    data = SimpleNamespace(params={"eval.during_samples": "250"}, metrics={})
+
+    def runs(name, curve):
+        return VariantRuns(name, "ok", SimpleNamespace(data=data), None, [], name, curve)
+
+    advanced = runs("advanced", {500: 60.0, 1000: 40.0})
+    longer = runs("longer", {500: 62.0, 1000: 45.0, 1500: 33.0})
+    text = progress_markdown(sweep, [runs("adaln", {}), advanced, longer])
+    assert "FID of 250 samples" in text
+    assert "| longer | 500: 62.00 · 1000: 45.00 · 1500: 33.00 |" in text
+    assert "at step 1000, the length of `advanced`, `longer`'s own curve reads FID 45.00" in text
+    assert "(`advanced` ended at 40.00); trained on to step 1500, 33.00" in text
+    assert progress_markdown(sweep, [runs("adaln", {})]) == ""  # no curves: no section
 
 
 def test_a_cell_is_read_from_the_variants_own_evaluation_not_a_shared_training_run():

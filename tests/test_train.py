@@ -27,6 +27,7 @@ def run(tmp_path: Path, *overrides: str):
             "train.batch_size=16",
             "train.log_every=1",
             "precompute.classifier_steps=0",  # evaluation's classifier is not needed here
+            "train.eval_every=0",  # nor FID during training (tests/test_inrun_eval.py)
             *overrides,
         ],
     )
@@ -137,7 +138,7 @@ def test_two_launches_of_the_same_training_train_once(tmp_path):
     import sys
 
     args = [sys.executable, "-m", "flows.cli", "train", "-e", "smoke", "train.steps=30"]
-    args += ["train.checkpoint_every=10", "precompute.classifier_steps=0"]
+    args += ["train.checkpoint_every=10", "precompute.classifier_steps=0", "train.eval_every=0"]
     args += [f"paths.artifacts={tmp_path}/a", f"tracking.uri=sqlite:///{tmp_path}/m.db"]
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     launches = [
