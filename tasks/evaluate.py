@@ -198,6 +198,14 @@ def reference_path(cfg, pre: PrecomputeResult | None) -> Path:
     return path
 
 
+def load_reference(path: Path):
+    """The FID reference statistics (an npz with mu and sigma), or an error naming the file."""
+    ref = np.load(path)
+    if not {"mu", "sigma"} <= set(ref.files):
+        raise ValueError(f"FID reference {path} has no mu and sigma (keys: {ref.files})")
+    return ref
+
+
 def eval_slice(cfg, pre: PrecomputeResult | None) -> dict:
     """What the evaluation's numbers depend on (besides its inputs' keys): the grid, the
     features and the reference statistics' bytes (not their path). The weights enter as an
@@ -255,9 +263,7 @@ def evaluate(cfg, pre: PrecomputeResult | None, trained) -> EvalResult:
     weights = pre.path / "classifier.pt" if kind == "classifier" else Path(e.inception_weights)
     check_weights(kind, weights)  # before any worker starts
     reference = reference_path(cfg, pre)
-    ref = np.load(reference)
-    if not {"mu", "sigma"} <= set(ref.files):
-        raise ValueError(f"FID reference {reference} has no mu and sigma (keys: {ref.files})")
+    ref = load_reference(reference)
     slice_ = eval_slice(cfg, pre)
     out = output_dir(cfg, pre, trained, slice_)
     with output_lock(out, "evaluation"):

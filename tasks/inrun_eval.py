@@ -1,9 +1,9 @@
 """Evaluation during training: FID of the EMA weights every `train.eval_every` steps (or
-`train.eval_every_epochs` epochs) and at the last step, on `eval.during_samples` samples at the
-variant's operating points `eval.during_points` ([omega, t_min, t_max] each: omega 1 and the
-release point, say, not the whole grid). The official code evaluates every 10 epochs
-(`training.fid_per_epoch`); Tab. 1c's "longer training" row and every FID-vs-epochs figure
-come from such a curve.
+`train.eval_every_epochs` epochs) and at the last step of a training longer than that, on
+`eval.during_samples` samples at the variant's operating points `eval.during_points` ([omega,
+t_min, t_max] each: omega 1 and the release point, say, not the whole grid). The official
+code evaluates every 10 epochs (`training.fid_per_epoch`); Tab. 1c's "longer training" row
+and every FID-vs-epochs figure come from such a curve.
 
 How it runs: inline on the training ranks, the samples sharded across them as the official
 code does, rank 0 merging and logging `eval/fid` (IS, accuracy, precision / recall, the
@@ -37,6 +37,7 @@ from tasks.evaluate import (
     Unit,
     UnitRunner,
     feature_kind,
+    load_reference,
     point_name,
     precision_recall,
     real_calibration,
@@ -73,13 +74,14 @@ def plan(cfg, pre, out: Path) -> InRunPlan | None:
     try:  # checked before any worker starts; absolute: the workers have another cwd
         weights = check_weights(kind, weights).resolve()
         reference = reference_path(cfg, pre).resolve()
-    except FileNotFoundError as err:
+        load_reference(reference)  # mu and sigma: a bad file fails now, not after a week
+    except (FileNotFoundError, ValueError) as err:
         every = (
             f"eval_every={t.eval_every}"
             if t.eval_every
             else f"eval_every_epochs={t.eval_every_epochs:g}"
         )
-        raise FileNotFoundError(
+        raise type(err)(
             f"evaluation during training (train.{every}) needs its features and reference: "
             f"{err} (or set train.eval_every=0 to train without it)"
         ) from err
@@ -129,7 +131,9 @@ class InRunEvaluation:
         self._runner: UnitRunner | None = None
 
     def due(self, step: int, total: int) -> bool:
-        return step > 0 and (step % self.every == 0 or step == total)
+        """Every `every` steps, and at the last one of a training longer than that (one shorter
+        than an interval has no curve: its final evaluation is all there is)."""
+        return step > 0 and (step % self.every == 0 or step == total > self.every)
 
     def done(self, step: int) -> bool:
         return (self.step_dir(step) / "results.json").is_file()
@@ -200,7 +204,7 @@ class InRunEvaluation:
         return results
 
     def merge(self, step: int, parts: list[tuple[Unit, dict]], model) -> dict:
-        ref = np.load(self.plan.reference)
+        ref = load_reference(self.plan.reference)
         summary = functools.partial(summarize, ref=ref, kind=self.plan.kind)
         real = [p for u, p in parts if u.kind == "real"]
         calibration, real_prc = {}, None

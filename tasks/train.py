@@ -69,7 +69,8 @@ class TrainConfig:
     log_every: int = 50  # steps between MLflow metrics / terminal lines
     sample_every: int = 0  # steps between sample grids logged to MLflow (0 = only at the end)
     # Evaluation during training (tasks.inrun_eval): every this many steps, or epochs, and at
-    # the end, FID of the EMA weights on eval.during_samples at eval.during_points (0 = off)
+    # the end of a training longer than that: FID of the EMA weights on eval.during_samples
+    # at eval.during_points (0 = off)
     eval_every: int = 0
     eval_every_epochs: float = 0.0
     max_failures: int = 1  # worker failures Ray Train recovers from

@@ -137,9 +137,14 @@ def test_pipeline_reruns_only_what_failed(tmp_path, prefect_server, local_ray, c
     assert not (tmp_path / "a").exists()  # refused before any stage started
     import numpy as np
 
-    np.savez(tmp_path / "bad.npz", mean=np.zeros(3))  # no mu / sigma: fails inside evaluate
-    with pytest.raises(ValueError, match="has no mu and sigma"):
-        run_pipeline("smoke", root + [f"eval.reference={tmp_path / 'bad.npz'}"])
+    np.savez(tmp_path / "bad.npz", mean=np.zeros(3))  # no mu / sigma
+    bad = [f"eval.reference={tmp_path / 'bad.npz'}"]
+    # FID during training (smoke's default) needs it too: refused before any training step
+    with pytest.raises(ValueError, match=r"during training .*has no mu and sigma"):
+        run_pipeline("smoke", root + bad)
+    assert not list((tmp_path / "a" / "train").glob("*/ray"))
+    with pytest.raises(ValueError, match="has no mu and sigma"):  # without it: inside evaluate
+        run_pipeline("smoke", root + bad + ["train.eval_every=0"])
     (train_dir,) = (tmp_path / "a" / "train").iterdir()
     weights = train_dir / "ema.safetensors"
     stamp = weights.stat().st_mtime_ns

@@ -57,6 +57,7 @@ def test_an_interrupted_evaluation_computes_only_its_missing_units(tmp_path, sha
     ema = EMA(model, 0.5)
     evaluation = inrun_eval.InRunEvaluation(plan, cfg, 0, 1, torch.device("cpu"), 100)
     assert [s for s in range(18) if evaluation.due(s, total=17)] == [5, 10, 15, 17]
+    assert not any(evaluation.due(s, total=3) for s in range(4))  # shorter than an interval
     runs = []
     real_run = UnitRunner.run
     monkeypatch.setattr(UnitRunner, "run", lambda self, u: runs.append(u.name) or real_run(self, u))
