@@ -215,6 +215,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def print_results(results: list[dict]) -> None:
     """The grid, then the calibration every number needs beside it, then the verdict."""
+    from imf_core.guidance import IGNORES_OMEGA_BELOW
+
     for r in results:
         extra = f"  accuracy {r['accuracy']:.3f}" if "accuracy" in r else ""
         if "precision" in r:
@@ -237,10 +239,20 @@ def print_results(results: list[dict]) -> None:
             print(
                 f"    {m['steps']}-step Euler   FID {m['fid']:8.3f}   (boundary velocity, {point})"
             )
+    if "sensitivity" in best:
+        print("  input sensitivity (relative change of u; imf_core.guidance.input_sensitivity):")
+        for name, points in best["sensitivity"].items():
+            at = "   ".join(f"{point} {value:7.2%}" for point, value in points.items())
+            print(f"    {name:<9} {at}")
     if best["did_not_learn"]:
         print(
             "  DID NOT LEARN: accuracy near chance or FID above half the class-mean ceiling; "
             "these numbers say nothing about the method"
+        )
+    if best.get("ignores_omega"):
+        print(
+            f"  IGNORES OMEGA: its output moves less with omega than {IGNORES_OMEGA_BELOW:.0%} "
+            "of what it moves with the class; its CFG numbers say nothing about CFG-conditioning"
         )
 
 
@@ -309,6 +321,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     for v in result.variants:
         fid = f"best FID {v.fid_best:.3f}" if v.fid_best is not None else f"FAILED: {v.error}"
         fid += "  DID NOT LEARN (see the report's calibration)" if v.did_not_learn else ""
+        fid += "  IGNORES OMEGA" if v.ignores_omega else ""
         print(f"  {v.name:<20} {fid}")
     print(f"next: imf report {result.sweep} --scale {result.scale}")
     return 1 if result.failed else 0

@@ -28,6 +28,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.sweep import MODEL_PROPERTIES, SweepConfig, comparisons, load_sweep
+from imf_core.guidance import IGNORES_OMEGA_BELOW
 from tasks.artifacts import atomic_path
 from tasks.tracking import client as tracking_client
 from tasks.tracking import get_run_or_none, summary_metrics
@@ -200,6 +201,7 @@ def paper_table(sweep: SweepConfig, variants: list[VariantRuns]) -> dict[str, li
         runs = by_name[v.name]
         cells = rows.setdefault(v.row, {})
         flagged = sum(learned(r) is False for r in runs)
+        blind = sum(bool(ignores_omega(r)) for r in runs)
         for column, cell in v.cells.items():
             values = cell_values(runs, cell.metric)
             prop = cell.metric in MODEL_PROPERTIES
@@ -211,13 +213,20 @@ def paper_table(sweep: SweepConfig, variants: list[VariantRuns]) -> dict[str, li
                 text += " **did not learn**" + (
                     f" ({flagged} of {len(runs)})" if len(runs) > 1 else ""
                 )
+            if values and blind and cell.metric.endswith("_best"):  # its CFG number
+                text += " *ignores ω*" + (f" ({blind} of {len(runs)})" if len(runs) > 1 else "")
             paper = "—" if cell.paper is None else f"{cell.paper:g}"
             cells[column] = f"{text} ({paper})"
         best = [r for r in runs[0].results if r.get("best")]
         if best:
             notes[v.row] = notes.get(v.row, "") + f"{v.name}: {best_point(runs[0], best[0])}; "
+        if any(sensitivity_of(r) for r in runs):
+            cells["ω / class sensitivity"] = sensitivity_cell(runs)
     table = {"row": list(rows)}
-    table |= {c: [cells.get(c, "") for cells in rows.values()] for c in sweep.columns}
+    columns = list(sweep.columns)
+    if any("ω / class sensitivity" in cells for cells in rows.values()):
+        columns.append("ω / class sensitivity")
+    table |= {c: [cells.get(c, "") for cells in rows.values()] for c in columns}
     table["best point"] = [notes.get(row, "").rstrip("; ") for row in rows]
     return table
 
@@ -372,6 +381,32 @@ def learned(runs: VariantRuns) -> bool | None:
     return not best[0]["did_not_learn"]
 
 
+def sensitivity_of(runs: VariantRuns) -> dict[str, dict]:
+    """The network's input sensitivity from its evaluation ({} for one made before it existed)."""
+    best = [r for r in runs.results if r.get("best")]
+    return best[0].get("sensitivity", {}) if best else {}
+
+
+def ignores_omega(runs: VariantRuns) -> bool | None:
+    """True when the variant's network is conditioned on omega but barely uses it
+    (imf_core.guidance.ignores_omega); None without an omega input or a measurement."""
+    best = [r for r in runs.results if r.get("best")]
+    return best[0].get("ignores_omega") if best else None
+
+
+def sensitivity_cell(runs: list[VariantRuns]) -> str:
+    """Mean relative change of u at the 1-NFE point with omega (1 -> 2) and with the class
+    (-> null), over the seeds: 'ω 0.9 % / class 41 %'; '—' for omega where it is no input."""
+
+    def mean(name: str) -> float | None:
+        values = [sensitivity_of(r)[name]["one_step"] for r in runs if name in sensitivity_of(r)]
+        return sum(values) / len(values) if values else None
+
+    omega, label = mean("omega"), mean("class")
+    text = "—" if omega is None else f"ω {100 * omega:.2g} %"
+    return text + ("" if label is None else f" / class {100 * label:.2g} %")
+
+
 def calibration_markdown(variants: list[VariantRuns]) -> str:
     """What each variant's best FID means on these features: the real-data floor, the
     class-mean ceiling, the same network's many-step result, diversity, and the verdict."""
@@ -384,18 +419,22 @@ def calibration_markdown(variants: list[VariantRuns]) -> str:
         "",
         "A variant whose samples' accuracy is near chance or whose FID is above half the "
         "class-mean ceiling is marked **did not learn**: its numbers say nothing about the "
-        "method.",
+        "method. One conditioned on omega whose output moves with omega (1 -> 2) less than "
+        f"{IGNORES_OMEGA_BELOW:.0%} of what it moves with the class (-> the null class) at the "
+        "1-NFE point is marked *ignores ω*: its CFG numbers say nothing about CFG-conditioning "
+        "(sensitivities: relative change of u, imf_core.guidance.input_sensitivity).",
         "",
         "| variant | FID (best) | real data | class means | many-step | precision | recall "
-        "| accuracy | verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| accuracy | ω / class sensitivity | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in variants:
         best = next((r for r in v.results if r.get("best")), None)
         if best is None:
-            lines.append(f"| {v.label or v.name} | {v.status} | | | | | | | |")
+            lines.append(f"| {v.label or v.name} | {v.status} | | | | | | | | |")
             continue
         verdict = {None: "—", True: "learned", False: "**did not learn**"}[learned(v)]
+        verdict += ", *ignores ω*" if ignores_omega(v) else ""
         many = best.get("many_step")
         cells = [
             v.label or v.name,
@@ -406,6 +445,7 @@ def calibration_markdown(variants: list[VariantRuns]) -> str:
             num(best, "precision"),
             num(best, "recall"),
             num(best, "accuracy"),
+            sensitivity_cell([v]) if sensitivity_of(v) else "—",
             verdict,
         ]
         lines.append("| " + " | ".join(cells) + " |")

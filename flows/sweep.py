@@ -253,6 +253,7 @@ class VariantOutcome:
     fid_best: float | None = None
     error: str = ""
     did_not_learn: bool | None = None
+    ignores_omega: bool | None = None
 
 
 @dataclass
@@ -342,7 +343,9 @@ def run_variants(sweep, scale: str, configs: dict, parent: str, groups: dict, fi
             best = next(r for r in result.results if r["best"])
             outcome = VariantOutcome(variant, "ok", train_run, result.mlflow_run_id, best["fid"])
             outcome.did_not_learn = best.get("did_not_learn")
+            outcome.ignores_omega = best.get("ignores_omega")
             flag = "  DID NOT LEARN" if outcome.did_not_learn else ""
+            flag += "  IGNORES OMEGA" if outcome.ignores_omega else ""
             print(f"variant {variant}: best FID {best['fid']:.3f} at omega {best['omega']:g}{flag}")
         outcomes.append(outcome)
         tags = {

@@ -40,6 +40,9 @@ class OptimConfig:
     # CPU runs end better with a cooldown (configs/experiment/demo.yaml); long runs keep EMA.
     decay_fraction: float = 0.0
     ema_decay: float = 0.9999
+    # The condition embedders' lr as a multiple of lr (1 = one group, as the paper): an
+    # ablation of why small in-context networks ignore omega (issue 26).
+    embedder_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.warmup_steps < 0 or self.warmup_epochs < 0:
@@ -48,6 +51,8 @@ class OptimConfig:
             raise ValueError("set optim.warmup_steps or optim.warmup_epochs, not both")
         if not 0.0 <= self.decay_fraction <= 1.0:
             raise ValueError(f"optim.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if self.embedder_lr_scale <= 0:
+            raise ValueError(f"optim.embedder_lr_scale must be > 0, got {self.embedder_lr_scale}")
 
 
 def with_warmup_steps(cfg: OptimConfig, steps_per_epoch: int) -> OptimConfig:
@@ -58,10 +63,20 @@ def with_warmup_steps(cfg: OptimConfig, steps_per_epoch: int) -> OptimConfig:
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW (Tab. 4: Adam, no weight decay, which AdamW with weight_decay 0 is), with the fused
-    single-kernel update on CUDA."""
+    single-kernel update on CUDA. With embedder_lr_scale != 1 the condition embedders form a
+    second group at that multiple of the lr."""
     cuda = next(model.parameters()).is_cuda
+    params = list(model.parameters())
+    groups: list[dict] = [{"params": params, "lr_scale": 1.0}]
+    if cfg.embedder_lr_scale != 1.0:
+        embedders = list(model.embedders.parameters())
+        ids = {id(p) for p in embedders}
+        groups = [
+            {"params": [p for p in params if id(p) not in ids], "lr_scale": 1.0},
+            {"params": embedders, "lr_scale": cfg.embedder_lr_scale},
+        ]
     return torch.optim.AdamW(
-        model.parameters(),
+        groups,
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         weight_decay=cfg.weight_decay,
@@ -128,7 +143,7 @@ def train_step(
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
     for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, optim, total_steps)
+        group["lr"] = lr_at(step, optim, total_steps) * group["lr_scale"]
     draws = draw(x, y, objective, guidance, num_classes, generator, shard)
     loss_fn = compiled_loss(compile_backend) if compile == "step" else loss_of_draws
     loss, parts = loss_fn(

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from imf_core.data import LatentDataset
-from imf_core.guidance import generate
+from imf_core.guidance import generate, ignores_omega, input_sensitivity
 from imf_core.metrics import FeatureStats, ScoreStats, did_not_learn, frechet_distance
 from imf_core.models import build
 from imf_core.models.official import load_official
@@ -138,6 +138,11 @@ RUNTIME_ONLY = (
 )
 
 IN_RUN_ONLY = ("during_samples", "during_points")
+# Bumped when results.json gains content, so that older evaluations are redone (2: input
+# sensitivity).
+RESULTS_FORMAT = 2
+# Noises and classes (i mod K) of the input-sensitivity batch (imf_core.guidance).
+SENSITIVITY_SAMPLES = 256
 
 
 @dataclass
@@ -215,7 +220,7 @@ def eval_slice(cfg, pre: PrecomputeResult | None) -> dict:
     for name in IN_RUN_ONLY:  # the evaluation during training's, not this one's
         kept.pop(name)
     kept["reference"] = sha256_file(reference_path(cfg, pre))
-    return kept | {"features": feature_kind(cfg)}
+    return kept | {"features": feature_kind(cfg), "results_format": RESULTS_FORMAT}
 
 
 def input_keys(pre: PrecomputeResult | None, trained) -> list[str]:
@@ -340,9 +345,11 @@ def _evaluate(cfg, pre, trained, out: Path, slice_: dict, kind, weights, referen
                 many = summary(compute(units_of("euler", *point)))
                 entry["many_step"] = {"steps": e.many_steps} | many
     num_classes = data_info["num_classes"] if data_info is not None else local().num_classes
+    sensitivity = local().sensitivity()
     for i, entry in enumerate(results):
         entry["best"] = i == best
         entry |= calibration
+        entry |= {"sensitivity": sensitivity, "ignores_omega": ignores_omega(sensitivity)}
         entry["did_not_learn"] = did_not_learn(
             entry["fid"],
             calibration.get("class_mean_ceiling", {}).get("fid"),
@@ -539,6 +546,15 @@ class UnitRunner:
             sums["class_sum"] = class_sum.index_add_(0, labels, latents.double()).numpy()
             sums["class_count"] = torch.bincount(labels, minlength=self.num_classes).numpy()
         return unit.name, sums
+
+    @torch.no_grad()
+    def sensitivity(self) -> dict[str, dict]:
+        """The network's input sensitivity (imf_core.guidance.input_sensitivity) on a fixed
+        batch: SENSITIVITY_SAMPLES noises from eval.seed, classes i mod K."""
+        index = range(SENSITIVITY_SAMPLES)
+        noise = sample_noise(index, self.shape, self.e.seed).to(self.device)
+        y = (torch.tensor(index) % self.num_classes).to(self.device)
+        return input_sensitivity(self.model, noise, y)
 
     def sample(self, unit: Unit, noise, y) -> torch.Tensor:
         """Latents of one batch: eval.nfe MeanFlow steps, or the many-step calibration."""

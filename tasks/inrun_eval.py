@@ -31,8 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imf_core.guidance import ignores_omega
 from tasks.artifacts import Manifest, atomic_path, content_key, sha256_file, write_json_atomic
 from tasks.evaluate import (
+    RESULTS_FORMAT,
     EvalConfig,
     Unit,
     UnitRunner,
@@ -100,6 +102,7 @@ def plan(cfg, pre, out: Path) -> InRunPlan | None:
         "prc_samples": during.prc_samples,
         "calibrate": e.calibrate,
         "uint8": UINT8_RULE,
+        "results_format": RESULTS_FORMAT,
     }
     info = Manifest.read(pre.path).extra
     return InRunPlan(
@@ -198,6 +201,13 @@ class InRunEvaluation:
             self.seconds += time.perf_counter() - started
             return None
         results = self.merge(step, [(u, dict(np.load(path))) for u, path in units], model)
+        model.eval()
+        try:  # cheap (one batch, ~10 forwards): recomputed rather than stored per unit
+            with ema.swap_in(model):
+                sensitivity = self.runner(model).sensitivity()
+        finally:
+            model.train()
+        results |= {"sensitivity": sensitivity, "ignores_omega": ignores_omega(sensitivity)}
         self.seconds += time.perf_counter() - started
         results["seconds"] = time.perf_counter() - started
         write_json_atomic(self.step_dir(step) / "results.json", results)
@@ -250,7 +260,18 @@ def metrics_of(results: dict) -> dict[str, float]:
     if len(points) > 1:
         for r in points:
             out[f"eval/fid/{point_name(r['omega'], [r['t_min'], r['t_max']])}"] = r["fid"]
+    out |= sensitivity_metrics(results.get("sensitivity", {}))
     if "real_data_floor" in results:
         out["eval/fid_real_data_floor"] = results["real_data_floor"]["fid"]
         out["eval/fid_class_mean_ceiling"] = results["class_mean_ceiling"]["fid"]
     return out
+
+
+def sensitivity_metrics(sensitivity: dict[str, dict]) -> dict[str, float]:
+    """`eval/sensitivity/<input>/<point>` for each measured input (over steps: when, if ever,
+    the network starts using omega)."""
+    return {
+        f"eval/sensitivity/{name}/{point}": value
+        for name, points in sensitivity.items()
+        for point, value in points.items()
+    }

@@ -468,6 +468,8 @@ def log_evaluation(
     charted = {k: v for k, v in summary.items() if k in HEADLINE}
     metrics = [Metric(f"eval/{k}", v, stamp, 0) for k, v in charted.items()]
     verdict = [RunTag("did_not_learn", str(best["did_not_learn"]).lower())]
+    if best.get("ignores_omega") is not None:
+        verdict.append(RunTag("ignores_omega", str(best["ignores_omega"]).lower()))
     rest = [RunTag(f"eval/{k}", f"{v:.6g}") for k, v in summary.items() if k not in charted]
     client.log_batch(run, metrics=metrics, tags=verdict + rest)
     if train_run and own_variant:
@@ -508,4 +510,6 @@ def summary_metrics(results: list[dict], guidance_mode: str) -> dict[str, float]
         out["fid_class_mean_ceiling"] = best["class_mean_ceiling"]["fid"]
     if "many_step" in best:
         out["fid_many_step_best"] = best["many_step"]["fid"]
+    for name, points in best.get("sensitivity", {}).items():  # e.g. sensitivity_omega_one_step
+        out |= {f"sensitivity_{name}_{point}": value for point, value in points.items()}
     return out

@@ -61,7 +61,10 @@ def test_each_commands_help_lists_its_choices(command, shown, capsys):
         # A new user's common mistakes (issue 15): each one line, naming what would be valid.
         (["run", "-e", "smoke", "model.name=tny"], "unknown model preset 'tny'; known: ['imf_b2'"),
         (["run", "-e", "smok"], "did you mean 'smoke'?"),
-        (["report", "tabel1b"], "no sweep 'tabel1b' (did you mean 'table1b'? known: table1a,"),
+        (
+            ["report", "tabel1b"],
+            "no sweep 'tabel1b' (did you mean 'table1b'? known: omega_study, table1a,",
+        ),
         (["report", "table1b", "--scale", "huge"], "(its scales: paper, smoke, mnist)"),
         (
             ["report", "table1b", "--scale", "paper"],

@@ -315,6 +315,18 @@ def test_every_number_comes_with_its_calibration(setup):
     euler = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
     assert unguided["many_step"]["steps"] == 8
     assert unguided["many_step"]["fid"] == pytest.approx(euler, rel=1e-3)
+    # The input sensitivity: the evaluated network's, on its fixed batch, in every entry.
+    from imf_core.guidance import ignores_omega, input_sensitivity
+    from tasks.evaluate import SENSITIVITY_SAMPLES
+
+    batch = range(SENSITIVITY_SAMPLES)
+    expected = input_sensitivity(model, sample_noise(batch, (1, 8, 8), 0), torch.arange(256) % 10)
+    from tasks.inrun_eval import sensitivity_metrics as flat
+
+    for entry in result.results:
+        assert flat(entry["sensitivity"]) == pytest.approx(flat(expected))
+        assert entry["ignores_omega"] == ignores_omega(expected)
+    assert set(expected) >= {"class", "omega"} and expected["class"]["one_step"] > 0
 
 
 def test_a_model_that_never_trained_is_flagged(setup, tmp_path):

@@ -372,6 +372,32 @@ def test_a_model_property_is_shown_once_never_flagged_or_t_tested(tmp_path):
     assert compared == ["FID"]  # the parameter counts are not t-tested
 
 
+def test_a_network_that_ignores_omega_is_marked_beside_its_cfg_number(tmp_path):
+    from types import SimpleNamespace
+
+    from flows.report import VariantRuns, calibration_markdown, paper_table
+
+    (tmp_path / "sizes.yaml").write_text(SIZES)
+    sweep = load_sweep(str(tmp_path / "sizes.yaml"))
+
+    def runs(name, seed, omega, blind):
+        data = SimpleNamespace(metrics={}, params={"model.params_m": "0.3"})
+        best = {"best": True, "omega": 1.5, "t_min": 0.0, "t_max": 1.0, "fid": 30.0 + seed}
+        best["did_not_learn"] = False
+        best["sensitivity"] = {"class": {"one_step": 0.4}, "omega": {"one_step": omega}}
+        best["ignores_omega"] = blind
+        return VariantRuns(name, "ok", SimpleNamespace(data=data), None, [best], f"{name}.s{seed}")
+
+    variants = [runs("big", s, 0.15, False) for s in range(2)]
+    variants += [runs("small", 0, 0.004, True), runs("small", 1, 0.05, False)]
+    table = paper_table(sweep, variants)
+    assert table["FID"] == ["30.50 ± 0.71 (4.57)", "30.50 ± 0.71 *ignores ω* (1 of 2) (4.09)"]
+    assert table["ω / class sensitivity"] == ["ω 15 % / class 40 %", "ω 2.7 % / class 40 %"]
+    calibration = calibration_markdown(variants)
+    assert "| ω 0.4 % / class 40 % | learned, *ignores ω* |" in calibration
+    assert calibration.count("*ignores ω*") == 2  # the flagged seed, and the legend
+
+
 def test_the_longer_training_row_reads_off_its_own_curve():
     """Tab. 1c's "longer training": the report reads the longer variant's FID-during-training
     curve at the length of the row it is compared with, and at its own end."""

@@ -2,15 +2,21 @@
 
 import pytest
 import torch
+from torch import nn
 
 from imf_core.guidance import (
+    SENSITIVITY_OMEGA,
     Conditions,
     GuidanceConfig,
     guided_target,
+    ignores_omega,
+    input_sensitivity,
     sample_conditions,
     sample_interval,
     sample_omega,
 )
+from imf_core.models import create
+from imf_core.models.config import ModelConfig
 
 N = 200_000
 
@@ -239,3 +245,73 @@ def test_kappa_target_is_meanflows_release_formula():
     b, _ = guided_target(released, oracle, *args)
     torch.testing.assert_close(a, 2 * v - 0.3)
     torch.testing.assert_close(b, 2 * v - 0.3)
+
+
+class ScaledByConditions(nn.Module):
+    """u = z * (omega ** a) * (1 + b [class is null]): its sensitivities are known exactly."""
+
+    def __init__(self, a: float, b: float):
+        super().__init__()
+        self.cfg = ModelConfig(input_size=8, in_channels=1, num_classes=10, width=64, heads=4)
+        self.a, self.b = a, b
+
+    def forward(self, z, t, h, cond):
+        null = (cond.y == self.cfg.num_classes).to(z.dtype)
+        return z * (cond.omega**self.a * (1 + self.b * null))[:, None, None, None]
+
+
+def test_input_sensitivity_is_the_relative_change_of_u():
+    noise, y = torch.randn(32, 1, 8, 8), torch.arange(32) % 10
+    s = input_sensitivity(ScaledByConditions(a=1.0, b=0.5), noise, y)
+    for point in ("one_step", "mid"):
+        assert s["omega"][point] == pytest.approx(SENSITIVITY_OMEGA - 1.0)  # |2z - z| / |z|
+        assert s["class"][point] == pytest.approx(0.5)
+        assert s["interval"][point] == 0.0  # the toy takes no interval
+    assert "t" not in s  # not an input of this network (cond_t is off)
+    assert ignores_omega(s) is False
+    blind = input_sensitivity(ScaledByConditions(a=0.0, b=0.5), noise, y)
+    assert blind["omega"]["one_step"] == 0.0 and ignores_omega(blind) is True
+
+
+def trained_like(model: nn.Module) -> nn.Module:
+    """The official init, with the zero-initialised gates and output layers made random."""
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        if not p.any():
+            p.data = 0.5 * torch.randn(p.shape, generator=gen)
+    return model.eval()
+
+
+def test_a_network_without_an_omega_path_is_flagged_and_one_with_a_strong_path_is_not():
+    noise, y = torch.randn(64, 1, 8, 8), torch.arange(64) % 10
+    torch.manual_seed(0)
+    model = trained_like(create("tiny"))
+    omega_out = model.embedders.omega.mlp[2]
+    with torch.no_grad():
+        omega_out.weight.zero_(), omega_out.bias.zero_()  # the omega token is a constant
+    blind = input_sensitivity(model, noise, y)
+    assert blind["omega"] == {"one_step": 0.0, "mid": 0.0}
+    assert blind["class"]["one_step"] > 0 and ignores_omega(blind) is True
+    # The same network with omega's sinusoids spread over their periods (the embedder's input
+    # x1000): omega moves u as much as the class does.
+    torch.manual_seed(0)
+    strong = input_sensitivity(trained_like(create("tiny", omega_input_scale=1000.0)), noise, y)
+    assert strong["omega"]["one_step"] > 0.3 * strong["class"]["one_step"]
+    assert ignores_omega(strong) is False
+
+
+def test_sensitivity_covers_the_inputs_a_network_has():
+    noise, y = torch.randn(16, 1, 8, 8), torch.arange(16) % 10
+    mf = trained_like(
+        create(
+            "tiny",
+            conditioning="adaln",
+            blocks="plain",
+            cond_t=True,
+            cond_omega=False,
+            cond_interval=False,
+        )
+    )
+    s = input_sensitivity(mf, noise, y)
+    assert set(s) == {"class", "t"} and set(s["t"]) == {"mid"} and s["t"]["mid"] > 0
+    assert ignores_omega(s) is None  # no omega input: nothing to ignore

@@ -54,6 +54,9 @@ def test_an_interrupted_evaluation_computes_only_its_missing_units(tmp_path, sha
     plan = inrun_eval.plan(cfg, pre, tmp_path / "training")
     torch.manual_seed(0)
     model = build(model_config(cfg))
+    for p in model.parameters():  # trained-like: a network whose output moves with its inputs
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.1)
     ema = EMA(model, 0.5)
     evaluation = inrun_eval.InRunEvaluation(plan, cfg, 0, 1, torch.device("cpu"), 100)
     assert [s for s in range(18) if evaluation.due(s, total=17)] == [5, 10, 15, 17]
@@ -87,12 +90,16 @@ def test_an_interrupted_evaluation_computes_only_its_missing_units(tmp_path, sha
     live = {k: v.clone() for k, v in model.state_dict().items()}
     moved = evaluation(10, model, ema)
     assert [p["fid"] for p in moved["points"]] == pytest.approx([p["fid"] for p in first["points"]])
+    assert moved["sensitivity"] == first["sensitivity"]  # the EMA's, not the live weights'
     assert all(torch.equal(v, live[k]) for k, v in model.state_dict().items())
     assert model.training
     metrics = inrun_eval.metrics_of(first)
     assert metrics["eval/fid"] == min(p["fid"] for p in first["points"])
     assert {"eval/fid/w1_t0-1", "eval/fid/w2_t0-1", "eval/accuracy", "eval/recall"} <= set(metrics)
     assert metrics["eval/fid_real_data_floor"] == first["real_data_floor"]["fid"]
+    omega = first["sensitivity"]["omega"]["one_step"]
+    assert metrics["eval/sensitivity/omega/one_step"] == omega > 0
+    assert {"eval/sensitivity/class/mid", "eval/sensitivity/interval/one_step"} <= set(metrics)
 
 
 def test_no_features_for_it_is_refused_before_training(tmp_path, shared):
@@ -147,6 +154,9 @@ def test_fid_during_training_is_imf_evaluates_on_the_same_weights(tmp_path, shar
     assert during["real_data_floor"]["fid"] == pytest.approx(
         result.results[0]["real_data_floor"]["fid"], rel=1e-6
     )
+    flat = inrun_eval.sensitivity_metrics
+    ours, theirs = flat(during["sensitivity"]), flat(result.results[0]["sensitivity"])
+    assert ours == pytest.approx(theirs, rel=1e-5)
 
     # MLflow: the curve over steps on the training run, beside the loss, each step once.
     fid = history(cfg, trained.mlflow_run_id, "eval/fid")
@@ -155,6 +165,8 @@ def test_fid_during_training_is_imf_evaluates_on_the_same_weights(tmp_path, shar
     assert sorted(history(cfg, trained.mlflow_run_id, "train/loss")) == list(range(1, 9))
     floor = history(cfg, trained.mlflow_run_id, "eval/fid_real_data_floor")
     assert floor[4] == floor[8]  # computed once, drawn as a flat line
+    omega = history(cfg, trained.mlflow_run_id, "eval/sensitivity/omega/one_step")
+    assert sorted(omega) == [4, 8] and omega[8][0] == during["sensitivity"]["omega"]["one_step"]
 
 
 @pytest.mark.slow

@@ -35,6 +35,10 @@ class ModelConfig:
     time_tokens: int = 4
     omega_tokens: int = 4
     interval_tokens: int = 2
+    # The omega embedder sees omega_input_scale * (1 - 1/omega) (1: the official code). Its
+    # sinusoids (max period 10^4) barely move over omega in [1, 8] at scale 1; omega has no
+    # JVP tangent, so a larger scale does not inflate du/dt as it would for t and h.
+    omega_input_scale: float = 1.0
     # How the JVP pass computes attention (not part of the function: runs of either agree):
     # math | flash_jvp (a fused Triton kernel; CUDA, eager, 128-token blocks: layers.py) |
     # auto (flash_jvp where it can run, else math).
@@ -59,6 +63,8 @@ class ModelConfig:
             )
         if self.input_size % self.patch_size:
             raise ValueError(f"model.input_size {self.input_size} is not a multiple of patch_size")
+        if self.omega_input_scale <= 0:
+            raise ValueError(f"model.omega_input_scale must be > 0, got {self.omega_input_scale}")
         if not 0 <= self.aux_head_depth <= self.depth:
             raise ValueError(f"model.aux_head_depth must be in [0, depth={self.depth}]")
 

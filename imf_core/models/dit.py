@@ -70,7 +70,12 @@ class DiT(VelocityNet):
         self.cfg = cfg
         self.x_embed = PatchEmbed(cfg.in_channels, cfg.patch_size, cfg.width)
         self.embedders = ConditionEmbedders(
-            cfg.width, cfg.num_classes, cfg.cond_t, cfg.cond_omega, cfg.cond_interval
+            cfg.width,
+            cfg.num_classes,
+            cfg.cond_t,
+            cfg.cond_omega,
+            cfg.cond_interval,
+            cfg.omega_input_scale,
         )
         grid = cfg.input_size // cfg.patch_size
         self.positions = Positions(cfg.blocks, cfg.width, cfg.heads, grid, grid**2)

@@ -78,7 +78,12 @@ class InContextTransformer(VelocityNet):
         self.cfg = cfg
         self.x_embed = PatchEmbed(cfg.in_channels, cfg.patch_size, cfg.width)
         self.embedders = ConditionEmbedders(
-            cfg.width, cfg.num_classes, cfg.cond_t, cfg.cond_omega, cfg.cond_interval
+            cfg.width,
+            cfg.num_classes,
+            cfg.cond_t,
+            cfg.cond_omega,
+            cfg.cond_interval,
+            cfg.omega_input_scale,
         )
         tokens = {
             "y": cfg.class_tokens,

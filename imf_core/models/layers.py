@@ -53,9 +53,16 @@ class ConditionEmbedders(nn.Module):
     """One embedder per condition the model takes: class, h, and optionally t, omega, interval."""
 
     def __init__(
-        self, width: int, num_classes: int, cond_t: bool, cond_omega: bool, cond_interval: bool
+        self,
+        width: int,
+        num_classes: int,
+        cond_t: bool,
+        cond_omega: bool,
+        cond_interval: bool,
+        omega_input_scale: float = 1.0,
     ):
         super().__init__()
+        self.omega_input_scale = omega_input_scale
         self.y = LabelEmbedder(num_classes, width)
         self.h = TimestepEmbedder(width)
         self.t = TimestepEmbedder(width) if cond_t else None
@@ -69,7 +76,8 @@ class ConditionEmbedders(nn.Module):
         if self.t is not None:
             out["t"] = self.t(t)
         if self.omega is not None:
-            out["omega"] = self.omega(1.0 - 1.0 / cond.omega)  # omega in [1, inf) -> [0, 1)
+            # omega in [1, inf) -> [0, 1), times omega_input_scale (ModelConfig)
+            out["omega"] = self.omega(self.omega_input_scale * (1.0 - 1.0 / cond.omega))
         if self.t_min is not None:
             out["t_min"] = self.t_min(cond.t_min)
             out["t_max"] = self.t_max(cond.t_max)
