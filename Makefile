@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test lint format bench gpu-check lock clean
+.PHONY: install demo test lint format docs bench gpu-check lock clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,9 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+docs: $(STAMP)  ## rewrites docs/configuration.md from the config dataclasses (tests/test_docs.py checks it)
+	$(PY) -m tasks.config_reference
 
 bench: $(STAMP)  ## the benchmark suite; writes benchmarks/RESULTS.md
 	$(PY) -m benchmarks

@@ -44,7 +44,7 @@ class GuidanceConfig:
     omega: float = 1.0  # `fixed` mode: the training-time CFG scale
     kappa: float = 0.0  # `fixed` mode: MF's kappa (its release: omega 1, kappa 0.5)
     t_start: float = 0.0  # `fixed` mode: MF's guidance interval [t_start, t_end]
-    t_end: float = 1.0
+    t_end: float = 1.0  # (t_start, t_end: MF's interval, `fixed` mode only)
     omega_max: float = 8.0  # omega in [1, omega_max] (official code)
     beta: float = 1.0  # p(omega) ∝ omega^-beta: 1 for B/2, 2 for M, L, XL (Tab. 4)
 

@@ -31,10 +31,10 @@ OBJECTIVES = ("fm", "mf", "imf_boundary", "imf_aux")
 class ObjectiveConfig:
     name: str = "imf_aux"  # fm | mf | imf_boundary | imf_aux
     p_mean: float = -0.4  # logit-normal time sampler: sigmoid(N(p_mean, p_std))
-    p_std: float = 1.0
+    p_std: float = 1.0  # (Tab. 4: -0.4, 1.0)
     boundary_share: float = 0.5  # share of rows with r = t (paper: 50 % have r != t)
     adaptive_p: float = 1.0  # adaptive weighting power p
-    adaptive_eps: float = 0.01
+    adaptive_eps: float = 0.01  # weight = 1 / (loss + eps)^p (MeanFlow)
 
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVES:

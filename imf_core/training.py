@@ -30,16 +30,16 @@ COMPILE_MODES = ("none", "jvp", "step")
 @dataclass
 class OptimConfig:
     lr: float = 1e-4  # constant after warmup (Tab. 4)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.0
+    beta1: float = 0.9  # Adam betas (Tab. 4: 0.9, 0.95)
+    beta2: float = 0.95  # (beta1 above)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (Tab. 4: 0)
     warmup_steps: int = 0  # linear warmup from 0 ...
     warmup_epochs: float = 0.0  # ... or in epochs (Tab. 4: 10), steps derived from data and batch
     grad_clip: float = 0.0  # 0 = off
     # lr falls linearly to 0 over this last share of the steps; 0 = constant (Tab. 4). Short
     # CPU runs end better with a cooldown (configs/experiment/demo.yaml); long runs keep EMA.
     decay_fraction: float = 0.0
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999  # EMA of the weights that are exported and evaluated
     # The condition embedders' lr as a multiple of lr (1 = one group, as the paper): an
     # ablation of why small in-context networks ignore omega (issue 26).
     embedder_lr_scale: float = 1.0

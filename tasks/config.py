@@ -53,7 +53,7 @@ class Defaults:
 
 @dataclass
 class PathsConfig:
-    artifacts: str = "artifacts"
+    artifacts: str = "artifacts"  # where every stage writes its content-addressed outputs
 
 
 @dataclass

@@ -59,11 +59,11 @@ from tasks.tracking import log_evaluation
 class EvalConfig:
     n_samples: int = 50_000  # 50 per class on ImageNet
     nfe: int = 1  # 1 or 2 sampling steps
-    seed: int = 0
-    omegas: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0])
+    seed: int = 0  # sample i: noise from (seed, i), class i mod K
+    omegas: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0])  # the CFG grid
     intervals: list[list[float]] = field(default_factory=lambda: [[0.0, 1.0]])  # (t_min, t_max)
     shard_size: int = 10_000  # samples per unit of work
-    batch_size: int = 250
+    batch_size: int = 250  # samples a forward pass (does not change the numbers)
     features: str = "auto"  # auto (classifier when precompute made one, else inception) | ...
     inception_weights: str = ""  # a local torch-fidelity InceptionV3 weights file
     # FID reference: an npz with mu, sigma (ADM's VIRTUAL_imagenet256_labeled.npz, or the
@@ -77,16 +77,16 @@ class EvalConfig:
     # velocity u(z, t, t) at omega 1 and at the best point; 0 = off), and precision / recall
     # (torch-fidelity, k = 3) on the first prc_samples samples of each point (0 = off).
     calibrate: bool = True
-    many_steps: int = 32
-    prc_samples: int = 2000
+    many_steps: int = 32  # Euler steps of the many-step calibration (0 = off)
+    prc_samples: int = 2000  # samples of each point in precision / recall (0 = off)
     grid_per_class: int = 8  # sample-grid columns per point (0 = no grids)
-    device: str = "auto"
+    device: str = "auto"  # auto (CUDA if present) | cpu | cuda
     # Evaluation during training (train.eval_every; tasks.inrun_eval): samples per evaluation
     # and the variant's operating points, [omega, t_min, t_max] each (not the whole grid).
     during_samples: int = 10_000
-    during_points: list[list[float]] = field(default_factory=lambda: [[1.0, 0.0, 1.0]])
+    during_points: list[list[float]] = field(default_factory=lambda: [[1.0, 0.0, 1.0]])  # (above)
     workers: int = 1  # Ray actors running units in parallel (1 = in this process)
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0  # per actor
     gpus_per_worker: float = 0.0  # > 0 on GPU nodes (one actor per GPU: 1.0)
 
     def __post_init__(self) -> None:

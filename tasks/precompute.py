@@ -71,7 +71,7 @@ class TokenizerConfig:
 
 @dataclass
 class PrecomputeConfig:
-    rows_per_shard: int = 4096
+    rows_per_shard: int = 4096  # rows per Parquet file: the unit of work, restart and reuse
     rows_per_row_group: int = 256  # the unit the training reader decodes
     workers: int = 1  # processes encoding shards in parallel (without gpus_per_worker)
     # > 0: shards are encoded by Ray tasks on the local or addressed Ray, each with this many

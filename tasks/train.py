@@ -60,10 +60,10 @@ class TrainConfig:
     steps: int = 0  # optimizer steps; 0 = derive from epochs
     epochs: float = 1.0  # passes over the precomputed rows (exact: a DistributedSampler per epoch)
     batch_size: int = 256  # global batch, split evenly over the workers
-    seed: int = 0
+    seed: int = 0  # initialisation and data order (a sweep's --seeds: seed, seed + 1, ...)
     num_workers: int = 1  # Ray Train workers (data-parallel ranks)
     cpus_per_worker: float = 1.0  # fractional on small machines
-    use_gpu: bool = False
+    use_gpu: bool = False  # one GPU per worker
     checkpoint_every: int = 1000  # steps between checkpoints (and at the end)
     keep_checkpoints: int = 3  # the newest kept on disk (~1.4 GB each for B/2 with Adam state)
     log_every: int = 50  # steps between MLflow metrics / terminal lines
@@ -72,7 +72,7 @@ class TrainConfig:
     # the end of a training longer than that: FID of the EMA weights on eval.during_samples
     # at eval.during_points (0 = off)
     eval_every: int = 0
-    eval_every_epochs: float = 0.0
+    eval_every_epochs: float = 0.0  # (set eval_every or eval_every_epochs, not both)
     max_failures: int = 1  # worker failures Ray Train recovers from
     # torch.compile: none | jvp (the JVP pass) | step (the whole loss and its backward) | auto
     # (imf_core.training.DEFAULT_COMPILE: step, the fastest measured on GPU and CPU alike).

@@ -16,13 +16,13 @@ class ModelConfig:
     conditioning: str = "in_context"  # in_context | adaln
     blocks: str = "advanced"  # plain (LayerNorm, GELU, sin-cos) | advanced (RMSNorm, SwiGLU, RoPE)
     input_size: int = 32  # latent side (SD-VAE: 256 / 8)
-    in_channels: int = 4
-    patch_size: int = 2
+    in_channels: int = 4  # latent channels (SD-VAE: 4; pixels: 1 or 3)
+    patch_size: int = 2  # the "/2" of B/2: patches of P x P latent pixels per token
     depth: int = 12  # blocks from input to output (an aux head adds aux_head_depth more)
-    width: int = 768
-    heads: int = 12
+    width: int = 768  # hidden size D
+    heads: int = 12  # attention heads (width / heads must be even: RoPE)
     mlp_ratio: float = 0.0  # 0 = the blocks' default: 4 (plain) or 8/3 (advanced)
-    num_classes: int = 1000
+    num_classes: int = 1000  # class ids 0..K-1; id K is the null class of CFG
     aux_head_depth: int = 0  # > 0: a v-head duplicating the last blocks (imf_aux objective)
     init: str = (
         "imf"  # imf (official iMF code) | dit (DiT / original MeanFlow code): layers.init_weights
@@ -32,9 +32,9 @@ class ModelConfig:
     cond_interval: bool = True  # (t_min, t_max) as inputs
     # In-context token counts per condition (paper: class 8, time 4, omega 4, interval 2 + 2).
     class_tokens: int = 8
-    time_tokens: int = 4
-    omega_tokens: int = 4
-    interval_tokens: int = 2
+    time_tokens: int = 4  # for h = t - r (and for t with cond_t)
+    omega_tokens: int = 4  # for omega (CFG-conditioning)
+    interval_tokens: int = 2  # for t_min, and as many for t_max
     # The omega embedder sees omega_input_scale * (1 - 1/omega) (1: the official code). Its
     # sinusoids (max period 10^4) barely move over omega in [1, 8] at scale 1; omega has no
     # JVP tangent, so a larger scale does not inflate du/dt as it would for t and h.
