@@ -45,6 +45,8 @@ class VariantRuns:
     results: list[dict]  # the evaluation's results.json
     label: str = ""  # "<variant>" or "<variant>.s<seed>" (the parent run's tags)
     curve: dict[int, float] = field(default_factory=dict)  # step -> FID during training
+    # step -> omega sensitivity at the 1-NFE point during training (tasks.inrun_eval)
+    omega_curve: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,12 +108,23 @@ def variant_runs(client, parent, sweep: SweepConfig) -> list[VariantRuns]:
                     path = client.download_artifacts(eval_id, "results.json", tmp)
                     results = json.loads(Path(path).read_text())
             status = tags.get(f"variant.{label}.status", "?")
-            curve = {}
-            if train is not None:  # the in-run evaluation's FID over steps (tasks.inrun_eval)
-                history = client.get_metric_history(train_id, "eval/fid")
-                curve = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
-            out.append(VariantRuns(v.name, status, train, evaluation, results, label, curve))
+            curve, omega_curve = {}, {}
+            if train is not None:  # the in-run evaluation's numbers over steps (tasks.inrun_eval)
+                curve = metric_curve(client, train_id, "eval/fid")
+                omega_curve = metric_curve(client, train_id, OMEGA_CURVE)
+            out.append(
+                VariantRuns(v.name, status, train, evaluation, results, label, curve, omega_curve)
+            )
     return out
+
+
+OMEGA_CURVE = "eval/sensitivity/omega/one_step"
+
+
+def metric_curve(client, run_id: str, key: str) -> dict[int, float]:
+    """step -> value of a metric's history (the last value logged at a step)."""
+    history = client.get_metric_history(run_id, key)
+    return {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
 
 
 def cell_value(runs: VariantRuns, metric: str) -> float | None:
@@ -291,10 +304,12 @@ def training_steps(runs: VariantRuns) -> int | None:
     return max(runs.curve) if runs.curve else None
 
 
-def curve_mean(runs: list[VariantRuns]) -> dict[int, float]:
-    """FID during training at each step, the mean over the seeds that reached it."""
-    steps = sorted({s for r in runs for s in r.curve})
-    return {s: statistics.mean(r.curve[s] for r in runs if s in r.curve) for s in steps}
+def curve_mean(runs: list[VariantRuns], attr: str = "curve") -> dict[int, float]:
+    """A curve during training (`curve`: FID; `omega_curve`: omega sensitivity) at each step,
+    the mean over the seeds that reached it."""
+    curves = [getattr(r, attr) for r in runs]
+    steps = sorted({s for c in curves for s in c})
+    return {s: statistics.mean(c[s] for c in curves if s in c) for s in steps}
 
 
 def progress_markdown(sweep: SweepConfig, variants: list[VariantRuns]) -> str:
@@ -344,7 +359,9 @@ def progress_markdown(sweep: SweepConfig, variants: list[VariantRuns]) -> str:
 
 def plot_progress(variants: list[VariantRuns], path: Path) -> Path | None:
     """FID during training against the step, one line per variant (mean over seeds), with
-    the real-data floor at the same n as a dashed line; None without curves."""
+    the real-data floor at the same n as a dashed line, and beside it, where measured, the
+    omega sensitivity over the same steps (when a network starts to use its omega input);
+    None without curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -353,7 +370,9 @@ def plot_progress(variants: list[VariantRuns], path: Path) -> Path | None:
     by_name = {k: v for k, v in group_by_variant(variants).items() if any(r.curve for r in v)}
     if not by_name:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    sensitive = any(r.omega_curve for runs in by_name.values() for r in runs)
+    fig, axes = plt.subplots(1, 2 if sensitive else 1, figsize=(12 if sensitive else 7, 4))
+    ax = axes[0] if sensitive else axes
     for name, runs in by_name.items():
         curve = curve_mean(runs)
         ax.plot(list(curve), list(curve.values()), "o-", markersize=3, label=name)
@@ -365,8 +384,19 @@ def plot_progress(variants: list[VariantRuns], path: Path) -> Path | None:
     if floors:
         ax.axhline(statistics.mean(floors), color="g", ls="--", label="real data (same n)")
     ax.set(xlabel="training step", ylabel="FID", title="FID during training", yscale="log")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(alpha=0.3, which="both")
+    if sensitive:
+        for runs in by_name.values():
+            curve = curve_mean(runs, "omega_curve")
+            axes[1].plot(list(curve), [100 * v for v in curve.values()], "o-", markersize=3)
+        axes[1].set(
+            xlabel="training step",
+            ylabel="% change of u, omega 1 -> 2",
+            title="omega sensitivity at the 1-NFE point",
+            yscale="log",
+        )
+        axes[1].grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(2.25 if sensitive else 1.01, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -440,6 +440,23 @@ def test_a_cell_is_read_from_the_variants_own_evaluation_not_a_shared_training_r
     assert cell_value(VariantRuns("cfg", "ok", fixed, None, [two_step]), "fid_no_cfg") is None
 
 
+def test_the_progress_figure_adds_omega_sensitivity_over_steps_where_measured(tmp_path):
+    from PIL import Image
+
+    from flows.report import VariantRuns, curve_mean, plot_progress
+
+    def runs(seed, omega_curve):
+        curve = {100: 90.0 + seed, 200: 40.0 + seed}
+        return VariantRuns("v", "ok", None, None, [], f"v.s{seed}", curve, omega_curve)
+
+    seeds = [runs(0, {100: 0.001, 200: 0.10}), runs(1, {100: 0.003})]
+    assert curve_mean(seeds, "omega_curve") == {100: 0.002, 200: 0.10}  # the seeds that got there
+    assert curve_mean(seeds) == {100: 90.5, 200: 40.5}
+    both = plot_progress(seeds, tmp_path / "both.png")
+    fid_only = plot_progress([runs(0, {}), runs(1, {})], tmp_path / "fid.png")
+    assert Image.open(both).width > 1.5 * Image.open(fid_only).width  # a second panel
+
+
 def test_seeds_group_under_their_variant_and_the_report_compares(
     tmp_path, prefect_server, local_ray
 ):
