@@ -69,14 +69,7 @@ class DiT(VelocityNet):
         super().__init__()
         self.cfg = cfg
         self.x_embed = PatchEmbed(cfg.in_channels, cfg.patch_size, cfg.width)
-        self.embedders = ConditionEmbedders(
-            cfg.width,
-            cfg.num_classes,
-            cfg.cond_t,
-            cfg.cond_omega,
-            cfg.cond_interval,
-            cfg.omega_input_scale,
-        )
+        self.embedders = ConditionEmbedders(cfg)
         grid = cfg.input_size // cfg.patch_size
         self.positions = Positions(cfg.blocks, cfg.width, cfg.heads, grid, grid**2)
         self.blocks = TrunkAndHeads(lambda: DiTBlock(cfg), cfg.depth, cfg.aux_head_depth)

@@ -77,14 +77,7 @@ class InContextTransformer(VelocityNet):
         super().__init__()
         self.cfg = cfg
         self.x_embed = PatchEmbed(cfg.in_channels, cfg.patch_size, cfg.width)
-        self.embedders = ConditionEmbedders(
-            cfg.width,
-            cfg.num_classes,
-            cfg.cond_t,
-            cfg.cond_omega,
-            cfg.cond_interval,
-            cfg.omega_input_scale,
-        )
+        self.embedders = ConditionEmbedders(cfg)
         tokens = {
             "y": cfg.class_tokens,
             "omega": cfg.omega_tokens if cfg.cond_omega else 0,

@@ -50,25 +50,19 @@ class LabelEmbedder(nn.Module):
 
 
 class ConditionEmbedders(nn.Module):
-    """One embedder per condition the model takes: class, h, and optionally t, omega, interval."""
+    """One embedder per condition the model takes: class, h, and optionally t, omega, interval
+    (ModelConfig.cond_*)."""
 
-    def __init__(
-        self,
-        width: int,
-        num_classes: int,
-        cond_t: bool,
-        cond_omega: bool,
-        cond_interval: bool,
-        omega_input_scale: float = 1.0,
-    ):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.omega_input_scale = omega_input_scale
-        self.y = LabelEmbedder(num_classes, width)
+        width = cfg.width
+        self.omega_input_scale = cfg.omega_input_scale
+        self.y = LabelEmbedder(cfg.num_classes, width)
         self.h = TimestepEmbedder(width)
-        self.t = TimestepEmbedder(width) if cond_t else None
-        self.omega = TimestepEmbedder(width) if cond_omega else None
-        self.t_min = TimestepEmbedder(width) if cond_interval else None
-        self.t_max = TimestepEmbedder(width) if cond_interval else None
+        self.t = TimestepEmbedder(width) if cfg.cond_t else None
+        self.omega = TimestepEmbedder(width) if cfg.cond_omega else None
+        self.t_min = TimestepEmbedder(width) if cfg.cond_interval else None
+        self.t_max = TimestepEmbedder(width) if cfg.cond_interval else None
 
     def forward(self, t: Tensor, h: Tensor, cond) -> dict[str, Tensor]:
         """Embeds each condition present: {name: (B, D)}. `cond` is a guidance.Conditions."""
