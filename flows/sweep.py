@@ -75,6 +75,9 @@ class SweepConfig:
     columns: list[str] = field(default_factory=list)
     scales: dict[str, Scale] = field(default_factory=dict)
     variants: list[Variant] = field(default_factory=list)
+    # A study of ours, not one of the paper's tables: no paper numbers beside its cells, and no
+    # paper scale needed (configs/sweep/omega_study.yaml).
+    study: bool = False
 
 
 def load_sweep(name: str) -> SweepConfig:
@@ -98,6 +101,8 @@ def load_sweep(name: str) -> SweepConfig:
     names = {v.name for v in sweep.variants}
     if len(names) != len(sweep.variants):
         raise ConfigError(f"{path}: variant names must be unique")
+    if sweep.study and any(c.paper is not None for v in sweep.variants for c in v.cells.values()):
+        raise ConfigError(f"{path}: a study has no paper numbers beside its cells")
     for v in sweep.variants:
         if v.compare_with and v.compare_with not in names:
             raise ConfigError(

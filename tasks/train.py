@@ -146,7 +146,10 @@ RUNTIME_ONLY = (
 MODEL_RUNTIME_ONLY = ("jvp_attention",)
 # Settings added after trainings already exist: in the key only when set, so that a training
 # made before the setting existed (it ran with the default) is still found and reused.
-KEYED_WHEN_SET = {"optim": {"decay_fraction": 0.0}}
+KEYED_WHEN_SET = {
+    "optim": {"decay_fraction": 0.0, "embedder_lr_scale": 1.0},
+    "model": {"omega_input_scale": 1.0},
+}
 
 
 @dataclass
