@@ -403,25 +403,26 @@ def plot_progress(variants: list[VariantRuns], path: Path) -> Path | None:
     return path
 
 
+def best_result(runs: VariantRuns) -> dict:
+    """The variant's best grid point in its results.json ({} without results)."""
+    return next((r for r in runs.results if r.get("best")), {})
+
+
 def learned(runs: VariantRuns) -> bool | None:
     """False when the variant's best point is flagged did-not-learn; None without results."""
-    best = [r for r in runs.results if r.get("best")]
-    if not best or "did_not_learn" not in best[0]:
-        return None
-    return not best[0]["did_not_learn"]
+    best = best_result(runs)
+    return None if "did_not_learn" not in best else not best["did_not_learn"]
 
 
 def sensitivity_of(runs: VariantRuns) -> dict[str, dict]:
     """The network's input sensitivity from its evaluation ({} for one made before it existed)."""
-    best = [r for r in runs.results if r.get("best")]
-    return best[0].get("sensitivity", {}) if best else {}
+    return best_result(runs).get("sensitivity", {})
 
 
 def ignores_omega(runs: VariantRuns) -> bool | None:
     """True when the variant's network is conditioned on omega but barely uses it
     (imf_core.guidance.ignores_omega); None without an omega input or a measurement."""
-    best = [r for r in runs.results if r.get("best")]
-    return best[0].get("ignores_omega") if best else None
+    return best_result(runs).get("ignores_omega")
 
 
 def sensitivity_cell(runs: list[VariantRuns]) -> str:

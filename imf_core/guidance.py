@@ -261,26 +261,29 @@ def input_sensitivity(model: torch.nn.Module, noise: Tensor, y: Tensor) -> dict[
     """
     cfg = model.cfg
     ones = torch.ones_like(noise[:, 0, 0, 0])
-    plain = Conditions.for_sampling(y, 1.0)
-    guided = Conditions.for_sampling(y, SENSITIVITY_OMEGA)
-    changes = {"class": (plain, plain._replace(y=torch.full_like(y, cfg.num_classes)))}
+    conditions = {
+        "plain": Conditions.for_sampling(y, 1.0),
+        "null": Conditions.for_sampling(torch.full_like(y, cfg.num_classes), 1.0),
+        "guided": Conditions.for_sampling(y, SENSITIVITY_OMEGA),
+        "narrow": Conditions.for_sampling(y, SENSITIVITY_OMEGA, *SENSITIVITY_INTERVAL),
+    }
+    changes = {"class": ("plain", "null")}
     if cfg.cond_omega:
-        changes["omega"] = (plain, guided)
+        changes["omega"] = ("plain", "guided")
     if cfg.cond_interval:
-        narrow = Conditions.for_sampling(y, SENSITIVITY_OMEGA, *SENSITIVITY_INTERVAL)
-        changes["interval"] = (guided, narrow)
-    mid = noise - 0.5 * model(noise, ones, 0.5 * ones, plain)  # z_0.5 of 2-NFE sampling
+        changes["interval"] = ("guided", "narrow")
+    needed = {c for pair in changes.values() for c in pair}
+    mid = noise - 0.5 * model(noise, ones, 0.5 * ones, conditions["plain"])  # 2-NFE's z_0.5
     inputs = {"one_step": noise, "mid": mid}
-    out: dict[str, dict] = {}
-    for name, (a, b) in changes.items():
-        out[name] = {}
-        for point, (t, h) in SENSITIVITY_POINTS.items():
-            z, t, h = inputs[point], t * ones, h * ones
-            out[name][point] = relative_change(model(z, t, h, a), model(z, t, h, b))
-    if cfg.cond_t:
-        t, h = SENSITIVITY_POINTS["mid"]
-        u = model(mid, t * ones, h * ones, plain)
-        out["t"] = {"mid": relative_change(u, model(mid, SENSITIVITY_T * ones, h * ones, plain))}
+    out: dict[str, dict] = {name: {} for name in changes}
+    for point, (t, h) in SENSITIVITY_POINTS.items():
+        z, t, h = inputs[point], t * ones, h * ones
+        u = {c: model(z, t, h, conditions[c]) for c in needed}  # each condition set once
+        for name, (a, b) in changes.items():
+            out[name][point] = relative_change(u[a], u[b])
+        if cfg.cond_t and point == "mid":
+            moved = model(z, SENSITIVITY_T * ones, h, conditions["plain"])
+            out["t"] = {"mid": relative_change(u["plain"], moved)}
     return out
 
 

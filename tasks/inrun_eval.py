@@ -20,11 +20,13 @@ real-data floor and class-mean ceiling (the calibration) are computed once, unde
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,27 +188,19 @@ class InRunEvaluation:
         ]
         if mine:
             runner = self.runner(model)
-            model.eval()
-            try:
-                with ema.swap_in(model):
-                    for unit, path in mine:
-                        _, sums = runner.run(unit)
-                        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                            np.savez(f, **sums)
-            finally:
-                model.train()
+            with ema_in_eval_mode(model, ema):
+                for unit, path in mine:
+                    _, sums = runner.run(unit)
+                    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                        np.savez(f, **sums)
         if self.world > 1:  # every shard on disk before rank 0 merges
             torch.distributed.barrier()
         if self.rank != 0:
             self.seconds += time.perf_counter() - started
             return None
         results = self.merge(step, [(u, dict(np.load(path))) for u, path in units], model)
-        model.eval()
-        try:  # cheap (one batch, ~10 forwards): recomputed rather than stored per unit
-            with ema.swap_in(model):
-                sensitivity = self.runner(model).sensitivity()
-        finally:
-            model.train()
+        with ema_in_eval_mode(model, ema):  # cheap (one batch): recomputed, not stored per unit
+            sensitivity = self.runner(model).sensitivity()
         results |= {"sensitivity": sensitivity, "ignores_omega": ignores_omega(sensitivity)}
         self.seconds += time.perf_counter() - started
         results["seconds"] = time.perf_counter() - started
@@ -236,6 +230,17 @@ class InRunEvaluation:
                 entry |= precision_recall(np.concatenate([p["prc"] for p in mine]), real_prc)
             points.append(entry)
         return {"step": step, "points": points, "features": self.plan.kind} | calibration
+
+
+@contextlib.contextmanager
+def ema_in_eval_mode(model: torch.nn.Module, ema) -> Iterator[None]:
+    """The EMA weights in `model`, in eval mode; the live weights and train mode afterwards."""
+    model.eval()
+    try:
+        with ema.swap_in(model):
+            yield
+    finally:
+        model.train()
 
 
 def holds(path: Path, count: int) -> bool:
