@@ -365,9 +365,11 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
-    from tasks import preemption
+    from tasks import cluster, preemption
     from tasks.config import ConfigError
 
+    # A Ray this process had connected to before (a test session's) is its starter's to end.
+    callers_ray = cluster.connected()
     preemption.install()  # SIGTERM / Ctrl-C: checkpoint, end cleanly, exit 128 + signal
     try:
         return COMMANDS[args.command](args)
@@ -379,9 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imf {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:
-        from tasks.cluster import shutdown_ray
-
-        shutdown_ray()  # nothing of the command's Ray outlives it
+        if not callers_ray:
+            cluster.shutdown_ray()  # nothing of the command's Ray outlives it
 
 
 if __name__ == "__main__":

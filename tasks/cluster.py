@@ -5,10 +5,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import threading
+from contextlib import contextmanager
+from pathlib import Path
 
 _lock = threading.Lock()  # sweeps start stages from several threads
 _connected = False  # whether this process's connect_ray started (or joined) the Ray it uses
+_address_before: str | None = None  # RAY_ADDRESS before connect_ray pinned its Ray's
 
 # Ray merges "similar" lines of different workers into one ("[repeated 6x across cluster]"):
 # with `--concurrency` above 1 that hid whole trainings' progress lines. Read when ray is
@@ -70,10 +74,13 @@ def drop_known_messages() -> None:
 def quiet_worker_logs() -> None:
     """Ray worker setup hook: silences the known noise above, nothing else."""
     # Ray Train logs "Reporting training result N: TrainingReport(...)" at INFO on a logger
-    # named by its file path (not under ray.train, so LoggingConfig does not reach it).
-    from ray.train.v2._internal.execution import context as train_context
+    # named by its file path (not under ray.train, so LoggingConfig does not reach it). The
+    # path is spelled out rather than imported: the hook runs in every Ray worker process, and
+    # importing ray.train there cost ~1 s of CPU per process.
+    import ray
 
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    context = Path(ray.__file__).parent / "train" / "v2" / "_internal" / "execution" / "context.py"
+    logging.getLogger(str(context)).setLevel(logging.WARNING)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     drop_known_messages()
@@ -90,41 +97,134 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message="For backward compatibility, 'str' dtypes")
 
 
-def connect_ray(address: str, cpus_needed: float) -> None:
+def connect_ray(address: str, cpus_needed: float, gpus: int | None = None) -> None:
     """Joins the Ray cluster at `address` ("" = start a local one with at least `cpus_needed`
-    CPUs, so fractional workers fit on a small machine; the dashboard stays off, it would bind
-    a port). An already initialised Ray is kept."""
-    global _connected
+    CPUs, so fractional workers fit on a small machine, and `gpus` logical GPUs if given; the
+    dashboard stays off, it would bind a port). An already initialised Ray is kept.
+
+    Whichever it is, that Ray is the command's alone: its address goes to every process of it
+    (this one, Ray's own, each worker and actor, Ray Train's controller and its placement-group
+    cleaner, on every node) as RAY_ADDRESS, so nothing of ours looks up "the current cluster".
+    Ray resolves a missing address from a machine-wide record of the last `ray start` (and by
+    scanning for GCS processes): with another Ray on the machine, the cleaner of our training
+    queried that one ("Found multiple active Ray instances"), and with a record naming a dead
+    cluster it waited on it and printed a traceback (issue 33)."""
+    global _connected, _address_before
     import ray
 
     with _lock:
         if ray.is_initialized():
             return
         drop_known_messages()
+        own = resolved_address(address) if address else f"127.0.0.1:{free_port()}"
         quiet = {
             "worker_process_setup_hook": "tasks.cluster.quiet_worker_logs",
             # Ray Train's print patch sends a worker's print to its logger *and*, when stdout
             # is wrapped (as in Ray workers), to the original print: every line twice.
-            "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
+            "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_ADDRESS": own},
         }
+        # This process's own lookups (the State API, Ray Train's driver side), and every
+        # process a local Ray starts from it: they inherit its environment.
+        _address_before = os.environ.get("RAY_ADDRESS")
+        os.environ["RAY_ADDRESS"] = own
         _connected = True
-        if address:
-            ray.init(address=address, runtime_env=quiet)
-        else:  # a new local Ray ("local": never join one another process started here)
-            # It enables token authentication by default and says so on every start, a line
-            # per command that asks nothing of the user: that logger stays quiet for it.
-            logging.getLogger(RAY_AUTH_LOGGER).setLevel(logging.ERROR)
-            # Ray Train's preemption watcher polls for nodes being drained (spot instances on
-            # a cluster); one local machine is never drained, and creating the watcher logs a
-            # C++ error line ("PreemptionWatcher ... constructor arguments in the object
-            # store") per training. On a cluster (`address` above) it stays on.
-            preemption = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-            quiet["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = preemption
-            cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
-            ray.init(address="local", include_dashboard=False, num_cpus=cpus, runtime_env=quiet)
+        try:
+            if address:
+                # As given: for "auto" Ray reads the address pinned above, and, as for "auto"
+                # only, turns on token authentication when the node has a token.
+                ray.init(address=address, runtime_env=quiet)
+            else:
+                start_local_ray(own, cpus_needed, gpus, quiet)
+        except BaseException:
+            forget_address()
+            raise
         from tasks import preemption
 
         preemption.reinstall()  # ray.init replaced the SIGTERM handler with its own
+
+
+def connected() -> bool:
+    """Whether connect_ray has connected this process to a Ray that is not shut down yet."""
+    return _connected
+
+
+def start_local_ray(address: str, cpus_needed: float, gpus: int | None, runtime_env: dict):
+    """A new local Ray whose GCS listens at `address` ("local": never join one another process
+    started here), chosen before it starts so that its processes know it from the start."""
+    import ray
+
+    # It enables token authentication by default and says so on every start, a line per
+    # command that asks nothing of the user: that logger stays quiet for it.
+    logging.getLogger(RAY_AUTH_LOGGER).setLevel(logging.ERROR)
+    # Ray Train's preemption watcher polls for nodes being drained (spot instances on a
+    # cluster); one local machine is never drained, and creating the watcher logs a C++ error
+    # line ("PreemptionWatcher ... constructor arguments in the object store") per training.
+    # On a cluster (connect_ray's `address`) it stays on.
+    preemption = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    runtime_env["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = preemption
+    # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
+    # default; read from this process's environment when a training starts), and a training's
+    # start and end each wait on a few polls. On one machine a poll is cheap: at 0.5 s four
+    # trainings of an empty loop took 50 s instead of 62 (measured here, 2026-12-06).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
+    port = address.rsplit(":", 1)[1]
+    with environment(RAY_GCS_SERVER_PORT=port):
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            num_cpus=cpus,
+            num_gpus=gpus,
+            runtime_env=runtime_env,
+        )
+    started = ray.get_runtime_context().gcs_address
+    if started.rsplit(":", 1)[1] != port:  # a Ray that no longer honours the setting
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray started at {started}, not at {address}")
+
+
+def forget_address() -> None:
+    """RAY_ADDRESS back to what it was before connect_ray pinned its Ray's."""
+    global _connected
+    _connected = False
+    if _address_before is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = _address_before
+
+
+def resolved_address(address: str) -> str:
+    """A cluster address as host:port. "auto" (on a Ray node: its own cluster) is resolved
+    once, here, by Ray's rule (RAY_ADDRESS, else the node's record of its `ray start`), and
+    the result pinned; any other value is taken as given."""
+    if address != "auto":
+        return address
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    return canonicalize_bootstrap_address_or_die("auto")
+
+
+@contextmanager
+def environment(**values: str):
+    """Sets environment variables for the duration of a `with` (processes started inside
+    inherit them), then puts back what was there."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def require_resources(stage: str, cpus: float, gpus: float) -> None:
@@ -166,6 +266,7 @@ def shutdown_ray() -> None:
         except OSError:
             pass
     ray.shutdown()
+    forget_address()
     for pid in started:
         try:
             os.kill(pid, signal.SIGKILL)

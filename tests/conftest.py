@@ -1,6 +1,8 @@
-"""Shared fixtures. One Prefect test server per session: it takes 5-20 s to start."""
+"""Shared fixtures: one Prefect test server and one local Ray per session (each takes seconds to
+start), another Ray on the machine, a stale record of a dead one."""
 
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,15 +19,34 @@ def prefect_server():
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """One local Ray for the session (2 CPUs, like this machine); started on first use."""
-    import ray
+    """One local Ray for the session, started on first use the way every command starts its own
+    (tasks.cluster), with 5 logical CPUs on this machine's 2: tests run trainings side by side
+    (two of two workers and one of one), as `imf sweep --concurrency` does."""
+    from tasks.cluster import connect_ray, shutdown_ray
 
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        ignore_reinit_error=True,
-    )
+    connect_ray("", 5)
     yield
-    ray.shutdown()
+    shutdown_ray()
+
+
+@pytest.fixture(scope="session")
+def other_ray():
+    """Another Ray on the machine, as a user's own `ray start` leaves it: alive, and the
+    "current cluster" of its temp folder's record. A command run with RAY_TMPDIR=`temp` finds
+    it the way one finds a foreign Ray in the machine's /tmp/ray (issue 33)."""
+    from services import ray_cluster, ray_temp_dir
+
+    with ray_temp_dir() as temp, ray_cluster(temp) as address:
+        yield SimpleNamespace(address=address, temp=temp)
+
+
+@pytest.fixture(scope="session")
+def stale_ray_record():
+    """A Ray temp folder whose record of "the current cluster" names one that is gone, as a
+    killed `ray start` leaves it; its RAY_TMPDIR."""
+    from services import free_port, ray_temp_dir
+
+    with ray_temp_dir() as temp:
+        (temp / "ray").mkdir()
+        (temp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+        yield temp

@@ -1,19 +1,21 @@
-"""Servers the tests start as separate processes: a free port, start-and-wait, stop."""
+"""Servers the tests start as separate processes: a free port, start-and-wait, stop; Ray
+clusters of their own; what a user must not see in a command's output."""
 
+import json
 import os
+import re
+import shutil
 import signal
-import socket
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.request
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tasks.cluster import free_port
 
 
 @contextmanager
@@ -41,9 +43,9 @@ def service(args: list[str], health: str, log: Path, env: dict | None = None, ti
         stop(proc)
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, signals=(signal.SIGTERM, signal.SIGKILL)) -> None:
     """SIGTERM to the process group, SIGKILL after 60 s."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig in signals:
         try:
             os.killpg(proc.pid, sig)
             proc.wait(60)
@@ -52,3 +54,147 @@ def stop(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+@contextmanager
+def started_together(*managers):
+    """Enters context managers at once, each in a thread of its own (servers that take seconds
+    to start, started in parallel); yields what each yields and exits them all, in reverse."""
+    with ExitStack() as stack:
+        with ThreadPoolExecutor(len(managers)) as pool:
+            futures = [pool.submit(m.__enter__) for m in managers]
+        values, errors = [], []
+        for manager, future in zip(managers, futures, strict=True):
+            try:
+                values.append(future.result())
+                stack.push(manager.__exit__)
+            except BaseException as err:  # the others, once started, are still exited
+                errors.append(err)
+        if errors:
+            raise errors[0]
+        yield values
+
+
+# ------------------------------------------------------------------ Ray clusters of the tests
+RAY_BIN = Path(sys.executable).parent / "ray"
+# Lines that are noise to a user (issue 15), none of which may appear in a command's output;
+# the first two are what a command whose Ray looked up "the current cluster" printed (issue 33).
+NOISE = [
+    r"Found multiple active Ray instances|Connecting to latest cluster",
+    r"PlacementGroupCleaner|Failed to query Ray Train Controller",
+    r"Token authentication is enabled",
+    r"torch\.jit\.script.* is deprecated",
+    r"[Tt]elemetry",
+    r"FutureWarning|DeprecationWarning|Pandas4Warning",
+    r"Traceback",
+    r"Checkpoint successfully created|Reporting training result",  # Ray Train's INFO lines
+    r"SIGTERM handler is not set",  # ray.init from a task's thread
+    r"PreemptionWatcher",  # a C++ error line from Ray Train's preemption watcher
+    r"repeated \d+x across cluster",  # Ray's log dedup, which merges trainings' lines
+]
+
+
+def noisy_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if any(re.search(p, line) for p in NOISE)]
+
+
+@contextmanager
+def ray_temp_dir():
+    """A short folder for a Ray's sessions (its socket paths must stay under 108 bytes), and
+    where Ray keeps its machine-wide record of "the current cluster" when RAY_TMPDIR names it:
+    a test's own stand-in for the machine's /tmp/ray."""
+    path = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def ray_cluster(temp: Path, nodes: int = 1, env: dict | None = None, log: Path | None = None):
+    """`ray start --head` (plus `nodes - 1` nodes joining by address), each in its own process
+    group, with RAY_TMPDIR=`temp`: its record of "the current cluster" goes there, not into the
+    machine's /tmp/ray, and killing it leaves any other Ray on this machine alone. Yields the
+    address. Token authentication is on, as `ray start` turns it on (with ~/.ray/auth_token
+    unless `env` names a token)."""
+    env = ray_client_env(env) | {"RAY_TMPDIR": str(temp)}
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    common = ["--num-cpus=1", "--block", "--disable-usage-stats"]
+    procs = []
+    try:
+        head = [str(RAY_BIN), "start", "--head", f"--port={port}", "--include-dashboard=false"]
+        head += common
+        for i in range(nodes):
+            args = head if i == 0 else [str(RAY_BIN), "start", f"--address={address}", *common]
+            with open((log or temp) / f"node{i}.log", "wb") as out:
+                procs.append(
+                    subprocess.Popen(
+                        args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                    )
+                )
+            wait_for_nodes(address, i + 1, env)
+        yield address
+    finally:
+        # Killed, as a crash leaves a cluster: stopped by SIGTERM each node drains for up to
+        # 30 s first (34 s for two, measured), and nothing here needs it to
+        for proc in reversed(procs):
+            stop(proc, signals=(signal.SIGKILL,))
+
+
+RAY_PROBE = """
+import json, os, sys
+import ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+from ray._private import state
+print(json.dumps({
+    "pid": os.getpid(),
+    "nodes": sum(node["Alive"] for node in ray.nodes()),
+    "drivers": sorted({job["DriverPid"] for job in state.jobs()}),
+    "actors": len(state.actors()),
+    "placement_groups": len(ray.util.placement_group_table()),
+}))
+"""
+
+
+def ray_client_env(env: dict | None = None) -> dict:
+    """An environment for a process that joins a test's Ray cluster: a client sends its token
+    only with RAY_AUTH_MODE=token (a local ray.init sets it in its own process, so a test that
+    had started one before would pass without it)."""
+    return {"RAY_AUTH_MODE": "token"} | (env or dict(os.environ))
+
+
+def ray_state(address: str, env: dict | None = None) -> dict:
+    """What a Ray cluster holds, read by a driver of its own that connects by address: alive
+    nodes, the pids of every driver that ever connected (this probe's among them), actors,
+    placement groups."""
+    out = subprocess.run(
+        [sys.executable, "-c", RAY_PROBE, address],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=ray_client_env(env),
+    )
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def wait_for_nodes(address: str, n: int, env: dict | None = None, timeout: int = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if ray_state(address, env)["nodes"] == n:
+                return
+        except (RuntimeError, subprocess.TimeoutExpired):
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"Ray cluster at {address} did not reach {n} nodes")
+
+
+def untouched(before: dict, after: dict) -> bool:
+    """Nothing but the probes connected to the cluster between two ray_state readings, and
+    nothing of anyone's runs on it."""
+    new_drivers = set(after["drivers"]) - set(before["drivers"])
+    same = {k: after[k] == before[k] for k in ("nodes", "actors", "placement_groups")}
+    return new_drivers == {after["pid"]} and all(same.values()) and after["actors"] == 0

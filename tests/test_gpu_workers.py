@@ -1,6 +1,6 @@
 """Precompute and evaluation on GPU workers, scheduled on this CPU machine through Ray's logical
-GPUs: `ray.init(num_gpus=2)` runs tasks that ask for a GPU, two at a time, each with its own
-CUDA_VISIBLE_DEVICES, and the code falls back to CPU tensors where CUDA is absent. Two such
+GPUs: a local Ray that declares two runs tasks that ask for a GPU, two at a time, each with its
+own CUDA_VISIBLE_DEVICES, and the code falls back to CPU tensors where CUDA is absent. Two such
 workers must give the same shards and the same evaluation sums as one process."""
 
 import json
@@ -21,18 +21,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 from safetensors.torch import save_file
 
 from imf_core.models import create
 from tasks.artifacts import Manifest
+from tasks.cluster import connect_ray
 from tasks.config import load_config
 from tasks.evaluate import evaluate
 from tasks.precompute import precompute
 
 root = Path(sys.argv[1])
-ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+connect_ray("", 2, gpus=2)
 gpu = ["precompute.gpus_per_worker=1", "precompute.cpus_per_worker=1"]
 pres = {}
 for name, extra in (("one", []), ("gpus", gpu)):

@@ -11,24 +11,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from services import free_port, service
+from services import free_port, noisy_lines, ray_state, service, untouched
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-# Lines that are noise to a user (issue 15), none of which may appear.
-NOISE = [
-    r"PlacementGroupCleaner|Failed to query Ray Train Controller",
-    r"Token authentication is enabled",
-    r"torch\.jit\.script.* is deprecated",
-    r"[Tt]elemetry",
-    r"FutureWarning|DeprecationWarning|Pandas4Warning",
-    r"Traceback",
-    r"Checkpoint successfully created|Reporting training result",  # Ray Train's INFO lines
-    r"SIGTERM handler is not set",  # ray.init from a task's thread
-    r"PreemptionWatcher",  # a C++ error line from Ray Train's preemption watcher
-    r"repeated \d+x across cluster",  # Ray's log dedup, which merges trainings' lines
-]
 
 
 def api(base: str, path: str, body: dict | None = None) -> dict:
@@ -41,15 +28,15 @@ def api(base: str, path: str, body: dict | None = None) -> dict:
         return json.loads(answer.read())
 
 
-def test_a_smoke_sweep_is_quiet_and_reads_well_in_mlflow(tmp_path):
-    import ray
-
-    # One Ray on the machine, as for a user: with a second one up (the session's, from other
-    # tests) Ray Train's placement-group cleaner cannot tell which to query and prints
-    # tracebacks -- a Ray issue noted in the README, not what this test is about.
-    ray.shutdown()
+def test_a_smoke_sweep_is_quiet_and_reads_well_in_mlflow(tmp_path, other_ray):
+    """Beside another Ray on the machine, the latest one `ray start` recorded: the sweep keeps
+    to its own and leaves that one untouched (issue 33)."""
     db = tmp_path / "mlflow.db"
-    env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect")}
+    before = ray_state(other_ray.address)
+    env = os.environ | {
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "RAY_TMPDIR": str(other_ray.temp),
+    }
     env.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)  # the command's own default must hold
     sweep = subprocess.run(
         [
@@ -74,8 +61,9 @@ def test_a_smoke_sweep_is_quiet_and_reads_well_in_mlflow(tmp_path):
     )
     output = sweep.stdout + sweep.stderr
     assert sweep.returncode == 0, output[-5000:]
-    noisy = [line for line in output.splitlines() if any(re.search(p, line) for p in NOISE)]
+    noisy = noisy_lines(output)
     assert noisy == [], "\n".join(noisy[:20])
+    assert untouched(before, ray_state(other_ray.address))
     progress = [line for line in output.splitlines() if re.search(r"step \d+/30 ", line)]
     assert progress and len(progress) == len(set(progress)), progress  # each line once
     assert all("omega: step" in line for line in progress), progress  # named by its variant
