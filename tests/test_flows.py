@@ -2,6 +2,7 @@
 survives a failing variant, and reports the paper's table."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow import MlflowClient
@@ -199,21 +200,39 @@ variants:
     cells: {"FID w/ CFG": {metric: fid_best, paper: 5.0}}
   - name: diverges
     row: broken
-    overrides: [optim.lr=1.0e30, guidance.mode=none]
+    overrides: [optim.lr=1.0e30, guidance.mode=none, train.checkpoint_every=1]
     cells: {"FID w/o CFG": {metric: fid_best, paper: 1.0}}
+  # Tab. 2's XL/2 at 1 and 2 NFE in small: plain's training, evaluated at 2 NFE
+  - name: plain_nfe2
+    row: iMF 2-NFE
+    overrides: [guidance.mode=none, "eval.omegas=[1.0]", eval.nfe=2]
+    cells: {"FID w/o CFG": {metric: fid_best}}
 """
 
 
-@pytest.mark.slow
-def test_sweep_nests_variants_survives_a_failure_and_reports(tmp_path, prefect_server, local_ray):
-    sweep_file = tmp_path / "mini.yaml"
+@pytest.fixture(scope="module")
+def mini_sweep(tmp_path_factory, prefect_server, local_ray):
+    """One sweep that several tests read: two variants that train and evaluate, one whose loss
+    blows up, and one that shares a training with another and evaluates it at 2 NFE; FID
+    during training at steps 10 and 20."""
+    root = tmp_path_factory.mktemp("mini_sweep")
+    sweep_file = root / "mini.yaml"
     sweep_file.write_text(SWEEP)
-    uri = f"sqlite:///{tmp_path}/m.db"
-    overrides = [f"paths.artifacts={tmp_path}/a", f"tracking.uri={uri}"] + FAST
+    uri = f"sqlite:///{root}/m.db"
+    # FAST but the checkpoint interval: the variant that blows up checkpoints every step
+    fast = [o for o in FAST if not o.startswith("train.checkpoint_every=")]
+    overrides = [f"paths.artifacts={root}/a", f"tracking.uri={uri}", *fast]
     overrides.append("train.eval_every=10")  # FID during training at steps 10 and 20
-    result = run_sweep(str(sweep_file), "smoke", overrides)
+    result = run_sweep(str(sweep_file), "smoke", overrides, concurrency=2)
+    return SimpleNamespace(root=root, file=sweep_file, uri=uri, overrides=overrides, result=result)
+
+
+@pytest.mark.slow
+def test_sweep_nests_variants_survives_a_failure_and_reports(mini_sweep):
+    tmp_path, sweep_file, uri = mini_sweep.root, mini_sweep.file, mini_sweep.uri
+    overrides, result = mini_sweep.overrides, mini_sweep.result
     status = {v.name: v.status for v in result.variants}
-    assert status == {"plain": "ok", "cfg": "ok", "diverges": "failed"}
+    assert status == {"plain": "ok", "cfg": "ok", "diverges": "failed", "plain_nfe2": "ok"}
     assert "not finite" in next(v for v in result.variants if v.name == "diverges").error
 
     client = MlflowClient(uri)
@@ -223,7 +242,7 @@ def test_sweep_nests_variants_survives_a_failure_and_reports(tmp_path, prefect_s
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     by_variant = {r.data.tags["variant"]: r for r in children}
-    assert set(by_variant) == {"plain", "cfg", "diverges"}
+    assert set(by_variant) == {"plain", "cfg", "diverges"}  # plain_nfe2 evaluates plain's run
     for name in ("plain", "cfg"):
         run = by_variant[name]
         assert run.info.status == "FINISHED" and run.data.tags["row"] == "iMF"
@@ -235,7 +254,7 @@ def test_sweep_nests_variants_survives_a_failure_and_reports(tmp_path, prefect_s
     assert by_variant["diverges"].info.status == "FAILED"
     assert not parent.data.metrics  # the variants' FIDs live on their runs, the table here
     evaluations = client.search_runs([parent.info.experiment_id], "tags.stage = 'evaluate'")
-    assert len(evaluations) == 2
+    assert len(evaluations) == 3  # one per variant that trained, the shared training's two
     for run in evaluations:  # where each came from, and what it read
         assert run.data.tags["imf.device"] == "cpu" and run.data.tags["mlflow.source.git.commit"]
         (dataset,) = run.inputs.dataset_inputs
@@ -469,6 +488,7 @@ def test_the_progress_figure_adds_omega_sensitivity_over_steps_where_measured(tm
     assert Image.open(both).width > 1.5 * Image.open(fid_only).width  # a second panel
 
 
+@pytest.mark.slow
 def test_seeds_group_under_their_variant_and_the_report_compares(
     tmp_path, prefect_server, local_ray
 ):
@@ -476,7 +496,8 @@ def test_seeds_group_under_their_variant_and_the_report_compares(
     sweep_file.write_text(SEEDED)
     uri = f"sqlite:///{tmp_path}/m.db"
     overrides = [f"paths.artifacts={tmp_path}/a", f"tracking.uri={uri}"] + FAST
-    result = run_sweep(str(sweep_file), "smoke", overrides, seeds=2)
+    # two trainings at a time, as the small-scale study runs (docs/sweeps.md)
+    result = run_sweep(str(sweep_file), "smoke", overrides, seeds=2, concurrency=2)
     assert sorted(v.name for v in result.variants) == [
         "base.s0",
         "base.s1",
@@ -534,45 +555,35 @@ def test_a_paper_scale_plan_prints_the_costs_and_starts_nothing(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []  # no artifact folder, no mlflow.db
 
 
-SHARED = """
-title: "one training, two evaluations (Tab. 2's XL/2 at 1 and 2 NFE)"
-columns: ["FID 1-NFE", "FID 2-NFE"]
-scales:
-  smoke: {experiment: smoke, overrides: [guidance.mode=none, "eval.omegas=[1.0]"]}
-variants:
-  - name: xl2
-    row: iMF-XL/2
-    overrides: []
-    cells: {"FID 1-NFE": {metric: fid_best}}
-  - name: xl2_nfe2
-    row: iMF-XL/2
-    overrides: [eval.nfe=2]
-    cells: {"FID 2-NFE": {metric: fid_best}}
-"""
-
-
 @pytest.mark.slow
-def test_variants_sharing_a_training_each_show_their_own_fid(tmp_path, prefect_server, local_ray):
+def test_variants_sharing_a_training_each_show_their_own_fid(mini_sweep):
     """Read as MLflow's compare view reads it (the REST API, through the client): one
     evaluation run per variant with its own FID, and the shared training run showing its own
-    variant's number, never the other's."""
-    sweep_file = tmp_path / "shared.yaml"
-    sweep_file.write_text(SHARED)
-    uri = f"sqlite:///{tmp_path}/m.db"
-    overrides = [f"paths.artifacts={tmp_path}/a", f"tracking.uri={uri}"] + FAST
-    result = run_sweep(str(sweep_file), "smoke", overrides)
-    assert not result.failed
-    own = {v.name: v.fid_best for v in result.variants}  # from each one's results.json
-    assert own["xl2"] != own["xl2_nfe2"]
-    assert len({v.train_run_id for v in result.variants}) == 1  # one training for both
+    variant's number, never the other's (Tab. 2's XL/2 at 1 and 2 NFE: plain and plain_nfe2)."""
+    uri, result = mini_sweep.uri, mini_sweep.result
+    shared = [v for v in result.variants if v.name in ("plain", "plain_nfe2")]
+    assert {v.status for v in shared} == {"ok"}
+    own = {v.name: v.fid_best for v in shared}  # from each one's results.json
+    assert own["plain"] != own["plain_nfe2"]
+    assert len({v.train_run_id for v in shared}) == 1  # one training for both
     client = MlflowClient(uri)
     experiment = client.get_run(result.parent_run_id).info.experiment_id
     rows = client.search_runs([experiment], "tags.stage = 'evaluate'")
+    rows = [r for r in rows if r.data.tags["variant"] in own]
     shown = {r.data.tags["variant"]: r.data.metrics["eval/fid_best"] for r in rows}
     assert shown == pytest.approx(own)
     for r in rows:  # each row carries the training's settings beside its own evaluation's
         assert r.data.params["model.depth"] == "4" and "eval.nfe" in r.data.params
     nfe = {r.data.tags["variant"]: r.data.params["eval.nfe"] for r in rows}
-    assert nfe == {"xl2": "1", "xl2_nfe2": "2"}
-    training = client.get_run(result.variants[0].train_run_id).data
+    assert nfe == {"plain": "1", "plain_nfe2": "2"}
+    training = client.get_run(shared[0].train_run_id).data
     assert training.metrics["eval/fid_best"] == pytest.approx(own[training.tags["variant"]])
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_with_a_clear_message(mini_sweep):
+    diverges = next(v for v in mini_sweep.result.variants if v.name == "diverges")
+    assert diverges.error.startswith("RuntimeError") and "not finite at step" in diverges.error
+    trainings = mini_sweep.root / "a" / "train"
+    (directory,) = [d for d in trainings.iterdir() if (d / "NAN").is_file()]
+    assert list((directory / "ray" / "run").glob("checkpoint_*"))  # the last good one is kept

@@ -6,13 +6,12 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from services import free_port, service, stop
+from services import free_port, ray_cluster, ray_temp_dir, service, started_together
 
 pytestmark = pytest.mark.slow
 
@@ -47,91 +46,49 @@ def fresh_database(name: str):
         conn.close()
 
 
-@contextmanager
-def ray_cluster(tmp: Path):
-    """`ray start --head` plus a second node joining by address, each in its own session (so
-    stopping them leaves any other Ray on this machine alone), with token authentication:
-    yields the address and the environment a client needs (the token)."""
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    common = ["--num-cpus=1", "--block", "--disable-usage-stats"]
-    procs = []
-    try:
-        head = ["ray", "start", "--head", f"--port={port}", "--include-dashboard=false", *common]
-        procs.append(start(head, tmp / "head.log", env))
-        wait_for_nodes(address, 1, env)
-        worker = ["ray", "start", f"--address={address}", *common]
-        procs.append(start(worker, tmp / "worker.log", env))
-        wait_for_nodes(address, 2, env)
-        yield address, env
-    finally:
-        for proc in reversed(procs):
-            stop(proc)
-
-
-def start(args: list[str], log: Path, env: dict) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [str(BIN / args[0]), *args[1:]],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-
-
-def wait_for_nodes(address: str, n: int, env: dict, timeout: int = 120) -> None:
-    probe = (
-        "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR');"
-        "print(sum(node['Alive'] for node in ray.nodes()))"
-    )
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        out = subprocess.run(
-            [sys.executable, "-c", probe, address],
-            capture_output=True,
-            text=True,
-            timeout=90,
-            env=env,
-        )
-        if out.returncode == 0 and out.stdout.strip().endswith(str(n)):
-            return
-        time.sleep(2)
-    raise TimeoutError(f"Ray cluster at {address} did not reach {n} nodes")
-
-
 def test_sweep_against_postgres_backed_services_and_a_ray_cluster(tmp_path):
     postgres_or_skip()
     from mlflow import MlflowClient
 
     mlflow_port, prefect_port = free_port(), free_port()
     tag = f"imf_it_{os.getpid()}"
+    # A head and a second node joining by address, with token authentication.
+    ray_env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect-home")}
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     with (
         fresh_database(f"{tag}_mlflow") as mlflow_db,
         fresh_database(f"{tag}_prefect") as prefect_db,
-        service(
-            [
-                str(BIN / "mlflow"),
-                "server",
-                "--host=127.0.0.1",
-                f"--port={mlflow_port}",
-                f"--backend-store-uri=postgresql+psycopg2://{mlflow_db}",
-                f"--artifacts-destination={tmp_path / 'mlflow-artifacts'}",
-                "--workers=1",
-            ],
-            f"http://127.0.0.1:{mlflow_port}/health",
-            tmp_path / "mlflow.log",
-        ),
-        service(
-            [str(BIN / "prefect"), "server", "start", "--host=127.0.0.1", f"--port={prefect_port}"],
-            f"http://127.0.0.1:{prefect_port}/api/health",
-            tmp_path / "prefect.log",
-            env=env | {"PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{prefect_db}"},
-        ),
-        ray_cluster(tmp_path) as (ray_address, ray_env),
+        ray_temp_dir() as ray_temp,
+        started_together(  # the two servers and the cluster start in parallel
+            service(
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--host=127.0.0.1",
+                    f"--port={mlflow_port}",
+                    f"--backend-store-uri=postgresql+psycopg2://{mlflow_db}",
+                    f"--artifacts-destination={tmp_path / 'mlflow-artifacts'}",
+                    "--workers=1",
+                ],
+                f"http://127.0.0.1:{mlflow_port}/health",
+                tmp_path / "mlflow.log",
+            ),
+            service(
+                [
+                    str(BIN / "prefect"),
+                    "server",
+                    "start",
+                    "--host=127.0.0.1",
+                    f"--port={prefect_port}",
+                ],
+                f"http://127.0.0.1:{prefect_port}/api/health",
+                tmp_path / "prefect.log",
+                env=env
+                | {"PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{prefect_db}"},
+            ),
+            ray_cluster(ray_temp, nodes=2, env=ray_env, log=tmp_path),
+        ) as (_, _, ray_address),
     ):
         uri = f"http://127.0.0.1:{mlflow_port}"
         sweep = subprocess.run(
