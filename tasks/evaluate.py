@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from prefect import task
 from safetensors.torch import load_file
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from imf_core.data import LatentDataset
 from imf_core.guidance import generate, ignores_omega, input_sensitivity
@@ -46,7 +45,7 @@ from tasks.artifacts import (
     sha256_file,
     write_json_atomic,
 )
-from tasks.features import UINT8_RULE, check_weights, open_extractor, to_uint8
+from tasks.features import UINT8_RULE, check_weights, to_uint8
 from tasks.grids import decoded_grid, grid_inputs, point_title, save_png
 from tasks.precompute import PrecomputeResult, makes_classifier
 from tasks.provenance import device_name
@@ -504,13 +503,16 @@ class UnitRunner:
             )
         t = tokenizer_cfg
         self.tokenizer = open_tokenizer(t.name, t.path, t.variant, e.device)
+        from tasks.extractors import open_extractor
+
         self.extractor = open_extractor(kind, features).to(self.device)
+        self.rgb_extractor = kind == "inception"
         self.data = LatentDataset(data, sample_posterior=False) if data else None
 
     def features(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(features, logits) of latents, decoded and converted to uint8 as samples are."""
         images = to_uint8(self.tokenizer.decode(latents.to(self.device))).to(self.device)
-        if images.shape[1] == 1 and isinstance(self.extractor, FeatureExtractorInceptionV3):
+        if images.shape[1] == 1 and self.rgb_extractor:
             images = images.repeat(1, 3, 1, 1)  # grey-scale data through an RGB network
         f, logits = self.extractor(images)
         return f.cpu(), logits.cpu()

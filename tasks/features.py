@@ -1,11 +1,7 @@
-"""Feature extractors for evaluation, both behind torch-fidelity's FeatureExtractorBase.
-
-inception   torch-fidelity's InceptionV3 (2048-d pool features, logits for IS) loaded from a
-            local weights file; it is never downloaded at run time
-classifier  a small CNN trained on the pixel-space dataset during precompute (digits,
-            mnist5k), registered with torch-fidelity as a custom extractor; its penultimate
-            layer gives FID features, its logits IS and the accuracy of conditional samples
-"""
+"""What evaluation measures with, in plain torch: the pixel classifier (a small CNN trained on
+the pixel-space dataset during precompute: digits, mnist5k; its penultimate layer gives FID
+features, its logits IS and the accuracy of conditional samples), the extractors' weights files,
+and how samples become uint8. Both extractors behind torch-fidelity: tasks.extractors."""
 
 from __future__ import annotations
 
@@ -14,9 +10,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_fidelity import register_feature_extractor
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from tqdm import tqdm
 
 CLASSIFIER_NAME = "imf-pixel-classifier"
@@ -70,48 +63,6 @@ def save_classifier(model: PixelClassifier, path: Path) -> None:
     torch.save({"meta": meta, "state": model.state_dict()}, path)
 
 
-class ClassifierExtractor(FeatureExtractorBase):
-    """The pixel classifier as a torch-fidelity extractor: uint8 images -> features, logits."""
-
-    def __init__(
-        self, name: str, features_list, feature_extractor_weights_path: str | None = None, **kwargs
-    ):
-        super().__init__(name, features_list)
-        if not feature_extractor_weights_path:
-            raise ValueError(
-                "the pixel classifier needs its weights path (made by the precompute stage)"
-            )
-        saved = torch.load(feature_extractor_weights_path, weights_only=True, map_location="cpu")
-        self.model = PixelClassifier(**saved["meta"])
-        self.model.load_state_dict(saved["state"])
-        self.requires_grad_(False).eval()
-
-    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        x = x.float() / 127.5 - 1.0  # uint8 back to [-1, 1], the range it was trained on
-        feats = self.model.features(x)
-        out = {"features": feats, "logits": self.model.head(feats)}
-        return tuple(out[k] for k in self.features_list)
-
-    @staticmethod
-    def get_provided_features_list():
-        return "features", "logits"
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {"fid": "features", "isc": "logits", "kid": "features", "prc": "features"}[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
-
-
-register_feature_extractor(CLASSIFIER_NAME, ClassifierExtractor)
-
-
 def check_weights(kind: str, weights: str | Path) -> Path:
     """The extractor's local weights file, or an error saying how to provide it."""
     path = Path(weights)
@@ -125,21 +76,6 @@ def check_weights(kind: str, weights: str | Path) -> Path:
             else f"classifier weights {str(path)!r} not found (made by precompute for pixel data)"
         )
     return path
-
-
-def open_extractor(kind: str, weights: str | Path) -> FeatureExtractorBase:
-    """(features, logits) extractor: "inception" from a local weights file, or "classifier"."""
-    path = check_weights(kind, weights)
-    if kind == "inception":
-        return FeatureExtractorInceptionV3(
-            "inception-v3-compat",
-            ["2048", "logits_unbiased"],
-            feature_extractor_weights_path=str(path),
-        )
-    if kind == "classifier":
-        return ClassifierExtractor(
-            CLASSIFIER_NAME, ["features", "logits"], feature_extractor_weights_path=str(path)
-        )
 
 
 # How samples become uint8, recorded in every results.json entry.

@@ -393,7 +393,8 @@ def _fit_classifier(out: Path, names: list[str], num_classes: int, steps: int) -
     """Trains the evaluation classifier on the shards' rows; writes it and the reference
     feature statistics of the training set (through the same uint8 path as samples)."""
     from imf_core.metrics import FeatureStats
-    from tasks.features import open_extractor, save_classifier, to_uint8, train_classifier
+    from tasks.extractors import open_extractor
+    from tasks.features import save_classifier, to_uint8, train_classifier
 
     table = pa.concat_tables(pq.read_table(out / n, columns=["latent", "label"]) for n in names)
     images = torch.from_numpy(table["latent"].combine_chunks().to_numpy_ndarray()[:, 0].copy())

@@ -14,7 +14,8 @@ from benchmarks.random_weights import random_inception_weights
 from imf_core.models import create
 from tasks.config import load_config
 from tasks.evaluate import evaluate
-from tasks.features import CLASSIFIER_NAME, open_extractor, to_uint8
+from tasks.extractors import open_extractor
+from tasks.features import CLASSIFIER_NAME, to_uint8
 from tasks.precompute import precompute
 
 
