@@ -265,7 +265,10 @@ def machine(check: Check, sizes: Sizes) -> None:
     a = torch.randn(n, n, device=check.device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=check.device, dtype=dtype, generator=gen)
     seconds = timed(check, lambda: a @ b, 10)
-    info["matmul"] = {"n": n, "dtype": str(dtype), "tflops": round(2 * n**3 / seconds / 1e12, 1)}
+    # Four significant figures, not one decimal: a toy-size matmul on a loaded CPU ran under
+    # 0.05 TFLOP/s, which one decimal wrote as 0.0 (and every MFU below divided by it).
+    tflops = float(f"{2 * n**3 / seconds / 1e12:.4g}")
+    info["matmul"] = {"n": n, "dtype": str(dtype), "tflops": tflops}
     check.results["machine"] = info
     check.sections["machine"] = [
         f"- {info['gpu']}"
