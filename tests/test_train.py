@@ -2,7 +2,8 @@
 tracking outage (the NaN guard: tests/test_flows.py, a sweep's variant; two launches at once:
 tests/test_preemption.py).
 
-Each test launches a real TorchTrainer on local Ray (CPU, gloo): tens of seconds each.
+Real TorchTrainers on the session's local Ray (CPU, gloo), tens of seconds each: the data-parallel
+fits run once, side by side, and several tests read them.
 """
 
 import time
