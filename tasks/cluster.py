@@ -184,7 +184,8 @@ def start_local_ray(address: str, cpus_needed: float, gpus: int | None, runtime_
 
 
 def forget_address() -> None:
-    """RAY_ADDRESS back to what it was before connect_ray pinned its Ray's."""
+    """RAY_ADDRESS back to what it was before connect_ray pinned its Ray's; this process is
+    no longer connected (connected() is False)."""
     global _connected
     _connected = False
     if _address_before is None:

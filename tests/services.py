@@ -44,7 +44,8 @@ def service(args: list[str], health: str, log: Path, env: dict | None = None, ti
 
 
 def stop(proc: subprocess.Popen, signals=(signal.SIGTERM, signal.SIGKILL)) -> None:
-    """SIGTERM to the process group, SIGKILL after 60 s."""
+    """Each of `signals` to the process group in turn, the next after 60 s (by default
+    SIGTERM, then SIGKILL)."""
     for sig in signals:
         try:
             os.killpg(proc.pid, sig)

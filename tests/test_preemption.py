@@ -152,8 +152,8 @@ def test_sigterm_checkpoints_the_step_reached_and_the_resume_matches_a_run_never
     a, b = load_file(stopped.dir / "ema.safetensors"), load_file(clean_dir / "ema.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
-    finished = MlflowClient(f"sqlite:///{root}/m.db").get_run(stopped.run_id)
-    assert finished.info.status == "FINISHED"
+    final = MlflowClient(f"sqlite:///{root}/m.db").get_run(stopped.run_id)
+    assert final.info.status == "FINISHED"
 
 
 def test_two_launches_of_the_same_training_train_once(preempted):
