@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from prefect import task
 from safetensors.torch import load_file
 
 from imf_core.data import LatentDataset
@@ -37,11 +36,10 @@ from tasks import preemption
 from tasks.artifacts import (
     FileRecord,
     Manifest,
+    StageTask,
     atomic_path,
-    cache_key_of,
     content_key,
     output_lock,
-    reported,
     sha256_file,
     write_json_atomic,
 )
@@ -678,8 +676,5 @@ def plot_fid_vs_omega(results: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-# The Prefect task the flows call: cached by content key while `_SUCCESS` stands (the unit
-# files decide what an interrupted evaluation still has to compute).
-evaluate_task = task(
-    reported(evaluate), name="evaluate", cache_key_fn=cache_key_of(output_dir), persist_result=True
-)
+# What the flows call; the unit files decide what an interrupted evaluation still computes.
+evaluate_task = StageTask(evaluate, "evaluate", output_dir)

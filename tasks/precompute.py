@@ -24,18 +24,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from prefect import task
 from tqdm import tqdm
 
 from tasks import preemption
 from tasks.artifacts import (
     FileRecord,
     Manifest,
+    StageTask,
     atomic_path,
-    cache_key_of,
     content_key,
     output_lock,
-    reported,
     require_free_space,
     require_manifest,
 )
@@ -428,10 +426,4 @@ def _tokenizer_fingerprint(tok: TokenizerConfig) -> dict:
     return open_tokenizer(tok.name, tok.path, tok.variant, "cpu").fingerprint()
 
 
-# The Prefect task the flows call: cached by content key while `_SUCCESS` stands.
-precompute_task = task(
-    reported(precompute),
-    name="precompute",
-    cache_key_fn=cache_key_of(output_dir),
-    persist_result=True,
-)
+precompute_task = StageTask(precompute, "precompute", output_dir)  # what the flows call

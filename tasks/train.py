@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from prefect import task
 from safetensors.torch import save_file
 
 from imf_core.models import build, count_params
@@ -31,10 +30,9 @@ from tasks import inrun_eval, preemption
 from tasks.artifacts import (
     FileRecord,
     Manifest,
-    cache_key_of,
+    StageTask,
     content_key,
     output_lock,
-    reported,
     require_free_space,
     write_json_atomic,
 )
@@ -310,10 +308,7 @@ def _fit(cfg, pre: PrecomputeResult, out: Path, run_id: str):
     return trainer.fit()
 
 
-# The Prefect task the flows call: cached by content key while `_SUCCESS` stands.
-train_task = task(
-    reported(train), name="train", cache_key_fn=cache_key_of(output_dir), persist_result=True
-)
+train_task = StageTask(train, "train", output_dir)  # what the flows call
 
 
 def train_loop(config: dict) -> None:
