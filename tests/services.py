@@ -43,6 +43,19 @@ def service(args: list[str], health: str, log: Path, env: dict | None = None, ti
         stop(proc)
 
 
+def mlflow_server(port: int, store: str, log: Path, artifacts: Path | None = None):
+    """`mlflow server` on 127.0.0.1:`port` with one worker, `store` its backend (and
+    `artifacts` its artifact destination), started as `service` starts it. Without MLflow's
+    job runner: its consumer processes serve GenAI jobs (prompt optimisation, scorers) that
+    nothing here submits, and cost ~12 s of CPU each time a server starts."""
+    args = [str(Path(sys.executable).parent / "mlflow"), "server", "--host=127.0.0.1"]
+    args += [f"--port={port}", f"--backend-store-uri={store}", "--workers=1"]
+    if artifacts is not None:
+        args.append(f"--artifacts-destination={artifacts}")
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return service(args, f"http://127.0.0.1:{port}/health", log, env=env)
+
+
 def stop(proc: subprocess.Popen, signals=(signal.SIGTERM, signal.SIGKILL)) -> None:
     """Each of `signals` to the process group in turn, the next after 60 s (by default
     SIGTERM, then SIGKILL)."""

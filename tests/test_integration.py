@@ -11,7 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from services import free_port, ray_cluster, ray_temp_dir, service, started_together
+from services import (
+    free_port,
+    mlflow_server,
+    ray_cluster,
+    ray_temp_dir,
+    service,
+    started_together,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -61,18 +68,11 @@ def test_sweep_against_postgres_backed_services_and_a_ray_cluster(tmp_path):
         fresh_database(f"{tag}_prefect") as prefect_db,
         ray_temp_dir() as ray_temp,
         started_together(  # the two servers and the cluster start in parallel
-            service(
-                [
-                    str(BIN / "mlflow"),
-                    "server",
-                    "--host=127.0.0.1",
-                    f"--port={mlflow_port}",
-                    f"--backend-store-uri=postgresql+psycopg2://{mlflow_db}",
-                    f"--artifacts-destination={tmp_path / 'mlflow-artifacts'}",
-                    "--workers=1",
-                ],
-                f"http://127.0.0.1:{mlflow_port}/health",
+            mlflow_server(
+                mlflow_port,
+                f"postgresql+psycopg2://{mlflow_db}",
                 tmp_path / "mlflow.log",
+                tmp_path / "mlflow-artifacts",
             ),
             service(
                 [

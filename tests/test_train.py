@@ -150,35 +150,29 @@ def test_a_dead_holders_lock_is_taken_over(tmp_path):
 def test_a_tracking_outage_mid_run_loses_nothing(tmp_path, local_ray):
     """The MLflow server is SIGKILLed while a training runs: the training still ends with
     `_SUCCESS`; once the server is back, the next command's replay completes the record."""
-    import sys
     import threading
 
-    from services import free_port, service, stop
+    from services import free_port, mlflow_server, stop
 
     from tasks.tracking import JOURNAL, prepare, read_journal
 
     port, store = free_port(), f"sqlite:///{tmp_path}/server.db"
-    server_args = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--host=127.0.0.1",
-        f"--port={port}",
-        f"--backend-store-uri={store}",
-        f"--artifacts-destination={tmp_path / 'mlflow-artifacts'}",
-        "--workers=1",
-    ]
-    health, uri = f"http://127.0.0.1:{port}/health", f"http://127.0.0.1:{port}"
+    uri = f"http://127.0.0.1:{port}"
+
+    def server(log: str):
+        return mlflow_server(port, store, tmp_path / log, tmp_path / "mlflow-artifacts")
+
     steps = 40
     overrides = [f"tracking.uri={uri}", f"train.steps={steps}", "train.checkpoint_every=10"]
     killed = threading.Event()
-    with service(server_args, health, tmp_path / "mlflow-1.log") as server:
+    with server("mlflow-1.log") as first:
 
         def kill_after_a_few_steps() -> None:
             deadline = time.time() + 300
             while time.time() < deadline:
                 journals = list((tmp_path / "train").glob(f"*/{JOURNAL}"))
                 if journals and len(read_journal(journals[0])) >= 5:
-                    stop(server)
+                    stop(first)
                     killed.set()
                     return
                 time.sleep(0.05)
@@ -200,7 +194,7 @@ def test_a_tracking_outage_mid_run_loses_nothing(tmp_path, local_ray):
 
     assert sent() < len(records)  # the outage kept some back
 
-    with service(server_args, health, tmp_path / "mlflow-2.log"):
+    with server("mlflow-2.log"):
         prepare(cfg)  # what every command does first
         assert sent() == len(records)
         loss = history(cfg, result.mlflow_run_id, "loss")

@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from services import free_port, noisy_lines, ray_state, service, untouched
+from services import free_port, mlflow_server, noisy_lines, ray_state, untouched
 
 pytestmark = pytest.mark.slow
 
@@ -69,16 +69,8 @@ def test_a_smoke_sweep_is_quiet_and_reads_well_in_mlflow(tmp_path, other_ray):
     assert all("omega: step" in line for line in progress), progress  # named by its variant
 
     port = free_port()
-    server = [
-        str(BIN / "mlflow"),
-        "server",
-        "--host=127.0.0.1",
-        f"--port={port}",
-        f"--backend-store-uri=sqlite:///{db}",
-        "--workers=1",
-    ]
     base = f"http://127.0.0.1:{port}"
-    with service(server, f"{base}/health", tmp_path / "mlflow.log"):
+    with mlflow_server(port, f"sqlite:///{db}", tmp_path / "mlflow.log"):
         experiment = api(base, "experiments/get-by-name?experiment_name=sweep-table1b")
         experiment = experiment["experiment"]
         tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
