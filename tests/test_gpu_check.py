@@ -1,17 +1,23 @@
 """`make gpu-check` cannot rot before a GPU shows up: the same code at toy sizes on the CPU (~45 s
-on this machine), importing nothing the GPU machine lacks (prefect, ray, mlflow, omegaconf...)."""
+on this machine, in the background of the session's first tests), importing nothing the GPU
+machine lacks (prefect, ray, mlflow, omegaconf...)."""
 
 import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 # What the GPU machine does not have; diffusers and torch_fidelity travel there as wheels.
 ABSENT_THERE = ("prefect", "ray", "mlflow", "omegaconf", "pyarrow", "tasks", "flows")
 
 
-def test_gpu_check_runs_at_toy_sizes_with_only_what_the_gpu_machine_has(tmp_path: Path):
+def toy_gpu_check(out: Path) -> SimpleNamespace:
+    """`make gpu-check` at toy sizes into `out`, with only what the GPU machine has: the
+    finished process and `out`."""
     runner = textwrap.dedent(
         f"""
         import runpy, sys
@@ -20,13 +26,19 @@ def test_gpu_check_runs_at_toy_sizes_with_only_what_the_gpu_machine_has(tmp_path
                 if name.split(".")[0] in {ABSENT_THERE!r}:
                     raise ModuleNotFoundError(f"{{name}} is not on the GPU machine")
         sys.meta_path.insert(0, Absent())
-        sys.argv = ["gpu_check", "--out", {str(tmp_path)!r}]
+        sys.argv = ["gpu_check", "--out", {str(out)!r}]
         runpy.run_module("benchmarks.gpu_check", run_name="__main__")
         """
     )
-    out = subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-c", runner], capture_output=True, text=True, timeout=300
     )
+    return SimpleNamespace(done=done, out=out)
+
+
+@pytest.mark.background(scenario=toy_gpu_check)
+def test_gpu_check_runs_at_toy_sizes_with_only_what_the_gpu_machine_has(background):
+    out, tmp_path = background.done, background.out
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     # every part ran inside its share of the budget (its time is a benchmark's business: a

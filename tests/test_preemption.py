@@ -192,18 +192,27 @@ variants:
 """
 
 
-def test_sigterm_to_a_sweep_leaves_no_process_and_ends_its_runs(tmp_path):
-    sweep_file = tmp_path / "stop.yaml"
+def stopped_sweep(root: Path) -> SimpleNamespace:
+    """A sweep of two trainings at once, stopped by SIGTERM once one has journaled step 10:
+    its exit code and output, and what was left of its processes a moment after."""
+    sweep_file = root / "stop.yaml"
     sweep_file.write_text(SWEEP)
-    args = [str(sweep_file), "--scale", "smoke", "--concurrency", "2", *common(tmp_path)]
-    proc = launch(tmp_path, "sweep", *args)
-    wait_for_step(proc, tmp_path, 10)
+    args = [str(sweep_file), "--scale", "smoke", "--concurrency", "2", *common(root)]
+    proc = launch(root, "sweep", *args)
+    wait_for_step(proc, root, 10)
     family = set(descendants(proc.pid))  # Ray's processes, Prefect's server, the workers
-    assert family
     code, out = stop(proc)
-    assert code == 128 + signal.SIGTERM, out
     left = [pid for pid in family if Path(f"/proc/{pid}").exists()]
-    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left]
+    left = [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left]
+    return SimpleNamespace(root=root, family=family, code=code, out=out, left=left)
+
+
+@pytest.mark.background(scenario=stopped_sweep)
+def test_sigterm_to_a_sweep_leaves_no_process_and_ends_its_runs(background):
+    tmp_path, code, out = background.root, background.code, background.out
+    assert background.family
+    assert code == 128 + signal.SIGTERM, out
+    assert not background.left, background.left
 
     runs = MlflowClient(f"sqlite:///{tmp_path}/m.db")
     (parent,) = runs.search_runs(
