@@ -116,25 +116,38 @@ def connect_ray(address: str, cpus_needed: float, gpus: int | None = None) -> No
         if ray.is_initialized():
             return
         drop_known_messages()
-        own = resolved_address(address) if address else f"127.0.0.1:{free_port()}"
         quiet = {
             "worker_process_setup_hook": "tasks.cluster.quiet_worker_logs",
             # Ray Train's print patch sends a worker's print to its logger *and*, when stdout
             # is wrapped (as in Ray workers), to the original print: every line twice.
-            "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_ADDRESS": own},
+            "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
         }
-        # This process's own lookups (the State API, Ray Train's driver side), and every
-        # process a local Ray starts from it: they inherit its environment.
+
+        def pin(own: str) -> None:
+            # The runtime env reaches every worker and actor; this process's own lookups (the
+            # State API, Ray Train's driver side) and every process a local Ray starts from it
+            # read its environment.
+            quiet["env_vars"]["RAY_ADDRESS"] = os.environ["RAY_ADDRESS"] = own
+
         _address_before = os.environ.get("RAY_ADDRESS")
-        os.environ["RAY_ADDRESS"] = own
         _connected = True
         try:
             if address:
+                pin(resolved_address(address))
                 # As given: for "auto" Ray reads the address pinned above, and, as for "auto"
                 # only, turns on token authentication when the node has a token.
                 ray.init(address=address, runtime_env=quiet)
             else:
-                start_local_ray(own, cpus_needed, gpus, quiet)
+                # The port is free when chosen, but another process (another command's Ray
+                # starting beside this one) can take it before the GCS binds it: then another.
+                for attempt in range(1, LOCAL_PORT_ATTEMPTS + 1):
+                    pin(f"127.0.0.1:{free_port()}")
+                    try:
+                        start_local_ray(os.environ["RAY_ADDRESS"], cpus_needed, gpus, quiet)
+                        break
+                    except PortTaken:
+                        if attempt == LOCAL_PORT_ATTEMPTS:
+                            raise
         except BaseException:
             forget_address()
             raise
@@ -146,6 +159,18 @@ def connect_ray(address: str, cpus_needed: float, gpus: int | None = None) -> No
 def connected() -> bool:
     """Whether connect_ray has connected this process to a Ray that is not shut down yet."""
     return _connected
+
+
+LOCAL_PORT_ATTEMPTS = 5
+
+
+class PortTaken(RuntimeError):
+    """The port chosen for a local Ray's GCS was taken before the GCS could bind it."""
+
+
+def port_taken(err: RuntimeError, port: str) -> bool:
+    """Whether ray.init failed because its GCS could not bind `port` (Ray's message)."""
+    return "Failed to start GCS" in str(err) and f"The specified port is {port}." in str(err)
 
 
 def start_local_ray(address: str, cpus_needed: float, gpus: int | None, runtime_env: dict):
@@ -170,13 +195,19 @@ def start_local_ray(address: str, cpus_needed: float, gpus: int | None, runtime_
     cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
     port = address.rsplit(":", 1)[1]
     with environment(RAY_GCS_SERVER_PORT=port):
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            num_cpus=cpus,
-            num_gpus=gpus,
-            runtime_env=runtime_env,
-        )
+        try:
+            ray.init(
+                address="local",
+                include_dashboard=False,
+                num_cpus=cpus,
+                num_gpus=gpus,
+                runtime_env=runtime_env,
+            )
+        except RuntimeError as err:
+            if not port_taken(err, port):
+                raise
+            ray.shutdown()
+            raise PortTaken(f"the port {port} chosen for a local Ray was taken") from err
     started = ray.get_runtime_context().gcs_address
     if started.rsplit(":", 1)[1] != port:  # a Ray that no longer honours the setting
         ray.shutdown()

@@ -47,3 +47,46 @@ def test_a_command_run_in_process_leaves_its_callers_ray_alone(local_ray, capsys
     assert main(["run", "-e", "no_such_experiment"]) == 2
     assert "no_such_experiment" in capsys.readouterr().err
     assert ray.is_initialized() and os.environ["RAY_ADDRESS"] == own
+
+
+def test_a_local_ray_whose_chosen_port_is_taken_starts_on_another():
+    """The port chosen for a local Ray's GCS can be taken before the GCS binds it (three
+    `imf train` started at once, one of them failed so in a fresh-clone run, 2026-12-06): the
+    command picks another. Ray takes ~40 s to report that its GCS died (measured here); the
+    first start is refused as Ray refuses it, the second is real. In a subprocess: this
+    session has its Ray."""
+    import subprocess
+    import sys
+
+    script = """
+import os
+import ray
+import tasks.cluster as cluster
+start, tried = cluster.start_local_ray, []
+def first_port_taken(address, *args):
+    tried.append(address)
+    if len(tried) == 1:
+        raise cluster.PortTaken(address)
+    return start(address, *args)
+cluster.start_local_ray = first_port_taken
+cluster.connect_ray("", 1)
+port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
+print(tried[0] != tried[1] == os.environ["RAY_ADDRESS"] and tried[1].endswith(f":{port}"))
+cluster.shutdown_ray()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.strip() == "True", done.stderr[-3000:]
+
+
+def test_a_port_taken_is_told_from_other_failures_by_rays_message():
+    from tasks.cluster import port_taken
+
+    # Ray 2.60's error when its GCS could not bind the chosen port (the fresh-clone failure)
+    message = (
+        "Failed to start GCS.  Last 1 lines of error files:\n[...] (gcs_server) "
+        "grpc_server.cc:134:  An unexpected system state has occurred. [...] Check failed: "
+        "server_ Failed to start the grpc server. The specified port is 34861. This means ..."
+    )
+    assert port_taken(RuntimeError(message), "34861")
+    assert not port_taken(RuntimeError(message), "34862")
+    assert not port_taken(RuntimeError("Failed to start GCS. Disk full"), "34861")
