@@ -141,9 +141,10 @@ def connect_ray(address: str, cpus_needed: float, gpus: int | None = None) -> No
                 # The port is free when chosen, but another process (another command's Ray
                 # starting beside this one) can take it before the GCS binds it: then another.
                 for attempt in range(1, LOCAL_PORT_ATTEMPTS + 1):
-                    pin(f"127.0.0.1:{free_port()}")
+                    own = f"127.0.0.1:{free_port()}"
+                    pin(own)
                     try:
-                        start_local_ray(os.environ["RAY_ADDRESS"], cpus_needed, gpus, quiet)
+                        start_local_ray(own, cpus_needed, gpus, quiet)
                         break
                     except PortTaken:
                         if attempt == LOCAL_PORT_ATTEMPTS:
