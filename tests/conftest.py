@@ -1,12 +1,13 @@
 """Shared fixtures: one Prefect test server and one local Ray per session (each takes seconds to
-start), another Ray on the machine, a stale record of a dead one; background scenarios."""
+start); background scenarios."""
 
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -33,56 +34,42 @@ def local_ray():
     shutdown_ray()
 
 
-@pytest.fixture(scope="session")
-def other_ray():
-    """Another Ray on the machine, as a user's own `ray start` leaves it: alive, and the
-    "current cluster" of its temp folder's record. A command run with RAY_TMPDIR=`temp` finds
-    it the way one finds a foreign Ray in the machine's /tmp/ray (issue 33)."""
-    from services import ray_cluster, ray_temp_dir
-
-    with ray_temp_dir() as temp, ray_cluster(temp) as address:
-        yield SimpleNamespace(address=address, temp=temp)
-
-
-@pytest.fixture(scope="session")
-def stale_ray_record():
-    """A Ray temp folder whose record of "the current cluster" names one that is gone, as a
-    killed `ray start` leaves it; its RAY_TMPDIR."""
-    from services import free_port, ray_temp_dir
-
-    with ray_temp_dir() as temp:
-        (temp / "ray").mkdir()
-        (temp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
-        yield temp
-
-
 class Background:
     """Scenarios that run beside the session's other tests. A test marked
     `@pytest.mark.background(scenario=f)` has `f(directory)` started, in a thread, once the
-    session's tests are collected, and reads its result through the `background` fixture. The
-    scenarios are subprocesses that leave a core idle (a command's imports, a Ray start, a
-    compile), and so are the unit tests that run first: side by side, the suite is shorter
-    (issue 33). One scenario at a time; only those of the selected tests."""
+    session's tests are collected, and reads its result through the `background` fixture;
+    tests marked with the same `f` read one run of it. The scenarios are subprocesses (a
+    command's imports, a Ray start, a compile, servers) that leave a core idle, and so are
+    most in-process tests: side by side, the suite is shorter (issue 33). One scenario at a
+    time, in the order of their tests; only those of the selected tests. Their tests run last,
+    so that the session's other tests run beside the scenarios instead of waiting for them."""
 
     def __init__(self) -> None:
-        self.futures: dict[str, Future] = {}
+        self.futures: dict[Callable, Future] = {}
+        self.seconds: dict[str, float] = {}  # each scenario's own time, for the summary
         self.pool: ThreadPoolExecutor | None = None
         self.root: Path | None = None
 
     def start(self, items: list[pytest.Item]) -> None:
-        marked = [(i.nodeid, i.get_closest_marker("background")) for i in items]
-        marked = [(nodeid, m.kwargs["scenario"]) for nodeid, m in marked if m is not None]
-        if not marked:
+        scenarios = dict.fromkeys(scenario_of(i) for i in items if scenario_of(i) is not None)
+        if not scenarios:
             return
         self.root = Path(tempfile.mkdtemp(prefix="imf-background-"))
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="background")
-        for n, (nodeid, scenario) in enumerate(marked):
+        for n, scenario in enumerate(scenarios):
             directory = self.root / str(n)
             directory.mkdir()
-            self.futures[nodeid] = self.pool.submit(scenario, directory)
+            self.futures[scenario] = self.pool.submit(self.timed, scenario, directory)
 
-    def result(self, nodeid: str):
-        return self.futures[nodeid].result()  # the scenario's exception, raised in its test
+    def timed(self, scenario: Callable, directory: Path):
+        start = time.monotonic()
+        try:
+            return scenario(directory)
+        finally:
+            self.seconds[scenario.__name__] = time.monotonic() - start
+
+    def result(self, scenario: Callable):
+        return self.futures[scenario].result()  # the scenario's exception, raised in its test
 
     def close(self) -> None:
         if self.pool is not None:
@@ -91,6 +78,15 @@ class Background:
 
 
 BACKGROUND = Background()
+
+
+def scenario_of(item: pytest.Item) -> Callable | None:
+    marker = item.get_closest_marker("background")
+    return None if marker is None else marker.kwargs["scenario"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: scenario_of(item) is not None)  # stable: their order kept
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -102,7 +98,15 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     BACKGROUND.close()
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Beside the slowest tests (whose setup waits for their scenario): each scenario's time."""
+    if BACKGROUND.seconds:
+        terminalreporter.write_sep("=", "background scenarios")
+        for name, seconds in BACKGROUND.seconds.items():
+            terminalreporter.write_line(f"{seconds:.2f}s {name}")
+
+
 @pytest.fixture
 def background(request):
     """What this test's background scenario returned (waits for it to end)."""
-    return BACKGROUND.result(request.node.nodeid)
+    return BACKGROUND.result(scenario_of(request.node))

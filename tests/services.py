@@ -14,6 +14,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 from tasks.cluster import free_port
 
@@ -154,6 +155,25 @@ def ray_cluster(temp: Path, nodes: int = 1, env: dict | None = None, log: Path |
         # 30 s first (34 s for two, measured), and nothing here needs it to
         for proc in reversed(procs):
             stop(proc, signals=(signal.SIGKILL,))
+
+
+@contextmanager
+def other_ray():
+    """Another Ray on the machine, as a user's own `ray start` leaves it: alive, and the
+    "current cluster" of its temp folder's record. A command run with RAY_TMPDIR=`temp` finds
+    it the way one finds a foreign Ray in the machine's /tmp/ray (issue 33)."""
+    with ray_temp_dir() as temp, ray_cluster(temp) as address:
+        yield SimpleNamespace(address=address, temp=temp)
+
+
+@contextmanager
+def stale_ray_record():
+    """A Ray temp folder whose record of "the current cluster" names one that is gone, as a
+    killed `ray start` leaves it; its RAY_TMPDIR."""
+    with ray_temp_dir() as temp:
+        (temp / "ray").mkdir()
+        (temp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+        yield temp
 
 
 RAY_PROBE = """

@@ -82,15 +82,21 @@ print(json.dumps({
 """
 
 
-@pytest.mark.slow
-def test_two_logical_gpu_workers_equal_one_process(tmp_path: Path):
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SCRIPT), str(tmp_path)],
+def two_logical_gpus(root: Path) -> subprocess.CompletedProcess:
+    """SCRIPT in a process of its own, with its own Ray of two logical GPUs."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SCRIPT), str(root)],
         capture_output=True,
         text=True,
         timeout=900,
         cwd=Path(__file__).resolve().parent.parent,
     )
+
+
+@pytest.mark.slow
+@pytest.mark.background(scenario=two_logical_gpus)
+def test_two_logical_gpu_workers_equal_one_process(background):
+    out = background
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["keys"][0] == got["keys"][1]  # GPU workers are not part of what is computed

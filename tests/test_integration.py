@@ -9,6 +9,7 @@ import sys
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from services import (
@@ -53,7 +54,10 @@ def fresh_database(name: str):
         conn.close()
 
 
-def test_sweep_against_postgres_backed_services_and_a_ray_cluster(tmp_path):
+def team_sweep(tmp_path: Path) -> SimpleNamespace:
+    """`imf sweep` of Tab. 1b's four variants against the team setup; then what MLflow and
+    Prefect hold of it, read while the servers are up. Skipped without PostgreSQL (the
+    skip is raised in the test that reads this)."""
     postgres_or_skip()
     from mlflow import MlflowClient
 
@@ -90,7 +94,6 @@ def test_sweep_against_postgres_backed_services_and_a_ray_cluster(tmp_path):
             ray_cluster(ray_temp, nodes=2, env=ray_env, log=tmp_path),
         ) as (_, _, ray_address),
     ):
-        uri = f"http://127.0.0.1:{mlflow_port}"
         sweep = subprocess.run(
             [
                 str(BIN / "imf"),
@@ -99,7 +102,7 @@ def test_sweep_against_postgres_backed_services_and_a_ray_cluster(tmp_path):
                 "--scale=smoke",
                 "--concurrency=2",  # two variants train at once, one per Ray node
                 f"train.ray_address={ray_address}",
-                f"tracking.uri={uri}",
+                f"tracking.uri=http://127.0.0.1:{mlflow_port}",
                 f"paths.artifacts={tmp_path / 'artifacts'}",
                 f"train.steps={STEPS}",
                 "train.checkpoint_every=30",
@@ -113,30 +116,51 @@ def test_sweep_against_postgres_backed_services_and_a_ray_cluster(tmp_path):
             text=True,
             timeout=1500,
         )
-        assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-5000:]
-
-        # MLflow: the parent, four finished variants, every logged step, every artifact.
-        client = MlflowClient(uri)
+        seen = SimpleNamespace(sweep=sweep)
+        if sweep.returncode != 0:
+            return seen
+        client = MlflowClient(f"http://127.0.0.1:{mlflow_port}")
         experiment = client.get_experiment_by_name("sweep-table1b")
-        (parent,) = client.search_runs([experiment.experiment_id], "tags.stage = 'sweep'")
-        assert parent.info.status == "FINISHED"
-        variants = {"imf_aux", "imf_aux_cfg", "omega", "omega_interval"}
-        for name in variants:
-            assert parent.data.tags[f"variant.{name}.status"] == "ok"
-            run = client.get_run(parent.data.tags[f"variant.{name}"])
-            assert run.info.status == "FINISHED"
-            assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-            history = client.get_metric_history(run.info.run_id, "train/loss")
-            assert sorted(m.step for m in history) == list(range(10, STEPS + 1, 10)), name
-            assert "eval/fid_best" in run.data.metrics
-            evaluation = parent.data.tags[f"variant.{name}.eval"]
-            logged = {a.path for a in client.list_artifacts(evaluation)}
-            assert {"results.json", "grids"} <= logged, name
-        # Prefect: one sweep flow run, completed, with every stage task completed.
-        flows = prefect_runs(prefect_port)
-        assert flows["flow_runs"] == {"imf-sweep": ["COMPLETED"]}
-        assert flows["task_states"] == {"COMPLETED"}
-        assert flows["tasks"] >= 1 + 4 + 4  # precompute + train + evaluate per variant
+        seen.parents = client.search_runs([experiment.experiment_id], "tags.stage = 'sweep'")
+        seen.variants = {}
+        for name, run_id in seen.parents[0].data.tags.items():
+            if name.startswith("variant.") and name.count(".") == 1:
+                seen.variants[name.removeprefix("variant.")] = SimpleNamespace(
+                    run=client.get_run(run_id),
+                    loss_steps=sorted(
+                        m.step for m in client.get_metric_history(run_id, "train/loss")
+                    ),
+                )
+        for name, variant in seen.variants.items():
+            evaluation = seen.parents[0].data.tags[f"variant.{name}.eval"]
+            variant.eval_artifacts = {a.path for a in client.list_artifacts(evaluation)}
+        seen.prefect = prefect_runs(prefect_port)
+        return seen
+
+
+@pytest.mark.background(scenario=team_sweep)
+def test_sweep_against_postgres_backed_services_and_a_ray_cluster(background):
+    sweep = background.sweep
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-5000:]
+
+    # MLflow: the parent, four finished variants, every logged step, every artifact.
+    (parent,) = background.parents
+    assert parent.info.status == "FINISHED"
+    variants = {"imf_aux", "imf_aux_cfg", "omega", "omega_interval"}
+    assert set(background.variants) == variants
+    for name, variant in background.variants.items():
+        assert parent.data.tags[f"variant.{name}.status"] == "ok"
+        run = variant.run
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert variant.loss_steps == list(range(10, STEPS + 1, 10)), name
+        assert "eval/fid_best" in run.data.metrics
+        assert {"results.json", "grids"} <= variant.eval_artifacts, name
+    # Prefect: one sweep flow run, completed, with every stage task completed.
+    flows = background.prefect
+    assert flows["flow_runs"] == {"imf-sweep": ["COMPLETED"]}
+    assert flows["task_states"] == {"COMPLETED"}
+    assert flows["tasks"] >= 1 + 4 + 4  # precompute + train + evaluate per variant
 
 
 def prefect_runs(port: int) -> dict:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
-from services import noisy_lines, ray_state, untouched
+from services import noisy_lines, other_ray, ray_state, stale_ray_record, untouched
 
 from tasks.preemption import descendants
 
@@ -91,46 +91,46 @@ def losses(root: Path, run_id: str) -> dict[int, list[float]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def preempted(tmp_path_factory, other_ray, stale_ray_record) -> SimpleNamespace:
+def preempted_launches(tmp: Path) -> SimpleNamespace:
     """One training (120 steps, no FID) launched four times as `imf train`: twice at once in one
     folder (the run never stopped: one launch trains it, the other waits and reuses it), and
     beside them in a folder of its own, once stopped by SIGTERM after step 40 and once
     relaunched. Every launch beside another Ray on the machine and a record naming a dead one
     (RAY_TMPDIR, issue 33), each other's Rays too."""
-    tmp = tmp_path_factory.mktemp("preempted")
     steps = ["train.steps=120", "precompute.classifier_steps=0", "train.eval_every=0"]
-    env = {"RAY_TMPDIR": str(stale_ray_record)}
-    before = ray_state(other_ray.address)
-    clean_root, root = tmp / "clean", tmp / "stopped"
-    train = ["train", "-e", "smoke"]
-    clean = [launch(clean_root, *train, *common(clean_root), *steps, env=env) for _ in range(2)]
-    proc = launch(root, *train, *common(root), *steps, env=env)
-    wait_for_step(proc, root, 40)
-    code, out = stop(proc)
-    (train_dir,) = (root / "a" / "train").iterdir()
-    run_id = (train_dir / "mlflow_run_id").read_text().strip()
-    # What the stop left, read before the relaunch moves on from it
-    stopped = SimpleNamespace(code=code, out=out, dir=train_dir, run_id=run_id)
-    stopped.run = MlflowClient(f"sqlite:///{root}/m.db").get_run(run_id)
-    stopped.reached = int((train_dir / "STOPPED").read_text())
-    checkpoints = sorted((train_dir / "ray" / "run").glob("checkpoint_*/state.pt"))
-    stopped.saved = torch.load(checkpoints[-1], weights_only=True)["step"]
-    resumed = finished(launch(root, *train, *common(root), *steps, env=env))
-    return SimpleNamespace(
-        root=root,
-        stopped=stopped,
-        resumed=resumed,
-        clean_root=clean_root,
-        clean=[finished(p) for p in clean],
-        other_ray=(before, ray_state(other_ray.address)),
-    )
+    with other_ray() as other, stale_ray_record() as stale:
+        env = {"RAY_TMPDIR": str(stale)}
+        before = ray_state(other.address)
+        clean_root, root = tmp / "clean", tmp / "stopped"
+        train = ["train", "-e", "smoke"]
+        clean = [launch(clean_root, *train, *common(clean_root), *steps, env=env) for _ in "12"]
+        proc = launch(root, *train, *common(root), *steps, env=env)
+        wait_for_step(proc, root, 40)
+        code, out = stop(proc)
+        (train_dir,) = (root / "a" / "train").iterdir()
+        run_id = (train_dir / "mlflow_run_id").read_text().strip()
+        # What the stop left, read before the relaunch moves on from it
+        stopped = SimpleNamespace(code=code, out=out, dir=train_dir, run_id=run_id)
+        stopped.run = MlflowClient(f"sqlite:///{root}/m.db").get_run(run_id)
+        stopped.reached = int((train_dir / "STOPPED").read_text())
+        checkpoints = sorted((train_dir / "ray" / "run").glob("checkpoint_*/state.pt"))
+        stopped.saved = torch.load(checkpoints[-1], weights_only=True)["step"]
+        resumed = finished(launch(root, *train, *common(root), *steps, env=env))
+        return SimpleNamespace(
+            root=root,
+            stopped=stopped,
+            resumed=resumed,
+            clean_root=clean_root,
+            clean=[finished(p) for p in clean],
+            other_ray=(before, ray_state(other.address)),
+        )
 
 
+@pytest.mark.background(scenario=preempted_launches)
 def test_sigterm_checkpoints_the_step_reached_and_the_resume_matches_a_run_never_stopped(
-    preempted,
+    background,
 ):
-    stopped, root, clean_root = preempted.stopped, preempted.root, preempted.clean_root
+    stopped, root, clean_root = background.stopped, background.root, background.clean_root
     assert stopped.code == 128 + signal.SIGTERM, stopped.out
     assert "preempted (SIGTERM): stopped; relaunch to resume" in stopped.out
     assert 40 <= stopped.reached < 120
@@ -139,8 +139,8 @@ def test_sigterm_checkpoints_the_step_reached_and_the_resume_matches_a_run_never
     run = stopped.run
     assert run.info.status == "KILLED" and run.data.tags["error"] == "preempted (SIGTERM)"
 
-    assert preempted.resumed.code == 0, preempted.resumed.out
-    assert [c.code for c in preempted.clean] == [0, 0], [c.out for c in preempted.clean]
+    assert background.resumed.code == 0, background.resumed.out
+    assert [c.code for c in background.clean] == [0, 0], [c.out for c in background.clean]
     (clean_dir,) = (clean_root / "a" / "train").iterdir()
     assert clean_dir.name == stopped.dir.name  # the same training
 
@@ -156,29 +156,31 @@ def test_sigterm_checkpoints_the_step_reached_and_the_resume_matches_a_run_never
     assert final.info.status == "FINISHED"
 
 
-def test_two_launches_of_the_same_training_train_once(preempted):
+@pytest.mark.background(scenario=preempted_launches)
+def test_two_launches_of_the_same_training_train_once(background):
     """Two `imf train` at once on one artifacts directory: one trains, the other waits for it
     (saying who holds the output) and reuses what it made."""
-    outputs = [c.out for c in preempted.clean]
-    assert [c.code for c in preempted.clean] == [0, 0], outputs
+    outputs = [c.out for c in background.clean]
+    assert [c.code for c in background.clean] == [0, 0], outputs
     states = sorted(
         line.split(",")[0] for o in outputs for line in o.splitlines() if line.startswith("train: ")
     )
     assert states == ["train: reused", "train: trained"], outputs
     assert any("is being computed by" in o for o in outputs)
-    (train_dir,) = (preempted.clean_root / "a" / "train").iterdir()
+    (train_dir,) = (background.clean_root / "a" / "train").iterdir()
     kept = [p for p in (train_dir / "ray" / "run").glob("checkpoint_*") if p.is_dir()]
     assert len(kept) == 1  # the end's (checkpoint_every 1000): trained once
 
 
-def test_every_launch_keeps_to_its_own_ray_quietly(preempted):
+@pytest.mark.background(scenario=preempted_launches)
+def test_every_launch_keeps_to_its_own_ray_quietly(background):
     """Each launch, the stopped one too, beside the others', another Ray on the machine and a
     record naming a dead one: no line of Ray looking up "the current cluster", nothing of ours
     on that other Ray (issue 33)."""
-    launches = [preempted.stopped, preempted.resumed, *preempted.clean]
+    launches = [background.stopped, background.resumed, *background.clean]
     noisy = noisy_lines("\n".join(launch.out for launch in launches))
     assert noisy == [], "\n".join(noisy[:20])
-    assert untouched(*preempted.other_ray)
+    assert untouched(*background.other_ray)
 
 
 SWEEP = """
