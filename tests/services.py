@@ -113,6 +113,17 @@ def noisy_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if any(re.search(p, line) for p in NOISE)]
 
 
+def noise_report(output: str, before: int = 3, after: int = 30) -> str:
+    """The noisy lines of `output` with the lines around them (a traceback's body follows its
+    first line): what a failing quietness test shows, so that a rare one can be identified."""
+    lines = output.splitlines()
+    shown: set[int] = set()
+    for i, line in enumerate(lines):
+        if any(re.search(p, line) for p in NOISE):
+            shown.update(range(max(0, i - before), min(len(lines), i + after + 1)))
+    return "\n".join(lines[i] for i in sorted(shown))
+
+
 @contextmanager
 def ray_temp_dir():
     """A short folder for a Ray's sessions (its socket paths must stay under 108 bytes), and

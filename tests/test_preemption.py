@@ -16,14 +16,18 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
-from services import noisy_lines, other_ray, ray_state, stale_ray_record, untouched
+from services import noise_report, noisy_lines, other_ray, ray_state, stale_ray_record, untouched
 
 from tasks.preemption import descendants
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-GRACE = 30
+# The grace a stop may take before the command's timer kills what is left. What is asserted is
+# that a command ends by itself, not how fast: 30 s (the default, Kubernetes' and SLURM's) ran
+# out once for the stopped sweep, whose Ray and Prefect server took more than 25 s to end after
+# "stopped" with the suite's other scenarios beside it (a fresh-clone run, 2026-12-06).
+GRACE = 120
 
 
 def launch(root: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
@@ -178,8 +182,8 @@ def test_every_launch_keeps_to_its_own_ray_quietly(background):
     record naming a dead one: no line of Ray looking up "the current cluster", nothing of ours
     on that other Ray (issue 33)."""
     launches = [background.stopped, background.resumed, *background.clean]
-    noisy = noisy_lines("\n".join(launch.out for launch in launches))
-    assert noisy == [], "\n".join(noisy[:20])
+    output = "\n".join(launch.out for launch in launches)
+    assert noisy_lines(output) == [], noise_report(output)
     assert untouched(*background.other_ray)
 
 

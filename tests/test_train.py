@@ -206,7 +206,8 @@ def test_a_tracking_outage_mid_run_loses_nothing(tmp_path, local_ray):
 
 def test_known_ray_messages_stay_dropped_after_ray_trains_logging_setup():
     """Ray Train's controller runs dictConfig on `ray.train` after our worker hook, resetting
-    the level of every logger under it: the filters must survive and drop only the known line.
+    the level of every logger under it: the filters must survive and drop only the known line;
+    a local Ray's own (DROPPED_ON_ONE_MACHINE) only where LOCAL_RAY says the Ray is local.
     (In a subprocess: dictConfig would rewire this test session's own loggers.)"""
     import subprocess
     import sys
@@ -225,6 +226,16 @@ record = lambda msg: logger.makeRecord(name, logging.ERROR, "f", 1, msg, None, N
 assert not logger.filter(record(DROPPED[name] + "."))
 assert logger.filter(record("Failed to launch PlacementGroupCleaner: boom"))
 assert sum(isinstance(f, DropMessage) for f in logger.filters) == 1
+# A local Ray's own messages: kept on a cluster, dropped in the processes of a local Ray.
+import os
+from tasks.cluster import DROPPED_ON_ONE_MACHINE, LOCAL_RAY
+(name, text), = DROPPED_ON_ONE_MACHINE.items()
+logger = logging.getLogger(name)
+assert logger.filter(record(text + " train-1."))
+os.environ[LOCAL_RAY] = "1"
+drop_known_messages()
+assert not logger.filter(record(text + " train-1."))
+assert logger.filter(record("Another warning"))
 print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

@@ -12,7 +12,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from services import free_port, mlflow_server, noisy_lines, other_ray, ray_state, untouched
+from services import (
+    free_port,
+    mlflow_server,
+    noise_report,
+    noisy_lines,
+    other_ray,
+    ray_state,
+    untouched,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -81,8 +89,7 @@ def test_a_smoke_sweep_is_quiet_and_reads_well_in_mlflow(background):
     to its own and leaves that one untouched (issue 33)."""
     output = background.sweep.stdout + background.sweep.stderr
     assert background.sweep.returncode == 0, output[-5000:]
-    noisy = noisy_lines(output)
-    assert noisy == [], "\n".join(noisy[:20])
+    assert noisy_lines(output) == [], noise_report(output)
     assert untouched(*background.other_ray)
     progress = [line for line in output.splitlines() if re.search(r"step \d+/30 ", line)]
     assert progress and len(progress) == len(set(progress)), progress  # each line once
