@@ -109,8 +109,12 @@ NOISE = [
 ]
 
 
+def noisy(line: str) -> bool:
+    return any(re.search(p, line) for p in NOISE)
+
+
 def noisy_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if any(re.search(p, line) for p in NOISE)]
+    return [line for line in output.splitlines() if noisy(line)]
 
 
 def noise_report(output: str, before: int = 3, after: int = 30) -> str:
@@ -119,7 +123,7 @@ def noise_report(output: str, before: int = 3, after: int = 30) -> str:
     lines = output.splitlines()
     shown: set[int] = set()
     for i, line in enumerate(lines):
-        if any(re.search(p, line) for p in NOISE):
+        if noisy(line):
             shown.update(range(max(0, i - before), min(len(lines), i + after + 1)))
     return "\n".join(lines[i] for i in sorted(shown))
 

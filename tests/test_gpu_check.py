@@ -1,5 +1,5 @@
 """`make gpu-check` cannot rot before a GPU shows up: the same code at toy sizes on the CPU (~45 s
-on this machine, in the background of the session's first tests), importing nothing the GPU
+on this machine, a background scenario beside the session's other tests), importing nothing the GPU
 machine lacks (prefect, ray, mlflow, omegaconf...)."""
 
 import json
