@@ -6,12 +6,17 @@ imf evaluate   [-e EXPERIMENT] [key=value ...]
 imf run        [-e EXPERIMENT] [key=value ...]
 imf sweep SWEEP [--scale smoke|paper] [key=value ...]
 imf report SWEEP_OR_RUN
+imf --version
+Every command takes --config-dir DIR: the team's configs, over the shipped ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
 
 HELP = {
     "precompute": "latent precomputation to Parquet",
@@ -24,9 +29,43 @@ HELP = {
 
 
 def configs_in(folder: str) -> list[str]:
-    from tasks.config import CONFIG_DIR
+    from tasks.config import known_configs
 
-    return sorted(p.stem for p in (CONFIG_DIR / folder).glob("*.yaml"))
+    return known_configs(folder)
+
+
+def version() -> str:
+    """The package's version and the code it runs (tasks.provenance: a checkout or the build's
+    record)."""
+    from importlib.metadata import version as installed
+
+    from tasks.provenance import describe_code
+
+    return f"imf-pipeline {installed('imf-pipeline')} ({describe_code()})"
+
+
+@contextlib.contextmanager
+def team_configs(argv: list[str]) -> Iterator[None]:
+    """`--config-dir DIR` (repeatable, anywhere on the line) puts DIR over the shipped configs
+    for the command and everything it starts, as IMF_CONFIG_DIR does; read before the parser is
+    built, so that its experiment and sweep listings include the team's."""
+    from tasks.config import CONFIG_PATH_ENV
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config-dir", action="append", default=[])
+    dirs = pre.parse_known_args(argv)[0].config_dir
+    before = os.environ.get(CONFIG_PATH_ENV)
+    if dirs:
+        os.environ[CONFIG_PATH_ENV] = os.pathsep.join(
+            [*map(os.path.abspath, dirs), *([before] if before else [])]
+        )
+    try:
+        yield
+    finally:  # a caller's environment (main() called in-process) is left as it was
+        if before is None:
+            os.environ.pop(CONFIG_PATH_ENV, None)
+        else:
+            os.environ[CONFIG_PATH_ENV] = before
 
 
 def sweep_listing() -> str:
@@ -54,12 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="imf",
         description="Improved MeanFlow experiment pipeline.",
         epilog="example: imf run -e demo train.steps=500    (imf COMMAND --help for more)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # --version on one line
+    )
+    parser.add_argument("--version", action="version", version=version())
+    config_dir = argparse.ArgumentParser(add_help=False)
+    config_dir.add_argument(
+        "--config-dir",
+        action="append",
+        metavar="DIR",
+        help="a directory of the team's configs (base.yaml, data/, experiment/, sweep/) read "
+        "before the shipped ones; repeatable; also IMF_CONFIG_DIR",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     experiments = configs_in("experiment")
     for name in ("precompute", "train", "evaluate", "run"):
         sub = commands.add_parser(
             name,
+            parents=[config_dir],
             help=HELP[name],
             description=f"{HELP[name]}. Experiments (configs/experiment/): "
             f"{', '.join(experiments)}.",
@@ -77,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     sweep = commands.add_parser(
         "sweep",
+        parents=[config_dir],
         help=HELP["sweep"],
         description=f"{HELP['sweep']}. Sweeps and their scales:\n{sweep_listing()}",
         epilog="example: imf sweep table1b --scale smoke --seeds 5 train.steps=800",
@@ -100,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     report = commands.add_parser(
         "report",
+        parents=[config_dir],
         help=HELP["report"],
         epilog="example: imf report table1b --scale smoke",
     )
@@ -312,11 +364,15 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         sweep = load_sweep(args.sweep)
         configs = variant_configs(sweep, args.scale, args.overrides, only, args.seeds)
         return print_plan(f"sweep {sweep.name}, scale {args.scale}", configs, args)
-    if args.scale == "paper" and not args.allow_dirty:
-        from tasks.provenance import require_clean_tree
-
-        require_clean_tree()
-    result = run_sweep(args.sweep, args.scale, args.overrides, only, args.concurrency, args.seeds)
+    result = run_sweep(
+        args.sweep,
+        args.scale,
+        args.overrides,
+        only,
+        args.concurrency,
+        args.seeds,
+        args.allow_dirty,
+    )
     print(f"sweep {result.sweep} ({result.scale}): MLflow parent run {result.parent_run_id}")
     for v in result.variants:
         fid = f"best FID {v.fid_best:.3f}" if v.fid_best is not None else f"FAILED: {v.error}"
@@ -357,7 +413,19 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.cluster import quiet_known_warnings
 
     quiet_known_warnings()
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    with team_configs(argv):
+        return run_command(argv)
+
+
+def run_command(argv: list[str]) -> int:
+    from tasks.config import ConfigError
+
+    try:
+        parser = build_parser()
+    except ConfigError as err:  # a --config-dir that is not a directory
+        print(f"imf: error: {err}", file=sys.stderr)
+        return 2
     # key=value overrides may follow options (`imf sweep t --scale smoke k=v`): argparse binds
     # a trailing positional list at its first position, so the rest arrive as extras.
     args, extra = parser.parse_known_args(argv)
@@ -366,7 +434,6 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     from tasks import cluster, preemption
-    from tasks.config import ConfigError
 
     # A Ray this process had connected to before (a test session's) is its starter's to end.
     callers_ray = cluster.connected()

@@ -14,6 +14,7 @@ precompute, no artifact folder.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import math
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from imf_core.training import step_flops_per_image
 from tasks.artifacts import Manifest
 from tasks.resolve import model_config
 
-GPU_CHECKS = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu"
+GPU_CHECKS = Path(str(importlib.resources.files("benchmarks"))) / "gpu"  # shipped (package data)
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k's training set (what configs/data/ points at)
 # The GPU check's model labels of the presets it measures.
 CHECKED_PRESETS = {"imf_b2": "B/2", "imf_xl2": "XL/2"}

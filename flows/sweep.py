@@ -16,7 +16,6 @@ fails is reported and the others go on.
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +30,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.pipeline import RETRIES, results_beside, stage_names, start_ray
 from tasks import preemption
 from tasks.artifacts import content_key
-from tasks.config import CONFIG_DIR, ConfigError, ExperimentConfig, load_config
+from tasks.config import ConfigError, ExperimentConfig, config_file, load_config
 from tasks.evaluate import evaluate_task, preflight
 from tasks.precompute import precompute_task
+from tasks.provenance import require_clean_tree
 from tasks.tracking import client as tracking_client
 from tasks.tracking import open_run, tracking_uri
 from tasks.train import output_dir as train_output_dir
@@ -81,13 +81,14 @@ class SweepConfig:
 
 
 def load_sweep(name: str) -> SweepConfig:
-    """configs/sweep/<name>.yaml (or a path to a sweep file), checked against the schema."""
-    path = Path(name) if name.endswith(".yaml") else CONFIG_DIR / "sweep" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (CONFIG_DIR / "sweep").glob("*.yaml"))
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(f"no sweep {name!r} ({hint}known: {', '.join(known)})")
+    """configs/sweep/<name>.yaml (from the team's config directories or the shipped ones) or a
+    path to a sweep file, checked against the schema."""
+    if name.endswith(".yaml"):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"no sweep file {name}")
+    else:
+        path = config_file("sweep", name)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), OmegaConf.load(path))
         sweep = OmegaConf.to_object(merged)
@@ -205,6 +206,27 @@ def variant_configs(
     return configs
 
 
+def checked_sweep(
+    name: str,
+    scale: str,
+    overrides: list[str],
+    only: list[str],
+    seeds: int = 1,
+    allow_dirty: bool = False,
+) -> tuple[SweepConfig, dict[str, ExperimentConfig]]:
+    """The sweep and its variants' configs, checked before any work: a paper-scale sweep runs
+    from committed code only (tasks.provenance), and every variant's keys, values, files and
+    servers are checked. The flow runs it first, so that `imf sweep`, a deployment and a Python
+    call are refused alike; `imf sweep` runs it once more before a Prefect server starts."""
+    if scale == "paper" and not allow_dirty:
+        require_clean_tree()
+    sweep = load_sweep(name)
+    configs = variant_configs(sweep, scale, overrides, only, seeds)
+    for cfg in configs.values():
+        preflight(cfg)
+    return sweep, configs
+
+
 # ------------------------------------------------------------------ the parent run
 def sweep_dir(sweep: SweepConfig, scale: str, overrides: list[str], cfg, seeds: int = 1) -> Path:
     """Where a sweep run keeps its MLflow run ids: one per (sweep, scale, overrides, seeds)."""
@@ -280,13 +302,13 @@ def sweep_flow(
     overrides: list[str] | None = None,
     only: list[str] | None = None,
     seeds: int = 1,
+    allow_dirty: bool = False,
 ) -> SweepResult:
     """Runs every variant's pipeline (shared stages once) under one MLflow parent run; with
     several seeds, each variant's seeds under a run of that variant."""
     preemption.reinstall()  # over Prefect's SIGTERM handler, which would let trainings run on
     overrides, only = overrides or [], only or []
-    sweep = load_sweep(name)
-    configs = variant_configs(sweep, scale, overrides, only, seeds)
+    sweep, configs = checked_sweep(name, scale, overrides, only, seeds, allow_dirty)
     first = next(iter(configs.values()))
     parent = parent_run(sweep, scale, overrides, first, seeds)
     groups = {}
@@ -382,17 +404,16 @@ def run_sweep(
     only: list[str] | None = None,
     concurrency: int = 1,
     seeds: int = 1,
+    allow_dirty: bool = False,
 ) -> SweepResult:
     """`imf sweep`: checks every variant's config first, then runs the flow with `concurrency`
     variants at a time (threads; each stage's heavy work runs in Ray or its own workers)."""
     overrides, only = overrides or [], only or []
-    sweep = load_sweep(name)
-    configs = variant_configs(sweep, scale, overrides, only, seeds)
-    for cfg in configs.values():
-        preflight(cfg)
+    _, configs = checked_sweep(name, scale, overrides, only, seeds, allow_dirty)
     start_ray(list(configs.values()))
     # Two threads per variant: its evaluation task waits on its training in a thread of its own.
     runner = ThreadPoolTaskRunner(max_workers=2 * max(1, concurrency))
     with results_beside(next(iter(configs.values())).paths.artifacts):
         with tags("imf", f"sweep:{name}", f"scale:{scale}"):
-            return sweep_flow.with_options(task_runner=runner)(name, scale, overrides, only, seeds)
+            flow = sweep_flow.with_options(task_runner=runner)
+            return flow(name, scale, overrides, only, seeds, allow_dirty)

@@ -4,14 +4,19 @@
 
 Composition: configs/base.yaml <- configs/data/<data>.yaml <- configs/experiment/<name>.yaml
 <- dot-list overrides. `defaults.data` (base or experiment) picks the data file. An unknown or
-mistyped key is an error naming the key and the file it came from. Model presets live in code
-(imf_core.models.PRESETS); `model.name` picks one and any other `model.*` key overrides it.
+mistyped key is an error naming the key and the file it came from. Each file is looked up
+first in the team's directories (`--config-dir`, IMF_CONFIG_DIR), then in the configs shipped
+with the package, so a team adds or replaces an experiment, dataset or sweep without forking.
+Model presets live in code (imf_core.models.PRESETS); `model.name` picks one and any other
+`model.*` key overrides it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
@@ -28,7 +33,8 @@ from tasks.precompute import DataConfig, PrecomputeConfig, TokenizerConfig
 from tasks.resolve import model_config, to_dict  # noqa: F401 (the config's public helpers)
 from tasks.train import TrainConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(str(importlib.resources.files("configs")))  # shipped with the package
+CONFIG_PATH_ENV = "IMF_CONFIG_DIR"  # the team's config directories, os.pathsep-separated
 
 
 class ConfigError(ValueError):
@@ -109,12 +115,39 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
         raise ConfigError(f"command-line overrides: {str(err).splitlines()[0]}") from err
 
 
+def config_dirs() -> list[Path]:
+    """Where config files are looked up, first match wins: the team's directories
+    (IMF_CONFIG_DIR; `--config-dir` sets it for a command), then the shipped configs."""
+    team = [Path(p).expanduser() for p in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep)]
+    for folder in (p for p in team if str(p) != "."):
+        if not folder.is_dir():
+            raise ConfigError(f"{CONFIG_PATH_ENV} / --config-dir: {folder} is not a directory")
+    return [p for p in team if str(p) != "."] + [CONFIG_DIR]
+
+
+def known_configs(kind: str, dirs: list[Path] | None = None) -> list[str]:
+    """The names of `kind` ("experiment", "data", "sweep") in every config directory."""
+    return sorted({p.stem for d in dirs or config_dirs() for p in (d / kind).glob("*.yaml")})
+
+
+def config_file(kind: str, name: str, dirs: list[Path] | None = None) -> Path:
+    """`<kind>/<name>.yaml` from the first directory that has it; else an error listing the
+    known names (and the closest one)."""
+    dirs = dirs or config_dirs()
+    for folder in dirs:
+        path = folder / kind / f"{name}.yaml"
+        if path.is_file():
+            return path
+    known = known_configs(kind, dirs)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    where = ", ".join(str(d / kind) for d in dirs)
+    raise ConfigError(
+        f"no {kind or 'config'} {name!r} ({hint}known: {', '.join(known)}; looked in {where})"
+    )
+
+
 def _load_yaml(path: Path) -> DictConfig:
-    if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
-        close = difflib.get_close_matches(path.stem, known, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(f"no config file {path} ({hint}known: {', '.join(known)})")
     try:
         return OmegaConf.load(path)
     except Exception as err:  # yaml's parser errors: one line naming the file and the place
@@ -125,12 +158,15 @@ def _load_yaml(path: Path) -> DictConfig:
 
 
 def load_config(
-    experiment: str, overrides: list[str] | None = None, config_dir: Path = CONFIG_DIR
+    experiment: str, overrides: list[str] | None = None, config_dir: Path | None = None
 ) -> ExperimentConfig:
-    """Composes the experiment config and returns it as checked dataclasses."""
+    """Composes the experiment config and returns it as checked dataclasses. `config_dir`:
+    read that directory only (default: config_dirs())."""
+    dirs = [config_dir] if config_dir else config_dirs()
     schema = OmegaConf.structured(ExperimentConfig)
-    base = _merge(schema, _load_yaml(config_dir / "base.yaml"), "configs/base.yaml")
-    exp_file = config_dir / "experiment" / f"{experiment}.yaml"
+    base_file = config_file("", "base", dirs)
+    base = _merge(schema, _load_yaml(base_file), str(base_file))
+    exp_file = config_file("experiment", experiment, dirs)
     exp = _load_yaml(exp_file)
     cli = _parse_overrides(list(overrides or []))
     data_name = (
@@ -138,12 +174,9 @@ def load_config(
         or OmegaConf.select(exp, "defaults.data")
         or base.defaults.data
     )
-    cfg = _merge(
-        base,
-        _load_yaml(config_dir / "data" / f"{data_name}.yaml"),
-        f"configs/data/{data_name}.yaml",
-    )
-    cfg = _merge(cfg, exp, f"configs/experiment/{experiment}.yaml")
+    data_file = config_file("data", data_name, dirs)
+    cfg = _merge(base, _load_yaml(data_file), str(data_file))
+    cfg = _merge(cfg, exp, str(exp_file))
     cfg = _merge(cfg, cli, "command-line overrides")
     cfg.name = experiment
     try:

@@ -35,7 +35,8 @@ def test_each_commands_help_lists_its_choices(command, shown, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["run", "-e", "nosuch"], "no config file"),
+        (["run", "-e", "nosuch"], "no experiment 'nosuch' (known: demo, imagenet_b2, smoke;"),
+        (["run", "--config-dir", "/no/such", "-e", "smoke"], "/no/such is not a directory"),
         (["run", "-e", "smoke", "train.stpes=3"], "train.stpes"),
         (["sweep", "nosuch"], "no sweep 'nosuch'"),
         (["sweep", "table1a", "--scale", "huge"], "no scale 'huge'"),
