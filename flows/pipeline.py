@@ -63,12 +63,21 @@ def start_ray(configs: list) -> None:
     connect_ray(configs[0].train.ray_address, need)
 
 
-def run_pipeline(experiment: str, overrides: list[str] | None = None) -> PipelineResult:
-    """`imf run`: checks the config first (before a Prefect server starts), then the flow."""
+def checked_config(experiment: str, overrides: list[str] | None = None):
+    """The experiment's config, checked before any work: its keys and values, and every file
+    and server the stages will need. The flow runs it first, so that `imf run`, a deployment
+    and a Python call are refused alike; `imf run` runs it once more before a Prefect server
+    starts, to fail in a second instead of after one."""
     cfg = load_config(experiment, overrides or [])
     if cfg.eval.checkpoint:
         raise ConfigError("eval.checkpoint evaluates given weights without training: imf evaluate")
-    preflight(cfg)  # every file the stages will need, before a Prefect server starts
+    preflight(cfg)
+    return cfg
+
+
+def run_pipeline(experiment: str, overrides: list[str] | None = None) -> PipelineResult:
+    """`imf run`: checks the config first (before a Prefect server starts), then the flow."""
+    cfg = checked_config(experiment, overrides)
     start_ray([cfg])
     with results_beside(cfg.paths.artifacts), tags("imf", f"experiment:{experiment}"):
         return pipeline(experiment, overrides or [])
@@ -101,8 +110,7 @@ def stage_names(cfg) -> dict[str, dict[str, str]]:
 def pipeline(experiment: str = "smoke", overrides: list[str] | None = None) -> PipelineResult:
     """Precompute, train and evaluate one experiment config (configs/experiment/<name>.yaml)."""
     preemption.reinstall()  # over Prefect's SIGTERM handler (tasks.preemption says why)
-    cfg = load_config(experiment, overrides or [])
-    return run_stages(cfg)
+    return run_stages(checked_config(experiment, overrides))
 
 
 @flow(name="imf-precompute", log_prints=True)
