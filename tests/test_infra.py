@@ -196,13 +196,14 @@ def test_manifest_passes_the_kubernetes_and_kuberay_schemas(name):
         assert schema_errors(obj) == [], f"{obj['kind']}/{obj['metadata']['name']}"
 
 
-def with_typo(obj: dict, path: list, typo: str) -> dict:
-    """obj with the key at path renamed to typo."""
+def with_typo(obj: dict, path: str, typo: str) -> dict:
+    """obj with the key at a dotted path (list indices as numbers) renamed to typo."""
     obj = copy.deepcopy(obj)
+    *parents, key = [int(k) if k.isdigit() else k for k in path.split(".")]
     parent = obj
-    for key in path[:-1]:
-        parent = parent[key]
-    parent[typo] = parent.pop(path[-1])
+    for k in parents:
+        parent = parent[k]
+    parent[typo] = parent.pop(key)
     return obj
 
 
@@ -211,33 +212,23 @@ def with_typo(obj: dict, path: list, typo: str) -> dict:
     [
         (
             lambda: of_kind("Deployment")["mlflow"],
-            ["spec", "template", "spec", "containers", 0, "readinessProbe"],
+            "spec.template.spec.containers.0.readinessProbe",
             "readinesProbe",
         ),
         (
             lambda: of_kind("StatefulSet")["postgres"],
-            ["spec", "volumeClaimTemplates"],
+            "spec.volumeClaimTemplates",
             "volumeClaimTemplate",
         ),
         (
             lambda: load("kuberay/raycluster.yaml"),
-            ["spec", "enableInTreeAutoscaling"],
+            "spec.enableInTreeAutoscaling",
             "enableInTreeAutoScaling",
         ),
         # a pod template inside a RayJob: KubeRay's CRD embeds Kubernetes' pod schema
         (
             lambda: load("kuberay/rayjob-sweep.yaml"),
-            [
-                "spec",
-                "rayClusterSpec",
-                "workerGroupSpecs",
-                0,
-                "template",
-                "spec",
-                "containers",
-                0,
-                "envFrom",
-            ],
+            "spec.rayClusterSpec.workerGroupSpecs.0.template.spec.containers.0.envFrom",
             "envfrom",
         ),
     ],
