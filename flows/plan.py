@@ -29,6 +29,9 @@ from tasks.resolve import model_config
 
 GPU_CHECKS = Path(str(importlib.resources.files("benchmarks"))) / "gpu"  # shipped (package data)
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k's training set (what configs/data/ points at)
+# Datasheet dense bf16 peaks, TFLOP/s: the rate of a GPU without a GPU check of its own here
+# (`--plan --gpu a100 --mfu 0.35`), whose MFU is then an assumption, said so in the plan.
+DATASHEET_BF16_TFLOPS = {"a100": 312.0, "h100": 989.4, "h200": 989.4}
 # The GPU check's model labels of the presets it measures.
 CHECKED_PRESETS = {"imf_b2": "B/2", "imf_xl2": "XL/2"}
 
@@ -51,6 +54,8 @@ class Rates:
     eval_images_per_s: float = 0.0  # 1-NFE + SD-VAE decode + Inception, as evaluation runs
     generate_images_per_s: float = 0.0  # one B/2 network evaluation per image
     assumed_mfu: float = 0.0
+    peak_basis: str = "measured bf16 matmul"
+    eval_basis: str = "measured for B/2"
 
     @staticmethod
     def of(gpu: str, mfu: float = 0.0) -> Rates:
@@ -62,10 +67,15 @@ class Rates:
             if gpu.lower() in name.lower() and record.get("speed"):
                 records.append((record["machine"]["date"], path, record))
         if not records:
+            if mfu and gpu.lower() in DATASHEET_BF16_TFLOPS:
+                return Rates.assumed(gpu.lower(), mfu)
             known = sorted(
                 {json.loads(p.read_text())["machine"]["gpu"] for p in GPU_CHECKS.glob("*.json")}
             )
-            raise LookupError(f"no GPU check of a {gpu!r} in {GPU_CHECKS} (checked: {known})")
+            raise LookupError(
+                f"no GPU check of a {gpu!r} in {GPU_CHECKS} (checked: {known}); for another GPU "
+                f"give an assumed MFU: --gpu {'|'.join(DATASHEET_BF16_TFLOPS)} --mfu X"
+            )
         _, path, record = max(records, key=lambda r: r[0])
         rates = Rates(record["machine"]["gpu"], record["machine"]["matmul"]["tflops"], path.name)
         for e in record["speed"]["entries"]:
@@ -76,6 +86,24 @@ class Rates:
         rates.generate_images_per_s = sampling.get("generate", 0.0)
         rates.assumed_mfu = mfu
         return rates
+
+    @staticmethod
+    def assumed(gpu: str, mfu: float) -> Rates:
+        """A GPU with no check of its own: its datasheet peak at the assumed MFU; evaluation at
+        the newest check's measured rate, scaled by the two peaks (an assumption too)."""
+        measured = Rates.of("")
+        peak = DATASHEET_BF16_TFLOPS[gpu]
+        scale = peak / DATASHEET_BF16_TFLOPS.get(measured.gpu.split()[-1].lower(), peak)
+        return Rates(
+            gpu.upper(),
+            peak,
+            f"assumed, no GPU check of it; evaluation: {measured.source} x {scale:.2f}",
+            eval_images_per_s=measured.eval_images_per_s * scale,
+            generate_images_per_s=measured.generate_images_per_s * scale,
+            assumed_mfu=mfu,
+            peak_basis="datasheet bf16 peak",
+            eval_basis=f"assumed: {measured.gpu}'s x {scale:.2f}",
+        )
 
     def training_mfu(self, preset: str, objective: str) -> tuple[float, str]:
         """The MFU to cost a training with, and what it rests on."""
@@ -181,7 +209,7 @@ def evaluate_stage(cfg, label: str, trained: Stage, rates: Rates | None) -> Stag
     if rates is not None and rates.eval_images_per_s:
         extra = max(0, network_evals - decoded) / max(rates.generate_images_per_s, 1e-9)
         hours = (decoded / rates.eval_images_per_s + extra) / 3600
-        detail += f" (at {rates.eval_images_per_s:.0f} images/s measured for B/2)"
+        detail += f" (at {rates.eval_images_per_s:.0f} images/s {rates.eval_basis})"
     key, status = None, "to run"
     if trained.key is not None and trained.status == "reused":
         key, status = evaluation_status(cfg, trained.key)
@@ -219,7 +247,7 @@ class Plan:
         if self.rates is not None:
             lines.append(
                 f"GPU-hours on one {self.rates.gpu} ({self.rates.peak_tflops:.0f} TFLOP/s "
-                f"measured bf16 matmul; {self.rates.source})"
+                f"{self.rates.peak_basis}; {self.rates.source})"
             )
         else:
             lines.append("GPU-hours: no GPU check on record (pass --gpu NAME or --mfu X)")

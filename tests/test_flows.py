@@ -555,6 +555,27 @@ def test_a_paper_scale_plan_prints_the_costs_and_starts_nothing(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []  # no artifact folder, no mlflow.db
 
 
+def test_a_gpu_without_a_check_is_costed_at_its_datasheet_peak_and_an_assumed_mfu():
+    from flows.plan import DATASHEET_BF16_TFLOPS, Rates, flops_per_image
+    from tasks.config import model_config
+
+    configs = variant_configs(load_sweep("table1a"), "paper", [], ["imf_aux"])
+    plan = plan_of("table1a", configs, gpu="a100", mfu=0.35, images=1_281_167)
+    (train,) = [s for s in plan.stages if s.stage == "train"]
+    cfg = configs["imf_aux"]
+    images = 2_402_400 * 256
+    flops = images * flops_per_image(model_config(cfg), cfg.objective, cfg.guidance)
+    assert train.gpu_hours == pytest.approx(flops / (0.35 * 312e12) / 3600)
+    assert plan.rates.peak_basis == "datasheet bf16 peak" and "assumed" in plan.rates.source
+    h200 = Rates.of("h200")  # evaluation: the measured rate, scaled by the two datasheet peaks
+    scale = DATASHEET_BF16_TFLOPS["a100"] / DATASHEET_BF16_TFLOPS["h200"]
+    assert plan.rates.eval_images_per_s == pytest.approx(h200.eval_images_per_s * scale)
+    with pytest.raises(LookupError, match=r"--gpu a100\|h100\|h200 --mfu X"):
+        Rates.of("v100", 0.35)  # no datasheet peak known here either
+    with pytest.raises(LookupError, match="no GPU check of a 'a100'"):
+        Rates.of("a100")  # no check, no assumed MFU: nothing to cost with
+
+
 @pytest.mark.slow
 def test_variants_sharing_a_training_each_show_their_own_fid(mini_sweep):
     """Read as MLflow's compare view reads it (the REST API, through the client): one

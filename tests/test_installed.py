@@ -18,9 +18,9 @@ from tasks.provenance import REPO, code_state
 pytestmark = pytest.mark.slow
 
 TEAM_EXPERIMENT = """\
-# A team's experiment, kept outside the package: the smoke run with a wider tiny model.
+# A team's experiment, kept outside the package: a shorter smoke run.
 defaults: {data: digits}
-model: {name: tiny, hidden_size: 48}
+model: {name: tiny}
 train: {steps: 20}
 """
 
