@@ -1,7 +1,8 @@
-"""Docs that cannot drift from the code (README.md and docs/*.md; issue 27).
+"""Docs that cannot drift from the code (README.md, docs/*.md and infra/**/README.md; issue 27).
 
 1. Commands. Every command line in a fenced code block and every inline code span that starts
-   with `imf ` (also `.venv/bin/imf`, `python -m flows.demo`, after any `VAR=value` prefix) is
+   with `imf ` (also `.venv/bin/imf`, `python -m flows.demo`, after any `VAR=value` prefix; the
+   `imf` after `kubectl exec ... --`, the arguments of `sbatch ... infra/slurm/imf.sbatch`) is
    checked as the CLI would check it, with nothing started: the real parser (`imf COMMAND`,
    its options), then the validation each command runs before any stage -- the experiment, every
    `key=value` (`tasks.config.load_config`: an unknown key, a bad value or model preset fails),
@@ -34,6 +35,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES += sorted((ROOT / "infra").rglob("README.md"))  # the cluster files' own commands
 
 FENCE = re.compile(r"^\s*```")
 SPAN = re.compile(r"`([^`]+)`")
@@ -88,6 +90,13 @@ def argv_of(line: str) -> list[str] | None:
         return None
     while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=\S*", words[0]):
         words = words[1:]  # PREFECT_API_URL=... imf ...
+    if not words:
+        return None
+    if words[0] == "kubectl" and "--" in words:  # kubectl exec ... -- imf ...
+        words = words[words.index("--") + 1 :]
+    script = next((w for w in words if w.endswith("infra/slurm/imf.sbatch")), None)
+    if words and words[0] == "sbatch" and script:  # its arguments are an imf command's
+        words = ["imf", *words[words.index(script) + 1 :]]
     if not words:
         return None
     if words[0] == "imf" or words[0].endswith("/imf"):
