@@ -113,14 +113,18 @@ def load_sweep(name: str) -> SweepConfig:
 
 def resolved(cfg) -> dict[str, str]:
     """Everything that decides what a variant computes, flattened: the config with the model
-    section resolved to the preset's full ModelConfig (tracking and names left out)."""
+    section resolved to the preset's full ModelConfig (tracking, names and how the training
+    runs, e.g. its workers and micro-batches, left out)."""
     from tasks.resolve import to_dict
     from tasks.tracking import flatten
+    from tasks.train import RUNTIME_ONLY
 
     d = to_dict(cfg)
     for k in ("name", "tracking", "paths"):
         d.pop(k, None)
     d["model"].pop("name")  # the preset's name: its resolved fields are what count
+    for k in RUNTIME_ONLY:
+        d["train"].pop(k)
     return flatten(d)
 
 
