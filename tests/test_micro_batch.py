@@ -202,10 +202,9 @@ def test_a_steady_state_check_is_taken_as_measured():
     assert per_gpu_memory(cfg, rates).startswith(
         "per GPU: batch 32 (train.micro_batch: 2 micro-steps), ~60 GiB of 79: 48 fit"
     )
-    cfg.train.micro_batch = 40  # not a divisor of 64, but the line is what it is
-    assert "~68 GiB" in per_gpu_memory(cfg, rates) and "a steady-state step" in per_gpu_memory(
-        cfg, rates
-    )
+    cfg.train.micro_batch = 16  # below the probes: on the line through the nearest two
+    line = per_gpu_memory(cfg, rates)
+    assert "4 micro-steps), ~45 GiB of 79" in line and "a steady-state step" in line
     deeper = load_config("imagenet_b2", [*on_four, "model.depth=40"])
     assert per_gpu_memory(deeper, rates).endswith("has no figure for imf_xl2 as configured")
     assert per_gpu_memory(load_config("imagenet_b2", []), rates) == ""  # train.use_gpu false
