@@ -32,7 +32,9 @@ DIR/gpu_check.json.
   precision  30 steps of B/2 imf_aux + omega-interval CFG in bf16 against fp32, same init, draws
   speed      B/2 at batch 256: step time of each objective x compile x JVP attention, img/s,
              model TFLOP/s, MFU, peak memory; 1-NFE sampling + SD-VAE decode + Inception
-             features; the largest batch that fits (B/2, XL/2); XL/2's step times
+             features; the largest batch that fits in a steady-state step (B/2, XL/2; L/2
+             and M/2 with the time left), what --plan checks micro-batches against; XL/2's
+             step times
 
 Everything keeps to --budget-s: a measurement that would not fit in what is left is listed as
 skipped, with its estimate. Without CUDA (or with --toy) the same code runs at toy sizes on the
@@ -116,7 +118,12 @@ class Sizes:
                 batch_limits={"B/2": 64, "XL/2": 64},
             )
         return Sizes(
-            models={"B/2": ("imf_b2", {}), "XL/2": ("imf_xl2", {})},
+            models={
+                "B/2": ("imf_b2", {}),
+                "XL/2": ("imf_xl2", {}),
+                "M/2": ("imf_m2", {}),
+                "L/2": ("imf_l2", {}),
+            },
             small=dict(depth=1, aux_head_depth=1),  # one u-head block, one v-head block
             batch=256,
             attention_batch=64,
@@ -129,7 +136,7 @@ class Sizes:
             precision_steps=30,
             timed_steps=5,
             sample_batch=256,
-            batch_limits={"B/2": 2048, "XL/2": 1024},
+            batch_limits={"B/2": 2048, "XL/2": 1024, "M/2": 2048, "L/2": 1024},
         )
 
 
@@ -699,8 +706,10 @@ class Speed:
 
 
 def largest_batch(check: Check, sizes: Sizes, label: str) -> None:
-    """The largest per-GPU batch of imf_aux + omega-interval CFG (bf16, eager) that fits:
-    doubling from sizes.batch, then two bisection steps (a bounded search)."""
+    """The largest per-GPU batch of imf_aux + omega-interval CFG (bf16, eager) that fits in a
+    steady-state step (the second, after AdamW made its state: StepTimer.memory): doubling
+    from 64, then two bisection steps (a bounded search). What `--plan` checks a training's
+    per-GPU micro-batch against (flows.plan)."""
     if not check.fits(f"largest batch {label}", 10 if check.toy else 60):
         return
     preset, overrides = sizes.models[label]
@@ -744,6 +753,7 @@ def largest_batch(check: Check, sizes: Sizes, label: str) -> None:
         "limit": sizes.batch_limits[label],
         "probes": {b: (round(m, 1) if m is not None else "oom") for b, m in probes.items()},
         "memory": memory_kind,
+        "after_optimizer_step": True,  # checks before 2026-12-06 measured the first step
     }
     rows = [
         [
@@ -755,7 +765,8 @@ def largest_batch(check: Check, sizes: Sizes, label: str) -> None:
         for lab, r in check.results["max_batch"].items()
     ]
     check.sections["max_batch"] = [
-        "### Largest batch per GPU (imf_aux, aux head, omega-interval CFG, bf16, eager step)",
+        "### Largest batch per GPU (imf_aux, aux head, omega-interval CFG, bf16, eager; the "
+        "step after one optimizer step, AdamW's state allocated)",
         "",
         *table(["model", "fits", "fails", f"probes (batch: {memory_kind})"], rows),
     ]
@@ -827,7 +838,8 @@ def sampling(check: Check, sizes: Sizes) -> None:
 def speed(check: Check, sizes: Sizes) -> None:
     """In order of what matters, so that the five-minute budget ends on the least: the eager
     baseline, the default compiled step of B/2 (the MFU headline; its compile took 136 s on an
-    H200), sampling, then the compiled ratios, the batch search, the other modes and XL/2.
+    H200), sampling, then the compiled ratios, the batch search, the other modes, XL/2 and
+    the batch search of L/2 and M/2.
     A toy run takes each mode once: the same code in under a minute. (No preset runs the
     flash_jvp kernel: it is wrong at their 276 tokens, layers.flash_jvp_applies.)"""
     run = Speed(check, sizes)
@@ -842,9 +854,11 @@ def speed(check: Check, sizes: Sizes) -> None:
     largest_batch(check, sizes, "XL/2")
     run.run("B/2", ("imf_aux", "fm"), "jvp", "math")
     run.run("XL/2", ("fm", "imf_aux"), "none", "math")
-    if not check.toy:
+    if not check.toy:  # (the toy run has been through this code)
         run.run("XL/2", ("imf_aux", "fm"), "step", "math")
         run.run("B/2", ("mf", "imf_boundary"), "jvp", "math")
+        for label in ("L/2", "M/2"):  # Tab. 2's other sizes, for --plan's memory check
+            largest_batch(check, sizes, label)
     run.report()
 
 

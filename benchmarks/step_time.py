@@ -108,7 +108,10 @@ class StepTimer:
         return step_flops_per_image(meta, cfg, guidance, self.model.cfg.num_classes)
 
     def memory(self, objective: str) -> int:
-        """Peak allocated bytes on a GPU; autograd's saved bytes of an eager step on the CPU."""
+        """Peak allocated bytes of a steady-state step on a GPU: a step after a first one, whose
+        optimizer step made AdamW's state (two float32 copies of the weights, ~5 GiB at XL/2),
+        which the first step's peak misses; autograd's saved bytes of an eager step on the CPU."""
+        self.step(objective)  # on the CPU too: the toy run goes through the GPU's code
         if self.device.type == "cuda":
             sync(self.device)
             torch.cuda.reset_peak_memory_stats()

@@ -20,6 +20,7 @@ from prefect import flow, tags
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.states import State
 
+from flows.plan import check_gpu_memory
 from tasks import preemption
 from tasks.config import ConfigError, load_config
 from tasks.evaluate import EvalResult, evaluate_task, preflight
@@ -64,13 +65,14 @@ def start_ray(configs: list) -> None:
 
 
 def checked_config(experiment: str, overrides: list[str] | None = None):
-    """The experiment's config, checked before any work: its keys and values, and every file
-    and server the stages will need. The flow runs it first, so that `imf run`, a deployment
-    and a Python call are refused alike; `imf run` runs it once more before a Prefect server
-    starts, to fail in a second instead of after one."""
+    """The experiment's config, checked before any work: its keys and values, every file and
+    server the stages will need, and a GPU training's per-GPU batch. The flow runs it first,
+    so that `imf run`, a deployment and a Python call are refused alike; `imf run` runs it once
+    more before a Prefect server starts, to fail in a second instead of after one."""
     cfg = load_config(experiment, overrides or [])
     if cfg.eval.checkpoint:
         raise ConfigError("eval.checkpoint evaluates given weights without training: imf evaluate")
+    check_gpu_memory([cfg])  # a per-GPU batch over what fit on the GPU check: train.micro_batch
     preflight(cfg)
     return cfg
 

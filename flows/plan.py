@@ -14,6 +14,7 @@ precompute, no artifact folder.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import json
 import math
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imf_core.guidance import GuidanceConfig
-from imf_core.models import build
+from imf_core.models import build, count_params, preset
 from imf_core.objectives import ObjectiveConfig
 from imf_core.training import step_flops_per_image
 from tasks.artifacts import Manifest
@@ -33,7 +34,7 @@ IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k's training set (what configs/da
 # (`--plan --gpu a100 --mfu 0.35`), whose MFU is then an assumption, said so in the plan.
 DATASHEET_BF16_TFLOPS = {"a100": 312.0, "h100": 989.4, "h200": 989.4}
 # The GPU check's model labels of the presets it measures.
-CHECKED_PRESETS = {"imf_b2": "B/2", "imf_xl2": "XL/2"}
+CHECKED_PRESETS = {"imf_b2": "B/2", "imf_m2": "M/2", "imf_l2": "L/2", "imf_xl2": "XL/2"}
 
 
 def done(out: Path) -> bool:
@@ -56,6 +57,9 @@ class Rates:
     assumed_mfu: float = 0.0
     peak_basis: str = "measured bf16 matmul"
     eval_basis: str = "measured for B/2"
+    memory_gib: float = 0.0  # the GPU's memory
+    max_batch: dict[str, dict] = field(default_factory=dict)  # label -> the largest-batch search
+    timed_oom: dict[str, int] = field(default_factory=dict)  # label -> a timed step's OOM batch
 
     @staticmethod
     def of(gpu: str, mfu: float = 0.0) -> Rates:
@@ -85,6 +89,13 @@ class Rates:
         rates.eval_images_per_s = sampling.get("all", 0.0)
         rates.generate_images_per_s = sampling.get("generate", 0.0)
         rates.assumed_mfu = mfu
+        rates.memory_gib = record["machine"].get("gpu_memory_gib", 0.0)
+        rates.max_batch = record.get("max_batch", {})
+        for e in record["speed"]["entries"]:
+            if e.get("error") == "out of memory":
+                rates.timed_oom[e["model"]] = min(
+                    e["batch"], rates.timed_oom.get(e["model"], e["batch"])
+                )
         return rates
 
     @staticmethod
@@ -121,6 +132,97 @@ class Rates:
         return mfu, f"best measured, {100 * mfu:.0f} % MFU"
 
 
+# ------------------------------------------------------------------ what fits on a GPU
+def checked_label(cfg) -> str | None:
+    """The GPU check's label of the config's model: a preset it measures, unchanged."""
+    from tasks.train import MODEL_RUNTIME_ONLY
+
+    label = CHECKED_PRESETS.get(cfg.model.name)
+    runtime = {k: getattr(preset(cfg.model.name), k) for k in MODEL_RUNTIME_ONLY} if label else {}
+    if label and dataclasses.replace(model_config(cfg), **runtime) == preset(cfg.model.name):
+        return label
+    return None
+
+
+def largest_fitting(rates: Rates, label: str, adam_gib: float) -> tuple[int | None, dict, str]:
+    """(the largest per-GPU batch of `label` that fit, {batch: peak GiB of a steady-state step},
+    how the figures were taken). Checks before 2026-12-06 measured a first step, before AdamW's
+    state: their peaks get that state added, and a timed step's out-of-memory caps the batch."""
+    search = rates.max_batch[label]
+    probes = {int(b): gib for b, gib in search["probes"].items() if gib != "oom"}
+    largest = search["largest_fitting"]
+    if search.get("after_optimizer_step"):
+        return largest, probes, "a steady-state step"
+    probes = {b: gib + adam_gib for b, gib in probes.items()}
+    how = f"a first step + {adam_gib:.1f} GiB of AdamW state"
+    oom = rates.timed_oom.get(label)
+    if oom is not None and largest is not None and largest >= oom:
+        largest = max((b for b in probes if b < oom), default=None)
+        how += f"; a timed step ran out of memory at {oom}"
+    return largest, probes, how
+
+
+def expected_gib(probes: dict[int, float], batch: int) -> float:
+    """Peak memory at `batch`, linear through the two nearest probes (memory is the weights'
+    and optimizer's share plus the activations' share, proportional to the batch)."""
+    points = sorted(probes, key=lambda b: (abs(b - batch), b))[:2]
+    if len(points) == 1:
+        return probes[points[0]] * batch / points[0]
+    (b0, b1) = sorted(points)
+    return probes[b0] + (probes[b1] - probes[b0]) * (batch - b0) / (b1 - b0)
+
+
+def per_gpu_memory(cfg, rates: Rates | None) -> str:
+    """What a GPU training holds per GPU, from the GPU check's largest-batch search ("" without
+    train.use_gpu). Refuses (ConfigError) a per-GPU batch over the largest that fit there."""
+    import torch
+
+    from tasks.config import ConfigError
+
+    t = cfg.train
+    if not t.use_gpu:
+        return ""
+    per_worker = t.batch_size // t.num_workers
+    batch = min(t.micro_batch or per_worker, per_worker)
+    steps = f" (train.micro_batch: {per_worker // batch} micro-steps)" if batch < per_worker else ""
+    line = f"per GPU: batch {batch}{steps}"
+    label = checked_label(cfg)
+    if rates is None or not rates.max_batch:
+        return f"{line}; no GPU check on record to check its memory against"
+    if label not in rates.max_batch:
+        what = label or f"{cfg.model.name} as configured"
+        return f"{line}; the GPU check ({rates.source}) has no figure for {what}"
+    with torch.device("meta"):
+        adam_gib = 8 * count_params(build(model_config(cfg)), inference=False) / 2**30
+    largest, probes, how = largest_fitting(rates, label, adam_gib)
+    where = f"the {rates.gpu} ({rates.source}; imf_aux, eager, bf16, {how})"
+    if largest is None or batch > largest:
+        fits = [d for d in range(1, per_worker + 1) if per_worker % d == 0 and d <= (largest or 0)]
+        hint = f"set train.micro_batch={fits[-1]}" if fits else "no batch fit there"
+        raise ConfigError(
+            f"per-GPU batch {batch} of {label} is over the {largest or 0} that fit on {where}: "
+            f"{hint}"
+        )
+    gib = expected_gib(probes, batch)
+    return f"{line}, ~{gib:.0f} GiB of {rates.memory_gib:.0f}: {largest} fit on {where}"
+
+
+def check_gpu_memory(configs, gpu: str = "") -> None:
+    """per_gpu_memory's refusal for configs about to run, against the newest GPU check of `gpu`
+    (default h200), without a plan: for the validation a command runs before it starts."""
+    gpu_configs = [cfg for cfg in configs if cfg.train.use_gpu]
+    if not gpu_configs:
+        return
+    try:
+        rates = Rates.of(gpu or "h200")
+    except LookupError:
+        if gpu:
+            raise
+        return  # no GPU check on record: nothing to check against (the plan says so)
+    for cfg in gpu_configs:
+        per_gpu_memory(cfg, rates)
+
+
 # ------------------------------------------------------------------ the plan
 @dataclass
 class Stage:
@@ -131,6 +233,7 @@ class Stage:
     detail: str = ""
     gpu_hours: float | None = None
     disk_bytes: int = 0
+    memory: str = ""  # a GPU training's per-GPU batch and memory (per_gpu_memory)
 
 
 _FLOPS: dict[str, float] = {}
@@ -177,6 +280,7 @@ def train_stage(cfg, label: str, pre_key: str | None, rows: int, rates: Rates | 
     from tasks.train import checkpoint_bytes, train_key
 
     t = cfg.train
+    memory = per_gpu_memory(cfg, rates)  # a batch that does not fit: refused first
     world = t.num_workers
     steps_per_epoch = math.ceil(math.ceil(rows / world) / (t.batch_size // world)) if rows else 0
     steps = t.steps or max(1, math.ceil(t.epochs * steps_per_epoch))
@@ -196,7 +300,7 @@ def train_stage(cfg, label: str, pre_key: str | None, rows: int, rates: Rates | 
     out = Path(cfg.paths.artifacts).resolve() / "train" / key if key else None
     status = "reused" if out is not None and done(out) else "to run"
     disk = checkpoint_bytes(cfg) * (t.keep_checkpoints + 1)
-    return Stage("train", label, key, status, detail, hours, disk)
+    return Stage("train", label, key, status, detail, hours, disk, memory)
 
 
 def evaluate_stage(cfg, label: str, trained: Stage, rates: Rates | None) -> Stage:
@@ -261,6 +365,8 @@ class Plan:
                 lines.append(
                     f"  {s.label:<22} {key:<10} {s.status:<20} {hours:>12} {disk:>9}  {s.detail}"
                 )
+                if s.memory:
+                    lines.append(f"  {'':<22} {s.memory}")
         todo = [s for s in self.stages if s.status == "to run"]
         reused = [s for s in self.stages if s.status == "reused"]
         hours = sum(s.gpu_hours or 0.0 for s in todo)
@@ -298,6 +404,7 @@ def plan_of(
         first = seen.get(("train", trained.key)) if trained.key else None
         if first is not None:  # another variant trains it (Tab. 1b reuses Tab. 1a's)
             trained.status, trained.gpu_hours, trained.disk_bytes = f"shared ({first})", None, 0
+            trained.memory = ""
         elif trained.key:
             seen[("train", trained.key)] = label
         stages += [trained, evaluate_stage(cfg, label, trained, rates)]

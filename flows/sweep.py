@@ -28,6 +28,7 @@ from prefect import flow, tags
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.pipeline import RETRIES, results_beside, stage_names, start_ray
+from flows.plan import check_gpu_memory
 from tasks import preemption
 from tasks.artifacts import content_key
 from tasks.config import ConfigError, ExperimentConfig, config_file, load_config
@@ -114,14 +115,18 @@ def load_sweep(name: str) -> SweepConfig:
 
 def resolved(cfg) -> dict[str, str]:
     """Everything that decides what a variant computes, flattened: the config with the model
-    section resolved to the preset's full ModelConfig (tracking and names left out)."""
+    section resolved to the preset's full ModelConfig (tracking, names and how the training
+    runs, e.g. its workers and micro-batches, left out)."""
     from tasks.resolve import to_dict
     from tasks.tracking import flatten
+    from tasks.train import RUNTIME_ONLY
 
     d = to_dict(cfg)
     for k in ("name", "tracking", "paths"):
         d.pop(k, None)
     d["model"].pop("name")  # the preset's name: its resolved fields are what count
+    for k in RUNTIME_ONLY:
+        d["train"].pop(k)
     return flatten(d)
 
 
@@ -215,13 +220,15 @@ def checked_sweep(
     allow_dirty: bool = False,
 ) -> tuple[SweepConfig, dict[str, ExperimentConfig]]:
     """The sweep and its variants' configs, checked before any work: a paper-scale sweep runs
-    from committed code only (tasks.provenance), and every variant's keys, values, files and
-    servers are checked. The flow runs it first, so that `imf sweep`, a deployment and a Python
-    call are refused alike; `imf sweep` runs it once more before a Prefect server starts."""
+    from committed code only (tasks.provenance), and every variant's keys, values, files,
+    servers and per-GPU batch are checked. The flow runs it first, so that `imf sweep`, a
+    deployment and a Python call are refused alike; `imf sweep` runs it once more before a
+    Prefect server starts."""
     if scale == "paper" and not allow_dirty:
         require_clean_tree()
     sweep = load_sweep(name)
     configs = variant_configs(sweep, scale, overrides, only, seeds)
+    check_gpu_memory(configs.values())
     for cfg in configs.values():
         preflight(cfg)
     return sweep, configs

@@ -82,6 +82,21 @@ class Draws(NamedTuple):
     dropped: Tensor  # (B,) bool: rows whose label became the null class
     jvp_from: int  # rows [jvp_from, B) have r != t: the r = t rows are a prefix of the batch
 
+    def micro(self, k: int, steps: int) -> Draws:
+        """The draws of micro-step k of `steps` (gradient accumulation, train.micro_batch):
+        rows k::steps, the rows a data-parallel split over `steps` more ranks would hold. The
+        r = t rows stay a prefix, in the same share in every micro-batch (one compiled graph)."""
+        rows = slice(k, None, steps)
+        t, r, e, cond, dropped, jvp_from = self
+        return Draws(
+            t[rows],
+            r[rows],
+            e[rows],
+            cond.select(rows),
+            dropped[rows],
+            len(range(k, jvp_from, steps)),
+        )
+
 
 def draw(
     x: Tensor,

@@ -3,6 +3,7 @@
 >>> opt = make_optimizer(model, OptimConfig())
 >>> parts = train_step(model, opt, ema, x, y, objective, guidance, 10, step, optim_cfg)
 >>> parts = train_step(..., compile="step")   # the loss and its backward under torch.compile
+>>> parts = train_step(..., micro_batch=64)   # the same step, accumulated over rows k::K
 
 Compile modes (train.compile): "none" runs eagerly; "jvp" compiles the JVP pass alone;
 "step" compiles the whole loss -- the guidance passes, the JVP on the r != t rows, the forward
@@ -133,31 +134,44 @@ def train_step(
     compile_backend: str = "inductor",
     shard: tuple[int, int] = (0, 1),
     total_steps: int = 0,
+    micro_batch: int = 0,
 ) -> dict[str, Tensor]:
     """Loss, backward, (clip), AdamW step and EMA update. Returns the detached loss parts.
 
-    `model` may be DDP-wrapped; `inner` is then the bare module, used for the no-grad and JVP
-    passes so that DDP's hooks only see the one ordinary forward/backward. `compile`: one of
-    COMPILE_MODES (module docstring).
+    The batch's draws are made once (objectives.draw); with `micro_batch` (micro_steps) the
+    loss and backward run on rows k::K, k < K = ceil(len(x) / micro_batch), accumulating the
+    gradient of the batch's mean loss, before the one optimizer step: the same step as without,
+    to float rounding, in the memory of one micro-batch. `compile`: one of COMPILE_MODES
+    (module docstring).
     """
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, optim, total_steps) * group["lr_scale"]
+    steps = micro_steps(x.shape[0], micro_batch)
     draws = draw(x, y, objective, guidance, num_classes, generator, shard)
     loss_fn = compiled_loss(compile_backend) if compile == "step" else loss_of_draws
-    loss, parts = loss_fn(
-        model,
-        x,
-        y,
-        draws,
-        objective,
-        guidance,
-        num_classes,
-        compile_jvp=compile_backend if compile == "jvp" else None,
-    )
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    parts: dict[str, Tensor] = {}
+    for k in range(steps):
+        # Every part is a mean over the batch's rows (the adaptive weight is per row): the
+        # micro-batches' means, each weighted by its share of the rows, add up to the batch's.
+        rows = slice(k, None, steps)
+        share = len(range(k, x.shape[0], steps)) / x.shape[0]
+        loss, micro = loss_fn(
+            model,
+            x[rows],
+            y[rows],
+            draws.micro(k, steps),
+            objective,
+            guidance,
+            num_classes,
+            compile_jvp=compile_backend if compile == "jvp" else None,
+        )
+        (loss * share).backward()
+        for name, value in micro.items():
+            parts[name] = parts.get(name, 0.0) + value * share
+    # Data parallelism: gradients are averaged once, after the last micro-step (DDP's no_sync)
     if shard[1] > 1:
         average_gradients(model, shard[1])
     max_norm = optim.grad_clip if optim.grad_clip > 0 else float("inf")
@@ -166,6 +180,15 @@ def train_step(
     if ema is not None:
         ema.update(model)
     return parts
+
+
+def micro_steps(batch: int, micro_batch: int) -> int:
+    """How many micro-steps of at most `micro_batch` rows make a step of `batch` rows (one for
+    micro_batch 0). An epoch's last, smaller batch may not divide: its micro-batches then differ
+    by a row, each weighted by its size."""
+    if micro_batch < 0:
+        raise ValueError(f"micro-batch must be >= 0, got {micro_batch}")
+    return -(-batch // micro_batch) if micro_batch else 1
 
 
 def step_flops_per_image(

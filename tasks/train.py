@@ -58,6 +58,11 @@ class TrainConfig:
     steps: int = 0  # optimizer steps; 0 = derive from epochs
     epochs: float = 1.0  # passes over the precomputed rows (exact: a DistributedSampler per epoch)
     batch_size: int = 256  # global batch, split evenly over the workers
+    # Per-worker micro-batch: each step accumulates gradients over batch_size / (num_workers x
+    # micro_batch) micro-steps, then one optimizer step; the same step in the memory of a
+    # micro-batch (`--plan` checks it against the GPU check). 0, or at least the per-worker
+    # batch: one forward/backward of the whole per-worker batch
+    micro_batch: int = 0
     seed: int = 0  # initialisation and data order (a sweep's --seeds: seed, seed + 1, ...)
     num_workers: int = 1  # Ray Train workers (data-parallel ranks)
     cpus_per_worker: float = 1.0  # fractional on small machines
@@ -98,6 +103,16 @@ class TrainConfig:
                 f"train.batch_size {self.batch_size} does not split over "
                 f"train.num_workers {self.num_workers}: use a multiple of it"
             )
+        per_worker = self.batch_size // self.num_workers
+        if self.micro_batch < 0 or (
+            self.micro_batch < per_worker and self.micro_batch and per_worker % self.micro_batch
+        ):
+            fits = [d for d in range(1, per_worker) if per_worker % d == 0]
+            raise ValueError(
+                f"train.micro_batch {self.micro_batch} does not divide the per-worker batch "
+                f"{per_worker} (train.batch_size {self.batch_size} / train.num_workers "
+                f"{self.num_workers}): use one of {fits}, or 0 for no accumulation"
+            )
         if self.keep_checkpoints < 1:
             raise ValueError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         modes = ("auto", *COMPILE_MODES)
@@ -126,6 +141,7 @@ class TrainConfig:
 # What does not change the numbers a run computes stays out of its key.
 RUNTIME_ONLY = (
     "num_workers",
+    "micro_batch",
     "cpus_per_worker",
     "use_gpu",
     "log_every",
@@ -420,6 +436,7 @@ def train_loop(config: dict) -> None:
                         compile=compile,
                         shard=(rank, world),
                         total_steps=total,
+                        micro_batch=t.micro_batch,
                     )
                 # [loss not finite, a stop asked for] agreed by every rank, so that all of them
                 # stop at the same step (and report the same number of times)

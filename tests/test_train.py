@@ -48,14 +48,15 @@ def history(cfg, run_id: str, metric: str) -> dict[int, list[float]]:
 
 @pytest.fixture(scope="module")
 def data_parallel(tmp_path_factory, local_ray) -> dict:
-    """One training three ways, each in its own artifacts folder: on one worker, on two, and on
-    two whose last rank kills itself at step 6 (Ray restarts it from the step-4 checkpoint).
+    """One training three ways, each in its own artifacts folder: on one worker, on two (each
+    accumulating two micro-batches of 4, train.micro_batch), and on two whose last rank kills
+    itself at step 6 (Ray restarts it from the step-4 checkpoint).
     Warmup in epochs (Tab. 4's unit): 1,797 digits / batch 16 = 113 steps an epoch (with 1 or
     2 workers), so 0.1 epoch = 11 warmup steps."""
     root = tmp_path_factory.mktemp("data_parallel")
     same = ["train.steps=12", "train.checkpoint_every=4"]
     same += ["optim.warmup_steps=0", "optim.warmup_epochs=0.1"]
-    two = ["train.num_workers=2", "train.cpus_per_worker=1"]
+    two = ["train.num_workers=2", "train.cpus_per_worker=1", "train.micro_batch=4"]
     fault = ["train.fault_at_step=6", "train.max_failures=1", "train.keep_checkpoints=2"]
     runs = {
         "one": (root / "one", *same, "train.num_workers=1"),
@@ -69,7 +70,7 @@ def data_parallel(tmp_path_factory, local_ray) -> dict:
 
 def test_ddp_matches_one_worker_and_finished_runs_are_reused(data_parallel):
     (cfg1, one), (cfg2, two) = data_parallel["one"], data_parallel["two"]
-    assert one.key == two.key  # the worker count is not part of what is computed
+    assert one.key == two.key  # nor the worker count nor micro-batches change what is computed
     loss1, loss2 = (
         history(cfg1, one.mlflow_run_id, "loss"),
         history(cfg2, two.mlflow_run_id, "loss"),
