@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from prefect import flow, tags
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.pipeline import RETRIES, results_beside, stage_names, start_ray
+from flows.pipeline import RETRIES, check_prefect, results_beside, stage_names, start_ray
 from tasks import preemption
 from tasks.artifacts import content_key
 from tasks.config import CONFIG_DIR, ConfigError, ExperimentConfig, load_config
@@ -390,6 +390,7 @@ def run_sweep(
     configs = variant_configs(sweep, scale, overrides, only, seeds)
     for cfg in configs.values():
         preflight(cfg)
+    check_prefect()
     start_ray(list(configs.values()))
     # Two threads per variant: its evaluation task waits on its training in a thread of its own.
     runner = ThreadPoolTaskRunner(max_workers=2 * max(1, concurrency))
