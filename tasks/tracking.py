@@ -73,7 +73,7 @@ def login_headers() -> dict[str, str]:
 
 def check_login(uri: str, timeout: float = 5.0) -> None:
     """One search with the environment's login: a server running MLflow's basic-auth app
-    answers 401 (or 403) to a missing or wrong one, a server without it ignores the header.
+    answers 401 to a missing or wrong one, a server without it ignores the header.
     Refused here, a command stops before any work, naming the variables, not in the middle
     of a sweep."""
     import urllib.error
@@ -84,14 +84,20 @@ def check_login(uri: str, timeout: float = 5.0) -> None:
         request = urllib.request.Request(search, headers=login_headers())
         urllib.request.urlopen(request, timeout=timeout).close()
     except urllib.error.HTTPError as err:
-        if err.code not in (401, 403):
-            raise
-        user = os.environ.get(USER)
-        given = f"user {user!r}" if user and os.environ.get(PASSWORD) else "no login set"
-        raise PermissionError(
-            f"MLflow at {uri} refused the credentials (HTTP {err.code}, {given}): "
-            f"set {USER}/{PASSWORD}"
-        ) from None
+        if err.code == 401:
+            user = os.environ.get(USER)
+            given = f"user {user!r}" if user and os.environ.get(PASSWORD) else "no login set"
+            raise PermissionError(
+                f"MLflow at {uri} refused the credentials (HTTP 401, {given}): "
+                f"set {USER}/{PASSWORD}"
+            ) from None
+        if err.code == 403:  # a search needs no permission: MLflow's Host check, or a proxy
+            answer = " ".join(err.read().decode(errors="replace").split())[:200]
+            raise PermissionError(
+                f"MLflow at {uri} refused the request (HTTP 403: {answer}); a server reached "
+                "by another name than localhost needs it in `mlflow server --allowed-hosts`"
+            ) from None
+        raise
 
 
 def check_no_password(uri: str) -> None:
