@@ -7,6 +7,7 @@ import math
 import os
 import socket
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def credentials() -> dict[str, str]:
     return {k: os.environ[k] for k in CREDENTIALS if os.environ.get(k)}
 
 
-def worker_setup(logins: dict[str, str]):
+def worker_setup(logins: dict[str, str]) -> Callable[[], None]:
     """The setup hook of every process of the command's Ray: the known noise silenced and
     `logins` put in its environment. Not as the runtime env's env_vars, which Ray's runtime
     env agent writes in plain text to its log on every node: a function hook is pickled into

@@ -85,11 +85,11 @@ def check_login(uri: str, timeout: float = 5.0) -> None:
         urllib.request.urlopen(request, timeout=timeout).close()
     except urllib.error.HTTPError as err:
         if err.code == 401:
-            user = os.environ.get(USER)
-            given = f"user {user!r}" if user and os.environ.get(PASSWORD) else "no login set"
+            sent = login_headers().get("Authorization", "").split(" ")[0]
+            given = {"Basic": f"user {os.environ.get(USER)!r}", "Bearer": f"{TOKEN} set"}
             raise PermissionError(
-                f"MLflow at {uri} refused the credentials (HTTP 401, {given}): "
-                f"set {USER}/{PASSWORD}"
+                f"MLflow at {uri} refused the credentials (HTTP 401, "
+                f"{given.get(sent, 'no login set')}): set {USER}/{PASSWORD}"
             ) from None
         if err.code == 403:  # a search needs no permission: MLflow's Host check, or a proxy
             answer = " ".join(err.read().decode(errors="replace").split())[:200]

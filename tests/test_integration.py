@@ -1,6 +1,8 @@
-"""The team setup, for real: an MLflow server and a Prefect server on PostgreSQL, a Ray cluster
-of a head and a worker that joins by address, and a sweep whose variants write concurrently.
-Every run, metric and artifact must arrive. Skipped (with the reason) without PostgreSQL."""
+"""The team setup, for real: an MLflow server and a Prefect server on PostgreSQL, both behind
+authentication (docs/auth.md), a Ray cluster of a head and a worker that joins by address, and
+a sweep whose variants write concurrently. Every run, metric and artifact must arrive; no
+request without the login gets through, and the login is recorded nowhere. Skipped (with the
+reason) without PostgreSQL."""
 
 import json
 import os
@@ -180,6 +182,7 @@ def team_sweep(tmp_path: Path) -> SimpleNamespace:
             seen.prefect = prefect_runs(prefect_url, auth_string)
         # After the servers stopped (their logs complete), before Ray's folder is removed
         seen.files_with_secrets = files_holding(seen.secrets, tmp_path, ray_temp)
+        seen.mlflow_401 = (tmp_path / "mlflow.log").read_text().count('HTTP/1.1" 401')
         return seen
 
 
@@ -289,6 +292,10 @@ def test_no_login_is_recorded_logged_or_printed(background):
     sweep = background.sweep
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-5000:]
     assert background.runs_recorded >= 1 + 4 + 4  # the parent, 4 trainings, 4 evaluations
+    # MLflow refused the anonymous request and the wrong password's check, nothing else: rank 0
+    # of each training sent its metrics with the login (the driver's replay at the end would
+    # otherwise have hidden a refused worker)
+    assert background.mlflow_401 == 2
     for secret in background.secrets:
         assert not [value for value in background.recorded if secret in value]
         assert secret not in background.prefect["kept"]
