@@ -384,13 +384,16 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from flows.pipeline import check_prefect
     from flows.report import find_parent, report_flow
     from tasks.config import load_config
+    from tasks.tracking import check_reachable, tracking_uri
     from tasks.tracking import client as tracking_client
-    from tasks.tracking import tracking_uri
 
     cfg = load_config("smoke", args.overrides)  # only tracking.* and paths.* matter here
     uri = tracking_uri(cfg)
+    check_reachable(uri)  # and the login
+    check_prefect()
     find_parent(tracking_client(uri), args.target, args.scale)  # a clear error before Prefect
     report = report_flow(args.target, args.scale, uri, cfg.paths.artifacts)
     print(report.markdown)

@@ -64,6 +64,43 @@ def start_ray(configs: list) -> None:
     connect_ray(configs[0].train.ray_address, need)
 
 
+def check_prefect(timeout: float = 5.0) -> None:
+    """The Prefect server PREFECT_API_URL names answers and takes PREFECT_API_AUTH_STRING (one
+    started with PREFECT_SERVER_API_AUTH_STRING answers 401 to any other): checked before any
+    work, as tasks.tracking checks MLflow. Without PREFECT_API_URL a command starts
+    a temporary server of its own: nothing to check."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api
+    if not api.url:
+        return
+    secret = api.auth_string.get_secret_value() if api.auth_string else ""
+    # The header Prefect's own client sends (prefect.client.orchestration)
+    headers = {"Authorization": f"Basic {base64.b64encode(secret.encode()).decode()}"}
+    request = urllib.request.Request(
+        f"{api.url.rstrip('/')}/admin/version", headers=headers if secret else {}
+    )
+    try:
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError as err:
+        if err.code not in (401, 403):
+            raise
+        given = "a wrong auth string" if secret else "no auth string set"
+        raise PermissionError(
+            f"Prefect at {api.url} refused the credentials (HTTP {err.code}, {given}): "
+            "set PREFECT_API_AUTH_STRING to the server's user:password"
+        ) from None
+    except OSError as err:
+        raise ConnectionError(
+            f"the Prefect server at {api.url} does not answer "
+            f"({getattr(err, 'reason', err)}); start it, or unset PREFECT_API_URL"
+        ) from None
+
+
 def checked_config(experiment: str, overrides: list[str] | None = None):
     """The experiment's config, checked before any work: its keys and values, every file and
     server the stages will need, and a GPU training's per-GPU batch. The flow runs it first,
@@ -80,6 +117,7 @@ def checked_config(experiment: str, overrides: list[str] | None = None):
 def run_pipeline(experiment: str, overrides: list[str] | None = None) -> PipelineResult:
     """`imf run`: checks the config first (before a Prefect server starts), then the flow."""
     cfg = checked_config(experiment, overrides)
+    check_prefect()
     start_ray([cfg])
     with results_beside(cfg.paths.artifacts), tags("imf", f"experiment:{experiment}"):
         return pipeline(experiment, overrides or [])

@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 from prefect import flow, tags
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.pipeline import RETRIES, results_beside, stage_names, start_ray
+from flows.pipeline import RETRIES, check_prefect, results_beside, stage_names, start_ray
 from flows.plan import check_gpu_memory
 from tasks import preemption
 from tasks.artifacts import content_key
@@ -417,6 +417,7 @@ def run_sweep(
     variants at a time (threads; each stage's heavy work runs in Ray or its own workers)."""
     overrides, only = overrides or [], only or []
     _, configs = checked_sweep(name, scale, overrides, only, seeds, allow_dirty)
+    check_prefect()
     start_ray(list(configs.values()))
     # Two threads per variant: its evaluation task waits on its training in a thread of its own.
     runner = ThreadPoolTaskRunner(max_workers=2 * max(1, concurrency))

@@ -7,6 +7,7 @@ import math
 import os
 import socket
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -115,6 +116,35 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message="For backward compatibility, 'str' dtypes")
 
 
+# The logins of the team's servers (docs/auth.md), read from the environment: every process
+# that logs to MLflow or Prefect needs them (rank 0 of a training, evaluation actors).
+CREDENTIALS = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "PREFECT_API_AUTH_STRING",
+)
+
+
+def credentials() -> dict[str, str]:
+    """The CREDENTIALS set in this process's environment."""
+    return {k: os.environ[k] for k in CREDENTIALS if os.environ.get(k)}
+
+
+def worker_setup(logins: dict[str, str]) -> Callable[[], None]:
+    """The setup hook of every process of the command's Ray: the known noise silenced and
+    `logins` put in its environment. Not as the runtime env's env_vars, which Ray's runtime
+    env agent writes in plain text to its log on every node: a function hook is pickled into
+    Ray's internal store, and its key is all that is logged. The nodes of a cluster started
+    without the logins (`ray start` in a job script, a pod without the Secret) get them so."""
+
+    def setup_worker() -> None:
+        os.environ.update(logins)
+        quiet_worker_logs()
+
+    return setup_worker
+
+
 def connect_ray(address: str, cpus_needed: float, gpus: int | None = None) -> None:
     """Joins the Ray cluster at `address` ("" = start a local one with at least `cpus_needed`
     CPUs, so fractional workers fit on a small machine, and `gpus` logical GPUs if given; the
@@ -135,7 +165,7 @@ def connect_ray(address: str, cpus_needed: float, gpus: int | None = None) -> No
             return
         drop_known_messages()
         quiet = {
-            "worker_process_setup_hook": "tasks.cluster.quiet_worker_logs",
+            "worker_process_setup_hook": worker_setup(credentials()),
             # Ray Train's print patch sends a worker's print to its logger *and*, when stdout
             # is wrapped (as in Ray workers), to the original print: every line twice.
             "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},

@@ -31,28 +31,94 @@ def tracking_uri(cfg) -> str:
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """A tracking server must answer before any stage starts (MLflow's own client retries a
-    dead server for minutes): one quick /health request. Local stores need no check."""
+    dead server for minutes): one quick /health request, then the login (check_login). Local
+    stores need no check."""
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.request
 
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as answer:
-            if answer.status == 200:
-                return
-            problem = f"HTTP {answer.status}"
+            problem = "" if answer.status == 200 else f"HTTP {answer.status}"
     except OSError as err:
         problem = str(getattr(err, "reason", err))
-    raise ConnectionError(
-        f"the MLflow tracking server at {uri} does not answer ({problem}); start it, or set "
-        "tracking.uri (or MLFLOW_TRACKING_URI) to a reachable server or a local sqlite:/// file"
-    )
+    if problem:
+        raise ConnectionError(
+            f"the MLflow tracking server at {uri} does not answer ({problem}); start it, or set "
+            "tracking.uri (or MLFLOW_TRACKING_URI) to a reachable server or a local sqlite:/// file"
+        )
+    check_login(uri, timeout)
+
+
+# What MLflow's client logs in with: the environment only, never a config key or the URI
+# (the config is recorded as a run's params, and URIs are printed).
+USER = "MLFLOW_TRACKING_USERNAME"
+PASSWORD = "MLFLOW_TRACKING_PASSWORD"
+TOKEN = "MLFLOW_TRACKING_TOKEN"
+
+
+def login_headers() -> dict[str, str]:
+    """The Authorization header MLflow's client sends: basic with a user and password from
+    the environment, else a bearer token, else none."""
+    import base64
+
+    user, password = os.environ.get(USER), os.environ.get(PASSWORD)
+    if user and password:
+        pair = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {pair}"}
+    if os.environ.get(TOKEN):
+        return {"Authorization": f"Bearer {os.environ[TOKEN]}"}
+    return {}
+
+
+def check_login(uri: str, timeout: float = 5.0) -> None:
+    """One search with the environment's login: a server running MLflow's basic-auth app
+    answers 401 to a missing or wrong one, a server without it ignores the header.
+    Refused here, a command stops before any work, naming the variables, not in the middle
+    of a sweep."""
+    import urllib.error
+    import urllib.request
+
+    search = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1"
+    try:
+        request = urllib.request.Request(search, headers=login_headers())
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError as err:
+        if err.code == 401:
+            sent = login_headers().get("Authorization", "").split(" ")[0]
+            given = {"Basic": f"user {os.environ.get(USER)!r}", "Bearer": f"{TOKEN} set"}
+            raise PermissionError(
+                f"MLflow at {uri} refused the credentials (HTTP 401, "
+                f"{given.get(sent, 'no login set')}): set {USER}/{PASSWORD}"
+            ) from None
+        if err.code == 403:  # a search needs no permission: MLflow's Host check, or a proxy
+            answer = " ".join(err.read().decode(errors="replace").split())[:200]
+            raise PermissionError(
+                f"MLflow at {uri} refused the request (HTTP 403: {answer}); a server reached "
+                "by another name than localhost needs it in `mlflow server --allowed-hosts`"
+            ) from None
+        raise
+
+
+def check_no_password(uri: str) -> None:
+    """A password in the tracking URI would be recorded (the config is a run's params) and
+    printed: logins come from the environment."""
+    from urllib.parse import urlsplit
+
+    if urlsplit(uri).password is not None:
+        raise ValueError(
+            "tracking.uri (or MLFLOW_TRACKING_URI) holds a password, which would be recorded "
+            f"with every run: remove it and set {USER}/{PASSWORD} (for a database URI, its "
+            "driver's variable, e.g. PGPASSWORD)"
+        )
 
 
 def prepare(cfg) -> None:
-    """Before any stage: the server answers (or a clear error, at once), and what an outage
-    left in earlier trainings' journals is sent now, completing their MLflow records."""
+    """Before any stage: the URI holds no password, the server answers and takes the login
+    (or a clear error, at once), and what an outage left in earlier trainings' journals is
+    sent now, completing their MLflow records."""
     uri = tracking_uri(cfg)
+    check_no_password(uri)
     check_reachable(uri)
     replay_all(Path(cfg.paths.artifacts), uri)
 

@@ -1,15 +1,18 @@
 """Servers the tests start as separate processes: a free port, start-and-wait, stop; Ray
 clusters of their own; what a user must not see in a command's output."""
 
+import base64
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -44,17 +47,66 @@ def service(args: list[str], health: str, log: Path, env: dict | None = None, ti
         stop(proc)
 
 
-def mlflow_server(port: int, store: str, log: Path, artifacts: Path | None = None):
+def mlflow_server(
+    port: int,
+    store: str,
+    log: Path,
+    artifacts: Path | None = None,
+    auth: dict[str, str] | None = None,
+):
     """`mlflow server` on 127.0.0.1:`port` with one worker, `store` its backend (and
     `artifacts` its artifact destination), started as `service` starts it. Without MLflow's
     job runner: its consumer processes serve GenAI jobs (prompt optimisation, scorers) that
-    nothing here submits, and cost ~12 s of CPU each time a server starts."""
+    nothing here submits, and cost ~12 s of CPU each time a server starts. With `auth` (the
+    basic-auth app's environment, `mlflow_auth_env`), MLflow's basic-auth app: every request
+    but /health needs a login."""
     args = [str(Path(sys.executable).parent / "mlflow"), "server", "--host=127.0.0.1"]
     args += [f"--port={port}", f"--backend-store-uri={store}", "--workers=1"]
     if artifacts is not None:
         args.append(f"--artifacts-destination={artifacts}")
-    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if auth is not None:
+        args.append("--app-name=basic-auth")
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | (auth or {})
     return service(args, f"http://127.0.0.1:{port}/health", log, env=env)
+
+
+def mlflow_auth_env(folder: Path, database: str) -> dict[str, str]:
+    """The environment of MLflow's basic-auth app, as docs/auth.md sets it up: its users in
+    `database` (a SQLAlchemy URI), the admin's password and the app's secret key random (the
+    app has no default password), the configuration file in `folder` holding no secret."""
+    config = folder / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = {database}\n"
+        "admin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # A login's check costs a PBKDF2 hash, ~1 s of CPU per request on a busy 2-core
+        # machine (a sweep sends hundreds); a checked login is kept for a minute.
+        "auth_cache_ttl_seconds = 60\n"
+    )
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": secrets.token_hex(16),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+    }
+
+
+def basic_auth(user: str, password: str) -> dict[str, str]:
+    """The Authorization header of HTTP basic authentication."""
+    pair = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {pair}"}
+
+
+def http_status(url: str, data: bytes | None = None, headers: dict | None = None) -> int:
+    """The HTTP status a request to `url` gets (POSTing `data` as JSON if given)."""
+    headers = (headers or {}) | ({"Content-Type": "application/json"} if data else {})
+    try:
+        request = urllib.request.Request(url, data=data, headers=headers)
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as err:
+        return err.code
 
 
 def stop(proc: subprocess.Popen, signals=(signal.SIGTERM, signal.SIGKILL)) -> None:
