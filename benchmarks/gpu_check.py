@@ -629,7 +629,8 @@ class Speed:
                     "images_per_s": round(batch / seconds, 1),
                     "gflop_per_image": round(flops / batch / 1e9, 1),
                     "tflops": round(flops / seconds / 1e12, 1),
-                    "mfu": round(flops / seconds / 1e12 / peak_tflops(check), 3),
+                    # three significant digits: a slow toy step on a loaded CPU is not 0.000
+                    "mfu": float(f"{flops / seconds / 1e12 / peak_tflops(check):.3g}"),
                 }
                 if check.device.type == "cuda":
                     entry["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
