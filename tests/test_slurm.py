@@ -1,0 +1,190 @@
+"""infra/slurm/imf.sbatch on a real SLURM (tests/slurm.py): the smoke pipeline as a batch job,
+recorded where the environment says; a job stopped by SIGTERM mid-training checkpoints,
+requeues itself and resumes with the losses of a run never stopped; nothing of Ray outlives
+a job."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from slurm import available, slurm_cluster
+from test_preemption import GRACE, journal_steps, losses
+
+from tasks.cluster import free_port
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = Path(__file__).resolve().parents[1] / "infra" / "slurm" / "imf.sbatch"
+STEPS = 60
+# One training config for both jobs (the same content key): the pipeline's run is the
+# stopped training's run never stopped. FID on 100 samples: the pipeline's last stage, fast.
+CONFIG = [
+    "-e",
+    "smoke",
+    f"train.steps={STEPS}",
+    "train.batch_size=16",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.checkpoint_every=1000",  # no periodic checkpoint before the end
+    f"train.preempt_grace_s={GRACE}",
+    "precompute.classifier_steps=50",
+    "eval.n_samples=100",
+    "eval.shard_size=100",
+    "eval.omegas=[1.0]",
+    "eval.grid_per_class=0",
+    "eval.calibrate=false",
+    "eval.many_steps=0",
+]
+
+
+def submit(cluster, root: Path, command: str) -> str:
+    """`sbatch imf.sbatch <command> ...` with the settings a team exports: tracking URI and
+    artifact root (`root`/m.db, `root`/a, as test_preemption's helpers read them). One CPU
+    each: the two jobs run side by side on this machine's two."""
+    root.mkdir(parents=True)
+    env = {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root}/m.db",
+        "IMF_ARTIFACTS": str(root / "a"),
+        "IMF_RAY_PORT": str(free_port()),
+        "PREFECT_HOME": str(root / "prefect"),
+    }
+    args = ["--oversubscribe", "--cpus-per-task=1", f"--output={root}/job.out"]
+    return cluster.sbatch(*args, str(SCRIPT), command, *CONFIG, env=env)
+
+
+def output(root: Path) -> str:
+    """What a job printed (both runs of a requeued one)."""
+    path = root / "job.out"
+    return path.read_text() if path.exists() else ""
+
+
+def ray_left(job_id: str) -> list[str]:
+    """The command lines of processes still running from the job's Ray (its RAY_TMPDIR)."""
+    left = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if f"/tmp/imf-ray-{job_id}/" in cmdline:
+            left.append(cmdline[:120])
+    return left
+
+
+def slurm_jobs(tmp: Path) -> SimpleNamespace:
+    """Two batch jobs side by side on a one-node SLURM: `imf run` of the smoke pipeline, and
+    `imf train` of the same training stopped by `scancel --signal=TERM --full` (SIGTERM to
+    every process of the job, as preemption's last signal) once it journaled step 20, which
+    requeues itself and resumes. What each left: SLURM's record, its output, MLflow's runs,
+    the stopped run's step and checkpoint (read before the next run moves on), Ray's
+    processes."""
+    reason = available()
+    if reason is not None:
+        pytest.skip(reason)
+    run_root, train_root = tmp / "run", tmp / "train"
+    with slurm_cluster(tmp / "slurm") as cluster:
+        run_id = submit(cluster, run_root, "run")
+        train_id = submit(cluster, train_root, "train")
+        deadline = time.monotonic() + 600
+        while journal_steps(train_root) < 20:
+            assert cluster.job(train_id)["JobState"] in ("PENDING", "RUNNING"), output(train_root)
+            assert time.monotonic() < deadline, "the training did not get going"
+            time.sleep(0.2)
+        cluster.command("scancel", "--signal=TERM", "--full", train_id)
+        while cluster.job(train_id)["Restarts"] == "0":
+            assert time.monotonic() < deadline, output(train_root)
+            time.sleep(0.2)
+        (train_dir,) = (train_root / "a" / "train").iterdir()
+        mlflow_run = (train_dir / "mlflow_run_id").read_text().strip()
+        stopped = SimpleNamespace(
+            dir=train_dir,
+            run_id=mlflow_run,
+            status=MlflowClient(f"sqlite:///{train_root}/m.db").get_run(mlflow_run).info.status,
+            reached=int((train_dir / "STOPPED").read_text()),
+            saved=torch.load(
+                sorted((train_dir / "ray" / "run").glob("checkpoint_*/state.pt"))[-1],
+                weights_only=True,
+            )["step"],
+        )
+        ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+        run_job = cluster.wait(run_id, *ended, timeout=600)
+        train_job = cluster.wait(train_id, *ended, timeout=600)
+    return SimpleNamespace(
+        run=SimpleNamespace(
+            root=run_root, job=run_job, out=output(run_root), left=ray_left(run_id)
+        ),
+        train=SimpleNamespace(
+            root=train_root,
+            job=train_job,
+            out=output(train_root),
+            left=ray_left(train_id),
+            stopped=stopped,
+        ),
+    )
+
+
+@pytest.mark.background(scenario=slurm_jobs)
+def test_the_smoke_pipeline_runs_as_a_batch_job_recorded_where_the_environment_says(background):
+    run = background.run
+    assert (run.job["JobState"], run.job["ExitCode"]) == ("COMPLETED", "0:0"), run.out
+    assert "imf.sbatch: imf exited with 0" in run.out and "imf.sbatch: Ray stopped" in run.out
+    for stage in ("precompute", "train", "evaluate"):
+        (done,) = (run.root / "a" / stage).glob("*/_SUCCESS")
+        assert f"{stage}: computed {done.parent}" in run.out
+    client = MlflowClient(f"sqlite:///{run.root}/m.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {r.data.tags["stage"] for r in runs} >= {"train", "evaluate"}
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+@pytest.mark.background(scenario=slurm_jobs)
+def test_a_job_stopped_by_sigterm_requeues_itself_and_resumes_the_run_never_stopped(background):
+    train, stopped = background.train, background.train.stopped
+    assert (train.job["JobState"], train.job["ExitCode"]) == ("COMPLETED", "0:0"), train.out
+    assert train.job["Restarts"] == "1"
+    first, second = re.split(r"imf\.sbatch: job \d+ \(run 2\)", train.out)
+    assert "imf train: preempted (SIGTERM): stopped; relaunch to resume" in first
+    assert "imf.sbatch: imf exited with 143" in first and "imf.sbatch: requeueing job" in first
+    assert 20 <= stopped.reached < STEPS
+    assert stopped.saved == stopped.reached  # a checkpoint at the step reached
+    assert stopped.status == "KILLED"
+    # the second run starts from that checkpoint
+    steps = [int(s) for s in re.findall(rf"step (\d+)/{STEPS} ", second)]
+    assert steps == list(range(stopped.reached + 1, STEPS + 1)), second
+
+    (clean_dir,) = (background.run.root / "a" / "train").iterdir()
+    assert clean_dir.name == stopped.dir.name  # the same training
+    mine = losses(train.root, stopped.run_id)
+    theirs = losses(background.run.root, (clean_dir / "mlflow_run_id").read_text().strip())
+    assert sorted(mine) == list(range(1, STEPS + 1)) and all(len(v) == 1 for v in mine.values())
+    for step in mine:
+        assert mine[step][0] == pytest.approx(theirs[step][0], rel=1e-5)
+    final = MlflowClient(f"sqlite:///{train.root}/m.db").get_run(stopped.run_id)
+    assert final.info.status == "FINISHED"
+
+
+@pytest.mark.background(scenario=slurm_jobs)
+def test_no_ray_process_outlives_its_job(background):
+    for job in (background.run, background.train):
+        assert job.left == [], job.left
+        assert job.out.count("imf.sbatch: Ray stopped") == int(job.job["Restarts"]) + 1
+
+
+def test_the_batch_script_is_valid_bash_and_refuses_to_run_outside_a_job():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    if shutil.which("shellcheck"):
+        check = subprocess.run(["shellcheck", "-S", "warning", str(SCRIPT)], capture_output=True)
+        assert check.returncode == 0, check.stdout.decode()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    out = subprocess.run(["bash", str(SCRIPT), "run"], capture_output=True, text=True, env=env)
+    assert out.returncode == 2
+    assert "not in a SLURM job: submit it with sbatch" in out.stderr
