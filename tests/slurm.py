@@ -1,5 +1,6 @@
-"""A real one-node SLURM for the tests: munged, slurmctld and slurmd (Debian's slurm-wlm) as
-children of the test, with their key, configuration, state and logs in a folder of their own.
+"""A real SLURM for the tests: munged, slurmctld and a slurmd per node (Debian's slurm-wlm), the
+nodes all this machine, as children of the test, with their key, configuration, state and
+logs in a folder of their own.
 
     >>> with slurm_cluster(tmp) as cluster:
     ...     job = cluster.sbatch("infra/slurm/imf.sbatch", "run", "-e", "smoke")
@@ -47,18 +48,18 @@ ClusterName=imftest
 FirstJobId={first_job_id}
 SlurmctldHost={host}
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={root}/munge.socket
+# cred_expire: a requeued job waits this long (+1 s) before it may start again (120 s by default)
+AuthInfo=socket={root}/munge.socket,cred_expire=10
 CredType=cred/munge
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool-%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -67,13 +68,14 @@ JobCompType=jobcomp/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/builtin
+# a job that became eligible (a requeued one, after cred_expire) starts within 2 s, not 60
+SchedulerParameters=sched_interval=2
 JobRequeue=1
 KillWait=5
 MinJobAge=3600
 ReturnToService=2
 MpiDefault=none
-NodeName={host} CPUs={cpus} State=UNKNOWN
-PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
+{nodes}PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -135,22 +137,28 @@ def wait_for(check, what: str, procs: list[subprocess.Popen], timeout: float = 6
 
 
 @contextmanager
-def slurm_cluster(root: Path) -> Iterator[Cluster]:
-    """munged, slurmctld and slurmd for one node (this machine, its CPUs), their files under
-    `root` (kept short: munge's socket path must fit in 108 bytes); stopped at the end, with
-    any job still running."""
+def slurm_cluster(root: Path, nodes: int = 2) -> Iterator[Cluster]:
+    """munged, slurmctld and `nodes` slurmd, their files under `root` (kept short: munge's
+    socket path must fit in 108 bytes); stopped at the end, with any job still running.
+    The nodes (imf1, imf2, ...) are this machine, each with its CPUs, one slurmd each on a
+    port of its own: a job's `srun` steps reach "other nodes" as on a cluster."""
     root.mkdir(parents=True, exist_ok=True)
-    for sub in ("state", "spool"):
+    names = [f"imf{i}" for i in range(1, nodes + 1)]
+    for sub in ("state", *(f"spool-{name}" for name in names)):
         (root / sub).mkdir(exist_ok=True)
     host = socket.gethostname().split(".")[0]
+    node_lines = "".join(
+        f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} "
+        f"CPUs={os.cpu_count()} State=UNKNOWN\n"
+        for name in names
+    )
     conf = root / "slurm.conf"
     conf.write_text(
         CONF.format(
             host=host,
             root=root,
-            cpus=os.cpu_count(),
+            nodes=node_lines,
             ctld_port=free_port(),
-            slurmd_port=free_port(),
             first_job_id=10_000 + os.getpid() % 1_000_000 * 100,
         )
     )
@@ -177,8 +185,9 @@ def slurm_cluster(root: Path) -> Iterator[Cluster]:
         procs.append(daemon(["slurmctld", "-D", "-c", "-i"], root / "slurmctld.out", env))
         cluster = Cluster(root, env)
         wait_for(lambda: ping(cluster), "slurmctld answering", procs)
-        procs.append(daemon(["slurmd", "-D"], root / "slurmd.out", env))
-        wait_for(lambda: node_idle(cluster), "the node idle", procs)
+        for name in names:
+            procs.append(daemon(["slurmd", "-D", "-N", name], root / f"slurmd-{name}.out", env))
+        wait_for(lambda: idle(cluster) == nodes, "the nodes idle", procs)
         yield cluster
         for line in cluster.command("squeue", "--noheader", "--format=%i").split():
             cluster.command("scancel", "--signal=KILL", line)
@@ -191,11 +200,15 @@ def ping(cluster: Cluster) -> bool:
         return False
 
 
-def node_idle(cluster: Cluster) -> bool:
+def idle(cluster: Cluster) -> int:
+    """How many nodes are idle."""
     try:
-        return cluster.command("sinfo", "--noheader", "--format=%T").strip() == "idle"
+        out = cluster.command("sinfo", "--noheader", "--format=%T %D")
     except (RuntimeError, subprocess.TimeoutExpired):
-        return False
+        return 0
+    return sum(
+        int(n) for state, n in (line.split() for line in out.splitlines()) if state == "idle"
+    )
 
 
 def stop_all(procs: list[subprocess.Popen]) -> None:

@@ -15,7 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from mlflow import MlflowClient
+from services import service, started_together
 from slurm import available, slurm_cluster
+from test_integration import prefect_runs
 from test_preemption import GRACE, journal_steps, losses
 
 from tasks.cluster import free_port
@@ -24,6 +26,7 @@ pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).resolve().parents[1] / "infra" / "slurm" / "imf.sbatch"
 STEPS = 60
+STOP_AT = 10  # the step after which the training job is stopped
 # One training config for both jobs (the same content key): the pipeline's run is the
 # stopped training's run never stopped. FID on 100 samples: the pipeline's last stage, fast.
 CONFIG = [
@@ -45,19 +48,23 @@ CONFIG = [
 ]
 
 
-def submit(cluster, root: Path, command: str) -> str:
-    """`sbatch imf.sbatch <command> ...` with the settings a team exports: tracking URI and
-    artifact root (`root`/m.db, `root`/a, as test_preemption's helpers read them). One CPU
-    each: the two jobs run side by side on this machine's two."""
+BIN = Path(sys.executable).parent
+
+
+def submit(cluster, root: Path, command: str, prefect_port: int, nodes: int) -> str:
+    """`sbatch imf.sbatch <command> ...` with the settings a team exports: tracking URI,
+    Prefect server and artifact root (`root`/m.db, `root`/a, as test_preemption's helpers read
+    them). One CPU a node: the jobs run side by side on this machine's two."""
     root.mkdir(parents=True)
     env = {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "MLFLOW_TRACKING_URI": f"sqlite:///{root}/m.db",
+        "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
         "IMF_ARTIFACTS": str(root / "a"),
         "IMF_RAY_PORT": str(free_port()),
         "PREFECT_HOME": str(root / "prefect"),
     }
-    args = ["--oversubscribe", "--cpus-per-task=1", f"--output={root}/job.out"]
+    args = [f"--nodes={nodes}", "--oversubscribe", "--cpus-per-task=1", f"--output={root}/job.out"]
     return cluster.sbatch(*args, str(SCRIPT), command, *CONFIG, env=env)
 
 
@@ -81,21 +88,28 @@ def ray_left(job_id: str) -> list[str]:
 
 
 def slurm_jobs(tmp: Path) -> SimpleNamespace:
-    """Two batch jobs side by side on a one-node SLURM: `imf run` of the smoke pipeline, and
-    `imf train` of the same training stopped by `scancel --signal=TERM --full` (SIGTERM to
-    every process of the job, as preemption's last signal) once it journaled step 20, which
-    requeues itself and resumes. What each left: SLURM's record, its output, MLflow's runs,
-    the stopped run's step and checkpoint (read before the next run moves on), Ray's
-    processes."""
+    """Two batch jobs side by side on a two-node SLURM: `imf run` of the smoke pipeline on both
+    nodes (a Ray head and a Ray worker), and `imf train` of the same training on one, stopped
+    by `scancel --signal=TERM --full` (SIGTERM to every process of the job, as preemption's
+    last signal) once it journaled step STOP_AT, which requeues itself and resumes. What each
+    left: SLURM's record, its output, MLflow's and Prefect's runs, the stopped run's step and
+    checkpoint (read before the next run moves on), Ray's processes."""
     reason = available()
     if reason is not None:
         pytest.skip(reason)
     run_root, train_root = tmp / "run", tmp / "train"
-    with slurm_cluster(tmp / "slurm") as cluster:
-        run_id = submit(cluster, run_root, "run")
-        train_id = submit(cluster, train_root, "train")
+    port = free_port()
+    prefect = service(
+        [str(BIN / "prefect"), "server", "start", "--host=127.0.0.1", f"--port={port}"],
+        f"http://127.0.0.1:{port}/api/health",
+        tmp / "prefect.log",
+        env=os.environ | {"PREFECT_HOME": str(tmp / "prefect-server")},
+    )
+    with started_together(slurm_cluster(tmp / "slurm"), prefect) as (cluster, _):
+        run_id = submit(cluster, run_root, "run", port, nodes=2)
+        train_id = submit(cluster, train_root, "train", port, nodes=1)
         deadline = time.monotonic() + 600
-        while journal_steps(train_root) < 20:
+        while journal_steps(train_root) < STOP_AT:
             assert cluster.job(train_id)["JobState"] in ("PENDING", "RUNNING"), output(train_root)
             assert time.monotonic() < deadline, "the training did not get going"
             time.sleep(0.2)
@@ -118,7 +132,9 @@ def slurm_jobs(tmp: Path) -> SimpleNamespace:
         ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
         run_job = cluster.wait(run_id, *ended, timeout=600)
         train_job = cluster.wait(train_id, *ended, timeout=600)
+        flows = prefect_runs(port)
     return SimpleNamespace(
+        prefect=flows,
         run=SimpleNamespace(
             root=run_root, job=run_job, out=output(run_root), left=ray_left(run_id)
         ),
@@ -136,7 +152,9 @@ def slurm_jobs(tmp: Path) -> SimpleNamespace:
 def test_the_smoke_pipeline_runs_as_a_batch_job_recorded_where_the_environment_says(background):
     run = background.run
     assert (run.job["JobState"], run.job["ExitCode"]) == ("COMPLETED", "0:0"), run.out
+    assert "imf.sbatch: 2 Ray node(s) up" in run.out  # a head and a worker, on the two nodes
     assert "imf.sbatch: imf exited with 0" in run.out and "imf.sbatch: Ray stopped" in run.out
+    assert background.prefect["flow_runs"] == {"imf-pipeline": ["COMPLETED"]}  # PREFECT_API_URL
     for stage in ("precompute", "train", "evaluate"):
         (done,) = (run.root / "a" / stage).glob("*/_SUCCESS")
         assert f"{stage}: computed {done.parent}" in run.out
@@ -154,7 +172,7 @@ def test_a_job_stopped_by_sigterm_requeues_itself_and_resumes_the_run_never_stop
     first, second = re.split(r"imf\.sbatch: job \d+ \(run 2\)", train.out)
     assert "imf train: preempted (SIGTERM): stopped; relaunch to resume" in first
     assert "imf.sbatch: imf exited with 143" in first and "imf.sbatch: requeueing job" in first
-    assert 20 <= stopped.reached < STEPS
+    assert STOP_AT <= stopped.reached < STEPS
     assert stopped.saved == stopped.reached  # a checkpoint at the step reached
     assert stopped.status == "KILLED"
     # the second run starts from that checkpoint
@@ -188,3 +206,28 @@ def test_the_batch_script_is_valid_bash_and_refuses_to_run_outside_a_job():
     out = subprocess.run(["bash", str(SCRIPT), "run"], capture_output=True, text=True, env=env)
     assert out.returncode == 2
     assert "not in a SLURM job: submit it with sbatch" in out.stderr
+
+
+REPEATED_SIGTERM = """
+import os, signal, time
+from tasks import preemption
+preemption.install(grace_s=60)
+os.kill(os.getpid(), signal.SIGTERM)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.5)
+print("still stopping", flush=True)
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(30)
+"""
+
+
+def test_a_repeated_sigterm_changes_nothing_and_a_ctrl_c_after_it_ends_at_once():
+    """SLURM sends SIGTERM more than once (`scancel --full` reaches a batch job's command
+    directly and through imf.sbatch): the stop under way goes on, within its grace; an
+    impatient Ctrl-C still ends the command at once."""
+    out = subprocess.run(
+        [sys.executable, "-c", REPEATED_SIGTERM], capture_output=True, text=True, timeout=60
+    )
+    assert "still stopping" in out.stdout, out.stdout + out.stderr
+    assert out.stdout.count("stopping at the next step boundary") == 1
+    assert out.returncode == 143  # the first signal's code, at once (no 30 s sleep)
