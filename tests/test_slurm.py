@@ -26,7 +26,10 @@ pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).resolve().parents[1] / "infra" / "slurm" / "imf.sbatch"
 STEPS = 60
-STOP_AT = 10  # the step after which the training job is stopped
+# The training job is stopped twice: after step 10 by SIGTERM to every process of the job (as
+# the time limit's or preemption's last signal), after step 30 by SIGTERM to its steps only (as
+# preemption's first, within GraceTime)
+STOPS = [(10, ["--full"]), (30, [])]
 # One training config for both jobs (the same content key): the pipeline's run is the
 # stopped training's run never stopped. FID on 100 samples: the pipeline's last stage, fast.
 CONFIG = [
@@ -87,13 +90,38 @@ def ray_left(job_id: str) -> list[str]:
     return left
 
 
+def stop(cluster, job_id: str, root: Path, at: int, how: list[str], n: int) -> SimpleNamespace:
+    """`scancel --signal=TERM <how>` once the job's training journaled step `at`; when the job
+    is back in the queue (its `n`th requeue), what the stop left: the step reached, the newest
+    checkpoint's, the MLflow run's status (read before the next run moves on)."""
+    deadline = time.monotonic() + 600
+    while journal_steps(root) < at:
+        assert cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), output(root)
+        assert time.monotonic() < deadline, "the training did not get going"
+        time.sleep(0.2)
+    cluster.command("scancel", "--signal=TERM", *how, job_id)
+    while int(cluster.job(job_id)["Restarts"]) < n:
+        assert time.monotonic() < deadline, output(root)
+        time.sleep(0.2)
+    (train_dir,) = (root / "a" / "train").iterdir()
+    run_id = (train_dir / "mlflow_run_id").read_text().strip()
+    checkpoints = sorted((train_dir / "ray" / "run").glob("checkpoint_*/state.pt"))
+    return SimpleNamespace(
+        at=at,
+        dir=train_dir,
+        run_id=run_id,
+        status=MlflowClient(f"sqlite:///{root}/m.db").get_run(run_id).info.status,
+        reached=int((train_dir / "STOPPED").read_text()),
+        saved=torch.load(checkpoints[-1], weights_only=True)["step"],
+    )
+
+
 def slurm_jobs(tmp: Path) -> SimpleNamespace:
     """Two batch jobs side by side on a two-node SLURM: `imf run` of the smoke pipeline on both
     nodes (a Ray head and a Ray worker), and `imf train` of the same training on one, stopped
-    by `scancel --signal=TERM --full` (SIGTERM to every process of the job, as preemption's
-    last signal) once it journaled step STOP_AT, which requeues itself and resumes. What each
-    left: SLURM's record, its output, MLflow's and Prefect's runs, the stopped run's step and
-    checkpoint (read before the next run moves on), Ray's processes."""
+    twice (STOPS), which requeues itself and resumes each time. What each left: SLURM's record,
+    its output, MLflow's and Prefect's runs, each stop's step and checkpoint, Ray's
+    processes."""
     reason = available()
     if reason is not None:
         pytest.skip(reason)
@@ -108,27 +136,9 @@ def slurm_jobs(tmp: Path) -> SimpleNamespace:
     with started_together(slurm_cluster(tmp / "slurm"), prefect) as (cluster, _):
         run_id = submit(cluster, run_root, "run", port, nodes=2)
         train_id = submit(cluster, train_root, "train", port, nodes=1)
-        deadline = time.monotonic() + 600
-        while journal_steps(train_root) < STOP_AT:
-            assert cluster.job(train_id)["JobState"] in ("PENDING", "RUNNING"), output(train_root)
-            assert time.monotonic() < deadline, "the training did not get going"
-            time.sleep(0.2)
-        cluster.command("scancel", "--signal=TERM", "--full", train_id)
-        while cluster.job(train_id)["Restarts"] == "0":
-            assert time.monotonic() < deadline, output(train_root)
-            time.sleep(0.2)
-        (train_dir,) = (train_root / "a" / "train").iterdir()
-        mlflow_run = (train_dir / "mlflow_run_id").read_text().strip()
-        stopped = SimpleNamespace(
-            dir=train_dir,
-            run_id=mlflow_run,
-            status=MlflowClient(f"sqlite:///{train_root}/m.db").get_run(mlflow_run).info.status,
-            reached=int((train_dir / "STOPPED").read_text()),
-            saved=torch.load(
-                sorted((train_dir / "ray" / "run").glob("checkpoint_*/state.pt"))[-1],
-                weights_only=True,
-            )["step"],
-        )
+        stops = [
+            stop(cluster, train_id, train_root, at, how, n) for n, (at, how) in enumerate(STOPS, 1)
+        ]
         ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
         run_job = cluster.wait(run_id, *ended, timeout=600)
         train_job = cluster.wait(train_id, *ended, timeout=600)
@@ -143,7 +153,7 @@ def slurm_jobs(tmp: Path) -> SimpleNamespace:
             job=train_job,
             out=output(train_root),
             left=ray_left(train_id),
-            stopped=stopped,
+            stops=stops,
         ),
     )
 
@@ -166,19 +176,24 @@ def test_the_smoke_pipeline_runs_as_a_batch_job_recorded_where_the_environment_s
 
 @pytest.mark.background(scenario=slurm_jobs)
 def test_a_job_stopped_by_sigterm_requeues_itself_and_resumes_the_run_never_stopped(background):
-    train, stopped = background.train, background.train.stopped
+    """Stopped by `scancel --signal=TERM --full`, then by `scancel --signal=TERM`: each time
+    a checkpoint at the step reached, a requeue, a run that starts from that checkpoint."""
+    train, stops = background.train, background.train.stops
     assert (train.job["JobState"], train.job["ExitCode"]) == ("COMPLETED", "0:0"), train.out
-    assert train.job["Restarts"] == "1"
-    first, second = re.split(r"imf\.sbatch: job \d+ \(run 2\)", train.out)
-    assert "imf train: preempted (SIGTERM): stopped; relaunch to resume" in first
-    assert "imf.sbatch: imf exited with 143" in first and "imf.sbatch: requeueing job" in first
-    assert STOP_AT <= stopped.reached < STEPS
-    assert stopped.saved == stopped.reached  # a checkpoint at the step reached
-    assert stopped.status == "KILLED"
-    # the second run starts from that checkpoint
-    steps = [int(s) for s in re.findall(rf"step (\d+)/{STEPS} ", second)]
-    assert steps == list(range(stopped.reached + 1, STEPS + 1)), second
+    assert train.job["Restarts"] == str(len(stops))
+    runs = re.split(r"imf\.sbatch: job \d+ \(run \d+\)", train.out)[1:]
+    assert len(runs) == len(stops) + 1, train.out
+    for stopped, before, after in zip(stops, runs[:-1], runs[1:], strict=True):
+        assert "imf train: preempted (SIGTERM): stopped; relaunch to resume" in before
+        assert "imf exited with 143" in before and "imf.sbatch: requeueing job" in before
+        assert stopped.at <= stopped.reached < STEPS
+        assert stopped.saved == stopped.reached  # a checkpoint at the step reached
+        assert stopped.status == "KILLED"
+        steps = [int(s) for s in re.findall(rf"step (\d+)/{STEPS} ", after)]
+        assert steps[0] == stopped.reached + 1, after  # the next run starts from it
+    assert [int(s) for s in re.findall(rf"step (\d+)/{STEPS} ", runs[-1])][-1] == STEPS
 
+    stopped = stops[0]
     (clean_dir,) = (background.run.root / "a" / "train").iterdir()
     assert clean_dir.name == stopped.dir.name  # the same training
     mine = losses(train.root, stopped.run_id)
