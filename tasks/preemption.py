@@ -87,7 +87,9 @@ def watching(directory: Path) -> Iterator[None]:
 
 def request(signum: int) -> None:
     """The signal handler: the first signal asks every watched training to stop and starts the
-    grace; a second one (an impatient Ctrl-C) ends the command at once."""
+    grace; a Ctrl-C after it (an impatient user) ends the command at once. A repeated SIGTERM
+    changes nothing: schedulers send several (SLURM's `scancel --full` reaches a batch job's
+    command directly and again through its script, infra/slurm), and the grace bounds the stop."""
     global _requested
     with _lock:
         first = _requested is None
@@ -96,6 +98,8 @@ def request(signum: int) -> None:
             for directory in _watched:
                 _ask(directory)
     if not first:
+        if signum == signal.SIGTERM:
+            return
         _hard_stop(_requested.exit_code)
     print(
         f"\n{_requested.reason}: stopping at the next step boundary (checkpoint kept); "
