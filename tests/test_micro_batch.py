@@ -122,7 +122,9 @@ def test_a_micro_steps_draws_are_those_of_a_split_over_more_ranks():
 
 @pytest.fixture
 def fresh_dynamo():
+    """No graph compiled before (the counters are the session's: test_compile's run first)."""
     torch._dynamo.reset()
+    counters.clear()
     yield
     torch._dynamo.reset()
 

@@ -142,7 +142,7 @@ def slurm_jobs(tmp: Path) -> SimpleNamespace:
         ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
         run_job = cluster.wait(run_id, *ended, timeout=600)
         train_job = cluster.wait(train_id, *ended, timeout=600)
-        flows = prefect_runs(port)
+        flows = prefect_runs(f"http://127.0.0.1:{port}/api", "")  # no auth on this server
     return SimpleNamespace(
         prefect=flows,
         run=SimpleNamespace(
