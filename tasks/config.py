@@ -118,11 +118,12 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
 def config_dirs() -> list[Path]:
     """Where config files are looked up, first match wins: the team's directories
     (IMF_CONFIG_DIR; `--config-dir` sets it for a command), then the shipped configs."""
-    team = [Path(p).expanduser() for p in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep)]
-    for folder in (p for p in team if str(p) != "."):
+    paths = os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep)
+    team = [Path(p).expanduser() for p in paths if p]
+    for folder in team:
         if not folder.is_dir():
             raise ConfigError(f"{CONFIG_PATH_ENV} / --config-dir: {folder} is not a directory")
-    return [p for p in team if str(p) != "."] + [CONFIG_DIR]
+    return [*team, CONFIG_DIR]
 
 
 def known_configs(kind: str, dirs: list[Path] | None = None) -> list[str]:
