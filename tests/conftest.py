@@ -14,6 +14,15 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The session's own tests compute on one thread: the background scenarios keep the other
+    core busy, and torch's two threads then wait on each other at every parallel region
+    (test_learning: 47 s alone, 316 s beside the scenarios in a fresh-clone run)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     from prefect.testing.utilities import prefect_test_harness
