@@ -109,13 +109,15 @@ def http_status(url: str, data: bytes | None = None, headers: dict | None = None
         return err.code
 
 
-def stop(proc: subprocess.Popen, signals=(signal.SIGTERM, signal.SIGKILL)) -> None:
-    """Each of `signals` to the process group in turn, the next after 60 s (by default
-    SIGTERM, then SIGKILL)."""
+def stop(
+    proc: subprocess.Popen, signals=(signal.SIGTERM, signal.SIGKILL), grace: float = 60
+) -> None:
+    """Each of `signals` to the process group in turn, the next after `grace` seconds (by
+    default SIGTERM, then SIGKILL)."""
     for sig in signals:
         try:
             os.killpg(proc.pid, sig)
-            proc.wait(60)
+            proc.wait(grace)
             return
         except ProcessLookupError:
             return

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -23,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from services import stop
 
 from tasks.cluster import free_port
 
@@ -214,12 +215,4 @@ def idle(cluster: Cluster) -> int:
 def stop_all(procs: list[subprocess.Popen]) -> None:
     """slurmd, slurmctld, munged in turn: SIGTERM, SIGKILL after 10 s."""
     for proc in reversed(procs):
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(10)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop(proc, grace=10)
