@@ -173,13 +173,21 @@ def guided_target(
     y: Tensor,
     dropped: Tensor,
     num_classes: int,
+    v_c_known: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The regression target v_g and the conditional velocity v_c (iMF's JVP tangent).
 
     `y` are the labels before dropping; `cond` the sampled training conditions. Rows whose
     label was dropped regress onto e - x (`v_data`). Everything here is stop-gradient.
+
+    `v_c_known`: v_c of the first k rows, when the caller has it already. On the r = t rows the
+    conditional call is the training forward's own call (same z, t, h = 0, class, omega and the
+    interval [0, 1], which the r = t rows get); only dropped rows differ (null class), and their
+    target is `v_data` whatever v_c is. The loss passes that forward's detached output, so the
+    no-grad pass runs the conditional rows [k, B) and the unconditional rows: 2B - k rows, not 2B.
     """
     n = z.shape[0]
+    known = 0 if v_c_known is None else v_c_known.shape[0]
     null = torch.full_like(y, num_classes)
     ones, zeros = torch.ones_like(t), torch.zeros_like(t)
     if cfg.mode == "fixed":  # MF: omega, kappa baked in, on MF's interval [t_start, t_end]
@@ -190,14 +198,20 @@ def guided_target(
     else:  # omega' = omega inside [t_min, t_max], 1 outside (r = t rows have [0, 1])
         inside = (t >= cond.t_min) & (t <= cond.t_max)
         omega = omega_in = torch.where(inside, cond.omega, ones)
+    rows = slice(known, None)  # the conditional rows still to compute
     both = v_fn(  # one batched call: conditional rows, then unconditional rows at omega = 1
-        torch.cat([z, z]),
-        torch.cat([t, t]),
+        torch.cat([z[rows], z]),
+        torch.cat([t[rows], t]),
         Conditions(
-            torch.cat([y, null]), torch.cat([omega_in, ones]), zeros.repeat(2), ones.repeat(2)
+            torch.cat([y[rows], null]),
+            torch.cat([omega_in[rows], ones]),
+            torch.cat([zeros[rows], zeros]),
+            torch.cat([ones[rows], ones]),
         ),
     )
-    v_c, v_u = both[:n], both[n:]
+    v_c, v_u = both[: n - known], both[n - known :]
+    if v_c_known is not None:
+        v_c = torch.cat([v_c_known.to(v_c.dtype), v_c])
     if cfg.mode == "fixed":  # MeanFlow's guided field with kappa
         w, k = expand_like(omega, z), expand_like(kappa, z)
         v_g = w * v_data + (1.0 - w - k) * v_u + k * v_c

@@ -64,6 +64,7 @@ def compound_velocity(
     jvp_rows: Tensor | None = None,
     jvp_u_fn: UFn | None = None,
     compile_jvp: str | None = None,
+    u: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """iMF's compound function V = u + (t - r) sg(du/dt), returned with u (paper, Sec. 4.1).
 
@@ -75,7 +76,9 @@ def compound_velocity(
     for that subset of rows (its per-row conditions sliced alike). `jvp_u_fn` is also how a
     caller runs the JVP on a module unwrapped from DDP, whose hooks break forward-mode AD.
     `compile_jvp`, a torch.compile backend ("inductor"), compiles the JVP pass alone (for long
-    runs: the first call compiles).
+    runs: the first call compiles). `u`: u_fn(z, r, t) when the caller has it already (the
+    training forward, run first to serve the guidance too); u_fn is then only differentiated,
+    on `jvp_rows` (so it is the u_fn of those rows).
     """
     if jvp_u_fn is None:  # (not `or`: torch 2.11 cannot trace the truth of a function)
         jvp_u_fn = u_fn
@@ -86,7 +89,8 @@ def compound_velocity(
         sub = derivative(jvp_u_fn, z[jvp_rows], r[jvp_rows], t[jvp_rows], v[jvp_rows])
         du_dt = sub.new_zeros(z.shape)  # in the JVP's dtype (bf16 under autocast)
         du_dt[jvp_rows] = sub
-    u = u_fn(z, r, t)
+    if u is None:
+        u = u_fn(z, r, t)
     return u + expand_like(t - r, z) * du_dt, u
 
 

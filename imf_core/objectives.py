@@ -177,6 +177,10 @@ def loss_of_draws(
         """The model's own marginal-velocity estimate: the aux head, else u at r = t."""
         return model(z_, t_, torch.zeros_like(t_), c, "v" if aux else "u")
 
+    # The training forward first: on the r = t rows it is also the guidance's conditional call
+    # (guided_target's v_c_known), so the no-grad pass skips those rows.
+    out = model(z, t, t - r, cond, "uv" if aux else "u")
+    u, v = out if aux else (out, None)
     tangent = v_data
     if guidance.mode == "none":
         target = v_data
@@ -185,19 +189,11 @@ def loss_of_draws(
                 v_rows = v_boundary(z[jvp_rows], t[jvp_rows], cond.select(jvp_rows))
             tangent = torch.cat([torch.zeros_like(z[:jvp_from]), v_rows.to(z.dtype)])
     else:
+        own = (v if aux else u)[:jvp_from].detach()
         target, v_c = guided_target(
-            guidance, v_boundary, z, t, v_data, cond, y, dropped, num_classes
+            guidance, v_boundary, z, t, v_data, cond, y, dropped, num_classes, v_c_known=own
         )
         tangent = target if cfg.name == "mf" else v_c
-
-    outputs: dict[str, Tensor] = {}
-
-    def u_fn(z_: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
-        out = model(z_, t_, t_ - r_, cond, "uv" if aux else "u")
-        if aux:
-            outputs["v"] = out[1]
-            return out[0]
-        return out
 
     cond_jvp_rows = cond.select(jvp_rows)
 
@@ -205,17 +201,17 @@ def loss_of_draws(
         return model(z_, t_, t_ - r_, cond_jvp_rows, jvp=True)
 
     if cfg.name == "fm":
-        V = u_fn(z, r, t)
+        V = u
     else:
         V, _ = compound_velocity(
-            u_fn,
+            u_fn_jvp_rows,
             z,
             r,
             t,
             tangent,
             jvp_rows=jvp_rows,
-            jvp_u_fn=u_fn_jvp_rows,
             compile_jvp=compile_jvp,
+            u=u,
         )
 
     sq_u = _sq_err(V, target)
@@ -223,7 +219,7 @@ def loss_of_draws(
     numel = x[0].numel()
     parts = {"mse_u": sq_u.detach().mean() / numel}
     if aux:
-        sq_v = _sq_err(outputs["v"], target)
+        sq_v = _sq_err(v, target)
         loss_v = adaptive_weighted(sq_v, cfg)
         parts |= {"loss_v": loss_v.detach().mean(), "mse_v": sq_v.detach().mean() / numel}
         loss = loss + loss_v

@@ -6,7 +6,14 @@ import torch
 from imf_core.ema import EMA
 from imf_core.guidance import GuidanceConfig
 from imf_core.models import create
-from imf_core.objectives import ObjectiveConfig, adaptive_weighted, imf_loss, sample_t_r
+from imf_core.objectives import (
+    ObjectiveConfig,
+    adaptive_weighted,
+    draw,
+    imf_loss,
+    loss_of_draws,
+    sample_t_r,
+)
 
 
 def test_time_sampler_orders_and_shares():
@@ -126,3 +133,54 @@ def test_lr_cooldown_falls_linearly_to_zero_over_the_last_share_of_steps():
         lr_at(0, optim)
     with pytest.raises(ValueError, match="decay_fraction"):
         OptimConfig(decay_fraction=1.5)
+
+
+@pytest.mark.parametrize("objective", ["fm", "mf", "imf_boundary", "imf_aux"])
+@pytest.mark.parametrize("mode", ["fixed", "omega", "omega_interval"])
+def test_the_guidance_reuses_the_training_forward_on_the_r_equals_t_rows(
+    objective, mode, monkeypatch
+):
+    """The r = t rows' conditional velocity comes from the training forward (guided_target's
+    v_c_known): loss and gradients equal the loss that computes every row's v_c in the no-grad
+    pass, to float64 rounding, and that pass runs 2B - (r = t rows) rows instead of 2B."""
+    import imf_core.objectives as objectives
+
+    torch.manual_seed(0)
+    model = create("tiny", width=32, depth=2, heads=2, aux_head_depth=1).double()
+    with torch.no_grad():  # every weight random: a fresh model's zero outputs would hide a bug
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    x, y = torch.randn(16, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (16,))
+    fixed = dict(omega=1.5, kappa=0.5) if mode == "fixed" else {}
+    cfg, guidance = (
+        ObjectiveConfig(name=objective),
+        GuidanceConfig(mode=mode, class_drop=0.3, **fixed),
+    )
+    draws = draw(x, y, cfg, guidance, 10, torch.Generator().manual_seed(1))
+    assert draws.dropped.any() and draws.jvp_from > 0
+
+    def run() -> tuple[dict, list]:
+        model.zero_grad(set_to_none=True)
+        loss, parts = loss_of_draws(model, x, y, draws, cfg, guidance, 10)
+        loss.backward()
+        return parts, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    rows: list[int] = []
+    real = objectives.guided_target
+
+    def counted(cfg_, v_fn, *args, **kwargs):
+        return real(cfg_, lambda z, t, c: rows.append(len(z)) or v_fn(z, t, c), *args, **kwargs)
+
+    monkeypatch.setattr(objectives, "guided_target", counted)
+    parts, grads = run()
+    assert rows == [2 * len(x) - draws.jvp_from]
+
+    def every_row(*args, v_c_known=None, **kwargs):  # today's: no reuse
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(objectives, "guided_target", every_row)
+    ref_parts, ref_grads = run()
+    for name, value in ref_parts.items():
+        torch.testing.assert_close(parts[name], value, rtol=1e-12, atol=0)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-15)
