@@ -43,6 +43,29 @@ FUSED_ATTENTION_AVAILABLE: bool = triton is not None and (INTERPRETED or torch.c
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # one (BLOCK_M, K) tile of q, dq, acc and acc_t each stays in registers
 
+# Tiles (BLOCK_M, BLOCK_N, num_warps) to autotune among, per padded head dim and whether the
+# products are fp32 FMAs (fp32 in) rather than tensor-core MMAs: those that ptxas compiled for
+# sm_90 without register spills, or with the fewest (Triton 3.8, 2026-12-06). Each tile holds q,
+# dq, acc and acc_t (BLOCK_M x K) and S, dS, P (BLOCK_M x BLOCK_N): twice flash attention's state.
+_TILES = {
+    (16, False): ((64, 64, 4), (128, 64, 4), (128, 64, 8), (64, 32, 4)),
+    (32, False): ((64, 64, 4), (128, 64, 8), (64, 32, 4)),
+    (64, False): ((64, 64, 8), (128, 64, 8), (128, 32, 8), (64, 32, 4)),
+    (128, False): ((64, 16, 8), (64, 32, 8), (32, 32, 4)),
+    (256, False): ((32, 32, 8), (32, 16, 4)),
+    (64, True): ((64, 16, 8), (32, 16, 4), (32, 32, 8)),
+    (256, True): ((32, 16, 8), (32, 16, 4)),
+}
+INTERPRETER_TILE = (64, 64)  # registers do not matter there; fewer, larger blocks run faster
+
+
+def _tiles(block_k: int, fp32: bool) -> tuple[tuple[int, int, int], ...]:
+    """The candidate tiles for a padded head dim: those of the next listed size up."""
+    return next(
+        tiles for (k, wide), tiles in sorted(_TILES.items()) if wide == fp32 and k >= block_k
+    )
+
+
 if triton is not None:
 
     @triton.jit
@@ -112,6 +135,22 @@ if triton is not None:
         tl.store(OUT + offsets, out.to(OUT.dtype.element_ty), mask=mask)
         tl.store(DOUT + offsets, d_out.to(DOUT.dtype.element_ty), mask=mask)
 
+    def _keep_spill_free_tiles(configs, named_args, **kwargs):
+        allowed = _tiles(kwargs["BLOCK_K"], named_args["Q"].dtype == torch.float32)
+        return [
+            c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) in allowed
+        ]
+
+    # Timed once per (T, K, dtype) on the first call (a few hundred ms), among the tiles that fit.
+    _attention_jvp_tuned = triton.autotune(
+        configs=[
+            triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=2)
+            for m, n, w in sorted({tile for tiles in _TILES.values() for tile in tiles})
+        ],
+        key=["seq_len", "head_dim"],  # and the operands' dtypes
+        prune_configs_by=dict(early_config_prune=_keep_spill_free_tiles),
+    )(_attention_jvp_kernel)
+
 
 def _check(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> None:
     named = dict(q=q, k=k, v=v, dq=dq, dk=dk, dv=dv)
@@ -151,19 +190,27 @@ def attention_jvp(
     out = q.new_empty(q.shape)  # contiguous, as the fake kernel says
     d_out = q.new_empty(q.shape)
     block_k = max(16, triton.next_power_of_2(head_dim))  # tl.dot wants every dim >= 16
-    block_m, block_n = (64, 64) if block_k <= 64 else (64, 32)
-    grid = (triton.cdiv(seq_len, block_m), heads, batch)
+    # The interpreter cannot time configs (it has no CUDA events): one fixed tile there.
+    kernel, tile = (
+        (_attention_jvp_kernel, dict(BLOCK_M=INTERPRETER_TILE[0], BLOCK_N=INTERPRETER_TILE[1]))
+        if INTERPRETED
+        else (_attention_jvp_tuned, {})
+    )
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return triton.cdiv(seq_len, meta["BLOCK_M"]), heads, batch
+
     # Triton launches on the current CUDA device: make it q's.
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _attention_jvp_kernel[grid](
+        kernel[grid](
             q, k, v, dq, dk, dv, out, d_out,
             *(stride for x in (q, k, v, dq, dk, dv, out) for stride in x.stride()[:3]),
             seq_len, head_dim, head_dim**-0.5,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            BLOCK_K=block_k,
             # fp32 in, fp32 products (torch's default for fp32 matmuls), not TF32
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
-            num_warps=4,
+            **tile,
         )  # fmt: skip
     return out, d_out
 
