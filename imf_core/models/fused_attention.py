@@ -33,7 +33,7 @@ from torch import Tensor
 try:
     import triton
     import triton.language as tl
-except ImportError:  # torch without Triton (macOS, Windows): the op is absent, math attention stays
+except ImportError:  # torch without Triton (macOS, Windows): the op raises, math attention stays
     triton = None
 
 # Triton's interpreter runs the kernel on CPU tensors; compiled Triton needs a CUDA device.
