@@ -27,9 +27,9 @@ from imf_core.models import build, count_params, preset
 from imf_core.objectives import ObjectiveConfig, draw
 from imf_core.peak_flops import DATASHEET_BF16_TFLOPS, datasheet_peak
 from imf_core.peak_flops import mfu as model_flops_utilisation
-from imf_core.training import step_flops_per_image
 from tasks.artifacts import Manifest
 from tasks.resolve import model_config
+from tasks.train import flops_per_image  # useful FLOPs per image, counted on the meta device
 
 GPU_CHECKS = Path(str(importlib.resources.files("benchmarks"))) / "gpu"  # shipped (package data)
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k's training set (what configs/data/ points at)
@@ -314,21 +314,6 @@ class Stage:
     gpu_hours: float | None = None
     disk_bytes: int = 0
     memory: str = ""  # a GPU training's per-GPU batch and memory (per_gpu_memory)
-
-
-_FLOPS: dict[str, float] = {}
-
-
-def flops_per_image(model_cfg, objective: ObjectiveConfig, guidance: GuidanceConfig) -> float:
-    """One training step's FLOPs per image, counted once per (model, objective, guidance)."""
-    import torch
-
-    key = repr((model_cfg, objective, guidance))
-    if key not in _FLOPS:
-        with torch.device("meta"):
-            meta = build(model_cfg)
-        _FLOPS[key] = step_flops_per_image(meta, objective, guidance, model_cfg.num_classes)
-    return _FLOPS[key]
 
 
 def precompute_stage(cfg, label: str, images: int | None) -> tuple[Stage, str | None, int]:

@@ -24,6 +24,7 @@ DATASHEET_BF16_TFLOPS: tuple[tuple[str, str, float], ...] = (
     ("h200", "H200 SXM", 989.4),
     ("a100", "A100", 312.0),
     ("l40s", "L40S", 362.05),
+    ("l40", "L40", 181.05),  # before "l4", which its name holds
     ("a10g", "A10G", 70.0),
     ("l4", "L4", 121.0),
     ("b200", "B200", 2250.0),
