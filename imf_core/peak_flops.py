@@ -42,6 +42,15 @@ def datasheet_peak(device_name: str) -> tuple[str, float] | None:
     return None
 
 
+def peak_basis(device_name: str) -> str:
+    """What MFU on this device divides by, in words, for a report or a run's tag:
+    "H200 SXM 989.4 TFLOP/s bf16 (datasheet)", or "none: no datasheet peak for cpu"."""
+    peak = datasheet_peak(device_name)
+    if peak is None:
+        return f"none: no datasheet peak for {device_name}"
+    return f"{peak[0]} {peak[1]:g} TFLOP/s bf16 (datasheet)"
+
+
 def mfu(flops_per_s: float, peak_tflops: float) -> float:
     """Model FLOPs utilisation: useful FLOPs per second over the peak (TFLOP/s)."""
     return flops_per_s / (peak_tflops * 1e12)

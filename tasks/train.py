@@ -540,9 +540,7 @@ class Utilisation:
 
     def basis(self) -> str:
         """What MFU divides by, for the run's tag (imf.mfu_peak)."""
-        if self.peak is None:
-            return f"none: no datasheet peak for {self.device}"
-        return f"{self.peak[0]} {self.peak[1]:g} TFLOP/s bf16 (datasheet)"
+        return peak_flops.peak_basis(self.device)
 
 
 class RankZeroLogger:
