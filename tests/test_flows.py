@@ -599,6 +599,16 @@ def test_a_recorded_mfu_is_restated_as_useful_flops_over_the_datasheet_peak():
     assert restated_mfu("2026-12-04-h200-run2.json", run2, fm) == pytest.approx(
         fm["images_per_s"] * 250.0e9 / 989.4e12
     )
+    from benchmarks.__main__ import MFU_NOTE  # RESULTS.md's note on these records
+
+    fm_compiled = entry(run1, "step", "fm")
+    for name, record, e in [
+        ("2026-12-04-h200-run2.json", run2, compiled),
+        ("2026-12-04-h200-run2.json", run2, entry(run2, "none")),
+        ("2026-12-04-h200-run1.json", run1, entry(run1, "none")),
+        ("2026-12-04-h200-run1.json", run1, fm_compiled),
+    ]:
+        assert f"{100 * restated_mfu(name, record, e):.1f} %" in MFU_NOTE
     unknown = run2 | {"machine": run2["machine"] | {"gpu": "NVIDIA Tesla V100"}}
     with pytest.raises(LookupError, match="no datasheet peak for NVIDIA Tesla V100"):
         restated_mfu("x.json", unknown, compiled)
