@@ -16,6 +16,7 @@ precompute, no artifact folder.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
 import json
 import math
@@ -35,8 +36,8 @@ GPU_CHECKS = Path(str(importlib.resources.files("benchmarks"))) / "gpu"  # shipp
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k's training set (what configs/data/ points at)
 # The GPU check's model labels of the presets it measures.
 CHECKED_PRESETS = {"imf_b2": "B/2", "imf_m2": "M/2", "imf_l2": "L/2", "imf_xl2": "XL/2"}
-# GPU checks whose FLOP count held the GEMMs by zero tangents torch.func.jvp runs (those dated
-# before this one): their MFU is restated over useful FLOPs (zero_tangent_gemm_flops).
+# GPU checks dated before this counted the GEMMs by zero tangents torch.func.jvp runs: their
+# MFU is restated over useful FLOPs (zero_tangent_gemm_flops).
 USEFUL_FLOPS_SINCE = "2026-12-06"
 # The first H200 check counted every FLOP twice (fixed the same day, before the second run).
 FLOPS_COUNTED_TWICE = frozenset({"2026-12-04-h200-run1.json"})
@@ -95,8 +96,15 @@ def useful_flops_per_image(record_name: str, record: dict, entry: dict) -> float
     counted = entry["gflop_per_image"] * 1e9 / (2 if record_name in FLOPS_COUNTED_TWICE else 1)
     if record["machine"]["date"] >= USEFUL_FLOPS_SINCE:
         return counted
-    name = next(p for p, label in CHECKED_PRESETS.items() if label == entry["model"])
-    return counted - zero_tangent_gemm_flops(preset(name), ObjectiveConfig(name=entry["objective"]))
+    return counted - recorded_zero_gemms(entry["model"], entry["objective"])
+
+
+@functools.cache
+def recorded_zero_gemms(label: str, objective: str) -> float:
+    """zero_tangent_gemm_flops of a GPU check's model label ("B/2") and objective, counted once
+    (every `--plan` and every GPU run's validation reads the records)."""
+    name = next(p for p, checked in CHECKED_PRESETS.items() if checked == label)
+    return zero_tangent_gemm_flops(preset(name), ObjectiveConfig(name=objective))
 
 
 def restated_mfu(record_name: str, record: dict, entry: dict) -> float:
