@@ -556,7 +556,7 @@ def test_a_paper_scale_plan_prints_the_costs_and_starts_nothing(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []  # no artifact folder, no mlflow.db
 
 
-def test_a_recorded_mfu_is_restated_as_useful_flops_over_the_datasheet_peak():
+def test_the_plan_restates_a_recorded_mfu_as_useful_flops_over_the_datasheet_peak():
     """The 2026-12-04 checks wrote MFU over their measured matmul rate and over FLOPs that held
     the JVP's GEMMs by zero tangents (run 1 also counted twice): restated when read, the compiled
     B/2 imf_aux step of run 2 is 33.6 %, not the 47.1 % it printed, and both runs' eager steps,
@@ -614,7 +614,7 @@ def test_a_recorded_mfu_is_restated_as_useful_flops_over_the_datasheet_peak():
         restated_mfu("x.json", unknown, compiled)
 
 
-def test_zero_tangent_gemms_are_those_torch_func_jvp_runs():
+def test_the_plans_zero_tangent_gemms_are_those_torch_func_jvp_runs():
     """zero_tangent_gemm_flops (counted on the meta device) equals the FLOPs of the GEMMs with
     an all-zero operand that torch.func.jvp of u runs on real tensors (random weights, so that
     no zero-initialised layer counts), on the rows with r != t."""
