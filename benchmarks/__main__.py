@@ -25,6 +25,19 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 GPU_CHECKS = Path(__file__).resolve().parent / "gpu"
+# The recorded checks are history, kept as written; what their MFU column means, and the
+# figures as the field counts them (flows.plan.restated_mfu, which --plan reads).
+MFU_NOTE = """\
+> **MFU in the checks of 2026-12-04** (note of 2026-12-06, issue 35). Their MFU divides by the
+> run's measured 8192³ bf16 matmul rate (770.0 and 746.3 TFLOP/s), and their FLOPs per image
+> include the GEMMs by zero tangents that `torch.func.jvp` ran (23.45 GFLOP of B/2 imf_aux's
+> 424.9; the first run also counted every FLOP twice). MFU as the field counts it, useful FLOPs
+> over the datasheet dense bf16 peak (989.4 TFLOP/s for the H200 SXM), and what `--plan` reads
+> from these records: the second run's compiled B/2 imf_aux step, printed 47.1 %, is **33.6 %**
+> (401.5 useful GFLOP per image x 827.7 img/s = 332 TFLOP/s, 44.5 % of the measured matmul rate);
+> its eager step 11.2 % (printed 15.7 %; the first run's, printed 30.8 %, 11.3 %); the first
+> run's compiled B/2 fm step 35.8 % (printed 92.1 %). The first run timed no compiled imf_aux
+> step (a graph break then)."""
 
 
 def suite(quick: bool) -> list[tuple[str, list[str]]]:
@@ -101,6 +114,7 @@ def main() -> None:
             lines += ["```", text.strip(), "```", ""]
         lines += ["```json", json.dumps(result, indent=1), "```", ""]
     lines += ["# GPU checks", "", "`make gpu-check` on a GPU machine, kept in benchmarks/gpu/.", ""]
+    lines += [MFU_NOTE, ""]
     checks = sorted(GPU_CHECKS.glob("*.md"), reverse=True)
     lines += [p.read_text() for p in checks]  # each a "## GPU check" with ### parts
     args.out.write_text("\n".join(lines))

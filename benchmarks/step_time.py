@@ -7,6 +7,9 @@ Prints a table, then as its last line one JSON object with the step-time ratios 
 matching (`ratio_<objective>_to_fm`) and the memory ratios (`mem_ratio_<objective>_to_fm`):
 peak allocated memory on a GPU; on the CPU, bytes autograd saved for backward in an eager step
 (the activation memory, which dominates training memory; the no-grad JVP pass saves none).
+Each objective's model TFLOP/s (useful FLOPs, training.step_flops_per_image) and its MFU over
+the datasheet dense bf16 peak of the GPU (imf_core.peak_flops); a device without one (the CPU)
+has no MFU, and the table says so.
 The defaults are the training defaults (base.yaml's objective and guidance; train.compile auto).
 """
 
@@ -26,6 +29,7 @@ from torch import nn
 from imf_core.guidance import GuidanceConfig
 from imf_core.models import build, count_params, create
 from imf_core.objectives import OBJECTIVES, ObjectiveConfig
+from imf_core.peak_flops import datasheet_peak, mfu, peak_basis
 from imf_core.training import (
     COMPILE_MODES,
     DEFAULT_COMPILE,
@@ -181,11 +185,19 @@ def main() -> None:
         f"bf16 {args.bf16}, {device_name}, {torch.get_num_threads()} threads; "
         f"first steps (compiling) {compile_s:.0f} s"
     )
-    print(f"{'objective':<14}{'step ms':>10}{'x fm':>8}{'memory MB':>12}{'x fm':>8}")
+    peak = datasheet_peak(device_name)
+    flops_per_s = {name: args.batch * flops[name] / median[name] for name in OBJECTIVES}
+    print(f"MFU over {peak_basis(device_name)}")
+    print(
+        f"{'objective':<14}{'step ms':>10}{'x fm':>8}{'memory MB':>12}{'x fm':>8}"
+        f"{'GFLOP/img':>11}{'TFLOP/s':>10}{'MFU':>8}"
+    )
     for name in OBJECTIVES:
+        utilisation = f"{100 * mfu(flops_per_s[name], peak[1]):.1f} %" if peak else "-"
         print(
             f"{name:<14}{1e3 * median[name]:>10.1f}{median[name] / median['fm']:>8.2f}"
             f"{memory[name] / 2**20:>12.1f}{memory[name] / memory['fm']:>8.2f}"
+            f"{flops[name] / 1e9:>11.4g}{flops_per_s[name] / 1e12:>10.4g}{utilisation:>8}"
         )
     result = {
         "model": args.model,
@@ -199,10 +211,14 @@ def main() -> None:
         if device.type == "cuda"
         else "autograd_saved_bytes",
         "step_ms": {k: round(1e3 * v, 2) for k, v in median.items()},
+        "mfu_peak": peak_basis(device_name),
     }
     for name in OBJECTIVES:
         result[f"images_per_s_{name}"] = round(args.batch / median[name], 1)
         result[f"gflop_per_image_{name}"] = round(flops[name] / 1e9, 3)
+        result[f"tflops_{name}"] = float(f"{flops_per_s[name] / 1e12:.4g}")
+        if peak:
+            result[f"mfu_{name}"] = round(mfu(flops_per_s[name], peak[1]), 4)
     for name in OBJECTIVES[1:]:
         result[f"ratio_{name}_to_fm"] = round(median[name] / median["fm"], 3)
         result[f"mem_ratio_{name}_to_fm"] = round(memory[name] / memory["fm"], 3)

@@ -6,15 +6,17 @@
 
 For each stage of each configuration: its content key and whether its output is already there
 (then it would be reused), the images each training sees and its FLOPs (counted by PyTorch on
-the meta device: forward, guidance passes, JVP, backward), GPU-hours at the rates a GPU check
-measured (benchmarks/gpu/, `make gpu-check`) or at an assumed MFU, and the disk for latents
-and checkpoints. Nothing is started and nothing is written: no Prefect, Ray or MLflow, no
+the meta device: forward, guidance passes, JVP, backward), GPU-hours as FLOPs / (MFU x the
+GPU's datasheet dense bf16 peak) at the MFU a GPU check measured (benchmarks/gpu/, `make
+gpu-check`, restated as useful FLOPs over the datasheet peak) or an assumed one, and the disk for
+latents and checkpoints. Nothing is started and nothing is written: no Prefect, Ray or MLflow, no
 precompute, no artifact folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
 import json
 import math
@@ -23,18 +25,22 @@ from pathlib import Path
 
 from imf_core.guidance import GuidanceConfig
 from imf_core.models import build, count_params, preset
-from imf_core.objectives import ObjectiveConfig
-from imf_core.training import step_flops_per_image
+from imf_core.objectives import ObjectiveConfig, draw
+from imf_core.peak_flops import DATASHEET_BF16_TFLOPS, datasheet_peak
+from imf_core.peak_flops import mfu as model_flops_utilisation
 from tasks.artifacts import Manifest
 from tasks.resolve import model_config
+from tasks.train import flops_per_image  # useful FLOPs per image, counted on the meta device
 
 GPU_CHECKS = Path(str(importlib.resources.files("benchmarks"))) / "gpu"  # shipped (package data)
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k's training set (what configs/data/ points at)
-# Datasheet dense bf16 peaks, TFLOP/s: the rate of a GPU without a GPU check of its own here
-# (`--plan --gpu a100 --mfu 0.35`), whose MFU is then an assumption, said so in the plan.
-DATASHEET_BF16_TFLOPS = {"a100": 312.0, "h100": 989.4, "h200": 989.4}
 # The GPU check's model labels of the presets it measures.
 CHECKED_PRESETS = {"imf_b2": "B/2", "imf_m2": "M/2", "imf_l2": "L/2", "imf_xl2": "XL/2"}
+# GPU checks dated before this counted the GEMMs by zero tangents torch.func.jvp runs: their
+# MFU is restated over useful FLOPs (zero_tangent_gemm_flops).
+USEFUL_FLOPS_SINCE = "2026-12-06"
+# The first H200 check counted every FLOP twice (fixed the same day, before the second run).
+FLOPS_COUNTED_TWICE = frozenset({"2026-12-04-h200-run1.json"})
 
 
 def done(out: Path) -> bool:
@@ -44,18 +50,89 @@ def done(out: Path) -> bool:
 
 
 # ------------------------------------------------------------------ what a GPU gives
+def zero_tangent_gemm_flops(model_cfg, objective: ObjectiveConfig, batch: int = 4) -> float:
+    """FLOPs per image of the GEMMs by zero that torch.func.jvp runs in the JVP pass, as
+    step_flops_per_image counted them until 2026-12-06: forward-mode AD of F.linear(x, W) with
+    a tangent on x and the weight closed over multiplies x by W's zero tangent too, a GEMM the
+    size of the forward's. A linear with a tangent on its input thus runs 3 GEMMs where a plain
+    forward runs 1 (one without runs 1 in both), so the zero ones are half the difference
+    between the JVP's GEMM FLOPs (mm, addmm) and a forward's, both of u on the rows with r != t,
+    counted on the meta device at the counter's batch and draw (B/2 imf_aux: 23.45 GFLOP)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if objective.name == "fm":
+        return 0.0
+    x = torch.zeros(batch, model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size)
+    y = torch.zeros(batch, dtype=torch.long)
+    draws = draw(x, y, objective, GuidanceConfig(), model_cfg.num_classes)
+    rows = slice(draws.jvp_from, None)
+    gemms = (torch.ops.aten.mm, torch.ops.aten.addmm)
+    with torch.device("meta"), torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        meta = build(model_cfg)
+        cond = type(draws.cond)(*(c.to("meta") for c in draws.cond)).select(rows)
+        z, r, t = (v[rows].to("meta") for v in (x, draws.r, draws.t))
+
+        def u(z_, r_, t_):
+            return meta(z_, t_, t_ - r_, cond, jvp=True)
+
+        counted = []
+        for run in (
+            lambda: u(z, r, t),
+            lambda: torch.func.jvp(u, (z, r, t), (z, torch.zeros_like(r), torch.ones_like(t))),
+        ):
+            with FlopCounterMode(display=False) as counter:
+                run()
+            counts = counter.get_flop_counts()["Global"]
+            counted.append(sum(counts.get(op, 0) for op in gemms))
+    forward, jvp = counted
+    return (jvp - forward) / 2 / batch
+
+
+def useful_flops_per_image(record_name: str, record: dict, entry: dict) -> float:
+    """The useful FLOPs per image of a recorded step: its counted FLOPs, halved for a check that
+    counted twice, less the GEMMs by zero tangents for a check made before USEFUL_FLOPS_SINCE."""
+    counted = entry["gflop_per_image"] * 1e9 / (2 if record_name in FLOPS_COUNTED_TWICE else 1)
+    if record["machine"]["date"] >= USEFUL_FLOPS_SINCE:
+        return counted
+    return counted - recorded_zero_gemms(entry["model"], entry["objective"])
+
+
+@functools.cache
+def recorded_zero_gemms(label: str, objective: str) -> float:
+    """zero_tangent_gemm_flops of a GPU check's model label ("B/2") and objective, counted once
+    (every `--plan` and every GPU run's validation reads the records)."""
+    name = next(p for p, checked in CHECKED_PRESETS.items() if checked == label)
+    return zero_tangent_gemm_flops(preset(name), ObjectiveConfig(name=objective))
+
+
+def restated_mfu(record_name: str, record: dict, entry: dict) -> float:
+    """A recorded step's MFU as the field counts it: useful FLOPs per second over the datasheet
+    dense bf16 peak of the record's GPU. Checks before 2026-12-06 wrote MFU over their measured
+    matmul rate and over counted FLOPs; this equals their `mfu` x measured matmul / datasheet
+    peak x useful / counted (the B/2 imf_aux compiled step of 2026-12-04: 47.1 % -> 33.6 %)."""
+    peak = datasheet_peak(record["machine"]["gpu"])
+    if peak is None:
+        raise LookupError(f"no datasheet peak for {record['machine']['gpu']}: no MFU to restate")
+    useful = useful_flops_per_image(record_name, record, entry)
+    return model_flops_utilisation(entry["images_per_s"] * useful, peak[1])
+
+
 @dataclass
 class Rates:
-    """One GPU's measured rates (the newest GPU check of it), or an assumed MFU."""
+    """One GPU's measured rates (the newest GPU check of it), or an assumed MFU; MFU is always
+    useful FLOPs over the GPU's datasheet dense bf16 peak (`peak_tflops`)."""
 
     gpu: str
-    peak_tflops: float
+    peak_tflops: float  # the datasheet dense bf16 peak: the MFU denominator
     source: str  # the record, or "assumed"
     mfu: dict[tuple[str, str], float] = field(default_factory=dict)  # (label, objective)
     eval_images_per_s: float = 0.0  # 1-NFE + SD-VAE decode + Inception, as evaluation runs
     generate_images_per_s: float = 0.0  # one B/2 network evaluation per image
     assumed_mfu: float = 0.0
-    peak_basis: str = "measured bf16 matmul"
+    peak_basis: str = ""  # the datasheet's GPU name ("H200 SXM")
+    matmul_tflops: float = 0.0  # the check's measured bf16 matmul rate (a second figure)
     eval_basis: str = "measured for B/2"
     memory_gib: float = 0.0  # the GPU's memory
     max_batch: dict[str, dict] = field(default_factory=dict)  # label -> the largest-batch search
@@ -71,20 +148,31 @@ class Rates:
             if gpu.lower() in name.lower() and record.get("speed"):
                 records.append((record["machine"]["date"], path, record))
         if not records:
-            if mfu and gpu.lower() in DATASHEET_BF16_TFLOPS:
-                return Rates.assumed(gpu.lower(), mfu)
+            if mfu and datasheet_peak(gpu) is not None:
+                return Rates.assumed(gpu, mfu)
             known = sorted(
                 {json.loads(p.read_text())["machine"]["gpu"] for p in GPU_CHECKS.glob("*.json")}
             )
+            names = ", ".join(key for key, _, _ in DATASHEET_BF16_TFLOPS)
+            why = "" if datasheet_peak(gpu) else f"; no datasheet peak for {gpu!r}"
             raise LookupError(
-                f"no GPU check of a {gpu!r} in {GPU_CHECKS} (checked: {known}); for another GPU "
-                f"give an assumed MFU: --gpu {'|'.join(DATASHEET_BF16_TFLOPS)} --mfu X"
+                f"no GPU check of a {gpu!r} in {GPU_CHECKS} (checked: {known}){why}; for another "
+                f"GPU give an assumed MFU: --gpu NAME --mfu X, NAME one of: {names}"
             )
         _, path, record = max(records, key=lambda r: r[0])
-        rates = Rates(record["machine"]["gpu"], record["machine"]["matmul"]["tflops"], path.name)
+        peak = datasheet_peak(record["machine"]["gpu"])
+        if peak is None:
+            raise LookupError(f"no datasheet peak for {record['machine']['gpu']} ({path.name})")
+        rates = Rates(
+            record["machine"]["gpu"],
+            peak[1],
+            path.name,
+            peak_basis=peak[0],
+            matmul_tflops=record["machine"]["matmul"]["tflops"],
+        )
         for e in record["speed"]["entries"]:
-            if e.get("compile") == "step" and "mfu" in e:
-                rates.mfu[(e["model"], e["objective"])] = e["mfu"]
+            if e.get("compile") == "step" and "images_per_s" in e:
+                rates.mfu[(e["model"], e["objective"])] = restated_mfu(path.name, record, e)
         sampling = record.get("sampling", {}).get("fp32", {})
         rates.eval_images_per_s = sampling.get("all", 0.0)
         rates.generate_images_per_s = sampling.get("generate", 0.0)
@@ -103,16 +191,16 @@ class Rates:
         """A GPU with no check of its own: its datasheet peak at the assumed MFU; evaluation at
         the newest check's measured rate, scaled by the two peaks (an assumption too)."""
         measured = Rates.of("")
-        peak = DATASHEET_BF16_TFLOPS[gpu]
-        scale = peak / DATASHEET_BF16_TFLOPS.get(measured.gpu.split()[-1].lower(), peak)
+        label, peak = datasheet_peak(gpu)
+        scale = peak / measured.peak_tflops
         return Rates(
-            gpu.upper(),
+            label,
             peak,
             f"assumed, no GPU check of it; evaluation: {measured.source} x {scale:.2f}",
             eval_images_per_s=measured.eval_images_per_s * scale,
             generate_images_per_s=measured.generate_images_per_s * scale,
             assumed_mfu=mfu,
-            peak_basis="datasheet bf16 peak",
+            peak_basis=label,
             eval_basis=f"assumed: {measured.gpu}'s x {scale:.2f}",
         )
 
@@ -127,9 +215,9 @@ class Rates:
             (("B/2", "imf_aux"), "measured for B/2 imf_aux"),
         ):
             if key in self.mfu:
-                return self.mfu[key], f"{why}, {100 * self.mfu[key]:.0f} % MFU"
-        mfu = max(self.mfu.values())
-        return mfu, f"best measured, {100 * mfu:.0f} % MFU"
+                return self.mfu[key], f"{why}, {100 * self.mfu[key]:.1f} % MFU"
+        best = max(self.mfu.values())
+        return best, f"best measured, {100 * best:.1f} % MFU"
 
 
 # ------------------------------------------------------------------ what fits on a GPU
@@ -236,21 +324,6 @@ class Stage:
     memory: str = ""  # a GPU training's per-GPU batch and memory (per_gpu_memory)
 
 
-_FLOPS: dict[str, float] = {}
-
-
-def flops_per_image(model_cfg, objective: ObjectiveConfig, guidance: GuidanceConfig) -> float:
-    """One training step's FLOPs per image, counted once per (model, objective, guidance)."""
-    import torch
-
-    key = repr((model_cfg, objective, guidance))
-    if key not in _FLOPS:
-        with torch.device("meta"):
-            meta = build(model_cfg)
-        _FLOPS[key] = step_flops_per_image(meta, objective, guidance, model_cfg.num_classes)
-    return _FLOPS[key]
-
-
 def precompute_stage(cfg, label: str, images: int | None) -> tuple[Stage, str | None, int]:
     """(stage, its key or None, rows) of a config's precompute: keyed as the stage keys it,
     reading the data's listing (never the images) -- or, without the data, its size assumed."""
@@ -349,9 +422,17 @@ class Plan:
     def text(self) -> str:
         lines = [f"plan: {self.title} -- nothing started, nothing written"]
         if self.rates is not None:
+            r = self.rates
+            matmul = (
+                f"; its measured bf16 matmul {r.matmul_tflops:.0f} TFLOP/s, "
+                f"{100 * r.matmul_tflops / r.peak_tflops:.0f} % of it"
+                if r.matmul_tflops
+                else ""
+            )
             lines.append(
-                f"GPU-hours on one {self.rates.gpu} ({self.rates.peak_tflops:.0f} TFLOP/s "
-                f"{self.rates.peak_basis}; {self.rates.source})"
+                f"GPU-hours on one {r.gpu} = FLOPs / (MFU x {r.peak_tflops:g} TFLOP/s, the "
+                f"{r.peak_basis} datasheet dense bf16 peak{matmul}); MFU = useful FLOPs / that "
+                f"peak ({r.source})"
             )
         else:
             lines.append("GPU-hours: no GPU check on record (pass --gpu NAME or --mfu X)")

@@ -24,6 +24,7 @@ DATASHEET_BF16_TFLOPS: tuple[tuple[str, str, float], ...] = (
     ("h200", "H200 SXM", 989.4),
     ("a100", "A100", 312.0),
     ("l40s", "L40S", 362.05),
+    ("l40", "L40", 181.05),  # before "l4", which its name holds
     ("a10g", "A10G", 70.0),
     ("l4", "L4", 121.0),
     ("b200", "B200", 2250.0),
@@ -39,6 +40,15 @@ def datasheet_peak(device_name: str) -> tuple[str, float] | None:
         if key in name:
             return label, tflops
     return None
+
+
+def peak_basis(device_name: str) -> str:
+    """What MFU on this device divides by, in words, for a report or a run's tag:
+    "H200 SXM 989.4 TFLOP/s bf16 (datasheet)", or "none: no datasheet peak for cpu"."""
+    peak = datasheet_peak(device_name)
+    if peak is None:
+        return f"none: no datasheet peak for {device_name}"
+    return f"{peak[0]} {peak[1]:g} TFLOP/s bf16 (datasheet)"
 
 
 def mfu(flops_per_s: float, peak_tflops: float) -> float:

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from imf_core import peak_flops
 from imf_core.models import build, count_params
-from imf_core.training import COMPILE_MODES
+from imf_core.training import COMPILE_MODES, step_flops_per_image
 from tasks import inrun_eval, preemption
 from tasks.artifacts import (
     FileRecord,
@@ -382,7 +383,10 @@ def train_loop(config: dict) -> None:
     optim = with_warmup_steps(cfg.optim, steps_per_epoch)
     bf16 = device.type == "cuda"
     compile = DEFAULT_COMPILE if t.compile == "auto" else t.compile
-    logger = RankZeroLogger(config, cfg, dataset, total) if rank == 0 else None
+    logger = None
+    if rank == 0:
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        logger = RankZeroLogger(config, cfg, dataset, total, Utilisation.of(cfg, gpu, world))
     if logger is not None:  # the device the workers run on (the driver cannot know it)
         logger.run.tags({"imf.device": f"{world} x {device_name(device)}"})
     start_time, start_step = time.perf_counter(), step
@@ -498,10 +502,51 @@ def report(step: int, model, optimizer, ema, rank: int, logger) -> None:
         ray.train.report({"step": step}, checkpoint=checkpoint)
 
 
+_FLOPS: dict[str, float] = {}
+
+
+def flops_per_image(model_cfg, objective, guidance) -> float:
+    """One training step's useful FLOPs per image (training.step_flops_per_image), counted on
+    the meta device once per (model, objective, guidance): instant, no memory."""
+    key = repr((model_cfg, objective, guidance))
+    if key not in _FLOPS:
+        with torch.device("meta"):
+            meta = build(model_cfg)
+        _FLOPS[key] = step_flops_per_image(meta, objective, guidance, model_cfg.num_classes)
+    return _FLOPS[key]
+
+
+@dataclass(frozen=True)
+class Utilisation:
+    """The training's MFU as the field counts it: useful FLOPs per second over the datasheet
+    dense bf16 peak of the workers' GPUs (imf_core.peak_flops). A device with no datasheet
+    peak (the CPU, a GPU not in the table) has no MFU."""
+
+    flops_per_image: float
+    world: int
+    device: str  # torch.cuda.get_device_name(), or "cpu"
+    peak: tuple[str, float] | None  # (datasheet name, TFLOP/s)
+
+    @staticmethod
+    def of(cfg, device: str, world: int) -> Utilisation:
+        flops = flops_per_image(model_config(cfg), cfg.objective, cfg.guidance)
+        return Utilisation(flops, world, device, peak_flops.datasheet_peak(device))
+
+    def mfu(self, samples_per_s: float) -> float | None:
+        """MFU at `samples_per_s` images a second over all `world` workers; None without a peak."""
+        if self.peak is None:
+            return None
+        return peak_flops.mfu(samples_per_s * self.flops_per_image, self.world * self.peak[1])
+
+    def basis(self) -> str:
+        """What MFU divides by, for the run's tag (imf.mfu_peak)."""
+        return peak_flops.peak_basis(self.device)
+
+
 class RankZeroLogger:
     """Terminal progress and MLflow metrics/images, from rank 0 only."""
 
-    def __init__(self, config: dict, cfg, dataset, total: int):
+    def __init__(self, config: dict, cfg, dataset, total: int, utilisation: Utilisation):
         # Journaled first, sent by a background thread (a tracking outage never stops training).
         # After a restart from a checkpoint the steps since it run again (the same numbers):
         # the journal already has them, so each step is logged exactly once.
@@ -509,8 +554,16 @@ class RankZeroLogger:
             config["mlflow_uri"], config["mlflow_run_id"], Path(config["out"]) / JOURNAL
         )
         self.cfg, self.total, self.dataset = cfg, total, dataset
+        self.utilisation = utilisation
         self.last = time.perf_counter()
         self.tokenizer = None  # opened at the first sample grid
+        self.run.tags({"imf.mfu_peak": utilisation.basis()})
+        label = f"{cfg.tracking.run_name}: " if cfg.tracking.run_name else ""
+        print(
+            f"{label}MFU over {utilisation.basis()}; "
+            f"{utilisation.flops_per_image / 1e9:.4g} GFLOP per image a step",
+            flush=True,
+        )
 
     def step(self, step: int, parts: dict, optimizer, start: float, start_step: int) -> None:
         t = self.cfg.train
@@ -522,12 +575,16 @@ class RankZeroLogger:
             "steps_per_s": rate,
             "samples_per_s": rate * t.batch_size,
         }
+        utilisation = self.utilisation.mfu(rate * t.batch_size)
+        if utilisation is not None:  # no MFU on a device without a datasheet peak
+            metrics["mfu"] = utilisation
         replayed = not self.run.metrics({f"train/{k}": v for k, v in metrics.items()}, step)
         eta = (self.total - step) / max(rate, 1e-9)
         label = f"{self.cfg.tracking.run_name}: " if self.cfg.tracking.run_name else ""
+        shown = f"  MFU {100 * utilisation:.1f} %" if utilisation is not None else ""
         print(  # named by run: a sweep's concurrent trainings print side by side
             f"{label}step {step}/{self.total}  loss {metrics['loss']:.4f}  "
-            f"mse_u {metrics['mse_u']:.4f}  {rate:.2f} it/s  eta {eta:.0f}s"
+            f"mse_u {metrics['mse_u']:.4f}  {rate:.2f} it/s{shown}  eta {eta:.0f}s"
             + ("  (replayed: logged before)" if replayed else ""),
             flush=True,
         )

@@ -551,12 +551,119 @@ def test_a_paper_scale_plan_prints_the_costs_and_starts_nothing(tmp_path, monkey
     assert "to run: 1 precompute, 6 trainings, 6 evaluations" in text
     assert "GPU-hours" in text and "GB of new disk" in text
     imf_aux = next(line for line in text.splitlines() if line.strip().startswith("imf_aux "))
-    assert "198.0 EFLOP" in imf_aux and "47 % MFU" in imf_aux  # 322 GFLOP a row, measured MFU
+    assert "198.0 EFLOP" in imf_aux and "33.6 % MFU" in imf_aux  # 322 GFLOP a row, measured MFU
+    assert "MFU x 989.4 TFLOP/s, the H200 SXM datasheet dense bf16 peak" in text
     assert list(tmp_path.iterdir()) == []  # no artifact folder, no mlflow.db
 
 
+def test_the_plan_restates_a_recorded_mfu_as_useful_flops_over_the_datasheet_peak():
+    """The 2026-12-04 checks wrote MFU over their measured matmul rate and over FLOPs that held
+    the JVP's GEMMs by zero tangents (run 1 also counted twice): restated when read, the compiled
+    B/2 imf_aux step of run 2 is 33.6 %, not the 47.1 % it printed, and both runs' eager steps,
+    whose printed MFUs differ 2x, agree."""
+    import json
+
+    from flows.plan import GPU_CHECKS, restated_mfu, useful_flops_per_image
+
+    runs = {
+        p.name: json.loads(p.read_text()) for p in sorted(GPU_CHECKS.glob("2026-12-04-h200-*.json"))
+    }
+    run1, run2 = runs["2026-12-04-h200-run1.json"], runs["2026-12-04-h200-run2.json"]
+
+    def entry(record, compile, objective="imf_aux"):
+        return next(
+            e
+            for e in record["speed"]["entries"]
+            if (e["model"], e["objective"], e["compile"], e["jvp_attention"])
+            == ("B/2", objective, compile, "math")
+            and "images_per_s" in e
+        )
+
+    compiled = entry(run2, "step")
+    assert (compiled["mfu"], compiled["gflop_per_image"]) == (0.471, 424.9)  # as printed
+    useful = useful_flops_per_image("2026-12-04-h200-run2.json", run2, compiled)
+    assert useful / 1e9 == pytest.approx(424.9 - 23.45, abs=0.02)  # 23.45: the zero GEMMs
+    restated = restated_mfu("2026-12-04-h200-run2.json", run2, compiled)
+    assert restated == pytest.approx(0.336, abs=5e-4)
+    # The same as the record's MFU x measured matmul / datasheet peak x useful / counted.
+    assert restated == pytest.approx(compiled["mfu"] * 746.3 / 989.4 * useful / 424.9e9, rel=3e-3)
+    assert not any(  # run 1 never timed a compiled imf_aux step (a graph break then)
+        e["compile"] == "step" and "images_per_s" in e
+        for e in run1["speed"]["entries"]
+        if e["objective"] == "imf_aux"
+    )
+    eager = [restated_mfu(name, r, entry(r, "none")) for name, r in runs.items()]
+    assert entry(run1, "none")["mfu"] > 1.9 * entry(run2, "none")["mfu"]  # as printed
+    assert eager[0] == pytest.approx(eager[1], rel=0.02)  # 11.3 % and 11.2 %
+    fm = entry(run2, "none", "fm")  # no JVP, no GEMMs by zero: only the denominator changes
+    assert restated_mfu("2026-12-04-h200-run2.json", run2, fm) == pytest.approx(
+        fm["images_per_s"] * 250.0e9 / 989.4e12
+    )
+    from benchmarks.__main__ import MFU_NOTE  # RESULTS.md's note on these records
+
+    fm_compiled = entry(run1, "step", "fm")
+    for name, record, e in [
+        ("2026-12-04-h200-run2.json", run2, compiled),
+        ("2026-12-04-h200-run2.json", run2, entry(run2, "none")),
+        ("2026-12-04-h200-run1.json", run1, entry(run1, "none")),
+        ("2026-12-04-h200-run1.json", run1, fm_compiled),
+    ]:
+        assert f"{100 * restated_mfu(name, record, e):.1f} %" in MFU_NOTE
+    unknown = run2 | {"machine": run2["machine"] | {"gpu": "NVIDIA Tesla V100"}}
+    with pytest.raises(LookupError, match="no datasheet peak for NVIDIA Tesla V100"):
+        restated_mfu("x.json", unknown, compiled)
+
+
+def test_the_plans_zero_tangent_gemms_are_those_torch_func_jvp_runs():
+    """zero_tangent_gemm_flops (counted on the meta device) equals the FLOPs of the GEMMs with
+    an all-zero operand that torch.func.jvp of u runs on real tensors (random weights, so that
+    no zero-initialised layer counts), on the rows with r != t."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from flows.plan import zero_tangent_gemm_flops
+    from imf_core.guidance import GuidanceConfig
+    from imf_core.models import build, preset
+    from imf_core.objectives import ObjectiveConfig, draw
+
+    aten = torch.ops.aten
+
+    class ZeroGemms(TorchDispatchMode):
+        flops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (aten.mm.default, aten.addmm.default):
+                a, b = args[-2:]
+                if not a.any() or not b.any():
+                    self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+            return func(*args, **(kwargs or {}))
+
+    cfg, objective = preset("tiny"), ObjectiveConfig(name="imf_aux")
+    torch.manual_seed(0)
+    model = build(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    batch = 4
+    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size)
+    y = torch.zeros(batch, dtype=torch.long)
+    d = draw(x, y, objective, GuidanceConfig(), cfg.num_classes)
+    rows = slice(d.jvp_from, None)
+    cond = d.cond.select(rows)
+    z, r, t = x[rows], d.r[rows], d.t[rows]
+    with torch.no_grad(), ZeroGemms() as zero:
+        torch.func.jvp(
+            lambda z_, r_, t_: model(z_, t_, t_ - r_, cond, jvp=True),
+            (z, r, t),
+            (torch.randn_like(z), torch.zeros_like(r), torch.ones_like(t)),
+        )
+    assert zero.flops > 0
+    assert zero_tangent_gemm_flops(cfg, objective) * batch == pytest.approx(zero.flops, rel=0.01)
+    assert zero_tangent_gemm_flops(cfg, ObjectiveConfig(name="fm")) == 0.0
+
+
 def test_a_gpu_without_a_check_is_costed_at_its_datasheet_peak_and_an_assumed_mfu():
-    from flows.plan import DATASHEET_BF16_TFLOPS, Rates, flops_per_image
+    from flows.plan import Rates, flops_per_image
     from tasks.config import model_config
 
     configs = variant_configs(load_sweep("table1a"), "paper", [], ["imf_aux"])
@@ -566,11 +673,11 @@ def test_a_gpu_without_a_check_is_costed_at_its_datasheet_peak_and_an_assumed_mf
     images = 2_402_400 * 256
     flops = images * flops_per_image(model_config(cfg), cfg.objective, cfg.guidance)
     assert train.gpu_hours == pytest.approx(flops / (0.35 * 312e12) / 3600)
-    assert plan.rates.peak_basis == "datasheet bf16 peak" and "assumed" in plan.rates.source
+    assert plan.rates.peak_basis == "A100" and "assumed" in plan.rates.source
+    assert "MFU x 312 TFLOP/s, the A100 datasheet dense bf16 peak" in plan.text()
     h200 = Rates.of("h200")  # evaluation: the measured rate, scaled by the two datasheet peaks
-    scale = DATASHEET_BF16_TFLOPS["a100"] / DATASHEET_BF16_TFLOPS["h200"]
-    assert plan.rates.eval_images_per_s == pytest.approx(h200.eval_images_per_s * scale)
-    with pytest.raises(LookupError, match=r"--gpu a100\|h100\|h200 --mfu X"):
+    assert plan.rates.eval_images_per_s == pytest.approx(h200.eval_images_per_s * 312 / 989.4)
+    with pytest.raises(LookupError, match="no datasheet peak for 'v100'.*--gpu NAME --mfu X"):
         Rates.of("v100", 0.35)  # no datasheet peak known here either
     with pytest.raises(LookupError, match="no GPU check of a 'a100'"):
         Rates.of("a100")  # no check, no assumed MFU: nothing to cost with

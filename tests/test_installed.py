@@ -134,7 +134,8 @@ def test_the_paper_plan_costs_from_the_shipped_gpu_checks(background):
     assert plan.returncode == 0, plan.stderr[-3000:]
     assert "nothing started" in plan.stdout
     assert "6 trainings, 6 evaluations" in plan.stdout
-    assert "measured bf16 matmul; 2026-12-04-h200-run" in plan.stdout  # a shipped GPU check
+    assert "the H200 SXM datasheet dense bf16 peak" in plan.stdout  # MFU's denominator
+    assert "MFU = useful FLOPs / that peak (2026-12-04-h200-run" in plan.stdout  # a shipped check
 
 
 @pytest.mark.background(scenario=installed_package)
