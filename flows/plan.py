@@ -36,9 +36,6 @@ GPU_CHECKS = Path(str(importlib.resources.files("benchmarks"))) / "gpu"  # shipp
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k's training set (what configs/data/ points at)
 # The GPU check's model labels of the presets it measures.
 CHECKED_PRESETS = {"imf_b2": "B/2", "imf_m2": "M/2", "imf_l2": "L/2", "imf_xl2": "XL/2"}
-# GPU checks dated before this counted the GEMMs by zero tangents torch.func.jvp runs: their
-# MFU is restated over useful FLOPs (zero_tangent_gemm_flops).
-USEFUL_FLOPS_SINCE = "2026-12-06"
 # The first H200 check counted every FLOP twice (fixed the same day, before the second run).
 FLOPS_COUNTED_TWICE = frozenset({"2026-12-04-h200-run1.json"})
 
@@ -92,9 +89,11 @@ def zero_tangent_gemm_flops(model_cfg, objective: ObjectiveConfig, batch: int = 
 
 def useful_flops_per_image(record_name: str, record: dict, entry: dict) -> float:
     """The useful FLOPs per image of a recorded step: its counted FLOPs, halved for a check that
-    counted twice, less the GEMMs by zero tangents for a check made before USEFUL_FLOPS_SINCE."""
+    counted twice, less the GEMMs by zero tangents for a check that counted them."""
     counted = entry["gflop_per_image"] * 1e9 / (2 if record_name in FLOPS_COUNTED_TWICE else 1)
-    if record["machine"]["date"] >= USEFUL_FLOPS_SINCE:
+    # The GPU check writes "flops_counted": "useful" since issue 35; the checks of 2026-12-04
+    # counted the GEMMs by zero tangents torch.func.jvp ran (zero_tangent_gemm_flops).
+    if record.get("flops_counted") == "useful":
         return counted
     return counted - recorded_zero_gemms(entry["model"], entry["objective"])
 
