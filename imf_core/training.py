@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from imf_core.ema import EMA
 from imf_core.guidance import GuidanceConfig
-from imf_core.objectives import ObjectiveConfig, draw, loss_of_draws
+from imf_core.objectives import DrawKey, ObjectiveConfig, draw, loss_of_draws
 
 COMPILE_MODES = ("none", "jvp", "step")
 
@@ -129,7 +129,7 @@ def train_step(
     step: int,
     optim: OptimConfig,
     *,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
     compile: str = "none",
     compile_backend: str = "inductor",
     shard: tuple[int, int] = (0, 1),
@@ -138,7 +138,8 @@ def train_step(
 ) -> dict[str, Tensor]:
     """Loss, backward, (clip), AdamW step and EMA update. Returns the detached loss parts.
 
-    The batch's draws are made once (objectives.draw); with `micro_batch` (micro_steps) the
+    The batch's draws are made once, a function of (seed, step) and the global row
+    (objectives.draw, DrawKey), with no host sync; with `micro_batch` (micro_steps) the
     loss and backward run on rows k::K, k < K = ceil(len(x) / micro_batch), accumulating the
     gradient of the batch's mean loss, before the one optimizer step: the same step as without,
     to float rounding, in the memory of one micro-batch. `compile`: one of COMPILE_MODES
@@ -149,7 +150,7 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, optim, total_steps) * group["lr_scale"]
     steps = micro_steps(x.shape[0], micro_batch)
-    draws = draw(x, y, objective, guidance, num_classes, generator, shard)
+    draws = draw(x, y, objective, guidance, num_classes, DrawKey(seed, step), shard)
     loss_fn = compiled_loss(compile_backend) if compile == "step" else loss_of_draws
     optimizer.zero_grad(set_to_none=True)
     parts: dict[str, Tensor] = {}
@@ -203,20 +204,11 @@ def step_flops_per_image(
     Counted by PyTorch on a model on the meta device (instant, no memory) or a real one."""
     device = next(model.parameters()).device
     cfg = model.cfg
-    x = torch.zeros(batch, cfg.in_channels, cfg.input_size, cfg.input_size)
-    y = torch.zeros(batch, dtype=torch.long)
-    draws = draw(x, y, objective, guidance, num_classes, torch.Generator().manual_seed(0))
-    draws = draws._replace(
-        t=draws.t.to(device),
-        r=draws.r.to(device),
-        e=draws.e.to(device),
-        cond=type(draws.cond)(*(c.to(device) for c in draws.cond)),
-        dropped=draws.dropped.to(device),
-    )
+    x = torch.zeros(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    draws = draw(x, y, objective, guidance, num_classes)
     with FlopCounterMode(display=False) as counter:
-        loss, _ = loss_of_draws(
-            model, x.to(device), y.to(device), draws, objective, guidance, num_classes
-        )
+        loss, _ = loss_of_draws(model, x, y, draws, objective, guidance, num_classes)
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch

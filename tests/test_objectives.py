@@ -6,7 +6,7 @@ import torch
 from imf_core.ema import EMA
 from imf_core.guidance import GuidanceConfig
 from imf_core.models import create
-from imf_core.objectives import ObjectiveConfig, adaptive_weighted, imf_loss, sample_t_r
+from imf_core.objectives import DrawKey, ObjectiveConfig, adaptive_weighted, imf_loss, sample_t_r
 
 
 def test_time_sampler_orders_and_shares():
@@ -85,8 +85,8 @@ def test_sharded_loss_equals_the_global_batch_loss(objective):
 
     def loss_and_grad(rows, shard):
         model.zero_grad()
-        gen = torch.Generator().manual_seed(7)
-        loss, _ = imf_loss(model, x[rows], y[rows], cfg, guidance, 10, generator=gen, shard=shard)
+        key = DrawKey(seed=7, step=3)
+        loss, _ = imf_loss(model, x[rows], y[rows], cfg, guidance, 10, key=key, shard=shard)
         loss.backward()
         grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
         return loss.detach(), torch.cat(grads)
