@@ -14,6 +14,7 @@ random draws stay outside it (objectives.draw), so one graph serves every step o
 from __future__ import annotations
 
 import functools
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -237,3 +238,44 @@ def average_gradients(model: nn.Module, world: int, bucket: int = 2**26) -> None
         flat /= world
         for g, synced in zip(group, flat.split([g.numel() for g in group]), strict=True):
             g.copy_(synced.view_as(g))
+
+
+class StopAgreement:
+    """Whether every rank goes on, agreed without stalling each step: a step's flags [loss not
+    finite, stop asked] are summed over the ranks (an all-reduce queued behind the step's work)
+    and copied to page-locked host memory without waiting, then read once that step's work is
+    done -- one step later, while the device runs the next (`settle()`), or at once before a
+    checkpoint, an evaluation, a log line or the end (`settle(everything=True)`), so that none
+    of those ever follows a non-finite step. Every rank reads the same sums after the same
+    step: all stop at the same step and report the same number of times.
+    """
+
+    def __init__(self, world: int):
+        self.world = world
+        self.pending: deque[tuple[int, Tensor, torch.cuda.Event | None]] = deque()
+        self.bad_step: int | None = None  # the first step whose loss was not finite on a rank
+        self.stop = False  # a stop was asked (on any rank)
+
+    def post(self, step: int, loss: Tensor, stop_asked: bool) -> None:
+        """Queues the flags of `step` (its loss: a device tensor, never read here)."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        flags = torch.stack([bad, torch.full_like(bad, float(stop_asked))])
+        if self.world > 1:
+            torch.distributed.all_reduce(flags)
+        host, event = flags, None
+        if flags.is_cuda:
+            host = torch.empty(2, pin_memory=True).copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((step, host, event))
+
+    def settle(self, everything: bool = False) -> None:
+        """Reads the flags of the steps posted before the last (of all with `everything`)."""
+        while len(self.pending) > (0 if everything else 1):
+            step, host, event = self.pending.popleft()
+            if event is not None:
+                event.synchronize()  # that step's work alone, not the one queued after it
+            bad, asked = host.tolist()
+            if bad > 0 and self.bad_step is None:
+                self.bad_step = step
+            self.stop = self.stop or asked > 0
