@@ -65,7 +65,7 @@ from benchmarks.step_time import StepTimer
 from imf_core.guidance import GuidanceConfig
 from imf_core.models import create
 from imf_core.models.layers import HAS_FLASH_JVP, flash_jvp_attention, math_attention
-from imf_core.objectives import ObjectiveConfig, draw, loss_of_draws
+from imf_core.objectives import DrawKey, ObjectiveConfig, draw, loss_of_draws
 from imf_core.training import compiled_loss, step_flops_per_image
 
 PARTS = ("machine", "attention", "compiled", "precision", "speed")
@@ -440,7 +440,7 @@ def compiled(check: Check, sizes: Sizes) -> None:
             x = torch.randn(shape, generator=gen).to(check.device)
             y = torch.randint(0, cfg.num_classes, shape[:1], generator=gen).to(check.device)
             obj = ObjectiveConfig(name=objective)
-            draws = draw(x, y, obj, guidance, cfg.num_classes, gen)
+            draws = draw(x, y, obj, guidance, cfg.num_classes, DrawKey(seed=1))
 
             def loss_and_grad(fn, x=x, y=y, draws=draws, obj=obj, net=model) -> tuple[Tensor, ...]:
                 net.zero_grad(set_to_none=True)

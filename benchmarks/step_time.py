@@ -95,7 +95,7 @@ class StepTimer:
                 self.model.cfg.num_classes,
                 10,
                 self.optim,
-                generator=torch.Generator().manual_seed(seed),
+                seed=seed,
                 compile=compile or self.compile,
                 compile_backend=self.compile_backend,
             )

@@ -23,12 +23,17 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+Item, Loaded = TypeVar("Item"), TypeVar("Loaded")
 
 
 class LatentDataset(Dataset):
@@ -175,3 +180,45 @@ class LatentDataset(Dataset):
         """Batched fetch (the DataLoader calls this): one gather, one noise pass."""
         samples, labels = self.rows(indices)
         return list(zip(samples.unbind(0), labels.tolist(), strict=True))
+
+
+class Prefetcher(Generic[Item, Loaded]):
+    """(item, load(item)) for each item, in order, each loaded on a background thread while the
+    caller works on the one before: one slot, so at most one load runs ahead. An error in
+    `load` is raised where its item is taken; leaving the `with` block (an end, a stop, an
+    error) waits for the load under way and starts no other.
+
+        >>> with Prefetcher(lambda i: collate(ds.__getitems__(i)), batches) as prefetched:
+        ...     for indices, batch in prefetched: ...
+    """
+
+    def __init__(self, load: Callable[[Item], Loaded], items: Iterable[Item]):
+        self._load, self._items = load, iter(items)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._ahead = self._submit()
+
+    def _submit(self) -> tuple[Item, Future[Loaded]] | None:
+        for item in self._items:
+            return item, self._pool.submit(self._load, item)
+        return None
+
+    def __iter__(self) -> Iterator[tuple[Item, Loaded]]:
+        return self
+
+    def __next__(self) -> tuple[Item, Loaded]:
+        if self._ahead is None:
+            raise StopIteration
+        item, future = self._ahead
+        loaded = future.result()
+        self._ahead = self._submit()
+        return item, loaded
+
+    def close(self) -> None:
+        self._ahead = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Prefetcher[Item, Loaded]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -119,43 +119,53 @@ def sample_interval(n: int, generator: torch.Generator | None = None) -> tuple[T
     return t_min, t_max
 
 
+class ConditionDraws(NamedTuple):
+    """The random part of a batch's training conditions, each of shape (B,)."""
+
+    dropped: Tensor  # bool: the row's label becomes the null class
+    omega: Tensor  # CFG scale (1 = no guidance)
+    t_min: Tensor  # CFG interval start
+    t_max: Tensor  # CFG interval end
+
+    def conditions(self, y: Tensor, num_classes: int) -> Conditions:
+        """The network conditions of labels y, the dropped rows' the null class: computed on
+        y's device (these draws already there), so y is never read on the host."""
+        return Conditions(
+            torch.where(self.dropped, num_classes, y), self.omega, self.t_min, self.t_max
+        )
+
+
 def sample_conditions(
     cfg: GuidanceConfig,
-    y: Tensor,
     boundary: Tensor,
-    num_classes: int,
     generator: torch.Generator | None = None,
     shard: tuple[int, int] = (0, 1),
-) -> tuple[Conditions, Tensor]:
-    """Training conditions for a batch: drops labels, samples omega and the interval.
+) -> ConditionDraws:
+    """Training conditions' draws for a batch, on the CPU: dropped labels, omega, the interval.
 
-    `boundary` marks rows with r = t; they get no interval (official code). Returns the
-    conditions and the bool mask of rows whose label was dropped. With shard=(rank, world),
-    the draws are made for the global batch and this rank keeps rows rank::world.
+    `boundary` (CPU, bool) marks rows with r = t; they get no interval (official code). With
+    shard=(rank, world) the draws are made for the global batch (O(B) numbers, in a fixed
+    order) and this rank keeps rows rank::world. `ConditionDraws.conditions` applies them to
+    the labels.
     """
-    n = y.shape[0]
+    n = boundary.shape[0]
     rank, world = shard
 
-    def draw(sampler, *args):
+    def draw(sampler, *args) -> Tensor:
         return sampler(n * world, *args, generator=generator)[rank::world]
 
-    cond = Conditions.unguided(y.cpu())
     if cfg.drop_rows == "first":  # the first num_drop rows of the global batch, num_drop ~ Bin
         num_drop = (torch.rand(n * world, generator=generator) < cfg.class_drop).sum()
         dropped = (torch.arange(n * world) < num_drop)[rank::world]
     else:
         dropped = draw(torch.rand) < cfg.class_drop
-    cond = cond._replace(y=torch.where(dropped, num_classes, cond.y))
-    if cfg.conditions_on_omega:
-        cond = cond._replace(omega=draw(sample_omega, cfg.omega_max, cfg.beta))
+    ones = torch.ones(n)
+    omega = draw(sample_omega, cfg.omega_max, cfg.beta) if cfg.conditions_on_omega else ones
+    t_min, t_max = torch.zeros(n), ones
     if cfg.mode == "omega_interval":
         t_min, t_max = (s[rank::world] for s in sample_interval(n * world, generator))
-        on_boundary = boundary.cpu()
-        cond = cond._replace(
-            t_min=torch.where(on_boundary, 0.0, t_min), t_max=torch.where(on_boundary, 1.0, t_max)
-        )
-    device = y.device
-    return Conditions(*(c.to(device) for c in cond)), dropped.to(device)
+        t_min, t_max = torch.where(boundary, 0.0, t_min), torch.where(boundary, 1.0, t_max)
+    return ConditionDraws(dropped, omega, t_min, t_max)
 
 
 # v_fn(z, t, conditions) -> the model's boundary (r = t) velocity prediction.

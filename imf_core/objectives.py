@@ -15,13 +15,20 @@ is the JVP tangent, and so what the loss means:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from imf_core.guidance import Conditions, GuidanceConfig, guided_target, sample_conditions
+from imf_core.guidance import (
+    ConditionDraws,
+    Conditions,
+    GuidanceConfig,
+    guided_target,
+    sample_conditions,
+)
 from imf_core.meanflow import compound_velocity, interpolate
 
 OBJECTIVES = ("fm", "mf", "imf_boundary", "imf_aux")
@@ -98,27 +105,80 @@ class Draws(NamedTuple):
         )
 
 
+@dataclass(frozen=True)
+class DrawKey:
+    """What a batch's random draws are a function of, with the global row: the run's seed and
+    the step. tasks.train passes train.seed and the optimizer step, so that a run resumed at a
+    step, on any number of ranks, draws what it would have drawn had it never stopped."""
+
+    seed: int = 0
+    step: int = 0
+
+    def stream(self, row: int | None = None) -> int:
+        """The generator seed of global row `row` (its noise), or of the step itself (the
+        batch's O(B) numbers). torch's CPU generator (mt19937) keeps 32 bits of a seed."""
+        words = (self.seed, self.step) if row is None else (self.seed, self.step, row)
+        return hash(words) & (2**63 - 1)  # ints hash alike in every process (no salt)
+
+    def generator(self) -> torch.Generator:
+        """The step's generator: the whole batch's (t, r) and conditions, in that order."""
+        return torch.Generator().manual_seed(self.stream())
+
+
+def row_noise(key: DrawKey, rows: Sequence[int], shape: Sequence[int]) -> Tensor:
+    """(len(rows), *shape) standard normal noise of these global rows, each row from its own
+    stream: what a rank draws is its rows' alone, and the same as any other split draws."""
+    out = torch.empty(len(rows), *shape)
+    gen = torch.Generator()
+    for i, row in enumerate(rows):
+        torch.randn(shape, generator=gen.manual_seed(key.stream(row)), out=out[i])
+    return out
+
+
+def to_device(tensors: Sequence[Tensor], device: torch.device) -> list[Tensor]:
+    """CPU tensors (floats of one dtype, or bool) on `device` in one copy that does not block
+    the host: packed into one buffer (page-locked on CUDA, so the copy runs asynchronously),
+    then split into views."""
+    if device.type == "cpu":
+        return list(tensors)
+    dtype = next(t.dtype for t in tensors if t.is_floating_point())
+    packed = torch.empty(
+        sum(t.numel() for t in tensors), dtype=dtype, pin_memory=device.type == "cuda"
+    )
+    torch.cat([t.reshape(-1).to(dtype) for t in tensors], out=packed)
+    chunks = packed.to(device, non_blocking=True).split([t.numel() for t in tensors])
+    return [c.view(t.shape).to(t.dtype) for c, t in zip(chunks, tensors, strict=True)]
+
+
 def draw(
     x: Tensor,
     y: Tensor,
     cfg: ObjectiveConfig,
     guidance: GuidanceConfig,
     num_classes: int,
-    generator: torch.Generator | None = None,
+    key: DrawKey = DrawKey(),
     shard: tuple[int, int] = (0, 1),
 ) -> Draws:
-    """The batch's random draws, made for the global batch of shard=(rank, world) in a fixed
-    order (the official code's: (t, r), noise, then the conditions) and kept at rows rank::world,
-    which are the rows a DistributedSampler gives this rank."""
-    device, n = x.device, x.shape[0]
+    """The batch's random draws at rows rank::world of the global batch, shard=(rank, world):
+    the rows a DistributedSampler gives this rank (its row i is global row rank + world i).
+
+    Every draw is a function of (key, global row), the same on any number of ranks: the step's
+    generator draws the O(B) numbers of the whole global batch in the official code's order,
+    (t, r) then the conditions, and this rank keeps its rows; the noise, O(B C S S), comes
+    from each global row's own stream and is drawn for this rank's rows only (row_noise). All
+    on the CPU, then one copy to x's device that the host does not wait for (no sync).
+    """
+    n = x.shape[0]
     rank, world = shard
-    t, r = (s[rank::world].to(device) for s in sample_t_r(n * world, cfg, generator))
-    e = torch.randn((n * world, *x.shape[1:]), generator=generator)[rank::world].to(device)
+    batch = key.generator()
+    t, r = (s[rank::world] for s in sample_t_r(n * world, cfg, batch))
     # The first int(N * share) global rows have r = t; this rank's among them are a prefix.
     jvp_from = len(range(rank, boundary_rows(n * world, cfg), world))
-    boundary = torch.arange(n, device=device) < jvp_from
-    cond, dropped = sample_conditions(guidance, y, boundary, num_classes, generator, shard)
-    return Draws(t, r, e, cond, dropped, jvp_from)
+    drawn = sample_conditions(guidance, torch.arange(n) < jvp_from, batch, shard)
+    e = row_noise(key, range(rank, n * world, world), x.shape[1:])
+    t, r, e, *on_device = to_device([t, r, e, *drawn], x.device)
+    drawn = ConditionDraws(*on_device)
+    return Draws(t, r, e, drawn.conditions(y, num_classes), drawn.dropped, jvp_from)
 
 
 def imf_loss(
@@ -129,22 +189,22 @@ def imf_loss(
     guidance: GuidanceConfig,
     num_classes: int,
     *,
-    generator: torch.Generator | None = None,
+    key: DrawKey = DrawKey(),
     compile_jvp: str | None = None,
     shard: tuple[int, int] = (0, 1),
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One batch of any objective. Returns the scalar loss and its named parts (detached).
 
     `model` is called as model(z, t, h, cond, heads, jvp) with h = t - r; `compile_jvp` (a
-    torch.compile backend) compiles the JVP pass alone (meanflow.compound_velocity). With
-    shard=(rank, world) under data parallelism, every random draw is made for the global batch
-    and this rank keeps its rows (see `draw`): W ranks then compute exactly the loss one
-    process computes on the whole global batch.
+    torch.compile backend) compiles the JVP pass alone (meanflow.compound_velocity). The draws
+    are those of `key`; with shard=(rank, world) under data parallelism, each rank draws its
+    rows' (see `draw`): W ranks then compute exactly the loss one process computes on the
+    whole global batch.
     Parts: `loss` (the optimised, weighted loss), `mse_u` (unweighted ||V - target||^2 per
     element: with adaptive weighting the loss sits near 1, so this is what shows learning) and,
     for imf_aux, `loss_v`, `mse_v`.
     """
-    draws = draw(x, y, cfg, guidance, num_classes, generator, shard)
+    draws = draw(x, y, cfg, guidance, num_classes, key, shard)
     return loss_of_draws(model, x, y, draws, cfg, guidance, num_classes, compile_jvp=compile_jvp)
 
 

@@ -14,6 +14,7 @@ random draws stay outside it (objectives.draw), so one graph serves every step o
 from __future__ import annotations
 
 import functools
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -23,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from imf_core.ema import EMA
 from imf_core.guidance import GuidanceConfig
-from imf_core.objectives import ObjectiveConfig, draw, loss_of_draws
+from imf_core.objectives import DrawKey, ObjectiveConfig, draw, loss_of_draws
 
 COMPILE_MODES = ("none", "jvp", "step")
 
@@ -129,7 +130,7 @@ def train_step(
     step: int,
     optim: OptimConfig,
     *,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
     compile: str = "none",
     compile_backend: str = "inductor",
     shard: tuple[int, int] = (0, 1),
@@ -138,7 +139,8 @@ def train_step(
 ) -> dict[str, Tensor]:
     """Loss, backward, (clip), AdamW step and EMA update. Returns the detached loss parts.
 
-    The batch's draws are made once (objectives.draw); with `micro_batch` (micro_steps) the
+    The batch's draws are made once, a function of (seed, step) and the global row
+    (objectives.draw, DrawKey), with no host sync; with `micro_batch` (micro_steps) the
     loss and backward run on rows k::K, k < K = ceil(len(x) / micro_batch), accumulating the
     gradient of the batch's mean loss, before the one optimizer step: the same step as without,
     to float rounding, in the memory of one micro-batch. `compile`: one of COMPILE_MODES
@@ -149,7 +151,7 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, optim, total_steps) * group["lr_scale"]
     steps = micro_steps(x.shape[0], micro_batch)
-    draws = draw(x, y, objective, guidance, num_classes, generator, shard)
+    draws = draw(x, y, objective, guidance, num_classes, DrawKey(seed, step), shard)
     loss_fn = compiled_loss(compile_backend) if compile == "step" else loss_of_draws
     optimizer.zero_grad(set_to_none=True)
     parts: dict[str, Tensor] = {}
@@ -203,20 +205,11 @@ def step_flops_per_image(
     Counted by PyTorch on a model on the meta device (instant, no memory) or a real one."""
     device = next(model.parameters()).device
     cfg = model.cfg
-    x = torch.zeros(batch, cfg.in_channels, cfg.input_size, cfg.input_size)
-    y = torch.zeros(batch, dtype=torch.long)
-    draws = draw(x, y, objective, guidance, num_classes, torch.Generator().manual_seed(0))
-    draws = draws._replace(
-        t=draws.t.to(device),
-        r=draws.r.to(device),
-        e=draws.e.to(device),
-        cond=type(draws.cond)(*(c.to(device) for c in draws.cond)),
-        dropped=draws.dropped.to(device),
-    )
+    x = torch.zeros(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    draws = draw(x, y, objective, guidance, num_classes)
     with FlopCounterMode(display=False) as counter:
-        loss, _ = loss_of_draws(
-            model, x.to(device), y.to(device), draws, objective, guidance, num_classes
-        )
+        loss, _ = loss_of_draws(model, x, y, draws, objective, guidance, num_classes)
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch
@@ -245,3 +238,44 @@ def average_gradients(model: nn.Module, world: int, bucket: int = 2**26) -> None
         flat /= world
         for g, synced in zip(group, flat.split([g.numel() for g in group]), strict=True):
             g.copy_(synced.view_as(g))
+
+
+class StopAgreement:
+    """Whether every rank goes on, agreed without stalling each step: a step's flags [loss not
+    finite, stop asked] are summed over the ranks (an all-reduce queued behind the step's work)
+    and copied to page-locked host memory without waiting, then read once that step's work is
+    done -- one step later, while the device runs the next (`settle()`), or at once before a
+    checkpoint, an evaluation, a log line or the end (`settle(everything=True)`), so that none
+    of those ever follows a non-finite step. Every rank reads the same sums after the same
+    step: all stop at the same step and report the same number of times.
+    """
+
+    def __init__(self, world: int):
+        self.world = world
+        self.pending: deque[tuple[int, Tensor, torch.cuda.Event | None]] = deque()
+        self.bad_step: int | None = None  # the first step whose loss was not finite on a rank
+        self.stop = False  # a stop was asked (on any rank)
+
+    def post(self, step: int, loss: Tensor, stop_asked: bool) -> None:
+        """Queues the flags of `step` (its loss: a device tensor, never read here)."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        flags = torch.stack([bad, torch.full_like(bad, float(stop_asked))])
+        if self.world > 1:
+            torch.distributed.all_reduce(flags)
+        host, event = flags, None
+        if flags.is_cuda:
+            host = torch.empty(2, pin_memory=True).copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((step, host, event))
+
+    def settle(self, everything: bool = False) -> None:
+        """Reads the flags of the steps posted before the last (of all with `everything`)."""
+        while len(self.pending) > (0 if everything else 1):
+            step, host, event = self.pending.popleft()
+            if event is not None:
+                event.synchronize()  # that step's work alone, not the one queued after it
+            bad, asked = host.tolist()
+            if bad > 0 and self.bad_step is None:
+                self.bad_step = step
+            self.stop = self.stop or asked > 0

@@ -18,6 +18,7 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -334,9 +335,15 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
     from torch.utils.data import BatchSampler, DistributedSampler, default_collate
 
-    from imf_core.data import LatentDataset
+    from imf_core.data import LatentDataset, Prefetcher
     from imf_core.ema import EMA
-    from imf_core.training import DEFAULT_COMPILE, make_optimizer, train_step, with_warmup_steps
+    from imf_core.training import (
+        DEFAULT_COMPILE,
+        StopAgreement,
+        make_optimizer,
+        train_step,
+        with_warmup_steps,
+    )
     from tasks.provenance import device_name
 
     cfg = config["cfg"]
@@ -395,6 +402,29 @@ def train_loop(config: dict) -> None:
         plan = config["inrun_eval"]
         evaluation = inrun_eval.InRunEvaluation(plan, cfg, rank, world, device, steps_per_epoch)
 
+    def batches(start: int) -> Iterator[tuple[int, list[int]]]:
+        """(epoch, indices) of this rank's batch at every step from `start` to the end."""
+        at = start
+        while at < total:
+            epoch, skip = divmod(at, steps_per_epoch)
+            sampler.set_epoch(epoch)
+            for indices in list(BatchSampler(sampler, local_batch, drop_last=False))[skip:]:
+                if at == total:
+                    return
+                yield epoch, indices
+                at += 1
+
+    def load(batch: tuple[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch as a step reads it (page-locked on CUDA: an asynchronous copy), made on the
+        prefetching thread, the only one that reads the dataset while the loop runs."""
+        epoch, indices = batch
+        dataset.set_epoch(epoch)
+        x, y = default_collate(dataset.__getitems__(indices))
+        return (x.pin_memory(), y.pin_memory()) if device.type == "cuda" else (x, y)
+
+    # [loss not finite, a stop asked for], agreed by every rank a step late (StopAgreement)
+    agreement = StopAgreement(world)
+
     def evaluate(at: int) -> None:  # every rank; rank 0 logs
         results = evaluation(at, model, ema)
         if logger is not None:
@@ -403,13 +433,8 @@ def train_loop(config: dict) -> None:
     try:
         if evaluation is not None and evaluation.due(step, total) and not evaluation.done(step):
             evaluate(step)  # resumed from the checkpoint of an evaluation a stop cut short
-        while step < total:
-            epoch, skip = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch)
-            dataset.set_epoch(epoch)
-            for indices in list(BatchSampler(sampler, local_batch, drop_last=False))[skip:]:
-                if step >= total:
-                    break
+        with Prefetcher(load, batches(step)) as prefetched:  # the next batch read meanwhile
+            for _, (x, y) in prefetched:
                 if (
                     step == t.fault_at_step
                     and rank == world - 1
@@ -420,10 +445,7 @@ def train_loop(config: dict) -> None:
                     (out / "fault_injected").write_text(str(step))
                     time.sleep(5)
                     os.kill(os.getpid(), signal.SIGKILL)
-                x, y = (v.to(device) for v in default_collate(dataset.__getitems__(indices)))
-                generator = torch.Generator().manual_seed(
-                    t.seed * 1_000_003 + step
-                )  # resumable noise
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     parts = train_step(
                         model,
@@ -436,30 +458,30 @@ def train_loop(config: dict) -> None:
                         mcfg.num_classes,
                         step,
                         optim,
-                        generator=generator,
+                        seed=t.seed,  # the draws: a function of (seed, step, global row)
                         compile=compile,
                         shard=(rank, world),
                         total_steps=total,
                         micro_batch=t.micro_batch,
                     )
-                # [loss not finite, a stop asked for] agreed by every rank, so that all of them
-                # stop at the same step (and report the same number of times)
                 stop_asked = rank == 0 and (out / preemption.STOP_FILE).exists()
-                flags = torch.tensor(
-                    [0.0 if torch.isfinite(parts["loss"]) else 1.0, float(stop_asked)],
-                    device=device,
-                )
-                if world > 1:
-                    torch.distributed.all_reduce(flags)
-                bad, stop = flags.tolist()
-                if bad > 0:  # every rank sees it, so every rank stops at the same report
+                agreement.post(step, parts["loss"], stop_asked)
+                step += 1
+                agreement.settle()  # the steps before this one: done by now, no stall
+                due = evaluation is not None and evaluation.due(step, total)
+                ahead = step % t.checkpoint_every == 0 or step % t.log_every == 0
+                if ahead or due or step == total or agreement.stop:
+                    # a checkpoint, a log line, an evaluation or the end: this step too
+                    agreement.settle(everything=True)
+                if agreement.bad_step is not None:  # every rank stops at the same report
                     if rank == 0:
                         (out / "NAN").write_text(
-                            f"loss is not finite at step {step}; the last good checkpoint is kept"
+                            f"loss is not finite at step {agreement.bad_step}; "
+                            "the last good checkpoint is kept"
                         )
-                    ray.train.report({"step": step, "nan": 1})
+                    ray.train.report({"step": agreement.bad_step, "nan": 1})
                     return
-                step += 1
+                stop = agreement.stop
                 if step % t.log_every == 0 or step == total:
                     if world > 1:  # log the global batch's numbers, not rank 0's share
                         names = sorted(parts)
@@ -469,7 +491,7 @@ def train_loop(config: dict) -> None:
                     if logger is not None:
                         logger.step(step, parts, optimizer, start_time, start_step)
                 # the in-run evaluation's weights are a checkpoint's: a stop during it resumes
-                evaluating = evaluation is not None and evaluation.due(step, total) and not stop
+                evaluating = due and not stop
                 if step % t.checkpoint_every == 0 or step == total or stop or evaluating:
                     report(step, model, optimizer, ema, rank, logger)
                 if evaluating:

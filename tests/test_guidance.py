@@ -44,25 +44,31 @@ def test_interval_bounds():
     assert t_max.mean().item() == pytest.approx(0.75, abs=0.005)
 
 
+def conditions(cfg: GuidanceConfig, y, boundary, g) -> tuple[Conditions, torch.Tensor]:
+    """The training conditions of labels y and the dropped rows' mask."""
+    drawn = sample_conditions(cfg, boundary, g)
+    return drawn.conditions(y, 10), drawn.dropped
+
+
 def test_conditions_per_mode():
     y = torch.randint(0, 10, (N,))
     boundary = torch.arange(N) < N // 2
     g = torch.Generator().manual_seed(0)
-    cond, dropped = sample_conditions(GuidanceConfig(mode="none"), y, boundary, 10, g)
+    cond, dropped = conditions(GuidanceConfig(mode="none"), y, boundary, g)
     # Both official codes drop labels whatever their guidance (MF's guidance_eq="none" too).
     assert dropped.double().mean().item() == pytest.approx(0.1, abs=0.005)
     assert (cond.omega == 1).all() and (cond.y[~dropped] == y[~dropped]).all()
-    cond, _ = sample_conditions(GuidanceConfig(mode="none", class_drop=0.0), y, boundary, 10, g)
+    cond, _ = conditions(GuidanceConfig(mode="none", class_drop=0.0), y, boundary, g)
     assert (cond.y == y).all()
 
-    cond, dropped = sample_conditions(GuidanceConfig(mode="omega_interval"), y, boundary, 10, g)
+    cond, dropped = conditions(GuidanceConfig(mode="omega_interval"), y, boundary, g)
     assert dropped.double().mean().item() == pytest.approx(0.1, abs=0.005)
     assert (cond.y[dropped] == 10).all() and (cond.y[~dropped] == y[~dropped]).all()
     assert (cond.t_min[boundary] == 0).all() and (cond.t_max[boundary] == 1).all()  # r = t rows
     assert (cond.t_min[~boundary] <= 0.5).all() and (cond.t_max[~boundary] >= 0.5).all()
     assert cond.omega.min() >= 1 and cond.omega.max() <= 8
 
-    cond, _ = sample_conditions(GuidanceConfig(mode="omega"), y, boundary, 10, g)
+    cond, _ = conditions(GuidanceConfig(mode="omega"), y, boundary, g)
     assert (cond.t_min == 0).all() and (cond.t_max == 1).all() and cond.omega.std() > 0.5
 
 
@@ -75,7 +81,7 @@ def test_the_first_rows_lose_their_label_as_in_the_official_code():
     boundary = torch.arange(b) < b // 2
     counts = []
     for _ in range(trials):
-        cond, dropped = sample_conditions(GuidanceConfig(), y, boundary, 10, g)
+        cond, dropped = conditions(GuidanceConfig(), y, boundary, g)
         k = int(dropped.sum())
         assert dropped[:k].all() and not dropped[k:].any()  # a prefix of the batch
         assert not (dropped & ~boundary).any()  # only r = t rows
@@ -92,7 +98,7 @@ def test_random_rows_are_the_named_ablation():
     g = torch.Generator().manual_seed(0)
     boundary = torch.arange(b) < b // 2
     cfg = GuidanceConfig(drop_rows="random")
-    _, dropped = sample_conditions(cfg, torch.zeros(b, dtype=torch.long), boundary, 10, g)
+    dropped = sample_conditions(cfg, boundary, g).dropped
     # Independent rows: r != t rows lose labels too, at the same rate.
     assert dropped[~boundary].double().mean().item() == pytest.approx(0.1, abs=0.02)
     assert dropped[boundary].double().mean().item() == pytest.approx(0.1, abs=0.02)
@@ -100,21 +106,16 @@ def test_random_rows_are_the_named_ablation():
 
 def test_the_row_rule_splits_over_ranks_like_one_process():
     b, world = 64, 4
-    y = torch.randint(0, 10, (b,))
     boundary = torch.arange(b) < b // 2
-    _, whole = sample_conditions(
-        GuidanceConfig(), y, boundary, 10, torch.Generator().manual_seed(3)
-    )
+    whole = sample_conditions(GuidanceConfig(), boundary, torch.Generator().manual_seed(3))
     for rank in range(world):
-        _, part = sample_conditions(
+        part = sample_conditions(
             GuidanceConfig(),
-            y[rank::world],
             boundary[rank::world],
-            10,
             torch.Generator().manual_seed(3),
             shard=(rank, world),
         )
-        assert torch.equal(part, whole[rank::world])
+        assert torch.equal(part.dropped, whole.dropped[rank::world])
 
 
 def test_bad_guidance_config_is_named():

@@ -35,7 +35,6 @@ def test_imf_learns_digits_in_one_step():
             10,
             step,
             optim,
-            generator=gen,
         )
         mse.append(parts["mse_u"].item())
     first, last = sum(mse[:20]) / 20, sum(mse[-50:]) / 50

@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 from imf_core.ema import EMA
 from imf_core.guidance import GuidanceConfig
 from imf_core.models import create
-from imf_core.objectives import ObjectiveConfig, draw
+from imf_core.objectives import DrawKey, ObjectiveConfig, draw
 from imf_core.training import OptimConfig, make_optimizer, train_step
 from tasks.config import ConfigError, load_config
 
@@ -52,7 +52,7 @@ def one_step(model, x, y, objective: str, micro_batch: int, compile: str = "none
         10,
         0,
         optim,
-        generator=torch.Generator().manual_seed(5),
+        seed=5,
         compile=compile,
         compile_backend="aot_eager",
         micro_batch=micro_batch,
@@ -94,21 +94,11 @@ def test_a_micro_steps_draws_are_those_of_a_split_over_more_ranks():
     world, steps = 2, 3
     for rank in range(world):
         mine = slice(rank, None, world)
-        drawn = draw(
-            x[mine],
-            y[mine],
-            objective,
-            guidance,
-            10,
-            torch.Generator().manual_seed(9),
-            (rank, world),
-        )
+        drawn = draw(x[mine], y[mine], objective, guidance, 10, DrawKey(seed=9), (rank, world))
         for k in range(steps):
             rows = slice(rank + world * k, None, world * steps)
             shard = (rank + world * k, world * steps)
-            want = draw(
-                x[rows], y[rows], objective, guidance, 10, torch.Generator().manual_seed(9), shard
-            )
+            want = draw(x[rows], y[rows], objective, guidance, 10, DrawKey(seed=9), shard)
             got = drawn.micro(k, steps)
             assert got.jvp_from == want.jvp_from
             for a, b in zip(

@@ -7,6 +7,7 @@ from imf_core.ema import EMA
 from imf_core.guidance import GuidanceConfig
 from imf_core.models import create
 from imf_core.objectives import (
+    DrawKey,
     ObjectiveConfig,
     adaptive_weighted,
     draw,
@@ -92,8 +93,8 @@ def test_sharded_loss_equals_the_global_batch_loss(objective):
 
     def loss_and_grad(rows, shard):
         model.zero_grad()
-        gen = torch.Generator().manual_seed(7)
-        loss, _ = imf_loss(model, x[rows], y[rows], cfg, guidance, 10, generator=gen, shard=shard)
+        key = DrawKey(seed=7, step=3)
+        loss, _ = imf_loss(model, x[rows], y[rows], cfg, guidance, 10, key=key, shard=shard)
         loss.backward()
         grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
         return loss.detach(), torch.cat(grads)
@@ -156,7 +157,7 @@ def test_the_guidance_reuses_the_training_forward_on_the_r_equals_t_rows(
         ObjectiveConfig(name=objective),
         GuidanceConfig(mode=mode, class_drop=0.3, **fixed),
     )
-    draws = draw(x, y, cfg, guidance, 10, torch.Generator().manual_seed(1))
+    draws = draw(x, y, cfg, guidance, 10, DrawKey(seed=1))
     assert draws.dropped.any() and draws.jvp_from > 0
 
     def run() -> tuple[dict, list]:
