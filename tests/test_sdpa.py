@@ -18,7 +18,7 @@ def test_a_named_backend_is_chosen_and_restored_after():
         assert chosen_kernel(q) == SDPBackend.MATH
     with plain_attention("flash"):
         assert chosen_kernel(q) == SDPBackend.FLASH_ATTENTION
-    with plain_attention("cudnn"):  # no cuDNN kernel on the CPU: the fallback behind it, not an error
+    with plain_attention("cudnn"):  # no cuDNN kernel on the CPU: the fallback, not an error
         assert chosen_kernel(q) == SDPBackend.FLASH_ATTENTION
     assert chosen_kernel(q) == before
     with pytest.raises(ValueError, match="train.sdpa_backend must be one of"):
