@@ -54,9 +54,9 @@ def test_the_evaluations_tokenizer_decodes_through_it(tmp_path):
     from diffusers import AutoencoderKL
 
     from tasks.tokenizers import SDVAETokenizer
-    from tests.test_precompute import make_tiny_vae
 
-    vae_dir = make_tiny_vae(tmp_path / "vae")
+    vae_dir = tmp_path / "vae"
+    sd_vae(toy=True).save_pretrained(vae_dir)
     tokenizer = SDVAETokenizer(str(vae_dir), device="cpu")
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
