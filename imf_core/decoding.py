@@ -52,7 +52,13 @@ class LatentDecoder:
     The VAE given is left as it is (its encoder keeps float32 for precompute): a converted copy
     decodes when the options ask for another dtype or layout."""
 
-    def __init__(self, vae: nn.Module, scale: float, options: DecodeOptions = DecodeOptions()):
+    def __init__(
+        self,
+        vae: nn.Module,
+        scale: float,
+        options: DecodeOptions = DecodeOptions(),
+        compile_backend: str = "inductor",
+    ):
         self.scale, self.options = scale, options
         if not options.plain:
             # nn.Module's own .to: diffusers' override warns about modules to keep in float32
@@ -64,7 +70,9 @@ class LatentDecoder:
                 torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its kernels
         self.vae = vae.eval().requires_grad_(False)
         self.run: Callable[[Tensor], Tensor] = (
-            torch.compile(self.decode, dynamic=False) if options.compile else self.decode
+            torch.compile(self.decode, dynamic=False, backend=compile_backend)
+            if options.compile
+            else self.decode
         )
 
     def decode(self, z: Tensor) -> Tensor:
