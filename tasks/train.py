@@ -85,7 +85,7 @@ class TrainConfig:
     # The SDPA kernel of the plain (non-JVP) attention passes, in the step and in evaluation:
     # auto (PyTorch's choice) | flash | efficient | cudnn | math (imf_core.sdpa: tried first,
     # the others behind it). Set it to what the GPU check measured fastest (its "attention"
-    # part, benchmarks/gpu/); the JVP pass always runs math attention. Not in the run's key.
+    # part, benchmarks/gpu/); the JVP pass keeps model.jvp_attention. Not in the run's key.
     sdpa_backend: str = "auto"
     ray_address: str = ""  # "" = a local Ray; else a cluster address (infra/README.md)
     fault_at_step: int = -1  # tests: the last rank kills itself once at this step
