@@ -88,6 +88,8 @@ def test_gpu_check_runs_at_toy_sizes_with_only_what_the_gpu_machine_has(backgrou
     assert all(e["compile"] == "step" and e["step_ms"] > 0 for e in speed)
     assert all(e["flops_per_image"] > 0 and e["mfu"] is None and e["of_matmul"] > 0 for e in speed)
     assert set(report["compile_s"]) == {"B/2 imf_aux", "B/2 fm", "B/2 imf_boundary"}
+    assert set(report["objectives"]) == {"imf_boundary_to_fm", "imf_aux_to_fm"}
+    assert all(ratio > 0 for ratio in report["objectives"].values())
     assert report["precision"]["ok"] and len(report["precision"]["curves"]["bf16"]) == 3
     sampling = report["sampling"]
     assert sampling["fp32"]["all"] > 0 and sampling["compiled"]["all"] > 0
