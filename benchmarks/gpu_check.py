@@ -211,9 +211,9 @@ class Check:
 
     def compile_estimate(self, label: str, objective: str) -> float:
         """A compile's seconds: its guess, times this call's measured / guessed so far."""
-        guess = 10.0 if self.toy else COMPILE_GUESS_S.get((label, objective), 140.0)
         if self.toy:
-            return guess
+            return 10.0
+        guess = COMPILE_GUESS_S.get((label, objective), 140.0)
         ratios = [s / COMPILE_GUESS_S[key] for key, s in self.compile_s.items()]
         return guess * (statistics.mean(ratios) if ratios else 1.0)
 
@@ -1102,8 +1102,10 @@ def decode(check: Check, sizes: Sizes) -> None:
         decoder = LatentDecoder(vae, SD_VAE_SCALE, options, backend) if vae is not None else None
         try:
             batches = 1 if check.toy else 3  # (InceptionV3 at 299 x 299 is slow on a CPU)
+            start = time.perf_counter()
             rates_ = sampling_rates(model, sizes.sample_batch, batches, decoder, extractor)
             entry[name] = {k: round(v, 1) for k, v in rates_.items()}
+            entry[name]["call_s"] = round(time.perf_counter() - start, 1)  # compiling included
             entry[name]["options"] = {
                 "dtype": str(options.dtype).removeprefix("torch."),
                 "channels_last": options.channels_last,
