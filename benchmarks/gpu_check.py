@@ -12,7 +12,8 @@ whose package is missing says so and the others run):
     torch_fidelity==0.4.0         InceptionV3, as the evaluation uses it
     importlib_metadata            a requirement of diffusers
 
-Fetched where there is network, installed there without it:
+Fetched where there is network, installed there without it (`make gpu-wheels` fetches them
+into .whl/; `make gpu-check` and `make gpu-check-xl2` install them, then run the two calls):
 
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \\
         --implementation cp --platform manylinux_2_28_x86_64 -d .whl \\
