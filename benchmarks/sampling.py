@@ -5,8 +5,9 @@
 
 Generates with `imf_core.guidance.generate` (one network evaluation per image) and decodes:
 `--vae sd` runs a randomly initialised SD-VAE decoder (the ft-mse architecture, so its cost
-is the real one; no download) on 32x32x4 latents, `none` keeps the pixels. `--inception` adds
-torch-fidelity's InceptionV3 features of the uint8 images (what every FID point computes).
+is the real one; no download) on 32x32x4 latents as the evaluation decodes them on the device
+(imf_core.decoding), `none` keeps the pixels. `--inception` adds torch-fidelity's InceptionV3
+features of the uint8 images (what every FID point computes).
 The last line is JSON with `images_per_s` overall and per stage.
 """
 
@@ -17,6 +18,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -35,13 +37,14 @@ def sampling_rates(
     model: nn.Module,
     batch: int,
     batches: int = 5,
-    decoder: nn.Module | None = None,
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
     extractor: nn.Module | None = None,
     bf16: bool = False,
     omega: float = 2.0,
 ) -> dict[str, float]:
-    """Median seconds per batch of each stage, as images/s: generate (1-NFE), decode (VAE,
-    scale 0.18215), features (uint8 -> extractor) and all of them in a row."""
+    """Median seconds per batch of each stage, as images/s: generate (1-NFE), decode (latents ->
+    images, e.g. imf_core.decoding.LatentDecoder), features (uint8 -> extractor) and all of them
+    in a row."""
     device = next(model.parameters()).device
     cfg = model.cfg
 
@@ -58,7 +61,7 @@ def sampling_rates(
             sync()
             marks.append(time.perf_counter())
             if decoder is not None:
-                x = decoder.decode(x / 0.18215).sample
+                x = decoder(x)
                 sync()
             marks.append(time.perf_counter())
         if extractor is not None:
@@ -91,11 +94,14 @@ def main() -> None:
     args = parser.parse_args()
 
     from benchmarks.random_weights import inception_extractor, sd_vae
+    from imf_core.decoding import DecodeOptions, LatentDecoder
 
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = create(args.model).to(device).eval()
-    decoder = sd_vae().to(device).eval() if args.vae == "sd" else None
+    decoder = None
+    if args.vae == "sd":  # as the evaluation decodes on this device
+        decoder = LatentDecoder(sd_vae().to(device).eval(), 0.18215, DecodeOptions.fastest(device))
     extractor = inception_extractor().to(device) if args.inception else None
     rates = sampling_rates(model, args.batch, args.batches, decoder, extractor, args.bf16)
     device_name = (

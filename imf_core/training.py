@@ -4,6 +4,7 @@
 >>> parts = train_step(model, opt, ema, x, y, objective, guidance, 10, step, optim_cfg)
 >>> parts = train_step(..., compile="step")   # the loss and its backward under torch.compile
 >>> parts = train_step(..., micro_batch=64)   # the same step, accumulated over rows k::K
+>>> parts = train_step(..., sdpa_backend="cudnn")   # the plain passes' SDPA kernel (imf_core.sdpa)
 
 Compile modes (train.compile): "none" runs eagerly; "jvp" compiles the JVP pass alone;
 "step" compiles the whole loss -- the guidance passes, the JVP on the r != t rows, the forward
@@ -25,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from imf_core.ema import EMA
 from imf_core.guidance import GuidanceConfig
 from imf_core.objectives import DrawKey, ObjectiveConfig, draw, loss_of_draws
+from imf_core.sdpa import plain_attention
 
 COMPILE_MODES = ("none", "jvp", "step")
 
@@ -136,6 +138,7 @@ def train_step(
     shard: tuple[int, int] = (0, 1),
     total_steps: int = 0,
     micro_batch: int = 0,
+    sdpa_backend: str = "auto",
 ) -> dict[str, Tensor]:
     """Loss, backward, (clip), AdamW step and EMA update. Returns the detached loss parts.
 
@@ -144,7 +147,8 @@ def train_step(
     loss and backward run on rows k::K, k < K = ceil(len(x) / micro_batch), accumulating the
     gradient of the batch's mean loss, before the one optimizer step: the same step as without,
     to float rounding, in the memory of one micro-batch. `compile`: one of COMPILE_MODES
-    (module docstring).
+    (module docstring). `sdpa_backend`: the plain passes' attention kernel (imf_core.sdpa; a
+    compiled step takes the one set when it compiles).
     """
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
@@ -160,16 +164,17 @@ def train_step(
         # micro-batches' means, each weighted by its share of the rows, add up to the batch's.
         rows = slice(k, None, steps)
         share = len(range(k, x.shape[0], steps)) / x.shape[0]
-        loss, micro = loss_fn(
-            model,
-            x[rows],
-            y[rows],
-            draws.micro(k, steps),
-            objective,
-            guidance,
-            num_classes,
-            compile_jvp=compile_backend if compile == "jvp" else None,
-        )
+        with plain_attention(sdpa_backend):
+            loss, micro = loss_fn(
+                model,
+                x[rows],
+                y[rows],
+                draws.micro(k, steps),
+                objective,
+                guidance,
+                num_classes,
+                compile_jvp=compile_backend if compile == "jvp" else None,
+            )
         (loss * share).backward()
         for name, value in micro.items():
             parts[name] = parts.get(name, 0.0) + value * share

@@ -32,6 +32,7 @@ from imf_core.guidance import generate, ignores_omega, input_sensitivity
 from imf_core.metrics import FeatureStats, ScoreStats, did_not_learn, frechet_distance
 from imf_core.models import build
 from imf_core.models.official import load_official
+from imf_core.sdpa import plain_attention
 from tasks import preemption
 from tasks.artifacts import (
     FileRecord,
@@ -287,7 +288,17 @@ def _evaluate(cfg, pre, trained, out: Path, slice_: dict, kind, weights, referen
         expect = (data_info["num_classes"], tuple(data_info["latent_shape"][1:]))
     input_size = model_config(cfg).input_size  # official files hold no latent side (RoPE)
     data = str(pre.path) if pre is not None else None
-    runner_args = (trained.weights, input_size, cfg.tokenizer, kind, weights, e, expect, data)
+    runner_args = (
+        trained.weights,
+        input_size,
+        cfg.tokenizer,
+        kind,
+        weights,
+        e,
+        expect,
+        data,
+        cfg.train.sdpa_backend,
+    )
     local = functools.cache(lambda: UnitRunner(*runner_args))  # opened once, if at all
     points = [(w, list(iv)) for iv in e.intervals for w in e.omegas]
     shards = [(s, min(e.shard_size, e.n_samples - s)) for s in range(0, e.n_samples, e.shard_size)]
@@ -479,14 +490,25 @@ class UnitRunner:
     per process (the driver, each Ray actor, or a training rank). `weights` is a weights file
     (load_model) or the network itself (a training's, its EMA swapped in: tasks.inrun_eval).
     `expect` = (classes, latent shape) of the data, if known; `data` = the precompute output
-    (for real rows), if any."""
+    (for real rows), if any; `sdpa_backend` the network's attention kernel (train.sdpa_backend)."""
 
     def __init__(
-        self, weights, input_size, tokenizer_cfg, kind, features, e, expect, data, threads=0
+        self,
+        weights,
+        input_size,
+        tokenizer_cfg,
+        kind,
+        features,
+        e,
+        expect,
+        data,
+        sdpa_backend="auto",
+        threads=0,
     ):
         if threads:
             torch.set_num_threads(threads)
         self.e = e
+        self.sdpa_backend = sdpa_backend
         self.device = pick_device(e.device)
         if isinstance(weights, torch.nn.Module):
             self.model = weights
@@ -561,7 +583,8 @@ class UnitRunner:
         t_min, t_max = unit.interval
         euler = unit.kind == "euler"
         steps = self.e.many_steps if euler else self.e.nfe
-        return generate(self.model, noise, y, unit.omega, t_min, t_max, steps, euler=euler)
+        with plain_attention(self.sdpa_backend):
+            return generate(self.model, noise, y, unit.omega, t_min, t_max, steps, euler=euler)
 
     @torch.no_grad()
     def sample_grids(self, points, out: Path) -> list[Path]:
@@ -570,23 +593,24 @@ class UnitRunner:
         e = self.e
         noise, y = grid_inputs(self.num_classes, self.shape, e.grid_per_class, e.seed)
         noise, y = noise.to(self.device), y.to(self.device)
-        return [
-            save_png(
-                decoded_grid(
-                    self.model,
-                    self.tokenizer,
-                    noise,
-                    y,
-                    omega,
-                    e.grid_per_class,
-                    point_title(omega, interval),
-                    tuple(interval),
-                    e.nfe,
-                ),
-                out / "grids" / f"{point_name(omega, interval)}.png",
-            )
-            for omega, interval in points
-        ]
+        with plain_attention(self.sdpa_backend):
+            return [
+                save_png(
+                    decoded_grid(
+                        self.model,
+                        self.tokenizer,
+                        noise,
+                        y,
+                        omega,
+                        e.grid_per_class,
+                        point_title(omega, interval),
+                        tuple(interval),
+                        e.nfe,
+                    ),
+                    out / "grids" / f"{point_name(omega, interval)}.png",
+                )
+                for omega, interval in points
+            ]
 
 
 def run_units(runner_args: tuple, local, units: list[Unit], e, ray_address: str):

@@ -151,7 +151,15 @@ class InRunEvaluation:
         if self._runner is None:  # the model was checked against the data when it was built
             p = self.plan
             self._runner = UnitRunner(
-                model, 0, self.cfg.tokenizer, p.kind, p.features, self.e, None, p.data
+                model,
+                0,
+                self.cfg.tokenizer,
+                p.kind,
+                p.features,
+                self.e,
+                None,
+                p.data,
+                self.cfg.train.sdpa_backend,
             )
         return self._runner
 

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from imf_core import peak_flops
 from imf_core.models import build, count_params
+from imf_core.sdpa import check_backend
 from imf_core.training import COMPILE_MODES, step_flops_per_image
 from tasks import inrun_eval, preemption
 from tasks.artifacts import (
@@ -83,6 +84,11 @@ class TrainConfig:
     # (imf_core.training.DEFAULT_COMPILE: step, the fastest measured on GPU and CPU alike).
     compile: str = "auto"
     compile_jvp: bool = False  # the old name of compile=jvp, still read
+    # The SDPA kernel of the plain (non-JVP) attention passes, in the step and in evaluation:
+    # auto (PyTorch's choice) | flash | efficient | cudnn | math (imf_core.sdpa: tried first,
+    # the others behind it). Set it to what the GPU check measured fastest (its "attention"
+    # part, benchmarks/gpu/); the JVP pass keeps model.jvp_attention. Not in the run's key.
+    sdpa_backend: str = "auto"
     ray_address: str = ""  # "" = a local Ray; else a cluster address (infra/README.md)
     fault_at_step: int = -1  # tests: the last rank kills itself once at this step
     # On SIGTERM / SIGINT: checkpoint at the next step boundary and end; what has not ended
@@ -127,6 +133,7 @@ class TrainConfig:
                     f"train.compile={self.compile}: set train.compile alone"
                 )
             self.compile, self.compile_jvp = "jvp", False
+        check_backend(self.sdpa_backend, "train.sdpa_backend")
         if self.eval_every < 0 or self.eval_every_epochs < 0:
             raise ValueError("train.eval_every and train.eval_every_epochs must be >= 0")
         if self.eval_every and self.eval_every_epochs:
@@ -157,6 +164,7 @@ RUNTIME_ONLY = (
     "compile",
     "compile_jvp",
     "keep_checkpoints",
+    "sdpa_backend",
 )
 # Model settings that choose kernels, not the function (imf_core.models.config).
 MODEL_RUNTIME_ONLY = ("jvp_attention",)
@@ -463,6 +471,7 @@ def train_loop(config: dict) -> None:
                         shard=(rank, world),
                         total_steps=total,
                         micro_batch=t.micro_batch,
+                        sdpa_backend=t.sdpa_backend,
                     )
                 stop_asked = rank == 0 and (out / preemption.STOP_FILE).exists()
                 agreement.post(step, parts["loss"], stop_asked)

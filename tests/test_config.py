@@ -74,6 +74,7 @@ def test_kernel_choices_stay_out_of_the_training_key():
             [],
             ["model.jvp_attention=math"],
             ["train.compile=step"],
+            ["train.sdpa_backend=cudnn"],
             ["precompute.gpus_per_worker=1"],
         )
     }
