@@ -55,7 +55,7 @@ def test_the_backend_changes_no_step_and_the_jvp_pass_still_runs():
             model.cfg.num_classes,
             0,
             optim,
-            generator=torch.Generator().manual_seed(2),
+            seed=2,
             sdpa_backend=backend,
         )
         grads[backend] = (parts["loss"], torch.cat([p.grad.flatten() for p in model.parameters()]))
