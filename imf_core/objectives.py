@@ -135,8 +135,9 @@ def imf_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One batch of any objective. Returns the scalar loss and its named parts (detached).
 
-    `model` is called as model(z, t, h, cond, heads, jvp) with h = t - r; `compile_jvp` (a
-    torch.compile backend) compiles the JVP pass alone (meanflow.compound_velocity). With
+    `model` is called as model(z, t, h, cond, heads) with h = t - r, and du/dt comes from
+    model.u_and_tangent where it has one; `compile_jvp` (a torch.compile backend) compiles
+    the JVP pass alone (meanflow.compound_velocity). With
     shard=(rank, world) under data parallelism, every random draw is made for the global batch
     and this rank keeps its rows (see `draw`): W ranks then compute exactly the loss one
     process computes on the whole global batch.
@@ -202,7 +203,13 @@ def loss_of_draws(
     cond_jvp_rows = cond.select(jvp_rows)
 
     def u_fn_jvp_rows(z_: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
-        return model(z_, t_, t_ - r_, cond_jvp_rows, jvp=True)
+        return model(z_, t_, t_ - r_, cond_jvp_rows)
+
+    def du_dt_jvp_rows(z_: Tensor, r_: Tensor, t_: Tensor, v_: Tensor) -> Tensor:
+        return model.u_and_tangent(z_, v_, t_, t_ - r_, cond_jvp_rows)[1]
+
+    # Our networks' explicit tangent pass; torch.func.jvp for any other module
+    explicit = hasattr(model, "u_and_tangent")
 
     if cfg.name == "fm":
         V = u_fn(z, r, t)
@@ -215,6 +222,7 @@ def loss_of_draws(
             tangent,
             jvp_rows=jvp_rows,
             jvp_u_fn=u_fn_jvp_rows,
+            du_dt_fn=du_dt_jvp_rows if explicit else None,
             compile_jvp=compile_jvp,
         )
 
