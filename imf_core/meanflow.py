@@ -49,7 +49,9 @@ def time_derivative(u_fn: UFn, z: Tensor, r: Tensor, t: Tensor, v: Tensor) -> Te
     return du_dt
 
 
-def explicit_time_derivative(du_dt_fn: DuDtFn, z: Tensor, r: Tensor, t: Tensor, v: Tensor):
+def explicit_time_derivative(
+    du_dt_fn: DuDtFn, z: Tensor, r: Tensor, t: Tensor, v: Tensor
+) -> Tensor:
     """du/dt by a network's own tangent pass (VelocityNet.u_and_tangent): what time_derivative
     computes, without forward-mode AD and its GEMMs by the weights' zero tangents."""
     with torch.no_grad():
@@ -91,7 +93,8 @@ def compound_velocity(
     `jvp_u_fn` (torch.func.jvp, the reference for any u_fn). `compile_jvp`, a torch.compile
     backend ("inductor"), compiles that pass alone (for long runs: the first call compiles).
     """
-    explicit = du_dt_fn is not None  # (not `or`: torch 2.11 cannot trace a function's truth)
+    # `is None` tests, never a function's truth (`or`), which torch 2.11 cannot trace
+    explicit = du_dt_fn is not None
     if explicit:
         fn, derivative = du_dt_fn, explicit_time_derivative
     else:

@@ -137,10 +137,10 @@ def imf_loss(
 
     `model` is called as model(z, t, h, cond, heads) with h = t - r, and du/dt comes from
     model.u_and_tangent where it has one; `compile_jvp` (a torch.compile backend) compiles
-    the JVP pass alone (meanflow.compound_velocity). With
-    shard=(rank, world) under data parallelism, every random draw is made for the global batch
-    and this rank keeps its rows (see `draw`): W ranks then compute exactly the loss one
-    process computes on the whole global batch.
+    the JVP pass alone (meanflow.compound_velocity). With shard=(rank, world) under data
+    parallelism, every random draw is made for the global batch and this rank keeps its rows
+    (see `draw`): W ranks then compute exactly the loss one process computes on the whole
+    global batch.
     Parts: `loss` (the optimised, weighted loss), `mse_u` (unweighted ||V - target||^2 per
     element: with adaptive weighting the loss sits near 1, so this is what shows learning) and,
     for imf_aux, `loss_v`, `mse_v`.
