@@ -5,6 +5,7 @@ The reference is forward-mode AD of the plain forward (meanflow.time_derivative)
 loss_of_draws used before and still uses for a module without u_and_tangent.
 """
 
+import functools
 import sys
 import types
 
@@ -262,4 +263,16 @@ def test_compiled_step_traces_the_tangent_pass_with_the_eager_numbers_and_gemms(
     # Forward-mode AD: one GEMM by a zero tangent per linear on the tangent's path (5 a block,
     # the patch embedding, the h embedder's two, the output layer), kept in the graph.
     assert ref_gemms - gemms == 5 * model.cfg.depth + 4
+    torch._dynamo.reset()
+
+
+def test_the_tangent_pass_compiled_alone_gives_the_eager_numbers():
+    """train.compile=jvp: the tangent pass alone under torch.compile (aot_eager)."""
+    torch._dynamo.reset()
+    model = network(depth=2, **NETWORKS["adaln-plain-cfg"])
+    args = ("imf_aux", "omega_interval")
+    loss, grads = loss_and_grads(loss_of_draws, WithoutTangentPass(model), *args)
+    compiled_jvp = functools.partial(loss_of_draws, compile_jvp="aot_eager")
+    got_loss, got_grads = loss_and_grads(compiled_jvp, model, *args)
+    assert rel(got_loss, loss) < 1e-12 and rel(got_grads, grads) < 1e-12
     torch._dynamo.reset()
