@@ -280,23 +280,27 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim) if qk_norm else None
 
     def split_heads(self, qkv: Tensor) -> Tensor:
+        """(B, T, 3D) -> (3, B, H, T, K): q, k, v."""
         b, n, d3 = qkv.shape
         return qkv.reshape(b, n, 3, self.heads, d3 // (3 * self.heads)).permute(2, 0, 3, 1, 4)
 
+    @staticmethod
+    def merge_heads(x: Tensor) -> Tensor:
+        """(B, H, T, K) -> (B, T, D)."""
+        return x.transpose(1, 2).flatten(2)
+
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        b, n, d = x.shape
         q, k, v = self.split_heads(self.qkv(x))  # (B, H, T, K) each
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, K)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return self.proj(self.merge_heads(out))
 
     def jvp(
         self, x: Tensor, dx: Tensor, rope: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
-        b, n, d = x.shape
         qkv, dqkv = linear_jvp(self.qkv, x, dx)
         (q, k, v), (dq, dk, dv) = self.split_heads(qkv), self.split_heads(dqkv)
         if self.q_norm is not None:
@@ -305,8 +309,7 @@ class Attention(nn.Module):
             q, k, dq, dk = (apply_rope(a, *rope) for a in (q, k, dq, dk))
         q, k, dq, dk = (a.to(v.dtype) for a in (q, k, dq, dk))  # norms give float32 (autocast)
         out, d_out = jvp_attention(self.jvp_attention)(q, k, v, dq, dk, dv)  # (B, H, T, K)
-        merge = lambda a: a.transpose(1, 2).reshape(b, n, d)  # noqa: E731
-        return linear_jvp(self.proj, merge(out), merge(d_out))
+        return linear_jvp(self.proj, self.merge_heads(out), self.merge_heads(d_out))
 
 
 class Mlp(nn.Module):
