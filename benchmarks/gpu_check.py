@@ -85,9 +85,8 @@ from benchmarks.sampling import sampling_rates
 from benchmarks.step_time import StepTimer
 from imf_core.decoding import DecodeOptions, LatentDecoder
 from imf_core.guidance import GuidanceConfig
-from imf_core.meanflow import time_derivative
 from imf_core.models import count_params, create
-from imf_core.models.layers import math_attention
+from imf_core.models.layers import math_attention_jvp
 from imf_core.objectives import DrawKey, ObjectiveConfig, draw
 from imf_core.peak_flops import datasheet_peak
 from imf_core.sdpa import SDPA_BACKENDS
@@ -624,10 +623,7 @@ def jvp_options(
 ) -> list[dict]:
     """Values and tangents of each JVP attention option, and their time."""
 
-    def math_jvp(*a: Tensor) -> tuple[Tensor, Tensor]:
-        return torch.func.jvp(math_attention, a[:3], a[3:])
-
-    options: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"math": math_jvp}
+    options: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"math": math_attention_jvp}
     if FUSED_ATTENTION_AVAILABLE:
         options["fused"] = fused_attention_jvp
     entries = []
@@ -885,7 +881,7 @@ def graph_gemms(fn: Callable, *args: Tensor) -> tuple[int, int]:
 
 
 def jvp_gemms(check: Check, sizes: Sizes) -> dict:
-    """The GEMMs of the compiled JVP pass (meanflow.time_derivative on the model: B/2's widths,
+    """The GEMMs of the compiled JVP pass (the model's tangent pass, u_and_tangent: B/2's widths,
     one block and its aux block) per linear of the plain forward (one GEMM each). A linear whose
     input carries a tangent needs 2 (x W^T, dx W^T), the condition embedders' (omega, interval:
     no tangent) 1; forward-mode AD of a closed-over weight adds a third, by its zero tangent
@@ -903,14 +899,11 @@ def jvp_gemms(check: Check, sizes: Sizes) -> dict:
     cond = type(draws.cond)(*(c.to(check.device) for c in draws.cond))
     z, t, r = (a.to(check.device) for a in (x, draws.t, draws.r))
 
-    def u_fn(z_: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
-        return model(z_, t_, t_ - r_, cond, jvp=True)
-
     def plain(z_: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
         return model(z_, t_, t_ - r_, cond)
 
     def jvp(z_: Tensor, r_: Tensor, t_: Tensor, v_: Tensor) -> Tensor:
-        return time_derivative(u_fn, z_, r_, t_, v_)
+        return model.u_and_tangent(z_, v_, t_, t_ - r_, cond)[1]
 
     linears, _ = graph_gemms(plain, z, r, t)
     in_jvp, by_zero = graph_gemms(jvp, z, r, t, torch.randn_like(z))

@@ -72,7 +72,7 @@ def zero_tangent_gemm_flops(model_cfg, objective: ObjectiveConfig, batch: int = 
         z, r, t = (v[rows].to("meta") for v in (x, draws.r, draws.t))
 
         def u(z_, r_, t_):
-            return meta(z_, t_, t_ - r_, cond, jvp=True)
+            return meta(z_, t_, t_ - r_, cond)
 
         counted = []
         for run in (

@@ -19,6 +19,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # u_fn(z, r, t) -> u, with r and t of shape (B,) and u shaped like z.
 UFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+# du_dt_fn(z, r, t, v) -> du/dt along (v, 0, 1), computed by the network itself (explicitly).
+DuDtFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 def expand_like(s: Tensor, x: Tensor) -> Tensor:
@@ -47,11 +49,23 @@ def time_derivative(u_fn: UFn, z: Tensor, r: Tensor, t: Tensor, v: Tensor) -> Te
     return du_dt
 
 
+def explicit_time_derivative(
+    du_dt_fn: DuDtFn, z: Tensor, r: Tensor, t: Tensor, v: Tensor
+) -> Tensor:
+    """du/dt by a network's own tangent pass (VelocityNet.u_and_tangent): what time_derivative
+    computes, without forward-mode AD and its GEMMs by the weights' zero tangents."""
+    with torch.no_grad():
+        return du_dt_fn(z, r, t, v.to(z.dtype))
+
+
 @functools.cache
-def compiled_time_derivative(backend: str = "inductor") -> Callable[..., Tensor]:
-    """time_derivative under torch.compile: fuses the JVP's many small element-wise ops, whose
-    eager forward-mode dispatch otherwise dominates its cost (one compile per input shape)."""
-    return torch.compile(time_derivative, dynamic=False, backend=backend)
+def compiled_time_derivative(
+    backend: str = "inductor", explicit: bool = False
+) -> Callable[..., Tensor]:
+    """(explicit_)time_derivative under torch.compile: fuses the JVP's many small element-wise
+    ops, whose eager dispatch otherwise dominates its cost (one compile per input shape)."""
+    derivative = explicit_time_derivative if explicit else time_derivative
+    return torch.compile(derivative, dynamic=False, backend=backend)
 
 
 def compound_velocity(
@@ -63,6 +77,7 @@ def compound_velocity(
     *,
     jvp_rows: Tensor | None = None,
     jvp_u_fn: UFn | None = None,
+    du_dt_fn: DuDtFn | None = None,
     compile_jvp: str | None = None,
     u: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -75,18 +90,25 @@ def compound_velocity(
     (a bool mask or index) to differentiate only those rows, together with `jvp_u_fn`, a u_fn
     for that subset of rows (its per-row conditions sliced alike). `jvp_u_fn` is also how a
     caller runs the JVP on a module unwrapped from DDP, whose hooks break forward-mode AD.
-    `compile_jvp`, a torch.compile backend ("inductor"), compiles the JVP pass alone (for long
-    runs: the first call compiles). `u`: u_fn(z, r, t) when the caller has it already (the
-    training forward, run first to serve the guidance too); u_fn is then only differentiated,
-    on `jvp_rows` (so it is the u_fn of those rows).
+    `du_dt_fn`, a network's explicit tangent pass for those rows, replaces the JVP of
+    `jvp_u_fn` (torch.func.jvp, the reference for any u_fn). `compile_jvp`, a torch.compile
+    backend ("inductor"), compiles that pass alone (for long runs: the first call compiles).
+    `u`: u_fn(z, r, t) when the caller has it already (the training forward, run first to
+    serve the guidance too); u_fn is then only differentiated, on `jvp_rows` (so it is the
+    u_fn of those rows).
     """
-    if jvp_u_fn is None:  # (not `or`: torch 2.11 cannot trace the truth of a function)
-        jvp_u_fn = u_fn
-    derivative = compiled_time_derivative(compile_jvp) if compile_jvp else time_derivative
-    if jvp_rows is None:
-        du_dt = derivative(jvp_u_fn, z, r, t, v)
+    # `is None` tests, never a function's truth (`or`), which torch 2.11 cannot trace
+    explicit = du_dt_fn is not None
+    if explicit:
+        fn, derivative = du_dt_fn, explicit_time_derivative
     else:
-        sub = derivative(jvp_u_fn, z[jvp_rows], r[jvp_rows], t[jvp_rows], v[jvp_rows])
+        fn, derivative = u_fn if jvp_u_fn is None else jvp_u_fn, time_derivative
+    if compile_jvp:
+        derivative = compiled_time_derivative(compile_jvp, explicit)
+    if jvp_rows is None:
+        du_dt = derivative(fn, z, r, t, v)
+    else:
+        sub = derivative(fn, z[jvp_rows], r[jvp_rows], t[jvp_rows], v[jvp_rows])
         du_dt = sub.new_zeros(z.shape)  # in the JVP's dtype (bf16 under autocast)
         du_dt[jvp_rows] = sub
     if u is None:

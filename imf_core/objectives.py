@@ -195,11 +195,11 @@ def imf_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One batch of any objective. Returns the scalar loss and its named parts (detached).
 
-    `model` is called as model(z, t, h, cond, heads, jvp) with h = t - r; `compile_jvp` (a
-    torch.compile backend) compiles the JVP pass alone (meanflow.compound_velocity). The draws
-    are those of `key`; with shard=(rank, world) under data parallelism, each rank draws its
-    rows' (see `draw`): W ranks then compute exactly the loss one process computes on the
-    whole global batch.
+    `model` is called as model(z, t, h, cond, heads) with h = t - r, and du/dt comes from
+    model.u_and_tangent where it has one; `compile_jvp` (a torch.compile backend) compiles
+    the JVP pass alone (meanflow.compound_velocity). The draws are those of `key`; with
+    shard=(rank, world) under data parallelism, each rank draws its rows' (see `draw`): W ranks
+    then compute exactly the loss one process computes on the whole global batch.
     Parts: `loss` (the optimised, weighted loss), `mse_u` (unweighted ||V - target||^2 per
     element: with adaptive weighting the loss sits near 1, so this is what shows learning) and,
     for imf_aux, `loss_v`, `mse_v`.
@@ -258,7 +258,13 @@ def loss_of_draws(
     cond_jvp_rows = cond.select(jvp_rows)
 
     def u_fn_jvp_rows(z_: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
-        return model(z_, t_, t_ - r_, cond_jvp_rows, jvp=True)
+        return model(z_, t_, t_ - r_, cond_jvp_rows)
+
+    def du_dt_jvp_rows(z_: Tensor, r_: Tensor, t_: Tensor, v_: Tensor) -> Tensor:
+        return model.u_and_tangent(z_, v_, t_, t_ - r_, cond_jvp_rows)[1]
+
+    # Our networks' explicit tangent pass; torch.func.jvp for any other module
+    explicit = hasattr(model, "u_and_tangent")
 
     if cfg.name == "fm":
         V = u
@@ -270,6 +276,7 @@ def loss_of_draws(
             t,
             tangent,
             jvp_rows=jvp_rows,
+            du_dt_fn=du_dt_jvp_rows if explicit else None,
             compile_jvp=compile_jvp,
             u=u,
         )

@@ -18,7 +18,6 @@ from torch._dynamo.utils import counters
 
 from imf_core.guidance import GuidanceConfig
 from imf_core.models import create
-from imf_core.models.layers import flash_jvp_applies, jvp_attention_impl
 from imf_core.objectives import OBJECTIVES, DrawKey, ObjectiveConfig, draw, loss_of_draws
 from imf_core.training import OptimConfig, make_optimizer, train_step
 
@@ -146,16 +145,3 @@ def test_bad_compile_mode_is_named():
             OptimConfig(),
             compile="full",
         )
-
-
-def test_jvp_attention_choice():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    # The kernel is right on whole 128-token blocks only (measured on an H200, layers.py).
-    assert flash_jvp_applies(64, 256) and not flash_jvp_applies(64, 276)
-    assert not flash_jvp_applies(16, 22) and not flash_jvp_applies(48, 256)
-    assert jvp_attention_impl("auto", 64, 256, cpu) == "math"
-    assert jvp_attention_impl("math", 64, 256, cuda) == "math"
-    with pytest.raises(ValueError, match="flash_jvp cannot be used here"):
-        jvp_attention_impl("flash_jvp", 64, 276, cpu)
-    with pytest.raises(ValueError, match="jvp_attention"):
-        create("tiny", jvp_attention="triton")

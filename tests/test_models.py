@@ -152,6 +152,17 @@ def test_jvp_on_gpu_through_the_training_attention_path():
         )
     assert torch.isfinite(du_dt_bf16).all()
     assert (du_dt_bf16.double() - du_dt).norm() / du_dt.norm() < 0.05
+    # The training's tangent pass (u_and_tangent): the same derivative, in float64 and bf16.
+    model.double()
+    with torch.no_grad():
+        _, explicit = model.u_and_tangent(x, v, t, t - r, cond)
+        model.float()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, explicit_bf16 = model.u_and_tangent(
+                x.float(), v.float(), t.float(), (t - r).float(), cond32
+            )
+    torch.testing.assert_close(explicit, du_dt, rtol=1e-10, atol=1e-12)
+    assert (explicit_bf16.double() - du_dt).norm() / du_dt.norm() < 0.05
 
 
 def test_initialisation_is_the_official_one_at_b2():

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 CONDITIONINGS = ("in_context", "adaln")
 BLOCKS = ("plain", "advanced")
 INITS = ("imf", "dit")
-JVP_ATTENTION = ("auto", "math", "flash_jvp")
+JVP_ATTENTION = ("auto", "math", "fused")
 
 
 @dataclass
@@ -39,9 +39,9 @@ class ModelConfig:
     # sinusoids (max period 10^4) barely move over omega in [1, 8] at scale 1; omega has no
     # JVP tangent, so a larger scale does not inflate du/dt as it would for t and h.
     omega_input_scale: float = 1.0
-    # How the JVP pass computes attention (not part of the function: runs of either agree):
-    # math | flash_jvp (a fused Triton kernel; CUDA, eager, 128-token blocks: layers.py) |
-    # auto (flash_jvp where it can run, else math).
+    # How the tangent pass computes attention and its tangent (not part of the function: runs
+    # of either agree): math | fused (a Triton kernel, imf_core.models.fused_attention) |
+    # auto (math for now: layers.jvp_attention).
     jvp_attention: str = "auto"
 
     def __post_init__(self) -> None:

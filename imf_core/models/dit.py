@@ -18,12 +18,30 @@ from imf_core.models.layers import (
     TrunkAndHeads,
     VelocityNet,
     init_weights,
+    linear_jvp,
     make_norm,
+    silu_jvp,
 )
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def modulate_jvp(x, dx, shift, d_shift, scale, d_scale) -> tuple[Tensor, Tensor]:
+    d_out = dx * (1 + scale[:, None]) + x * d_scale[:, None] + d_shift[:, None]
+    return modulate(x, shift, scale), d_out
+
+
+def gated_jvp(x, dx, gate, d_gate, y, dy) -> tuple[Tensor, Tensor]:
+    """x + gate y, adaLN-zero's gated residual (gate (B, D), y (B, T, D)), with its tangent."""
+    gate, d_gate = gate[:, None], d_gate[:, None]
+    return x + gate * y, dx + d_gate * y + gate * dy
+
+
+def modulation_jvp(modulation: nn.Sequential, c: Tensor, dc: Tensor) -> tuple[Tensor, Tensor]:
+    """adaLN's regression SiLU -> Linear of the condition c (B, D), with its tangent."""
+    return linear_jvp(modulation[1], *silu_jvp(c, dc))
 
 
 class DiTBlock(nn.Module):
@@ -40,12 +58,19 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(cfg.width, cfg.ratio, cfg.blocks)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
 
-    def forward(
-        self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None, jvp: bool = False
-    ) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=1)  # (B, D)
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope, jvp)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+    def jvp(self, x, dx, c, dc, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        mod, d_mod = modulation_jvp(self.modulation, c, dc)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)  # (B, D)
+        d_shift1, d_scale1, d_gate1, d_shift2, d_scale2, d_gate2 = d_mod.chunk(6, dim=1)
+        h = modulate_jvp(*self.norm1.jvp(x, dx), shift1, d_shift1, scale1, d_scale1)
+        x, dx = gated_jvp(x, dx, gate1, d_gate1, *self.attn.jvp(*h, rope))
+        h = modulate_jvp(*self.norm2.jvp(x, dx), shift2, d_shift2, scale2, d_scale2)
+        return gated_jvp(x, dx, gate2, d_gate2, *self.mlp.jvp(*h))
 
 
 class FinalLayer(nn.Module):
@@ -60,6 +85,12 @@ class FinalLayer(nn.Module):
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm(x), shift, scale))
+
+    def jvp(self, x: Tensor, dx: Tensor, c: Tensor, dc: Tensor) -> tuple[Tensor, Tensor]:
+        mod, d_mod = modulation_jvp(self.modulation, c, dc)
+        (shift, scale), (d_shift, d_scale) = mod.chunk(2, dim=1), d_mod.chunk(2, dim=1)
+        h = modulate_jvp(*self.norm.jvp(x, dx), shift, d_shift, scale, d_scale)
+        return linear_jvp(self.linear, *h)
 
 
 class DiT(VelocityNet):
@@ -88,7 +119,17 @@ class DiT(VelocityNet):
                 nn.init.zeros_(module.linear.weight)
                 nn.init.zeros_(module.linear.bias)
 
-    def forward(self, x: Tensor, t: Tensor, h: Tensor, cond, heads: str = "u", jvp: bool = False):
+    def forward(self, x: Tensor, t: Tensor, h: Tensor, cond, heads: str = "u"):
         x, rope = self.positions(self.x_embed(x))  # (B, T, D)
         c = sum(self.embedders(t, h, cond).values())  # (B, D)
-        return self.outputs(*self.blocks(x, heads, c, rope, jvp=jvp), 0, c)
+        return self.outputs(*self.blocks(x, heads, c, rope), 0, c)
+
+    def u_and_tangent(
+        self, x: Tensor, dx: Tensor, t: Tensor, h: Tensor, cond
+    ) -> tuple[Tensor, Tensor]:
+        """u and du/dt along (dx, dr = 0, dt = 1): the tangent pass (VelocityNet)."""
+        x, dx, rope = self.positions.jvp(*self.x_embed.jvp(x, dx))  # (B, T, D) each
+        emb = self.embedders.jvp(t, h, cond).values()
+        c = sum(e for e, _ in emb)  # (B, D)
+        dc = sum(de for _, de in emb if de is not None)  # h (and t) move
+        return self.u_output_jvp(*self.blocks.jvp(x, dx, c, dc, rope), 0, c, dc)

@@ -23,6 +23,7 @@ from imf_core.models.layers import (
     TrunkAndHeads,
     VelocityNet,
     init_weights,
+    linear_jvp,
     make_norm,
 )
 
@@ -51,9 +52,17 @@ class InContextBlock(nn.Module):
         self.attn_scale = nn.Parameter(torch.zeros(cfg.width))
         self.mlp_scale = nn.Parameter(torch.zeros(cfg.width))
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, jvp: bool = False) -> Tensor:
-        x = x + self.attn_scale * self.attn(self.norm1(x), rope, jvp)  # (B, T, D)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        x = x + self.attn_scale * self.attn(self.norm1(x), rope)  # (B, T, D)
         return x + self.mlp_scale * self.mlp(self.norm2(x))
+
+    def jvp(
+        self, x: Tensor, dx: Tensor, rope: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, Tensor]:
+        a, da = self.attn.jvp(*self.norm1.jvp(x, dx), rope)
+        x, dx = x + self.attn_scale * a, dx + self.attn_scale * da
+        m, dm = self.mlp.jvp(*self.norm2.jvp(x, dx))
+        return x + self.mlp_scale * m, dx + self.mlp_scale * dm
 
 
 class FinalLayer(nn.Module):
@@ -67,11 +76,13 @@ class FinalLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(self.norm(x))
 
+    def jvp(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        return linear_jvp(self.linear, *self.norm.jvp(x, dx))
+
 
 class InContextTransformer(VelocityNet):
     """u_theta(z, t, h, conditions) -> average velocity u; heads="v" gives the aux head's v,
-    heads="uv" both (one shared trunk pass). jvp=True: the call is differentiated forward-mode
-    (attention then takes model.jvp_attention)."""
+    heads="uv" both (one shared trunk pass); u_and_tangent: u and du/dt (VelocityNet)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -111,9 +122,27 @@ class InContextTransformer(VelocityNet):
                 nn.init.zeros_(final.linear.weight)
                 nn.init.zeros_(final.linear.bias)
 
-    def forward(self, x: Tensor, t: Tensor, h: Tensor, cond, heads: str = "u", jvp: bool = False):
+    def forward(self, x: Tensor, t: Tensor, h: Tensor, cond, heads: str = "u"):
         patches, rope = self.positions(self.x_embed(x))  # (B, T_img, D)
         emb = self.embedders(t, h, cond)  # {name: (B, D)}
         prefix = [self.type_tokens[k] + emb[k][:, None] for k in self.prefix]  # (B, n_k, D) each
         seq = torch.cat([*prefix, patches], dim=1)  # (B, T, D)
-        return self.outputs(*self.blocks(seq, heads, rope, jvp=jvp), self.num_prefix)
+        return self.outputs(*self.blocks(seq, heads, rope), self.num_prefix)
+
+    def u_and_tangent(
+        self, x: Tensor, dx: Tensor, t: Tensor, h: Tensor, cond
+    ) -> tuple[Tensor, Tensor]:
+        """u and du/dt along (dx, dr = 0, dt = 1): the tangent pass (VelocityNet)."""
+        patches, d_patches, rope = self.positions.jvp(*self.x_embed.jvp(x, dx))  # (B, T_img, D)
+        emb = self.embedders.jvp(t, h, cond)  # {name: ((B, D), (B, D) or None)}
+        prefix, d_prefix = [], []
+        for k in self.prefix:
+            e, de = emb[k]
+            tokens = self.type_tokens[k] + e[:, None]  # (B, n_k, D)
+            prefix.append(tokens)
+            d_prefix.append(
+                torch.zeros_like(tokens) if de is None else de[:, None].expand_as(tokens)
+            )
+        seq = torch.cat([*prefix, patches], dim=1)  # (B, T, D)
+        d_seq = torch.cat([*d_prefix, d_patches], dim=1)
+        return self.u_output_jvp(*self.blocks.jvp(seq, d_seq, rope), self.num_prefix)

@@ -1,18 +1,52 @@
 """Building blocks shared by the in-context iMF Transformer and the adaLN-zero DiT.
 
+Every module used in a forward also has `jvp(x, dx, ...) -> (y, dy)`: its output and its
+tangent, written out next to the forward. MeanFlow's du/dt is stop-gradient, so the tangent
+pass (VelocityNet.u_and_tangent) runs under no_grad without autograd: a linear layer is two
+GEMMs, on the primal (with bias) and on the tangent, where forward-mode AD of a closed-over
+weight runs a third, by the weight's zero tangent.
+
 Shape letters: B batch, T tokens, D width, H heads, K head dim, C channels, P patch size.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imf_core.models.config import ModelConfig
+
+#################################################################################
+#                     Forward-mode rules of the elementary ops                  #
+#################################################################################
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """x in float32, or float64 if it is (norm statistics and softmax: bf16 is too coarse)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def linear_jvp(layer: nn.Linear, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+    """layer(x) and its tangent W dx: the weight is constant, so no GEMM by its zero tangent."""
+    return layer(x), F.linear(dx, layer.weight)
+
+
+def silu_jvp(x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+    s = torch.sigmoid(x)
+    return x * s, dx * s * (1 + x * (1 - s))
+
+
+def gelu_tanh_jvp(x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+    """GELU, tanh approximation: 0.5 x (1 + tanh(c (x + 0.044715 x^3))), c = sqrt(2 / pi)."""
+    c = math.sqrt(2 / math.pi)
+    th = torch.tanh(c * (x + 0.044715 * x.pow(3)))
+    slope = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * c * (1 + 3 * 0.044715 * x * x)
+    return F.gelu(x, approximate="tanh"), slope * dx
+
 
 #################################################################################
 #                         Embedders for the conditions                          #
@@ -27,15 +61,29 @@ class TimestepEmbedder(nn.Module):
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
 
-    def forward(self, s: Tensor) -> Tensor:
+    def angles(self, s: Tensor) -> tuple[Tensor, Tensor]:
+        """The sinusoids' arguments s * freqs (B, F/2) and the frequencies (F/2,)."""
         # The scalar enters unscaled (s in [0, 1], max period 10^4): a DDPM-style x1000 makes
         # du/dt, hence the JVP term, huge (PITFALLS.md).
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=s.device) / half)
         # At least float32 (bf16 cannot resolve small time steps); float64 stays float64.
-        args = s.to(torch.promote_types(s.dtype, torch.float32))[:, None] * freqs[None]  # (B, F/2)
+        return at_least_float32(s)[:, None] * freqs[None], freqs
+
+    def forward(self, s: Tensor) -> Tensor:
+        args, _ = self.angles(s)  # (B, F/2)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))  # (B, D)
+
+    def jvp(self, s: Tensor, ds: Tensor) -> tuple[Tensor, Tensor]:
+        """The embedding and its tangent for the scalar's tangent ds (B,)."""
+        args, freqs = self.angles(s)
+        dargs = ds.to(args.dtype)[:, None] * freqs[None]  # (B, F/2)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        demb = torch.cat([-torch.sin(args) * dargs, torch.cos(args) * dargs], dim=-1)
+        dtype = self.mlp[0].weight.dtype
+        hidden = silu_jvp(*linear_jvp(self.mlp[0], emb.to(dtype), demb.to(dtype)))
+        return linear_jvp(self.mlp[2], *hidden)  # (B, D) each
 
 
 class LabelEmbedder(nn.Module):
@@ -64,18 +112,30 @@ class ConditionEmbedders(nn.Module):
         self.t_min = TimestepEmbedder(width) if cfg.cond_interval else None
         self.t_max = TimestepEmbedder(width) if cfg.cond_interval else None
 
-    def forward(self, t: Tensor, h: Tensor, cond) -> dict[str, Tensor]:
-        """Embeds each condition present: {name: (B, D)}. `cond` is a guidance.Conditions."""
-        out = {"y": self.y(cond.y), "h": self.h(h)}
+    def inputs(self, t: Tensor, h: Tensor, cond) -> dict[str, tuple[nn.Module, Tensor]]:
+        """{name: (embedder, its input)} of each condition present. `cond`: guidance.Conditions."""
+        out = {"y": (self.y, cond.y), "h": (self.h, h)}
         if self.t is not None:
-            out["t"] = self.t(t)
+            out["t"] = (self.t, t)
         if self.omega is not None:
             # omega in [1, inf) -> [0, 1), times omega_input_scale (ModelConfig)
-            out["omega"] = self.omega(self.omega_input_scale * (1.0 - 1.0 / cond.omega))
+            out["omega"] = (self.omega, self.omega_input_scale * (1.0 - 1.0 / cond.omega))
         if self.t_min is not None:
-            out["t_min"] = self.t_min(cond.t_min)
-            out["t_max"] = self.t_max(cond.t_max)
+            out["t_min"] = (self.t_min, cond.t_min)
+            out["t_max"] = (self.t_max, cond.t_max)
         return out
+
+    def forward(self, t: Tensor, h: Tensor, cond) -> dict[str, Tensor]:
+        """Embeds each condition present: {name: (B, D)}."""
+        return {name: embed(s) for name, (embed, s) in self.inputs(t, h, cond).items()}
+
+    def jvp(self, t: Tensor, h: Tensor, cond) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """{name: (embedding, its tangent)} along MeanFlow's tangent (dz, dr = 0, dt = 1): t and
+        h = t - r move at rate 1; the class, omega and the interval do not (tangent None)."""
+        return {
+            name: embed.jvp(s, torch.ones_like(s)) if name in ("h", "t") else (embed(s), None)
+            for name, (embed, s) in self.inputs(t, h, cond).items()
+        }
 
 
 class PatchEmbed(nn.Module):
@@ -91,12 +151,17 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def patchify(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         p = self.patch_size
         patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-        patches = patches.reshape(b, (h // p) * (w // p), c * p * p)  # (B, T, C*P*P)
-        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)  # (B, T, D)
+        return patches.reshape(b, (h // p) * (w // p), c * p * p)  # (B, T, C*P*P)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.patchify(x), self.proj.weight.flatten(1), self.proj.bias)  # (B, T, D)
+
+    def jvp(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        return self(x), F.linear(self.patchify(dx), self.proj.weight.flatten(1))  # no bias
 
 
 def unpatchify(x: Tensor, patch_size: int, channels: int) -> Tensor:
@@ -115,8 +180,7 @@ def unpatchify(x: Tensor, patch_size: int, channels: int) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, written out: its forward-mode AD is a few cheap ops, where
-    nn.RMSNorm's decomposed JVP cost a third of the JVP pass on CPU."""
+    """x / rms(x) * weight, written out (cheaper than nn.RMSNorm under forward-mode AD)."""
 
     def __init__(self, width: int, eps: float = 1e-6, affine: bool = True):
         super().__init__()
@@ -127,78 +191,82 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return x * self.weight if self.weight is not None else x
 
-
-def make_norm(kind: str, width: int, affine: bool = True) -> nn.Module:
-    if kind == "advanced":
-        return RMSNorm(width, affine=affine)
-    return nn.LayerNorm(width, eps=1e-6, elementwise_affine=affine)
-
-
-# Whether the optional `jvp-flash-attention` kernel is installed (extra `gpu`).
-HAS_FLASH_JVP = importlib.util.find_spec("jvp_flash_attention") is not None
+    def jvp(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        # d(x rs) = rs (dx - y mean(y dx)) with rs = rsqrt(mean(x^2) + eps), y = x rs
+        x, dx = at_least_float32(x), at_least_float32(dx)
+        rs = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = x * rs
+        dy = rs * (dx - y * (y * dx).mean(-1, keepdim=True))
+        return (y * self.weight, dy * self.weight) if self.weight is not None else (y, dy)
 
 
-def math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(K)) v written out in plain ops, each with a forward-mode AD rule (the
-    fused SDPA kernels have none); torch.compile fuses them. Softmax in float32."""
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, H, T, T)
-    return scores.float().softmax(dim=-1).to(v.dtype) @ v  # (B, H, T, K)
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (DiT's eps 1e-6, affine or not) with its forward-mode rule."""
+
+    def __init__(self, width: int, affine: bool = True):
+        super().__init__(width, eps=1e-6, elementwise_affine=affine)
+
+    def jvp(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        # y = (x - mean) rs: dy = rs (dxc - y mean(y dxc)), dxc = dx - mean(dx)
+        x, dx = at_least_float32(x), at_least_float32(dx)
+        xc, dxc = x - x.mean(-1, keepdim=True), dx - dx.mean(-1, keepdim=True)
+        rs = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = xc * rs
+        dy = rs * (dxc - y * (y * dxc).mean(-1, keepdim=True))
+        if self.weight is None:
+            return y, dy
+        return y * self.weight + self.bias, dy * self.weight
 
 
-def flash_jvp_applies(head_dim: int, seq_len: int) -> bool:
-    """Shapes on which the `jvp-flash-attention` Triton kernel (0.14) is right: head dim 16-256
-    (a power of two) and a sequence of whole 128-token blocks. Measured on an H200 (2026-12-04,
-    benchmarks/gpu_check.py): at 256 tokens its values and tangents match float64 math (bf16
-    3.4e-3, fp32 1.5e-3 relative); at 276 (B/2's 256 patches + 20 condition tokens) they are off
-    by 27 %. The in-context presets (276 tokens) and `tiny` (22) do not qualify; adaLN-zero
-    DiTs at 256x256 (256 tokens) do."""
-    return head_dim in (16, 32, 64, 128, 256) and seq_len % 128 == 0
+def make_norm(kind: str, width: int, affine: bool = True) -> RMSNorm | LayerNorm:
+    return RMSNorm(width, affine=affine) if kind == "advanced" else LayerNorm(width, affine)
 
 
-def flash_jvp_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """The `jvp-flash-attention` kernel (optional extra `gpu`; Triton, CUDA only): attention and
-    its tangent in one fused pass, through its autograd.Function's explicit jvp rule. Eager only:
-    torch.compile cannot trace its launcher ("triton.set_allocator not supported", torch 2.11)."""
+def math_attention_jvp(
+    q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: Tensor
+) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T / sqrt(K)) v and its tangent, all (B, H, T, K), softmax in (at least)
+    float32. With S the scores and P = softmax(S): dS = (dq k^T + q dk^T) / sqrt(K),
+    dP = P (dS - sum_j P dS), d_out = dP v + P dv."""
+    scale = q.shape[-1] ** -0.5
+    kt, dkt = k.transpose(-2, -1), dk.transpose(-2, -1)
+    scores = at_least_float32((q * scale) @ kt)  # (B, H, T, T)
+    d_scores = at_least_float32((dq * scale) @ kt + (q * scale) @ dkt)
+    p = scores.softmax(dim=-1)
+    dp = p * (d_scores - (p * d_scores).sum(dim=-1, keepdim=True))
+    p, dp = p.to(v.dtype), dp.to(v.dtype)
+    return p @ v, dp @ v + p @ dv  # (B, H, T, K) each
+
+
+# (q, k, v, dq, dk, dv) -> (attention, its tangent): math_attention_jvp or the fused kernel.
+AttentionJvp = Callable[..., tuple[Tensor, Tensor]]
+
+
+def jvp_attention(choice: str) -> AttentionJvp:
+    """The tangent pass's attention for model.jvp_attention: "math" (math_attention_jvp),
+    "fused" (the Triton kernel of imf_core.models.fused_attention, imported when first asked
+    for) or "auto". An explicit "fused" where it cannot run is an error naming why."""
+    if choice in ("auto", "math"):  # auto: math until the fused kernel is measured on a GPU
+        return math_attention_jvp
     try:
-        from jvp_flash_attention.jvp_attention import JVPAttn
+        from imf_core.models.fused_attention import FUSED_ATTENTION_AVAILABLE, fused_attention_jvp
     except ImportError as err:
-        raise ImportError(
-            "model.jvp_attention=flash_jvp needs the `jvp-flash-attention` package "
-            "(pip install 'imf-pipeline[gpu]')"
+        raise ValueError(
+            f"model.jvp_attention=fused cannot be used here: importing its kernel failed ({err})"
         ) from err
-    return JVPAttn.fwd_dual(q, k, v)
-
-
-def jvp_attention_impl(choice: str, head_dim: int, seq_len: int, device: torch.device) -> str:
-    """Resolves model.jvp_attention for one call: "auto" is flash_jvp where its kernel is
-    installed, applies and runs eagerly (CUDA, not inside torch.compile), else math. An explicit
-    flash_jvp where it cannot run is an error naming why."""
-    compiling = torch.compiler.is_compiling()
-    usable = HAS_FLASH_JVP and device.type == "cuda" and flash_jvp_applies(head_dim, seq_len)
-    if choice == "auto":
-        return "flash_jvp" if usable and not compiling else "math"
-    if choice == "flash_jvp" and (not usable or compiling):
-        why = (
-            "the jvp-flash-attention package is not installed"
-            if not HAS_FLASH_JVP
-            else "it runs on CUDA only"
-            if device.type != "cuda"
-            else f"its kernel is wrong unless the sequence is whole 128-token blocks "
-            f"(this model: {seq_len} tokens, head dim {head_dim})"
-            if not flash_jvp_applies(head_dim, seq_len)
-            else "torch.compile cannot trace its launcher: use train.compile=none"
+    if not FUSED_ATTENTION_AVAILABLE:
+        raise ValueError(
+            "model.jvp_attention=fused cannot be used here: imf_core.models.fused_attention "
+            "reports its kernel unavailable (FUSED_ATTENTION_AVAILABLE is False)"
         )
-        raise ValueError(f"model.jvp_attention=flash_jvp cannot be used here: {why}")
-    return choice
+    return fused_attention_jvp
 
 
 class Attention(nn.Module):
     """Multi-head self-attention, optionally with q/k RMSNorm and rotary positions.
 
-    A plain forward uses F.scaled_dot_product_attention (the fused flash / memory-efficient
-    kernels on CUDA, flash on CPU). A forward that is differentiated forward-mode (jvp=True, the
-    JVP pass of meanflow.time_derivative) uses `jvp_attention`: "math" (written out) or
-    "flash_jvp" (a fused Triton kernel with an explicit JVP rule); "auto" picks per device.
+    The forward uses F.scaled_dot_product_attention (the fused flash / memory-efficient kernels
+    on CUDA, flash on CPU); the tangent pass (`jvp`) the attention model.jvp_attention names.
     """
 
     def __init__(self, width: int, heads: int, qk_norm: bool, bias: bool, jvp_attention: str):
@@ -208,25 +276,40 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=bias)
         self.proj = nn.Linear(width, width, bias=bias)
         head_dim = width // heads
-        self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(head_dim) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim) if qk_norm else None
 
-    def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, jvp: bool = False
-    ) -> Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)  # (B, H, T, K)
+    def split_heads(self, qkv: Tensor) -> Tensor:
+        """(B, T, 3D) -> (3, B, H, T, K): q, k, v."""
+        b, n, d3 = qkv.shape
+        return qkv.reshape(b, n, 3, self.heads, d3 // (3 * self.heads)).permute(2, 0, 3, 1, 4)
+
+    @staticmethod
+    def merge_heads(x: Tensor) -> Tensor:
+        """(B, H, T, K) -> (B, T, D)."""
+        return x.transpose(1, 2).flatten(2)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        q, k, v = self.split_heads(self.qkv(x))  # (B, H, T, K) each
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if not jvp:
-            out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, K)
-        else:
-            q, k = q.to(v.dtype), k.to(v.dtype)  # the norms return float32 under autocast
-            impl = jvp_attention_impl(self.jvp_attention, d // self.heads, n, x.device)
-            attend = flash_jvp_attention if impl == "flash_jvp" else math_attention
-            out = attend(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, K)
+        return self.proj(self.merge_heads(out))
+
+    def jvp(
+        self, x: Tensor, dx: Tensor, rope: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        qkv, dqkv = linear_jvp(self.qkv, x, dx)
+        (q, k, v), (dq, dk, dv) = self.split_heads(qkv), self.split_heads(dqkv)
+        if self.q_norm is not None:
+            (q, dq), (k, dk) = self.q_norm.jvp(q, dq), self.k_norm.jvp(k, dk)
+        if rope is not None:  # a rotation: linear, the same on the tangent
+            q, k, dq, dk = (apply_rope(a, *rope) for a in (q, k, dq, dk))
+        q, k, dq, dk = (a.to(v.dtype) for a in (q, k, dq, dk))  # norms give float32 (autocast)
+        out, d_out = jvp_attention(self.jvp_attention)(q, k, v, dq, dk, dv)  # (B, H, T, K)
+        return linear_jvp(self.proj, self.merge_heads(out), self.merge_heads(d_out))
 
 
 class Mlp(nn.Module):
@@ -248,6 +331,13 @@ class Mlp(nn.Module):
         if self.swiglu:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+    def jvp(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        if self.swiglu:
+            a, da = silu_jvp(*linear_jvp(self.w1, x, dx))
+            g, dg = linear_jvp(self.w3, x, dx)
+            return linear_jvp(self.w2, a * g, da * g + a * dg)
+        return linear_jvp(self.fc2, *gelu_tanh_jvp(*linear_jvp(self.fc1, x, dx)))
 
 
 #################################################################################
@@ -308,25 +398,29 @@ class TrunkAndHeads(nn.Module):
         self.u_head = nn.ModuleList(make_block() for _ in range(aux_depth))
         self.v_head = nn.ModuleList(make_block() for _ in range(aux_depth)) if aux_depth else None
 
-    def forward(
-        self, x: Tensor, heads: str, *args, jvp: bool = False
-    ) -> tuple[Tensor | None, Tensor | None]:
+    def forward(self, x: Tensor, heads: str, *args) -> tuple[Tensor | None, Tensor | None]:
         """Runs the trunk, then the heads asked for ("u", "v" or "uv"); the other is None.
-        `args` go to every block; jvp=True selects the attention for forward-mode AD."""
+        `args` go to every block."""
         if "v" in heads and self.v_head is None:
             raise ValueError("this model has no auxiliary v-head (aux_head_depth = 0)")
         for block in self.trunk:
-            x = block(x, *args, jvp=jvp)
+            x = block(x, *args)
         u = v = None
         if "u" in heads:
             u = x
             for block in self.u_head:
-                u = block(u, *args, jvp=jvp)
+                u = block(u, *args)
         if "v" in heads:
             v = x
             for block in self.v_head:
-                v = block(v, *args, jvp=jvp)
+                v = block(v, *args)
         return u, v
+
+    def jvp(self, x: Tensor, dx: Tensor, *args) -> tuple[Tensor, Tensor]:
+        """The trunk and the u-head, with tangents; `args` go to every block's jvp."""
+        for block in (*self.trunk, *self.u_head):
+            x, dx = block.jvp(x, dx, *args)
+        return x, dx
 
 
 # The official iMF initialisation (imeanflow's TorchLinear "scaled_variance"): block linears
@@ -395,9 +489,21 @@ class Positions(nn.Module):
             return patches, (self.cos, self.sin)
         return patches + self.embed, None
 
+    def jvp(
+        self, patches: Tensor, d_patches: Tensor
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        """As forward, with the tokens' tangent, which constant positions leave unchanged."""
+        patches, rope = self(patches)
+        return patches, d_patches, rope
+
 
 class VelocityNet(nn.Module):
-    """Base of both networks: a u output layer and, with an aux head, a v output layer."""
+    """Base of both networks: a u output layer and, with an aux head, a v output layer.
+
+    Each network has `forward(z, t, h, cond, heads="u")` and the tangent pass
+    `u_and_tangent(z, dz, t, h, cond) -> (u, du/dt)` along MeanFlow's tangent (dz, dr = 0,
+    dt = 1), the term of meanflow.compound_velocity.
+    """
 
     cfg: ModelConfig
     u_final: nn.Module
@@ -422,3 +528,9 @@ class VelocityNet(nn.Module):
             if seq is not None
         ]
         return out[0] if len(out) == 1 else tuple(out)
+
+    def u_output_jvp(self, seq: Tensor, d_seq: Tensor, skip: int = 0, *args):
+        """`outputs` of the u-head with the tangent: (u, du), each (B, C, S, S)."""
+        p, c = self.cfg.patch_size, self.cfg.in_channels
+        out, d_out = self.u_final.jvp(seq[:, skip:], d_seq[:, skip:], *args)
+        return unpatchify(out, p, c), unpatchify(d_out, p, c)
