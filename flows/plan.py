@@ -349,19 +349,24 @@ def precompute_stage(cfg, label: str, images: int | None) -> tuple[Stage, str | 
 
 
 def train_stage(cfg, label: str, pre_key: str | None, rows: int, rates: Rates | None) -> Stage:
+    from tasks.precompute import stores_flips
     from tasks.train import checkpoint_bytes, train_key
 
     t = cfg.train
     memory = per_gpu_memory(cfg, rates)  # a batch that does not fit: refused first
-    world = t.num_workers
-    steps_per_epoch = math.ceil(math.ceil(rows / world) / (t.batch_size // world)) if rows else 0
+    world, local_batch = t.num_workers, t.batch_size // t.num_workers
+    # An epoch is a pass over the images; stored flips are an orientation each (imf_core.data).
+    items = rows // 2 if stores_flips(cfg.data) else rows
+    per_rank = math.ceil(items / world)  # DistributedSampler pads an epoch to the world
+    steps_per_epoch = math.ceil(per_rank / local_batch) if items else 0
     steps = t.steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    images = steps * t.batch_size
+    images = images_read(steps, per_rank, local_batch, world)
     mcfg = model_config(cfg)
     flops = images * flops_per_image(mcfg, cfg.objective, cfg.guidance)
-    detail = f"{steps:,} steps x {t.batch_size} = {images / 1e6:,.1f} M images"
-    if cfg.data.flips and not t.steps:  # an epoch is a pass over the rows, the flips among them
-        detail += f" ({t.epochs:g} epochs of {rows:,} rows, flips included)"
+    detail = f"{steps:,} steps of {t.batch_size} = {images:,} images"
+    if not t.steps:
+        detail += f" ({t.epochs:g} epochs of {items:,} images"
+        detail += ", each in one of its 2 stored orientations)" if stores_flips(cfg.data) else ")"
     detail += f", {flops / 1e18:,.1f} EFLOP"
     hours = None
     if rates is not None:
@@ -373,6 +378,15 @@ def train_stage(cfg, label: str, pre_key: str | None, rows: int, rates: Rates | 
     status = "reused" if out is not None and done(out) else "to run"
     disk = checkpoint_bytes(cfg) * (t.keep_checkpoints + 1)
     return Stage("train", label, key, status, detail, hours, disk, memory)
+
+
+def images_read(steps: int, per_rank: int, local_batch: int, world: int) -> int:
+    """Images a training of `steps` reads: an epoch's last batch is the rest of its images
+    (tasks/train.py batches with drop_last=False), so 240 epochs read 240 x the epoch."""
+    if per_rank == 0:
+        return 0
+    epochs, rest = divmod(steps, math.ceil(per_rank / local_batch))
+    return (epochs * per_rank + min(rest * local_batch, per_rank)) * world
 
 
 def evaluate_stage(cfg, label: str, trained: Stage, rates: Rates | None) -> Stage:

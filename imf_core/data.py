@@ -6,8 +6,17 @@
     >>> ds.set_epoch(epoch); sampler.set_epoch(epoch)
 
 Rows hold the tokenizer's posterior (mean, std) (or the deterministic latent alone); each read
-returns a fresh sample mean + std * eps, with eps drawn from (seed, epoch, index), so a resumed
+returns a fresh sample mean + std * eps, with eps drawn from (seed, epoch, row), so a resumed
 run sees the same noise.
+
+An epoch is one pass over the images. Where precompute stored each image's horizontal flip as
+the row after it (its manifest's `flips`), the dataset has one item per image, and item i of
+epoch e reads row 2i + f, f drawn from (seed, epoch, i): every image once an epoch, in one of
+its two orientations, the same on every rank and on a resume. The authors count epochs over
+images too: their latent ImageNet pipeline caches one latent per image and takes
+steps_per_epoch = len(loader) over them (Lyy-iiis/imeanflow utils/data_util.py
+compute_latent_dataset, utils/vae_util.py LatentDataset, utils/input_pipeline.py
+create_latent_split; MeanFlow's official JAX code the same), 1,281,167 items an epoch.
 
 Random access without decoding: the precompute stage writes the latent column uncompressed,
 PLAIN-encoded, one data page per row group, so a row group's float values are the last bytes
@@ -78,6 +87,9 @@ class LatentDataset(Dataset):
             labels.append(pq.read_table(path, columns=["label"])["label"].to_numpy())
         self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         self.num_rows = total
+        self.flips = bool(manifest["extra"].get("flips", False))
+        if self.flips:
+            self._check_flip_pairs(pq)
         self.starts = np.array(starts, np.int64)
         self.group_file = np.array([f for f, _, _ in self.groups], np.int64)
         self.group_offset = np.array([o for _, _, o in self.groups], np.int64)
@@ -90,10 +102,40 @@ class LatentDataset(Dataset):
         return self.row_shape[1:]
 
     def __len__(self) -> int:
-        return self.num_rows
+        """Items an epoch: the images (stored rows / 2 where flips are stored)."""
+        return self.num_rows // 2 if self.flips else self.num_rows
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def _check_flip_pairs(self, pq) -> None:
+        """Row 2i + 1 must be the flip of row 2i (tasks/precompute.py `_rows`; an image that
+        could not be read is left out with its flip): the layout items are read through."""
+        columns = [pq.read_table(p, columns=["source_index", "flipped"]) for p in self.files]
+        source = np.concatenate([c["source_index"].to_numpy() for c in columns])
+        flipped = np.concatenate([c["flipped"].to_numpy(zero_copy_only=False) for c in columns])
+        if not (
+            self.num_rows % 2 == 0
+            and not flipped[0::2].any()
+            and flipped[1::2].all()
+            and np.array_equal(source[0::2], source[1::2])
+        ):
+            raise ValueError(
+                f"{self.directory}: its manifest says flips are stored, but its rows are not "
+                "(original, flip) pairs; rerun precompute to rebuild it"
+            )
+
+    def row_of(self, items: list[int]) -> list[int]:
+        """The stored row each item reads this epoch: itself, or 2i + f (f: the orientation
+        drawn for item i from (seed, epoch, i), a fair bit) where flips are stored."""
+        if not self.flips:
+            return list(items)
+        idx = np.asarray(items, np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"items out of range [0, {len(self)}): {items}")
+        stream = np.uint64(hash((self.seed, self.epoch)) & (2**64 - 1))
+        bits = _mix64(stream + idx.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> 63
+        return (2 * idx + bits.astype(np.int64)).tolist()
 
     def __getstate__(self) -> dict:  # memory maps stay in the process that opened them
         return self.__dict__ | {"_maps": {}}
@@ -169,7 +211,7 @@ class LatentDataset(Dataset):
         return rows[:, 0] + rows[:, 1] * torch.stack([self._noise(i) for i in indices])
 
     def rows(self, indices: list[int]) -> tuple[Tensor, Tensor]:
-        """(samples (n, C, H, W), labels (n,)) of these rows, as one batch."""
+        """(samples (n, C, H, W), labels (n,)) of these stored rows, as one batch."""
         samples = self._samples(torch.from_numpy(self._gather(indices)), indices)
         return samples, torch.from_numpy(self.labels[indices]).long()
 
@@ -177,9 +219,17 @@ class LatentDataset(Dataset):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, int]]:
-        """Batched fetch (the DataLoader calls this): one gather, one noise pass."""
-        samples, labels = self.rows(indices)
+        """Batched fetch of items (the DataLoader calls this): one gather, one noise pass."""
+        samples, labels = self.rows(self.row_of(indices))
         return list(zip(samples.unbind(0), labels.tolist(), strict=True))
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser (uint64, wrapping): well-mixed bits of a counter, so that any
+    item's orientation is drawn without drawing the rest of its epoch's."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 class Prefetcher(Generic[Item, Loaded]):

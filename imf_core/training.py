@@ -60,7 +60,7 @@ class OptimConfig:
 
 
 def with_warmup_steps(cfg: OptimConfig, steps_per_epoch: int) -> OptimConfig:
-    """cfg with warmup_epochs turned into steps (steps_per_epoch: ceil(rows / global batch))."""
+    """cfg with warmup_epochs turned into steps (steps_per_epoch: ceil(images / global batch))."""
     steps = cfg.warmup_steps or round(cfg.warmup_epochs * steps_per_epoch)
     return replace(cfg, warmup_steps=steps, warmup_epochs=0.0)
 

@@ -544,7 +544,9 @@ class UnitRunner:
         e = self.e
         index = range(unit.start, unit.start + unit.count)
         if unit.kind == "real":
-            rows = real_indices(len(self.data), e.n_samples, e.seed)[0][index.start : index.stop]
+            rows = real_indices(self.data.num_rows, e.n_samples, e.seed)[0][
+                index.start : index.stop
+            ]
             latents, labels = self.data.rows(rows.tolist())
         else:
             latents = sample_noise(index, self.shape, e.seed)

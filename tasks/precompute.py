@@ -108,6 +108,13 @@ class PrecomputeResult:
     skipped: list[str]  # unreadable images left out (data.on_bad_image=skip)
 
 
+def stores_flips(data: DataConfig) -> bool:
+    """Whether the output stores each image's flip as the row after it (a `parquet` copy of an
+    output keeps its rows as they are); training then reads one orientation of each image an
+    epoch (imf_core.data.LatentDataset)."""
+    return data.flips and data.name != "parquet"
+
+
 def _rows(num_images: int, flips: bool) -> list[tuple[int, bool]]:
     """(source index, flipped) for every output row; a flip sits next to its original."""
     return [(i, f) for i in range(num_images) for f in ((False, True) if flips else (False,))]
@@ -283,9 +290,9 @@ def precompute(
         num_classes = upstream.extra["num_classes"]
     else:
         rows, num_classes, flips = (
-            _rows(source.num_images, data.flips),
+            _rows(source.num_images, stores_flips(data)),
             source.num_classes,
-            data.flips,
+            stores_flips(data),
         )
     out = Path(artifacts) / "precompute" / key
     with output_lock(out, "precompute"):

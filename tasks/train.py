@@ -40,7 +40,7 @@ from tasks.artifacts import (
     write_json_atomic,
 )
 from tasks.cluster import connect_ray
-from tasks.precompute import PrecomputeResult
+from tasks.precompute import PrecomputeResult, stores_flips
 from tasks.resolve import model_config, to_dict
 from tasks.tracking import (
     JOURNAL,
@@ -205,6 +205,10 @@ def train_key(cfg, precompute_key: str) -> str:
         for name, default in defaults.items():
             if config[section][name] == default:
                 del config[section][name]
+    if stores_flips(
+        cfg.data
+    ):  # an epoch became a pass over the images, not the stored rows (issue 36)
+        config["epoch"] = "images, one orientation each"
     return content_key("train", config, [precompute_key])
 
 
@@ -393,7 +397,7 @@ def train_loop(config: dict) -> None:
     # Data parallel without DDP: every rank starts from the same weights (the seed above) and
     # train_step averages the gradients over the ranks (imf_core.training.average_gradients).
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=t.seed)
-    steps_per_epoch = math.ceil(len(sampler) / local_batch)
+    steps_per_epoch = math.ceil(len(sampler) / local_batch)  # len(dataset): its images
     total = t.steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     optim = with_warmup_steps(cfg.optim, steps_per_epoch)
     bf16 = device.type == "cuda"
