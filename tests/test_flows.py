@@ -546,12 +546,14 @@ def test_a_paper_scale_plan_prints_the_costs_and_starts_nothing(tmp_path, monkey
     assert main(args + [f"paths.artifacts={tmp_path}/a"]) == 0
     text = capsys.readouterr().out
     assert "nothing started, nothing written" in text and "NVIDIA H200" in text
-    # 240 epochs over ImageNet's 2 x 1,281,167 rows (flips stored as rows) at batch 256.
-    assert text.count("2,402,400 steps x 256 = 615.0 M images") == 6
+    # The paper's 240 ImageNet epochs of 1,281,167 images (a stored flip is an orientation, not
+    # an image: issue 36) at batch 256: 5,005 steps an epoch, its last one of 143 images.
+    epochs = "240 epochs of 1,281,167 images, each in one of its 2 stored orientations"
+    assert text.count(f"1,201,200 steps of 256 = 307,480,080 images ({epochs})") == 6
     assert "to run: 1 precompute, 6 trainings, 6 evaluations" in text
     assert "GPU-hours" in text and "GB of new disk" in text
     imf_aux = next(line for line in text.splitlines() if line.strip().startswith("imf_aux "))
-    assert "184.6 EFLOP" in imf_aux and "33.6 % MFU" in imf_aux  # 300 GFLOP a row, measured MFU
+    assert "92.3 EFLOP" in imf_aux and "33.6 % MFU" in imf_aux  # 300 GFLOP an image, measured MFU
     assert "MFU x 989.4 TFLOP/s, the H200 SXM datasheet dense bf16 peak" in text
     assert list(tmp_path.iterdir()) == []  # no artifact folder, no mlflow.db
 
