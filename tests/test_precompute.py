@@ -67,7 +67,7 @@ def test_config_changes_change_the_key(tmp_path):
     assert len({a.key, b.key, c.key}) == 3
     assert b.num_rows == 2 * a.num_rows
     flipped = LatentDataset(b.path, sample_posterior=False)
-    image, _ = flipped[1]  # row 1 is the flip of source image 0
+    image = flipped.rows([1])[0][0]  # row 1 is the flip of source image 0
     torch.testing.assert_close(image, digits()[0][0].flip(-1))
 
 
@@ -154,8 +154,9 @@ def test_imagefolder_through_a_tiny_vae(tmp_path):
         and manifest["extra"]["num_classes"] == 2
     )
     ds = LatentDataset(result.path, seed=1)
-    labels = [ds[i][1] for i in range(len(ds))]
-    assert labels == [0] * 4 + [1] * 6  # "ant" < "cat": labels from sorted folder names
+    assert ds.rows(list(range(10)))[1].tolist() == [0] * 4 + [1] * 6  # rows: images and flips
+    # "ant" < "cat": labels from sorted folder names; an epoch has an item per image.
+    assert [ds[i][1] for i in range(len(ds))] == [0] * 2 + [1] * 3
     # Row 0 is ant/0.png: the stored mean is the VAE posterior mean times the scaling factor.
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     with Image.open(root / "ant" / "0.png") as image:
@@ -169,7 +170,10 @@ def test_imagefolder_through_a_tiny_vae(tmp_path):
     with torch.no_grad():
         mean = vae.encode(x).latent_dist.mean[0] * 0.5
     torch.testing.assert_close(
-        LatentDataset(result.path, sample_posterior=False)[0][0], mean, rtol=1e-4, atol=1e-5
+        LatentDataset(result.path, sample_posterior=False).rows([0])[0][0],
+        mean,
+        rtol=1e-4,
+        atol=1e-5,
     )
     # Posterior samples: fresh per epoch, reproducible for the same (seed, epoch, index).
     a, b = ds[0][0], ds[0][0]
