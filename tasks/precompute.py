@@ -48,7 +48,7 @@ class DataConfig:
     name: str = "digits"  # digits | mnist5k | imagefolder | parquet
     root: str = ""  # imagefolder: folder of class folders; parquet: a precompute output folder
     image_size: int = 256  # imagefolder: ADM centre crop to this side
-    flips: bool = False  # horizontal flips stored as extra rows (on for ImageNet)
+    flips: bool = False  # flips stored as extra rows (ImageNet); an epoch reads one per image
     on_bad_image: str = "fail"  # fail | skip (skipped files are listed in _SUCCESS and printed)
 
     def __post_init__(self) -> None:
