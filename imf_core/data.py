@@ -16,7 +16,9 @@ its two orientations, the same on every rank and on a resume. The authors count 
 images too: their latent ImageNet pipeline caches one latent per image and takes
 steps_per_epoch = len(loader) over them (Lyy-iiis/imeanflow utils/data_util.py
 compute_latent_dataset, utils/vae_util.py LatentDataset, utils/input_pipeline.py
-create_latent_split; MeanFlow's official JAX code the same), 1,281,167 items an epoch.
+create_latent_split; MeanFlow's official JAX code the same), 1,281,167 items an epoch. (Their
+latent path flips nothing: `use_flip` is accepted and unused; their loader drops an epoch's
+last partial batch.)
 
 Random access without decoding: the precompute stage writes the latent column uncompressed,
 PLAIN-encoded, one data page per row group, so a row group's float values are the last bytes
