@@ -27,15 +27,13 @@ from tasks.precompute import precompute
 BATCH, STEPS, CHECKPOINT_EVERY = 256, 10, 3  # 1,797 digits: 8 steps an epoch, so two epochs
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("loop")
+def loop_data(root: Path, overrides: list[str]) -> SimpleNamespace:
+    """The smoke config with a small network, and its precomputed digits."""
     cfg = load_config(
         "smoke",
         [
             f"paths.artifacts={root}",
             f"train.batch_size={BATCH}",
-            f"train.steps={STEPS}",
             f"train.checkpoint_every={CHECKPOINT_EVERY}",
             "train.log_every=1000",  # only the end is logged: the flags are read a step late
             "train.eval_every=0",
@@ -45,10 +43,16 @@ def digits(tmp_path_factory) -> SimpleNamespace:
             "model.heads=2",
             "model.aux_head_depth=1",
             "precompute.classifier_steps=0",
+            *overrides,
         ],
     )
     pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
     return SimpleNamespace(cfg=cfg, data=str(pre.path))
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> SimpleNamespace:
+    return loop_data(tmp_path_factory.mktemp("loop"), [f"train.steps={STEPS}"])
 
 
 class Logger:
@@ -122,6 +126,23 @@ def test_the_steps_train_on_the_samplers_batches_in_order_across_epochs(
     assert got.reports == [({"step": s}, s) for s in (3, 6, 9, 10)]
     assert got.logged == [STEPS]
     assert not [t for t in threading.enumerate() if t.name.startswith("prefetch")]
+
+
+def test_an_epoch_over_stored_flips_trains_each_image_once(tmp_path, monkeypatch):
+    """Issue 36: with each flip stored as a row, one epoch is 1,797 images (8 steps), not the
+    3,594 rows, each image read in the orientation the dataset draws for it."""
+    flipped = loop_data(tmp_path / "art", ["data.flips=true", "train.steps=0", "train.epochs=1"])
+    got = run_loop(flipped, tmp_path, monkeypatch)
+    dataset = LatentDataset(flipped.data, seed=0)
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+    want = [
+        default_collate(dataset.__getitems__(indices))
+        for indices in BatchSampler(sampler, BATCH, drop_last=False)
+    ]
+    assert dataset.num_rows == 2 * 1797 and [s for s, _, _ in got.seen] == list(range(8))
+    assert sum(len(x) for _, x, _ in got.seen) == 1797
+    for (_, x, y), (want_x, want_y) in zip(got.seen, want, strict=True):
+        assert torch.equal(x, want_x) and torch.equal(y, want_y)
 
 
 @pytest.mark.parametrize("nan_at", [4, 5])
