@@ -1,0 +1,177 @@
+"""The paper-scale inputs checked before any work (tasks.inputs, `imf check`), on small stand-ins:
+ImageNet as 3 synset-named classes of 2 images, the published digests as those of stand-in
+bytes. Each wrong input is refused by the command that reads it, in one line naming the key,
+before an artifact directory exists."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flows.cli import main
+from tasks import inputs
+from tasks.config import load_config
+from tasks.inputs import DatasetSpec, KnownFile, check_inputs
+
+VAE_BYTES = {"mse": b"sd-vae-ft-mse weights", "ema": b"sd-vae-ft-ema weights"}
+INCEPTION_BYTES = b"inception weights"
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_paper_inputs(root: Path) -> dict[str, Path]:
+    """Stand-ins for every file imagenet_b2 names, each one as the checks want it."""
+    train = root / "imagenet" / "train"
+    for i in range(3):
+        folder = train / f"n{i:08d}"
+        folder.mkdir(parents=True)
+        for j in range(2):
+            Image.new("RGB", (8, 8), (40 * i, 60 * j, 0)).save(folder / f"img{j}.JPEG")
+    vae = root / "sd-vae-ft-mse"
+    vae.mkdir()
+    (vae / "config.json").write_text(json.dumps(inputs.SD_VAE_CONFIG))
+    (vae / "diffusion_pytorch_model.bin").write_bytes(VAE_BYTES["mse"])
+    inception = root / "weights-inception-2015-12-05-6726825d.pth"
+    inception.write_bytes(INCEPTION_BYTES)
+    reference = root / "VIRTUAL_imagenet256_labeled.npz"
+    write_reference(reference, images=(2, 256, 256, 3))
+    return {"data.root": train, "tokenizer.path": vae, "eval.inception_weights": inception}
+
+
+def write_reference(path: Path, dim: int = 2048, images: tuple | None = None) -> None:
+    arrays = {"mu": np.zeros(dim), "sigma": np.eye(dim)}
+    if images is not None:
+        arrays["arr_0"] = np.zeros(images, dtype=np.uint8)
+    np.savez(path, **arrays)
+
+
+@pytest.fixture
+def paper(tmp_path, monkeypatch):
+    """The stand-in files, the expectations scaled to them, and the overrides naming them."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setitem(
+        inputs.DATASETS, "imagenet1k", DatasetSpec(3, 6, re.compile(r"n\d{8}"), "synset ids")
+    )
+    known = (
+        KnownFile("sd_vae:mse", "diffusion_pytorch_model.bin", "u", digest(VAE_BYTES["mse"]), ""),
+        KnownFile("sd_vae:ema", "diffusion_pytorch_model.bin", "u", digest(VAE_BYTES["ema"]), ""),
+        KnownFile("inception", "w.pth", "u", digest(INCEPTION_BYTES), ""),
+    )
+    monkeypatch.setattr(inputs, "KNOWN_FILES", known)
+    files = make_paper_inputs(tmp_path / "inputs")
+    files["eval.reference"] = tmp_path / "inputs" / "VIRTUAL_imagenet256_labeled.npz"
+    return files
+
+
+def overrides(files: dict[str, Path]) -> list[str]:
+    return [f"{key}={path}" for key, path in files.items()]
+
+
+def refused(argv: list[str], key: str, capsys) -> str:
+    """The command's one-line refusal, which names `key`, with no artifact written."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"(set {key})" in err and len(err.strip().splitlines()) == 1
+    assert not Path("artifacts").exists()
+    return err
+
+
+def test_a_good_set_passes_every_check(paper, capsys):
+    cfg = load_config("imagenet_b2", overrides(paper))
+    findings = check_inputs(cfg, full=True)
+    assert [f.key for f in findings] == list(paper)  # one line per input, in this order
+    assert all(f.ok for f in findings), [f.line() for f in findings]
+    assert main(["check", "-e", "imagenet_b2", *overrides(paper)]) == 0
+    out = capsys.readouterr().out
+    assert "3 classes, 6 images, 3 sampled images decode" in out
+    assert "SHA-256 is the published w.pth's" in out
+    assert "2 images of 256 x 256" in out
+
+
+def test_a_missing_class_folder_or_a_non_synset_name_is_refused_before_precompute(paper, capsys):
+    train = paper["data.root"]
+    (train / "n00000002" / "img0.JPEG").rename(train / "cat")  # a stray folder among classes
+    (train / "cat").unlink()
+    (train / "cat").mkdir()
+    argv = ["precompute", "-e", "imagenet_b2", *overrides(paper)]
+    assert "not named by synset ids (e.g. ['cat'])" in refused(argv, "data.root", capsys)
+    (train / "cat").rmdir()
+    for image in (train / "n00000002").iterdir():
+        image.unlink()
+    (train / "n00000002").rmdir()
+    assert "2 class folders, imagenet1k has 3" in refused(argv, "data.root", capsys)
+
+
+def test_an_incomplete_copy_is_refused_by_its_image_count(paper, capsys):
+    (paper["data.root"] / "n00000001" / "img1.JPEG").unlink()
+    argv = ["train", "-e", "imagenet_b2", *overrides(paper)]
+    assert "5 images, imagenet1k has 6" in refused(argv, "data.root", capsys)
+
+
+def test_a_wrong_inception_digest_is_refused_before_evaluation(paper, capsys):
+    paper["eval.inception_weights"].write_bytes(b"other inception weights")
+    argv = ["evaluate", "-e", "imagenet_b2", *overrides(paper)]
+    err = refused(argv, "eval.inception_weights", capsys)
+    assert f"not the published w.pth's ({digest(INCEPTION_BYTES)[:12]}..." in err
+
+
+def test_off_paper_scale_other_weights_pass_with_a_note(paper):
+    """A test's random Inception weights are fine where published files are not asked for."""
+    paper["eval.inception_weights"].write_bytes(b"random weights")
+    cfg = load_config("imagenet_b2", [*overrides(paper), "inputs.published=false"])
+    (inception,) = [f for f in check_inputs(cfg) if f.key == "eval.inception_weights"]
+    assert inception.ok and "FIDs not comparable" in inception.note
+
+
+def test_the_other_vae_variant_and_another_architecture_are_refused(paper, capsys):
+    vae = paper["tokenizer.path"]
+    (vae / "diffusion_pytorch_model.bin").write_bytes(VAE_BYTES["ema"])
+    argv = ["precompute", "-e", "imagenet_b2", *overrides(paper)]
+    err = refused(argv, "tokenizer.path", capsys)
+    assert "this is the published sd_vae:ema file" in err and "tokenizer.variant" in err
+    # the same folder is right for the experiment that names ft-EMA
+    cfg = load_config("imagenet_b2", [*overrides(paper), "tokenizer.variant=ema"])
+    assert all(f.ok for f in check_inputs(cfg))
+    (vae / "diffusion_pytorch_model.bin").write_bytes(VAE_BYTES["mse"])
+    (vae / "config.json").write_text(json.dumps(inputs.SD_VAE_CONFIG | {"latent_channels": 16}))
+    assert "'latent_channels': 16" in refused(argv, "tokenizer.path", capsys)
+
+
+def test_a_truncated_or_misshapen_reference_is_refused_before_evaluation(paper, capsys):
+    reference = paper["eval.reference"]
+    argv = ["evaluate", "-e", "imagenet_b2", *overrides(paper)]
+    whole = reference.read_bytes()
+    reference.write_bytes(whole[: len(whole) // 2])
+    assert "is not a readable npz (truncated?)" in refused(argv, "eval.reference", capsys)
+    write_reference(reference, dim=64)
+    assert "inception features need (2048,) and (2048, 2048)" in refused(
+        argv, "eval.reference", capsys
+    )
+    write_reference(reference, images=(2, 512, 512, 3))
+    assert "(a reference of another resolution)" in refused(argv, "eval.reference", capsys)
+
+
+def test_an_undecodable_image_is_found_by_imf_check_not_by_the_preflight(paper, capsys):
+    """The preflight counts files (cheap); `imf check` also decodes a sample."""
+    (paper["data.root"] / "n00000000" / "img0.JPEG").write_bytes(b"not a JPEG")
+    cfg = load_config("imagenet_b2", overrides(paper))
+    assert all(f.ok for f in check_inputs(cfg))
+    assert main(["check", "-e", "imagenet_b2", *overrides(paper)]) == 1
+    assert "FAIL  image folder (imagenet1k)" in capsys.readouterr().out
+
+
+def test_each_published_digest_names_its_source():
+    for known in inputs.KNOWN_FILES:
+        assert re.fullmatch(r"[0-9a-f]{64}", known.sha256) and known.url.startswith("https://")
+        # a torch.hub file name carries the first 8 hex digits of its SHA-256
+        hub_hash = re.search(r"-([0-9a-f]{8})\.pth$", known.name)
+        assert hub_hash is None or known.sha256.startswith(hub_hash.group(1))
