@@ -5,52 +5,24 @@ before an artifact directory exists."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from paper_inputs import (
+    INCEPTION_BYTES,
+    VAE_BYTES,
+    digest,
+    make_paper_inputs,
+    scale_expectations,
+    write_reference,
+)
 
 from flows.cli import main
 from tasks import inputs
 from tasks.config import load_config
-from tasks.inputs import DatasetSpec, KnownFile, check_inputs
-
-VAE_BYTES = {"mse": b"sd-vae-ft-mse weights", "ema": b"sd-vae-ft-ema weights"}
-INCEPTION_BYTES = b"inception weights"
-
-
-def digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def make_paper_inputs(root: Path) -> dict[str, Path]:
-    """Stand-ins for every file imagenet_b2 names, each one as the checks want it."""
-    train = root / "imagenet" / "train"
-    for i in range(3):
-        folder = train / f"n{i:08d}"
-        folder.mkdir(parents=True)
-        for j in range(2):
-            Image.new("RGB", (8, 8), (40 * i, 60 * j, 0)).save(folder / f"img{j}.JPEG")
-    vae = root / "sd-vae-ft-mse"
-    vae.mkdir()
-    (vae / "config.json").write_text(json.dumps(inputs.SD_VAE_CONFIG))
-    (vae / "diffusion_pytorch_model.bin").write_bytes(VAE_BYTES["mse"])
-    inception = root / "weights-inception-2015-12-05-6726825d.pth"
-    inception.write_bytes(INCEPTION_BYTES)
-    reference = root / "VIRTUAL_imagenet256_labeled.npz"
-    write_reference(reference, images=(2, 256, 256, 3))
-    return {"data.root": train, "tokenizer.path": vae, "eval.inception_weights": inception}
-
-
-def write_reference(path: Path, dim: int = 2048, images: tuple | None = None) -> None:
-    arrays = {"mu": np.zeros(dim), "sigma": np.eye(dim)}
-    if images is not None:
-        arrays["arr_0"] = np.zeros(images, dtype=np.uint8)
-    np.savez(path, **arrays)
+from tasks.inputs import check_inputs
 
 
 @pytest.fixture
@@ -58,18 +30,8 @@ def paper(tmp_path, monkeypatch):
     """The stand-in files, the expectations scaled to them, and the overrides naming them."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setitem(
-        inputs.DATASETS, "imagenet1k", DatasetSpec(3, 6, re.compile(r"n\d{8}"), "synset ids")
-    )
-    known = (
-        KnownFile("sd_vae:mse", "diffusion_pytorch_model.bin", "u", digest(VAE_BYTES["mse"]), ""),
-        KnownFile("sd_vae:ema", "diffusion_pytorch_model.bin", "u", digest(VAE_BYTES["ema"]), ""),
-        KnownFile("inception", "w.pth", "u", digest(INCEPTION_BYTES), ""),
-    )
-    monkeypatch.setattr(inputs, "KNOWN_FILES", known)
-    files = make_paper_inputs(tmp_path / "inputs")
-    files["eval.reference"] = tmp_path / "inputs" / "VIRTUAL_imagenet256_labeled.npz"
-    return files
+    scale_expectations(monkeypatch)
+    return make_paper_inputs(tmp_path / "inputs")
 
 
 def overrides(files: dict[str, Path]) -> list[str]:
@@ -152,7 +114,7 @@ def test_a_truncated_or_misshapen_reference_is_refused_before_evaluation(paper, 
     whole = reference.read_bytes()
     reference.write_bytes(whole[: len(whole) // 2])
     assert "is not a readable npz (truncated?)" in refused(argv, "eval.reference", capsys)
-    write_reference(reference, dim=64)
+    write_reference(reference, dim=64, images=None)
     assert "inception features need (2048,) and (2048, 2048)" in refused(
         argv, "eval.reference", capsys
     )
