@@ -115,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
             help=HELP[name],
             description=f"{HELP[name]}. Experiments (configs/experiment/): "
             f"{', '.join(experiments)}.",
-            epilog=f"example: imf {name} -e demo train.steps=500 train.batch_size=32",
+            epilog=f"example: imf {name} -e demo train.steps=500 train.batch_size=32"
+            if name != "check"
+            else "example: imf check -e imagenet_b2 data.root=/data/imagenet/train "
+            "tokenizer.path=/models/sd-vae-ft-mse",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sub.add_argument(

@@ -206,7 +206,9 @@ def check_image_folder(root: str, dataset: str, sample: int = 0) -> Finding:
         if len(classes) != spec.classes:
             found.problem = f"{len(classes):,} class folders, {dataset} has {spec.classes:,}"
             return found
-    counts = _image_counts(str(base), tuple(classes))
+    # memoised on each folder's mtime, which moves when an entry is added or removed
+    stamps = tuple((c, (base / c).stat().st_mtime_ns) for c in classes)
+    counts = _image_counts(str(base), stamps)
     empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
     if not classes or empty:
         found.problem = f"class folder(s) without images: {empty[:3]}" if empty else "no classes"
@@ -226,10 +228,10 @@ def check_image_folder(root: str, dataset: str, sample: int = 0) -> Finding:
 
 
 @functools.lru_cache(maxsize=8)
-def _image_counts(root: str, classes: tuple[str, ...]) -> list[int]:
+def _image_counts(root: str, stamps: tuple[tuple[str, int], ...]) -> list[int]:
     """Images per class folder (by suffix, as tasks.datasets reads them; names only, no decode)."""
     counts = []
-    for name in classes:
+    for name, _ in stamps:
         with os.scandir(os.path.join(root, name)) as entries:
             counts.append(sum(Path(e.name).suffix in IMAGE_SUFFIXES for e in entries))
     return counts
