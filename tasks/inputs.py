@@ -12,10 +12,11 @@ the published digests), the Inception weights (`eval.inception_weights`), the FI
 (`eval.reference`: mu (d,), sigma (d, d), the resolution of its images when it holds them) and
 given weights (`eval.checkpoint`).
 
-Cost: the preflight hashes only files whose published digest is known (the SD-VAE and Inception
-weights, ~0.3 GB together, ~1 s), memoised per process by (path, size, mtime), so a sweep's
-variants hash each file once; the reference and the checkpoint are hashed by evaluation itself
-(their digests enter its key), and the image sample is decoded only by `imf check`.
+Cost: the preflight hashes the files a published digest is known for (the SD-VAE and Inception
+weights, ~0.4 GB, ~1 s) and the FID reference (JiT's 33 MB; ADM's batch, ~2 GB with its images,
+a few seconds: evaluation hashes it for its key anyway), memoised per process by (path, size,
+mtime), so a sweep's variants hash each file once; the checkpoint is hashed by evaluation
+(no published digest), and the image sample is decoded only by `imf check`.
 """
 
 from __future__ import annotations
@@ -69,18 +70,19 @@ DATASETS = {
 class KnownFile:
     """A published file: where it comes from and its SHA-256."""
 
-    role: str  # inception | sd_vae:mse | sd_vae:ema
+    role: str  # inception | sd_vae:mse | sd_vae:ema | reference
     name: str  # its name at the source
     url: str
     sha256: str
     recorded_by: str  # where the digest was read
+    resolution: int = 0  # a reference's image side
 
 
 # The one table of published digests. Left out, because no stored reference records them (a
 # file without an entry is reported "digest not known", never refused for it):
 # - sd-vae-ft-mse diffusion_pytorch_model.safetensors (diffusers loads it before the .bin)
 # - sd-vae-ft-ema, either file (only a third party's copy was found, not Stability's own)
-# - ADM's VIRTUAL_imagenet256_labeled.npz and JiT's jit_in256_stats.npz
+# - ADM's VIRTUAL_imagenet256_labeled.npz (its images, arr_0, record its resolution instead)
 # - the iMF release checkpoints (iMF-B-2.pth ... iMF-XL-2.pth)
 KNOWN_FILES: tuple[KnownFile, ...] = (
     KnownFile(
@@ -98,6 +100,24 @@ KNOWN_FILES: tuple[KnownFile, ...] = (
         "weights-inception-2015-12-05-6726825d.pth",
         "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",
         "one project's record; its first 8 digits are the hash in the file's name",
+    ),
+    # JiT's statistics (the iMF PyTorch evaluation's reference): mu and sigma only, so the
+    # digest is what tells their resolution
+    KnownFile(
+        "reference",
+        "jit_in256_stats.npz",
+        "https://github.com/LTH14/JiT/raw/main/fid_stats/jit_in256_stats.npz",
+        "412046720c0d496dc6d72a30eac3e22b9ef6ddac3501cce7f996674ad227ba4c",
+        "two projects' records alike",
+        resolution=256,
+    ),
+    KnownFile(
+        "reference",
+        "jit_in512_stats.npz",
+        "https://github.com/LTH14/JiT/raw/main/fid_stats/jit_in512_stats.npz",
+        "cdd15b54f9d1f26a881fcdc920a3410fa7a934047d6c4f5b8395b87182a9ab42",
+        "one project's record",
+        resolution=512,
     ),
 )
 
@@ -347,6 +367,15 @@ def check_reference(path: str, image_size: int, features: str) -> Finding:
         found.problem = "sigma is not symmetric: not a covariance"
         return found
     found.note = f"mu ({d},), sigma ({d}, {d})"
+    known = known_by_digest(sha256_of(file))
+    if known is not None and known.role == "reference":
+        if known.resolution != image_size:
+            found.problem = (
+                f"this is {known.name}, the {known.resolution} x {known.resolution} reference; "
+                f"the experiment samples {image_size} x {image_size}"
+            )
+            return found
+        found.note += f", SHA-256 is the published {known.name}'s"
     if shape is not None:
         if len(shape) != 4 or shape[1:3] != (image_size, image_size):
             found.problem = (
@@ -355,8 +384,8 @@ def check_reference(path: str, image_size: int, features: str) -> Finding:
             )
             return found
         found.note += f", {shape[0]:,} images of {image_size} x {image_size}"
-    else:
-        found.note += ", resolution not recorded in the file"
+    elif known is None:
+        found.note += ", resolution not recorded in the file (SHA-256 not a known reference's)"
     return found
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from paper_inputs import (
 from flows.cli import main
 from tasks import inputs
 from tasks.config import load_config
-from tasks.inputs import check_inputs
+from tasks.inputs import KnownFile, check_inputs
 
 
 @pytest.fixture
@@ -137,3 +138,18 @@ def test_each_published_digest_names_its_source():
         # a torch.hub file name carries the first 8 hex digits of its SHA-256
         hub_hash = re.search(r"-([0-9a-f]{8})\.pth$", known.name)
         assert hub_hash is None or known.sha256.startswith(hub_hash.group(1))
+
+
+def test_a_reference_that_its_digest_names_of_another_resolution_is_refused(
+    paper, capsys, monkeypatch
+):
+    """JiT's files hold only mu and sigma: their digest is what tells 256 from 512."""
+    reference = paper["eval.reference"]
+    write_reference(reference, images=None)
+    jit512 = KnownFile("reference", "jit_in512_stats.npz", "u", digest(reference.read_bytes()), "")
+    monkeypatch.setattr(
+        inputs, "KNOWN_FILES", (*inputs.KNOWN_FILES, replace(jit512, resolution=512))
+    )
+    argv = ["evaluate", "-e", "imagenet_b2", *overrides(paper)]
+    err = refused(argv, "eval.reference", capsys)
+    assert "this is jit_in512_stats.npz, the 512 x 512 reference" in err
