@@ -138,3 +138,14 @@ def test_a_dirty_or_unknown_tree_is_refused_at_paper_scale_by_the_flow_too(
         flow.fn(**parameters)
     with pytest.raises(Started):
         flow.fn(**parameters, allow_dirty=True)
+
+
+def test_the_precompute_deployment_checks_its_images_first(cluster_env, monkeypatch):
+    (deployment,) = [d for d in deployments() if d["name"] == "precompute"]
+    parameters = on_stub_volume(deployment["parameters"], cluster_env / "volume")
+    root = next(o.partition("=")[2] for o in parameters["overrides"] if o.startswith("data.root"))
+    (Path(root) / "n00000000" / "img0.JPEG").unlink()  # an incomplete copy
+    flow = load_flow_from_entrypoint(deployment["entrypoint"])
+    monkeypatch.setattr(FIRST_WORK[flow.name], start)
+    with pytest.raises(ValueError, match=r"5 images, imagenet1k has 6: .*\(set data.root\)"):
+        flow.fn(**parameters)
