@@ -402,16 +402,47 @@ def _stored_shape(file: Path, name: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def check_checkpoint(path: str) -> Finding:
+def check_checkpoint(path: str, full: bool = False, expect: dict | None = None) -> Finding:
+    """A weights file evaluation can load; `full` also reads its architecture (memory-mapped)
+    and compares what the data fixes (`expect`: num_classes, in_channels) with it."""
     found = Finding("checkpoint", path, "eval.checkpoint")
     file = Path(path).expanduser()
     if not file.is_file():
         found.problem, found.missing = "is not a file", True
-    elif file.suffix not in (".pth", ".pt", ".safetensors"):
+        return found
+    if file.suffix not in (".pth", ".pt", ".safetensors"):
         found.problem = "expected an official release .pth (or .pt) or one of our ema.safetensors"
-    else:
-        found.note = f"{file.stat().st_size / 1e9:.2f} GB; SHA-256 not verified (none published)"
+        return found
+    found.note = f"{file.stat().st_size / 1e9:.2f} GB; SHA-256 not verified (none published)"
+    if not full:
+        return found
+    try:
+        model = _checkpoint_config(file)
+    except Exception as err:  # torch.load and safetensors raise several types
+        found.problem = f"could not be read as weights: {err}"
+        return found
+    wrong = {k: getattr(model, k) for k, v in (expect or {}).items() if getattr(model, k) != v}
+    if wrong:
+        found.problem = f"its model has {wrong}, the experiment's data needs {expect}"
+        return found
+    found.note += f"; depth {model.depth}, width {model.width}, {model.num_classes} classes"
     return found
+
+
+def _checkpoint_config(file: Path):
+    """The ModelConfig of an official .pth (from its shapes) or of our ema.safetensors."""
+    import torch
+
+    from imf_core.models.config import ModelConfig
+    from imf_core.models.official import _strip, official_config
+
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), "pt") as f:
+            return ModelConfig(**json.loads(f.metadata()["model_config"]))
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    return official_config(_strip(state))
 
 
 # ------------------------------------------------------------------ what a command reads
@@ -459,7 +490,10 @@ def check_inputs(cfg, reads: Collection[str] = ALL, full: bool = False) -> list[
         kind = feature_kind(cfg)
         findings.append(check_reference(cfg.eval.reference, cfg.data.image_size, kind))
     if "checkpoint" in reads and cfg.eval.checkpoint:
-        findings.append(check_checkpoint(cfg.eval.checkpoint))
+        spec = DATASETS.get(inputs.dataset)
+        expect = {"num_classes": spec.classes} if spec is not None else {}
+        expect |= {"in_channels": 4} if tok.name == "sd_vae" else {}
+        findings.append(check_checkpoint(cfg.eval.checkpoint, full, expect))
     return findings
 
 

@@ -153,3 +153,21 @@ def test_a_reference_that_its_digest_names_of_another_resolution_is_refused(
     argv = ["evaluate", "-e", "imagenet_b2", *overrides(paper)]
     err = refused(argv, "eval.reference", capsys)
     assert "this is jit_in512_stats.npz, the 512 x 512 reference" in err
+
+
+def test_imf_check_reads_a_checkpoints_architecture_against_the_data(paper, capsys):
+    """A release-format file of 10 classes is not an ImageNet model (of 3 stand-in classes)."""
+    import torch
+
+    from imf_core.models import create
+    from imf_core.models.official import to_official
+
+    for classes, code in ((10, 1), (3, 0)):
+        model = create("tiny", num_classes=classes, in_channels=4)
+        torch.save(to_official(model), paper["data.root"].parent / "iMF-tiny.pth")
+        argv = ["check", "-e", "imagenet_b2", *overrides(paper)]
+        argv += [f"eval.checkpoint={paper['data.root'].parent / 'iMF-tiny.pth'}"]
+        assert main(argv) == code
+        line = next(x for x in capsys.readouterr().out.splitlines() if "checkpoint" in x)
+        assert ("{'num_classes': 10}" in line) == (code == 1)
+        assert ("3 classes" in line) == (code == 0)
