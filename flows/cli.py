@@ -6,6 +6,7 @@ imf evaluate   [-e EXPERIMENT] [key=value ...]
 imf run        [-e EXPERIMENT] [key=value ...]
 imf sweep SWEEP [--scale smoke|paper] [key=value ...]
 imf report SWEEP_OR_RUN
+imf check      [-e EXPERIMENT] [key=value ...]   # the input files, before any work
 imf --version
 Every command takes --config-dir DIR: the team's configs, over the shipped ones.
 """
@@ -25,6 +26,7 @@ HELP = {
     "run": "the whole pipeline flow (Prefect)",
     "sweep": "a paper table as an ablation sweep (configs/sweep/)",
     "report": "paper-style tables and plots from MLflow",
+    "check": "the experiment's input files (data, VAE, Inception, reference, checkpoint)",
 }
 
 
@@ -106,14 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     experiments = configs_in("experiment")
-    for name in ("precompute", "train", "evaluate", "run"):
+    for name in ("precompute", "train", "evaluate", "run", "check"):
         sub = commands.add_parser(
             name,
             parents=[config_dir],
             help=HELP[name],
             description=f"{HELP[name]}. Experiments (configs/experiment/): "
             f"{', '.join(experiments)}.",
-            epilog=f"example: imf {name} -e demo train.steps=500 train.batch_size=32",
+            epilog=f"example: imf {name} -e demo train.steps=500 train.batch_size=32"
+            if name != "check"
+            else "example: imf check -e imagenet_b2 data.root=/data/imagenet/train "
+            "tokenizer.path=/models/sd-vae-ft-mse",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sub.add_argument(
@@ -189,9 +194,11 @@ def print_plan(title: str, configs: dict, args: argparse.Namespace) -> int:
 
 def run_precompute(args: argparse.Namespace) -> int:
     from tasks.config import load_config
+    from tasks.inputs import reads_of, require_inputs
     from tasks.precompute import precompute
 
     cfg = load_config(args.experiment, args.overrides)
+    require_inputs(cfg, reads_of(cfg, ["precompute"]))
     result = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
     if result.computed:
         print(f"precompute: computed {len(result.shards_written)} shard(s), {result.num_rows} rows")
@@ -211,6 +218,7 @@ def upstream(args: argparse.Namespace, stage: str):
     """The config and the stages before `stage`, run or reused (the single-stage commands)."""
     from tasks.config import load_config
     from tasks.evaluate import preflight
+    from tasks.inputs import reads_of, require_inputs
     from tasks.precompute import precompute
     from tasks.tracking import prepare
     from tasks.train import train
@@ -220,6 +228,7 @@ def upstream(args: argparse.Namespace, stage: str):
         preflight(cfg)
     else:
         prepare(cfg)
+        require_inputs(cfg, reads_of(cfg, ["precompute", "train"]))
     pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
     print(f"precompute: {'computed' if pre.computed else 'reused'} {pre.path}")
     if stage == "train":
@@ -402,6 +411,18 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_check(args: argparse.Namespace) -> int:
+    """Every input the experiment names, one line each (an image sample decoded too); exit 1
+    when any is wrong. Starts nothing and needs no server."""
+    from tasks.config import load_config
+    from tasks.inputs import check_inputs, report
+
+    cfg = load_config(args.experiment, args.overrides)
+    findings = check_inputs(cfg, full=True)
+    print(report(findings) if findings else f"{args.experiment}: names no input files to check")
+    return 0 if all(f.ok for f in findings) else 1
+
+
 COMMANDS = {
     "precompute": run_precompute,
     "train": run_train,
@@ -409,6 +430,7 @@ COMMANDS = {
     "run": run_run,
     "sweep": run_sweep_command,
     "report": run_report,
+    "check": run_check,
 }
 
 

@@ -24,6 +24,7 @@ from flows.plan import check_gpu_memory
 from tasks import preemption
 from tasks.config import ConfigError, load_config
 from tasks.evaluate import EvalResult, evaluate_task, preflight
+from tasks.inputs import reads_of, require_inputs
 from tasks.precompute import PrecomputeResult, precompute_task
 from tasks.train import TrainResult, train_task
 
@@ -155,8 +156,10 @@ def pipeline(experiment: str = "smoke", overrides: list[str] | None = None) -> P
 
 @flow(name="imf-precompute", log_prints=True)
 def precompute_flow(experiment: str = "smoke", overrides: list[str] | None = None) -> str:
-    """Stage 1 alone (a CPU work pool's deployment); returns the output directory."""
+    """Stage 1 alone (a CPU work pool's deployment); returns the output directory. Its inputs
+    (the images, the VAE) are checked first, as `imf precompute` checks them."""
     cfg = load_config(experiment, overrides or [])
+    require_inputs(cfg, reads_of(cfg, ["precompute"]))
     args = (cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
     return str(precompute_task.with_options(**RETRIES)(*args, return_state=True).result().path)
 

@@ -29,6 +29,7 @@ from imf_core.models.config import ModelConfig
 from imf_core.objectives import ObjectiveConfig
 from imf_core.training import OptimConfig
 from tasks.evaluate import EvalConfig
+from tasks.inputs import InputsConfig
 from tasks.precompute import DataConfig, PrecomputeConfig, TokenizerConfig
 from tasks.resolve import model_config, to_dict  # noqa: F401 (the config's public helpers)
 from tasks.train import TrainConfig
@@ -85,6 +86,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    inputs: InputsConfig = field(default_factory=InputsConfig)  # what the input files must be
 
 
 def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:

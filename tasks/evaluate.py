@@ -168,24 +168,13 @@ def feature_kind(cfg) -> str:
 
 def preflight(cfg) -> None:
     """What the stages will need -- the tracking server, the files -- checked before any stage
-    starts (a clear error, not a failure after an hour of precompute and training)."""
+    starts (a clear error, not a failure after an hour of precompute and training): every input
+    the pipeline reads (tasks.inputs; `imf check` also decodes an image sample)."""
+    from tasks.inputs import reads_of, require_inputs
     from tasks.tracking import prepare
 
     prepare(cfg)
-    tok = cfg.tokenizer
-    if tok.name == "sd_vae" and tok.path:
-        folder = Path(tok.path)
-        if folder.exists() and not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"tokenizer.path {tok.path!r} has no config.json: not a diffusers AutoencoderKL "
-                "folder (save one with AutoencoderKL.save_pretrained)"
-            )
-    if feature_kind(cfg) == "inception":
-        check_weights("inception", cfg.eval.inception_weights)
-    if cfg.eval.reference and not Path(cfg.eval.reference).is_file():
-        raise FileNotFoundError(f"eval.reference {cfg.eval.reference!r} is not a file")
-    if cfg.eval.checkpoint and not Path(cfg.eval.checkpoint).expanduser().is_file():
-        raise FileNotFoundError(f"eval.checkpoint {cfg.eval.checkpoint!r} is not a file")
+    require_inputs(cfg, reads_of(cfg))
 
 
 def needs_precompute(cfg) -> bool:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from paper_inputs import MAKERS, scale_expectations
 from prefect.flows import load_flow_from_entrypoint
 
 DEPLOYMENTS = Path(__file__).resolve().parent.parent / "infra" / "prefect.yaml"
@@ -43,7 +44,8 @@ def deployments() -> list[dict]:
 
 def on_stub_volume(parameters: dict, volume: Path) -> dict:
     """The deployment's parameters with the shared volume (/artifacts) moved to `volume`, where
-    every file they name exists (an SD-VAE folder has its config.json)."""
+    every file they name exists as a stand-in that passes tasks.inputs' checks (paper_inputs;
+    cluster_env scales the expectations to them)."""
     moved = {}
     for key, value in parameters.items():
         if isinstance(value, list):
@@ -55,13 +57,8 @@ def on_stub_volume(parameters: dict, volume: Path) -> dict:
         key, _, path = item.partition("=")
         if not path.startswith(str(volume)) or key == "paths.artifacts":
             continue
-        if key in ("tokenizer.path", "data.root"):
-            Path(path).mkdir(parents=True, exist_ok=True)
-            if key == "tokenizer.path":
-                (Path(path) / "config.json").write_text("{}")
-        else:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_bytes(b"stub")
+        if not Path(path).exists():
+            MAKERS[key](Path(path))
     return moved
 
 
@@ -71,6 +68,7 @@ def cluster_env(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setattr("tasks.provenance.code_state", lambda repo=None: clean_code())
+    scale_expectations(monkeypatch)
     return tmp_path
 
 
@@ -140,3 +138,14 @@ def test_a_dirty_or_unknown_tree_is_refused_at_paper_scale_by_the_flow_too(
         flow.fn(**parameters)
     with pytest.raises(Started):
         flow.fn(**parameters, allow_dirty=True)
+
+
+def test_the_precompute_deployment_checks_its_images_first(cluster_env, monkeypatch):
+    (deployment,) = [d for d in deployments() if d["name"] == "precompute"]
+    parameters = on_stub_volume(deployment["parameters"], cluster_env / "volume")
+    root = next(o.partition("=")[2] for o in parameters["overrides"] if o.startswith("data.root"))
+    (Path(root) / "n00000000" / "img0.JPEG").unlink()  # an incomplete copy
+    flow = load_flow_from_entrypoint(deployment["entrypoint"])
+    monkeypatch.setattr(FIRST_WORK[flow.name], start)
+    with pytest.raises(ValueError, match=r"5 images, imagenet1k has 6: .*\(set data.root\)"):
+        flow.fn(**parameters)

@@ -142,7 +142,7 @@ def test_a_setting_added_later_keeps_existing_trainings_found():
 
 
 @pytest.mark.slow
-def test_pipeline_reruns_only_what_failed(tmp_path, prefect_server, local_ray, capsys):
+def test_pipeline_reruns_only_what_failed(tmp_path, prefect_server, local_ray, capsys, monkeypatch):
     root = [f"paths.artifacts={tmp_path}/a", f"tracking.uri=sqlite:///{tmp_path}/m.db"] + FAST
     missing = ["eval.features=inception", "eval.inception_weights=/no/such/weights.pth"]
     with pytest.raises(FileNotFoundError, match="never downloaded"):
@@ -152,12 +152,20 @@ def test_pipeline_reruns_only_what_failed(tmp_path, prefect_server, local_ray, c
 
     np.savez(tmp_path / "bad.npz", mean=np.zeros(3))  # no mu / sigma
     bad = [f"eval.reference={tmp_path / 'bad.npz'}"]
-    # FID during training (smoke's default) needs it too: refused before any training step
-    with pytest.raises(ValueError, match=r"during training .*has no mu and sigma"):
-        run_pipeline("smoke", root + bad)
-    assert not list((tmp_path / "a" / "train").glob("*/ray"))
-    with pytest.raises(ValueError, match="has no mu and sigma"):  # without it: inside evaluate
-        run_pipeline("smoke", root + bad + ["train.eval_every=0"])
+    # refused by the preflight (tasks.inputs) before any stage, whether FID during training
+    # (smoke's default) reads it or only the evaluation does
+    for during in ([], ["train.eval_every=0"]):
+        with pytest.raises(ValueError, match=r"FID reference .*has no mu and sigma"):
+            run_pipeline("smoke", root + bad + during)
+        assert not (tmp_path / "a").exists()
+
+    def unreadable(path):  # a failure inside evaluation, that no check before it can see
+        raise ValueError(f"FID reference {path} could not be read")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("tasks.evaluate.load_reference", unreadable)
+        with pytest.raises(ValueError, match="could not be read"):
+            run_pipeline("smoke", root + ["train.eval_every=0"])
     (train_dir,) = (tmp_path / "a" / "train").iterdir()
     weights = train_dir / "ema.safetensors"
     stamp = weights.stat().st_mtime_ns
