@@ -184,7 +184,9 @@ def test_a_full_disk_refuses_training_up_front(capsys, tmp_path, monkeypatch):
         return usage(real(path).total, real(path).total - 2_000_000, 2_000_000)
 
     monkeypatch.setattr(tasks.artifacts.shutil, "disk_usage", nearly_full)
-    assert main(["train", "-e", "smoke", "precompute.classifier_steps=0"]) == 2
+    assert (
+        main(["train", "-e", "smoke", "precompute.classifier_steps=0", "train.eval_every=0"]) == 2
+    )
     err = capsys.readouterr().err
     assert "not enough disk for training" in err and "GB are free" in err
     assert not list((tmp_path / "artifacts").glob("train/*/ray"))  # Ray never started
