@@ -681,7 +681,7 @@ def test_a_gpu_without_a_check_is_costed_at_its_datasheet_peak_and_an_assumed_mf
     plan = plan_of("table1a", configs, gpu="a100", mfu=0.35, images=1_281_167)
     (train,) = [s for s in plan.stages if s.stage == "train"]
     cfg = configs["imf_aux"]
-    images = 2_402_400 * 256
+    images = 240 * 1_281_167  # the paper's 240 epochs of ImageNet's images (issue 36)
     flops = images * flops_per_image(model_config(cfg), cfg.objective, cfg.guidance)
     assert train.gpu_hours == pytest.approx(flops / (0.35 * 312e12) / 3600)
     assert plan.rates.peak_basis == "A100" and "assumed" in plan.rates.source
