@@ -100,28 +100,32 @@ def team_sweep(tmp_path: Path) -> SimpleNamespace:
             "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{prefect_db}",
             "PREFECT_SERVER_API_AUTH_STRING": auth_string,
         }
-        with started_together(  # the two servers and the cluster start in parallel
-            mlflow_server(
-                mlflow_port,
-                f"postgresql+psycopg2://{mlflow_db}",
-                tmp_path / "mlflow.log",
-                tmp_path / "mlflow-artifacts",
-                auth=auth,
+        # The two servers start in parallel; the cluster once they are up: Ray binds random ports
+        # of its own, and started beside them it once took the one chosen for a server.
+        with (
+            started_together(
+                mlflow_server(
+                    mlflow_port,
+                    f"postgresql+psycopg2://{mlflow_db}",
+                    tmp_path / "mlflow.log",
+                    tmp_path / "mlflow-artifacts",
+                    auth=auth,
+                ),
+                service(
+                    [
+                        str(BIN / "prefect"),
+                        "server",
+                        "start",
+                        "--host=127.0.0.1",
+                        f"--port={prefect_port}",
+                    ],
+                    f"{prefect_url}/health",
+                    tmp_path / "prefect.log",
+                    env=env | prefect_env,
+                ),
             ),
-            service(
-                [
-                    str(BIN / "prefect"),
-                    "server",
-                    "start",
-                    "--host=127.0.0.1",
-                    f"--port={prefect_port}",
-                ],
-                f"{prefect_url}/health",
-                tmp_path / "prefect.log",
-                env=env | prefect_env,
-            ),
-            ray_cluster(ray_temp, nodes=2, env=ray_env, log=tmp_path),
-        ) as (_, _, ray_address):
+            ray_cluster(ray_temp, nodes=2, env=ray_env, log=tmp_path) as ray_address,
+        ):
             admin = basic_auth("admin", auth["MLFLOW_AUTH_ADMIN_PASSWORD"])
             user = {"username": PIPELINE_USER, "password": login["MLFLOW_TRACKING_PASSWORD"]}
             seen = SimpleNamespace(
