@@ -76,7 +76,6 @@ def compound_velocity(
     v: Tensor,
     *,
     jvp_rows: Tensor | None = None,
-    jvp_u_fn: UFn | None = None,
     du_dt_fn: DuDtFn | None = None,
     compile_jvp: str | None = None,
     u: Tensor | None = None,
@@ -87,11 +86,9 @@ def compound_velocity(
     velocity and v the marginal velocity; iMF regresses V onto e - x. Only u carries gradient.
 
     The JVP term is multiplied by (t - r), so rows with r = t need none: pass `jvp_rows`
-    (a bool mask or index) to differentiate only those rows, together with `jvp_u_fn`, a u_fn
-    for that subset of rows (its per-row conditions sliced alike). `jvp_u_fn` is also how a
-    caller runs the JVP on a module unwrapped from DDP, whose hooks break forward-mode AD.
-    `du_dt_fn`, a network's explicit tangent pass for those rows, replaces the JVP of
-    `jvp_u_fn` (torch.func.jvp, the reference for any u_fn). `compile_jvp`, a torch.compile
+    (a bool mask or index) to differentiate only those rows. `du_dt_fn`, a network's explicit
+    tangent pass for those rows, replaces the JVP of u_fn (torch.func.jvp, the reference for
+    any u_fn). `compile_jvp`, a torch.compile
     backend ("inductor"), compiles that pass alone (for long runs: the first call compiles).
     `u`: u_fn(z, r, t) when the caller has it already (the training forward, run first to
     serve the guidance too); u_fn is then only differentiated, on `jvp_rows` (so it is the
@@ -102,7 +99,7 @@ def compound_velocity(
     if explicit:
         fn, derivative = du_dt_fn, explicit_time_derivative
     else:
-        fn, derivative = u_fn if jvp_u_fn is None else jvp_u_fn, time_derivative
+        fn, derivative = u_fn, time_derivative
     if compile_jvp:
         derivative = compiled_time_derivative(compile_jvp, explicit)
     if jvp_rows is None:
