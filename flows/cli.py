@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "run":
             add_plan_options(sub)
+        if name in ("train", "evaluate", "run"):
+            add_recompute_stale(sub)
         sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     sweep = commands.add_parser(
         "sweep",
@@ -153,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="--scale paper: run from uncommitted code (its runs record a hash of the change)",
     )
     add_plan_options(sweep)
+    add_recompute_stale(sweep)
     sweep.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     report = commands.add_parser(
         "report",
@@ -168,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--scale", default=None, help="pick the latest run at this scale")
     report.add_argument("overrides", nargs="*", metavar="key=value", help="tracking.uri, paths.*")
     return parser
+
+
+def add_recompute_stale(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--recompute-stale",
+        action="store_true",
+        help="recompute trainings and evaluations another imf_core method version made, instead "
+        "of reusing them with a warning (paths.recompute_stale=true; old outputs kept)",
+    )
 
 
 def add_plan_options(sub: argparse.ArgumentParser) -> None:
@@ -269,13 +281,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         result = evaluate(cfg, pre, trained)
     state = f"computed {result.units_computed} unit(s)" if result.computed else "reused"
     print(f"evaluate: {state}")
-    print_results(result.results)
+    print_results(result.results, result.stale)
     print(result.path)
     return 0
 
 
-def print_results(results: list[dict]) -> None:
-    """The grid, then the calibration every number needs beside it, then the verdict."""
+def print_results(results: list[dict], stale: str = "") -> None:
+    """The grid, then the calibration every number needs beside it, then the verdicts: did
+    not learn, ignores omega, and `stale` (tasks.artifacts.stale: not this code's numbers)."""
     from imf_core.guidance import IGNORES_OMEGA_BELOW
 
     for r in results:
@@ -315,6 +328,8 @@ def print_results(results: list[dict]) -> None:
             f"  IGNORES OMEGA: its output moves less with omega than {IGNORES_OMEGA_BELOW:.0%} "
             "of what it moves with the class; its CFG numbers say nothing about CFG-conditioning"
         )
+    if stale:
+        print(f"  STALE: {stale}; --recompute-stale recomputes it")
 
 
 def run_run(args: argparse.Namespace) -> int:
@@ -328,7 +343,7 @@ def run_run(args: argparse.Namespace) -> int:
     result = run_pipeline(args.experiment, args.overrides)
     for stage in ("precompute", "train", "evaluate"):
         print(f"{stage}: {result.stages[stage]:<8} {getattr(result, stage).path.resolve()}")
-    print_results(result.evaluate.results)
+    print_results(result.evaluate.results, result.evaluate.stale)
     print_where_to_look(load_config(args.experiment, args.overrides), result)
     return 0
 
@@ -387,6 +402,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         fid = f"best FID {v.fid_best:.3f}" if v.fid_best is not None else f"FAILED: {v.error}"
         fid += "  DID NOT LEARN (see the report's calibration)" if v.did_not_learn else ""
         fid += "  IGNORES OMEGA" if v.ignores_omega else ""
+        fid += "  STALE (imf_core method version; see the report)" if v.stale else ""
         print(f"  {v.name:<20} {fid}")
     print(f"next: imf report {result.sweep} --scale {result.scale}")
     return 1 if result.failed else 0
@@ -458,6 +474,8 @@ def run_command(argv: list[str]) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
+    if getattr(args, "recompute_stale", False):
+        args.overrides.append("paths.recompute_stale=true")
     from tasks import cluster, preemption
 
     # A Ray this process had connected to before (a test session's) is its starter's to end.

@@ -28,10 +28,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.sweep import MODEL_PROPERTIES, SweepConfig, comparisons, load_sweep
+from imf_core import METHOD_VERSION
 from imf_core.guidance import IGNORES_OMEGA_BELOW
 from tasks.artifacts import atomic_path
+from tasks.provenance import METHOD_TAG
+from tasks.tracking import STALE_TAG, TRAINING_METHODS_TAG, get_run_or_none, summary_metrics
 from tasks.tracking import client as tracking_client
-from tasks.tracking import get_run_or_none, summary_metrics
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download
 
@@ -202,6 +204,27 @@ def group_by_variant(variants: list[VariantRuns]) -> dict[str, list[VariantRuns]
     return by_name
 
 
+def made_by(runs: VariantRuns) -> str:
+    """Which imf_core method versions made a run's numbers ("training 2, evaluation 3"), from
+    its runs' tags; "unrecorded" for runs older than the record."""
+    evaluation = runs.evaluation.data.tags if runs.evaluation is not None else {}
+    training = runs.train.data.tags if runs.train is not None else {}
+    trained_by = evaluation.get(TRAINING_METHODS_TAG) or training.get(METHOD_TAG, "unrecorded")
+    return f"training {trained_by}, evaluation {evaluation.get(METHOD_TAG, 'unrecorded')}"
+
+
+def versions_of(runs: list[VariantRuns]) -> str:
+    """A row's method versions: one entry, or each seed's when its trainings differ."""
+    return "; ".join(sorted({made_by(r) for r in runs}))
+
+
+def is_current(runs: list[VariantRuns]) -> bool:
+    """Every number of the row made by this code's method version, none tagged stale."""
+    now = f"training {METHOD_VERSION}, evaluation {METHOD_VERSION}"
+    tagged = any(STALE_TAG in (r.evaluation.data.tags if r.evaluation else {}) for r in runs)
+    return versions_of(runs) == now and not tagged
+
+
 def paper_table(sweep: SweepConfig, variants: list[VariantRuns]) -> dict[str, list[str]]:
     """The table in the paper's shape, by column: one entry per row, each cell 'ours (paper)',
     ours the mean ± sd over seeds when there are several, and each row's best CFG point."""
@@ -241,6 +264,12 @@ def paper_table(sweep: SweepConfig, variants: list[VariantRuns]) -> dict[str, li
         columns.append("ω / class sensitivity")
     table |= {c: [cells.get(c, "") for cells in rows.values()] for c in columns}
     table["best point"] = [notes.get(row, "").rstrip("; ") for row in rows]
+    # Rows made by different code, or not by this code: their differences mix code changes
+    # with the factor compared (tasks.artifacts.stale), so each row says which code made it.
+    versions = {v.row: versions_of(by_name[v.name]) for v in sweep.variants if v.name in by_name}
+    current = all(is_current(by_name[v.name]) for v in sweep.variants if v.name in by_name)
+    if len(set(versions.values())) > 1 or not current:
+        table["method version"] = [versions.get(row, "") for row in rows]
     return table
 
 
@@ -263,6 +292,20 @@ def table_markdown(sweep: SweepConfig, scale: str, variants: list[VariantRuns]) 
     ]
     for i in range(len(table["row"])):
         lines.append("| " + " | ".join(table[c][i] for c in header) + " |")
+    if "method version" in table:
+        mixed = len(set(table["method version"])) > 1
+        lines += [
+            "",
+            ("**Rows made by different code.** " if mixed else "**Not this code's numbers.** ")
+            + f"The method version column says which imf_core.METHOD_VERSION made each row "
+            f"(this code: {METHOD_VERSION}; imf_core.METHOD_HISTORY says what changed)"
+            + (
+                ": a difference between such rows mixes the code's change with the factor. "
+                if mixed
+                else ". "
+            )
+            + f"`imf sweep {sweep.name} --recompute-stale` recomputes them.",
+        ]
     return (
         "\n".join(lines)
         + "\n\n"
@@ -294,7 +337,8 @@ def comparisons_markdown(sweep: SweepConfig, by_name: dict[str, list[VariantRuns
         ours = f"{mean_sd(a).split(' ±')[0]} vs {mean_sd(b).split(' ±')[0]}"
         column = mine if mine == theirs else f"{mine} vs {theirs}"
         cells = [v.name, other.name, ", ".join(v.factor), column, ours, f"{pa:g} vs {pb:g}"]
-        cells.append(verdict((a, b), (pa, pb)))
+        mixed = versions_of(by_name[v.name]) != versions_of(by_name[other.name])
+        cells.append(verdict((a, b), (pa, pb)) + (" (rows of different code)" if mixed else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -288,6 +288,7 @@ class VariantOutcome:
     error: str = ""
     did_not_learn: bool | None = None
     ignores_omega: bool | None = None
+    stale: str = ""  # tasks.artifacts.stale of its evaluation (or its training)
 
 
 @dataclass
@@ -378,8 +379,10 @@ def run_variants(sweep, scale: str, configs: dict, parent: str, groups: dict, fi
             outcome = VariantOutcome(variant, "ok", train_run, result.mlflow_run_id, best["fid"])
             outcome.did_not_learn = best.get("did_not_learn")
             outcome.ignores_omega = best.get("ignores_omega")
+            outcome.stale = result.stale
             flag = "  DID NOT LEARN" if outcome.did_not_learn else ""
             flag += "  IGNORES OMEGA" if outcome.ignores_omega else ""
+            flag += f"  STALE: {result.stale}" if result.stale else ""
             print(f"variant {variant}: best FID {best['fid']:.3f} at omega {best['omega']:g}{flag}")
         outcomes.append(outcome)
         tags = {

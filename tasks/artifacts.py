@@ -2,8 +2,13 @@
 
 A stage's output lives in `<artifacts>/<stage>/<key>/`, where `key` hashes the stage's config
 slice and its input keys. The directory counts as done only when it holds `_SUCCESS`: a JSON
-manifest with the key, config, input keys, every file's size and SHA-256, the code version and
-timings. This, not any orchestrator cache, is the source of truth for "already computed".
+manifest with the key, config, input keys, every file's size and SHA-256, the code that made it
+(package version, commit, imf_core's method version) and timings. This, not any orchestrator
+cache, is the source of truth for "already computed".
+
+The content key covers what an output is computed from, not the code's numerics: a training
+made by an earlier method version keeps its key and is reused, and said to be stale (`begin`),
+unless the launch asks to recompute stale outputs (`paths.recompute_stale`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 SUCCESS = "_SUCCESS"
+CODE_FILE = "_CODE.json"  # an unfinished output's code: the method versions that worked on it
 # Bumped whenever a stage's output format or semantics change, so old outputs are not reused.
 CODE_VERSION = "2"  # 2: official token order, init, class-drop rows, uint8 rounding
 
@@ -99,8 +105,11 @@ class Manifest:
     timings: dict[str, float] = field(default_factory=dict)
     code_version: str = CODE_VERSION
     created: float = field(default_factory=time.time)
+    code: dict[str, Any] = field(default_factory=dict)  # {} read back: made before it was kept
 
     def write(self, directory: Path) -> None:
+        if not self.code:  # the code that began (and perhaps resumed) it, and this code
+            self.code = code_of(directory)
         obj = self.__dict__ | {"files": [f.__dict__ for f in self.files]}
         write_json_atomic(directory / SUCCESS, obj)
 
@@ -126,10 +135,89 @@ def require_manifest(directory: Path) -> Manifest:
     return manifest
 
 
+def code_of(directory: Path) -> dict[str, Any]:
+    """This code's record (tasks.provenance.code_record) with every method version that has
+    worked on the output in `directory` (its _CODE.json: a resume may cross versions)."""
+    from imf_core import METHOD_VERSION
+    from tasks.provenance import code_record
+
+    began = directory / CODE_FILE
+    earlier = json.loads(began.read_text())["methods"] if began.is_file() else []
+    return code_record() | {"methods": sorted({*earlier, METHOD_VERSION}, key=str)}
+
+
+def methods_of(directory: Path) -> list | None:
+    """The method versions that made the output in `directory` (None: not yet recorded), from
+    its manifest, else from the _CODE.json of an unfinished one; None when nothing is there."""
+    manifest = Manifest.read(directory)
+    if manifest is not None:
+        return manifest.code.get("methods", [None])
+    if (directory / CODE_FILE).is_file():
+        return json.loads((directory / CODE_FILE).read_text())["methods"]
+    if directory.is_dir() and any(directory.iterdir()):
+        return [None]  # begun by code that recorded nothing
+    return None
+
+
+def versions_text(methods: list | None) -> str:
+    """ "2", "2,3" (a resume crossed versions) or "unrecorded"."""
+    return ",".join("unrecorded" if m is None else str(m) for m in methods or [None])
+
+
+def stale(methods: list | None) -> str:
+    """Why numbers made by `methods` are not this code's ("" when they are)."""
+    from imf_core import METHOD_VERSION
+
+    others = sorted({m for m in methods or [] if m != METHOD_VERSION}, key=str)
+    if not others:
+        return ""
+    made = "made " + ("partly " if METHOD_VERSION in methods else "")
+    if None in others:
+        made += "before method versions were recorded"
+    else:
+        made += "by method version " + ", ".join(str(m) for m in others)
+    return f"{made} (this code: {METHOD_VERSION}; imf_core.METHOD_HISTORY)"
+
+
+def begin(
+    out: Path,
+    what: str,
+    recompute_stale: bool,
+    made_from: Path | None = None,
+    say: Callable[[str], None] = print,
+) -> str:
+    """Before a stage reuses, resumes or starts `out` (holding its output_lock): whether what
+    is there was made by another method version, or, finished, before the output it was made
+    from (`made_from`, e.g. a training recomputed since). Such an output is moved aside to
+    `<artifacts>/stale/` with `recompute_stale` (kept, not deleted), so the stage computes it
+    afresh; else it is reused or resumed and said to be stale, on the terminal and in the
+    return value (the stage's result, its MLflow run and the sweep report carry it). Then the
+    unfinished output records that this code works on it (CODE_FILE)."""
+    reason = stale(methods_of(out))
+    done = Manifest.read(out)
+    source = Manifest.read(made_from) if made_from is not None else None
+    if done is not None and source is not None and source.created > done.created:
+        reason = reason or f"made from an earlier {source.stage} output (recomputed since)"
+    if reason and recompute_stale:
+        aside = out.parent.parent / "stale" / out.parent.name / f"{out.name}-{time.time():.0f}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(out, aside)
+        say(f"{what} {out.name}: {reason}: recomputing it (the old output moved to {aside})")
+        reason = ""
+    elif reason:
+        verb = "reusing it" if done is not None else "resuming it, mixing versions"
+        say(f"{what} {out.name}: {reason}: {verb} (--recompute-stale recomputes it)")
+    if Manifest.read(out) is None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / CODE_FILE, {"methods": code_of(out)["methods"]})
+    return reason
+
+
 def cache_key_of(output_dir: Callable[..., Path]) -> Callable[[Any, dict], str | None]:
     """A Prefect `cache_key_fn` for a stage task: `<stage>-<content key>-<instance>` while
     the stage's output directory (`output_dir(**task parameters)`) holds a `_SUCCESS` whose
-    files are all present at their recorded sizes; else None, and the task runs (the stage
+    files are all present at their recorded sizes, made by this method version from inputs
+    that are not stale nor newer than it; else None, and the task runs (the stage
     function then decides, down to the shard or unit, what to reuse). Prefect's cache sits on
     top of the manifests; it never replaces them."""
 
@@ -137,6 +225,16 @@ def cache_key_of(output_dir: Callable[..., Path]) -> Callable[[Any, dict], str |
         out = output_dir(**parameters)
         done = Manifest.read(out)
         if done is None or not all(f.valid_in(out, "size") for f in done.files):
+            return None
+        # Stale, or made from a stale or since-recomputed input: the stage says so (begin)
+        # or recomputes it, so its body must run.
+        if stale(done.code.get("methods", [None])):
+            return None
+        inputs = [p for p in parameters.values() if hasattr(p, "path")]
+        if any(getattr(p, "stale", "") for p in inputs):
+            return None
+        made = [Manifest.read(Path(p.path)) for p in inputs]
+        if any(m is not None and m.created > done.created for m in made):
             return None
         # The directory and the manifest's creation time are part of the key: the same content
         # key under another artifact root, or recomputed after a deletion, is another output,

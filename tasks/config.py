@@ -61,6 +61,10 @@ class Defaults:
 @dataclass
 class PathsConfig:
     artifacts: str = "artifacts"  # where every stage writes its content-addressed outputs
+    # Recompute a training or evaluation made by another imf_core.METHOD_VERSION (or from a
+    # training recomputed since) instead of reusing it with a warning; the old one is kept
+    # under <artifacts>/stale/. Not part of any content key. CLI: --recompute-stale.
+    recompute_stale: bool = False
 
 
 @dataclass

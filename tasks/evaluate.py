@@ -39,6 +39,7 @@ from tasks.artifacts import (
     Manifest,
     StageTask,
     atomic_path,
+    begin,
     content_key,
     output_lock,
     sha256_file,
@@ -50,7 +51,7 @@ from tasks.precompute import PrecomputeResult, makes_classifier
 from tasks.provenance import device_name
 from tasks.resolve import model_config
 from tasks.tokenizers import open_tokenizer, pick_device
-from tasks.tracking import log_evaluation
+from tasks.tracking import log_evaluation, mark_stale, tracking_uri
 
 
 @dataclass
@@ -151,6 +152,7 @@ class EvalResult:
     units_computed: int
     results: list[dict]
     mlflow_run_id: str = ""  # the evaluation's MLflow run ("" when the training is untracked)
+    stale: str = ""  # why its numbers (or its training's) are not this code's; "" if they are
 
 
 def point_name(omega: float, interval: list[float]) -> str:
@@ -259,7 +261,14 @@ def evaluate(cfg, pre: PrecomputeResult | None, trained) -> EvalResult:
     slice_ = eval_slice(cfg, pre)
     out = output_dir(cfg, pre, trained, slice_)
     with output_lock(out, "evaluation"):
-        return _evaluate(cfg, pre, trained, out, slice_, kind, weights, reference, ref)
+        made_from = trained.path if hasattr(trained, "steps") else None  # a training
+        stale = begin(out, "evaluation", cfg.paths.recompute_stale, made_from)
+        result = _evaluate(cfg, pre, trained, out, slice_, kind, weights, reference, ref)
+    trained_stale = getattr(trained, "stale", "")
+    result.stale = stale or (f"its training was {trained_stale}" if trained_stale else "")
+    if result.stale:
+        mark_stale(tracking_uri(cfg), result.mlflow_run_id, result.stale)
+    return result
 
 
 def _evaluate(cfg, pre, trained, out: Path, slice_: dict, kind, weights, reference, ref):

@@ -3,6 +3,7 @@ versions, torch, CUDA and the device; recorded as tags on every training and eva
 
     >>> provenance_tags()             # {"mlflow.source.git.commit": ..., "imf.git_dirty": ...}
     >>> require_clean_tree()          # paper-scale sweeps refuse uncommitted or unknown code
+    >>> code_record()                 # {"package": "0.1.0", "commit": ..., "method": 3}: manifests
 
 Run from a git checkout, the code is the checkout's. Installed (a wheel, the image), there is no
 checkout: the code is what the build recorded in tasks/build_record.json (setup.py writes it
@@ -22,6 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LOCK = REPO / "requirements.lock"
+METHOD_TAG = "imf.method_version"  # the MLflow tag of imf_core's method version
 BUILD_RECORD = Path(__file__).resolve().parent / "build_record.json"  # in built packages only
 
 
@@ -125,6 +127,30 @@ def device_name(device) -> str:
     return device.type
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("imf-pipeline")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "not installed"
+
+
+def code_record() -> dict:
+    """The code that makes an output, as its manifest records it: the package's version, the
+    commit (and whether files differed from it) and imf_core's method version, the one of the
+    three that decides whether the output's numbers are this code's (tasks.artifacts.stale)."""
+    from imf_core import METHOD_VERSION
+
+    state = _process_code_state()
+    return {
+        "package": package_version(),
+        "commit": state.commit or "unknown",
+        "dirty": state.dirty,
+        "method": METHOD_VERSION,
+    }
+
+
 def provenance_tags(device=None) -> dict[str, str]:
     """MLflow tags of where a run came from. `mlflow.source.git.commit` is the one MLflow's UI
     shows as the run's commit; the diff hash tells two dirty runs of one commit apart."""
@@ -137,6 +163,8 @@ def provenance_tags(device=None) -> dict[str, str]:
         "imf.code_source": state.source,
         "imf.lock_sha256": state.lock_sha256 or sha256_of(LOCK) or "no requirements.lock",
         "imf.torch": torch.__version__,
+        "imf.package_version": package_version(),
+        METHOD_TAG: str(code_record()["method"]),
         "imf.cuda": torch.version.cuda or "none",
     }
     if state.dirty:

@@ -203,6 +203,22 @@ def open_run(
     return run_id
 
 
+STALE_TAG = "imf.stale"  # on a run whose numbers another method version made (tasks.artifacts)
+TRAINING_METHODS_TAG = "imf.training_method_versions"  # an evaluation's training's (manifest)
+
+
+def mark_stale(uri: str, run_id: str, reason: str) -> None:
+    """Tags the MLflow run of a reused (or resumed) output that another method version made,
+    so its page and the sweep report say so; a tracking outage only loses the tag (the
+    terminal said it, and the output's manifest records its versions)."""
+    if not run_id:
+        return
+    try:
+        client(uri).set_tag(run_id, STALE_TAG, reason)
+    except Exception as err:  # noqa: BLE001 - an annotation, never a reason to fail the stage
+        print(f"could not tag run {run_id} as stale ({type(err).__name__}: {err})")
+
+
 def log_inputs(runs, run_id: str, datasets: list) -> None:
     """MLflow's log_inputs, once more if two runs registered the same dataset at once (its SQL
     store creates a dataset row without a lock: concurrent variants of a sweep collided)."""
@@ -489,6 +505,7 @@ def log_evaluation(
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
+    from tasks.artifacts import Manifest, versions_text
     from tasks.provenance import provenance_tags
 
     train_run = getattr(trained, "mlflow_run_id", "")
@@ -497,6 +514,9 @@ def log_evaluation(
         return ""
     client = MlflowClient(tracking_uri(cfg))
     tags = cfg.tracking.tags | {"stage": "evaluate", "eval_key": key} | provenance_tags(device)
+    if not checkpoint:  # which method versions made the training it samples (the report's rows)
+        made = Manifest.read(Path(trained.path))
+        tags[TRAINING_METHODS_TAG] = versions_text(made.code.get("methods") if made else None)
     omegas = sorted({r["omega"] for r in results})
     grid = f"omega {omegas[0]:g}-{omegas[-1]:g}, {len(results)} points"
     params: dict[str, str] = {}

@@ -34,6 +34,7 @@ from tasks.artifacts import (
     FileRecord,
     Manifest,
     StageTask,
+    begin,
     content_key,
     output_lock,
     require_free_space,
@@ -48,6 +49,7 @@ from tasks.tracking import (
     dataset_input,
     end_run,
     flatten,
+    mark_stale,
     open_run,
     replay,
     tracking_uri,
@@ -183,6 +185,7 @@ class TrainResult:
     computed: bool
     steps: int
     mlflow_run_id: str
+    stale: str = ""  # why its numbers are not this code's (tasks.artifacts.stale); "" if they are
 
     @property
     def weights(self) -> Path:
@@ -257,14 +260,19 @@ def train(cfg, pre: PrecomputeResult) -> TrainResult:
     second launch of the same training waits for the first and reuses its output."""
     out = output_dir(cfg, pre)
     with output_lock(out, "training"):
-        return _train(cfg, pre, out)
+        stale = begin(out, "training", cfg.paths.recompute_stale)
+        result = _train(cfg, pre, out, stale)
+    if stale:
+        mark_stale(tracking_uri(cfg), result.mlflow_run_id, stale)
+    return result
 
 
-def _train(cfg, pre: PrecomputeResult, out: Path) -> TrainResult:
+def _train(cfg, pre: PrecomputeResult, out: Path, stale: str) -> TrainResult:
     key = out.name
     done = Manifest.read(out)
     if done is not None and all(f.valid_in(out, "size") for f in done.files):
-        return TrainResult(out, key, False, done.extra["steps"], done.extra["mlflow_run_id"])
+        steps, run_id = done.extra["steps"], done.extra["mlflow_run_id"]
+        return TrainResult(out, key, False, steps, run_id, stale)
     started = time.time()
     require_free_space(out, checkpoint_bytes(cfg) * (cfg.train.keep_checkpoints + 1), "training")
     run_id = mlflow_run(cfg, out, key, pre)
@@ -300,7 +308,7 @@ def _train(cfg, pre: PrecomputeResult, out: Path) -> TrainResult:
         key, "train", resolved, [pre.key], files, extra, {"seconds": time.time() - started}
     ).write(out)
     end_run(cfg, run_id, journal=journal)
-    return TrainResult(out, key, True, state["step"], run_id)
+    return TrainResult(out, key, True, state["step"], run_id, stale)
 
 
 def _fit(cfg, pre: PrecomputeResult, out: Path, run_id: str):

@@ -207,3 +207,14 @@ def test_a_full_disk_refuses_precompute_up_front(capsys, tmp_path, monkeypatch):
     assert main(["precompute", "-e", "smoke"]) == 2
     assert "not enough disk for precompute's 1797 rows" in capsys.readouterr().err
     assert not list((tmp_path / "artifacts").glob("precompute/*/*.parquet"))
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "run", "sweep"])
+def test_recompute_stale_is_the_config_key_for_every_command_that_reuses(command, monkeypatch):
+    import flows.cli
+
+    seen = {}
+    monkeypatch.setitem(flows.cli.COMMANDS, command, lambda args: seen.update(vars(args)) or 0)
+    argv = [command] + (["table1a"] if command == "sweep" else []) + ["--recompute-stale"]
+    assert flows.cli.main([*argv, "train.steps=5"]) == 0
+    assert seen["overrides"] == ["train.steps=5", "paths.recompute_stale=true"]

@@ -11,6 +11,7 @@ from flows.pipeline import run_pipeline
 from flows.plan import plan_of
 from flows.report import report_flow
 from flows.sweep import load_sweep, run_sweep, variant_configs
+from imf_core import METHOD_VERSION
 from tasks.config import CONFIG_DIR
 
 FAST = [
@@ -396,7 +397,9 @@ def test_a_model_property_is_shown_once_never_flagged_or_t_tested(tmp_path):
     sweep = load_sweep(str(tmp_path / "sizes.yaml"))
 
     def runs(name, seed, size, fid, flagged):
-        data = SimpleNamespace(metrics={"eval/fid_best": fid}, params={"model.params_m": size})
+        data = SimpleNamespace(
+            metrics={"eval/fid_best": fid}, params={"model.params_m": size}, tags={}
+        )
         best = {"best": True, "omega": 1.0, "t_min": 0.0, "t_max": 1.0, "fid": fid}
         best["did_not_learn"] = flagged
         return VariantRuns(name, "ok", SimpleNamespace(data=data), None, [best], f"{name}.s{seed}")
@@ -420,7 +423,7 @@ def test_a_network_that_ignores_omega_is_marked_beside_its_cfg_number(tmp_path):
     sweep = load_sweep(str(tmp_path / "sizes.yaml"))
 
     def runs(name, seed, omega, blind):
-        data = SimpleNamespace(metrics={}, params={"model.params_m": "0.3"})
+        data = SimpleNamespace(metrics={}, params={"model.params_m": "0.3"}, tags={})
         best = {"best": True, "omega": 1.5, "t_min": 0.0, "t_max": 1.0, "fid": 30.0 + seed}
         best["did_not_learn"] = False
         best["sensitivity"] = {"class": {"one_step": 0.4}, "omega": {"one_step": omega}}
@@ -435,6 +438,35 @@ def test_a_network_that_ignores_omega_is_marked_beside_its_cfg_number(tmp_path):
     calibration = calibration_markdown(variants)
     assert "| ω 0.4 % / class 40 % | learned, *ignores ω* |" in calibration
     assert calibration.count("*ignores ω*") == 2  # the flagged seed, and the legend
+
+
+def test_the_report_marks_rows_of_different_code(tmp_path, monkeypatch):
+    from flows import report
+    from flows.report import VariantRuns, comparisons_markdown, group_by_variant, table_markdown
+
+    NOW = METHOD_VERSION
+    (tmp_path / "sizes.yaml").write_text(SIZES)
+    sweep = load_sweep(str(tmp_path / "sizes.yaml"))
+
+    def runs(name, seed, fid, trained_by):
+        run = SimpleNamespace(data=SimpleNamespace(metrics={}, params={}, tags={}))
+        tags = {"imf.method_version": str(NOW), "imf.training_method_versions": trained_by}
+        metrics = {"eval/fid_best": fid}
+        evaluation = SimpleNamespace(data=SimpleNamespace(metrics=metrics, params={}, tags=tags))
+        best = {"best": True, "omega": 1.0, "t_min": 0.0, "t_max": 1.0, "fid": fid}
+        best["did_not_learn"] = False
+        return VariantRuns(name, "ok", run, evaluation, [best], f"{name}.s{seed}")
+
+    current = [runs(n, s, 40.0 + s, str(NOW)) for n in ("big", "small") for s in range(3)]
+    assert "method version" not in table_markdown(sweep, "smoke", current)
+    mixed = [runs("big", s, 40.0 + s, str(NOW - 1)) for s in range(3)] + current[3:]
+    text = table_markdown(sweep, "smoke", mixed)
+    assert "**Rows made by different code.**" in text and "--recompute-stale" in text
+    assert f"training {NOW - 1}, evaluation {NOW}" in text and f"training {NOW}, eva" in text
+    compared = comparisons_markdown(sweep, group_by_variant(mixed))
+    assert "(rows of different code)" in compared
+    monkeypatch.setattr(report, "METHOD_VERSION", NOW + 1)  # the same table, by a later code
+    assert "**Not this code's numbers.**" in table_markdown(sweep, "smoke", current)
 
 
 def test_the_longer_training_row_reads_off_its_own_curve():
