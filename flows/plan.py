@@ -28,7 +28,7 @@ from imf_core.models import build, count_params, preset
 from imf_core.objectives import ObjectiveConfig, draw
 from imf_core.peak_flops import DATASHEET_BF16_TFLOPS, datasheet_peak
 from imf_core.peak_flops import mfu as model_flops_utilisation
-from tasks.artifacts import Manifest
+from tasks.artifacts import Manifest, methods_of, stale
 from tasks.resolve import model_config
 from tasks.train import flops_per_image  # useful FLOPs per image, counted on the meta device
 
@@ -44,6 +44,17 @@ def done(out: Path) -> bool:
     """An output is there when its `_SUCCESS` stands and its files have their sizes."""
     manifest = Manifest.read(out)
     return manifest is not None and all(f.valid_in(out, "size") for f in manifest.files)
+
+
+def reuse_status(cfg, out: Path | None) -> str:
+    """A training's or evaluation's status: "reused", "to run", or, when another imf_core
+    method version made it (tasks.artifacts.stale), "reused (stale)" or, with
+    paths.recompute_stale, "to run (stale)"."""
+    if out is None or not done(out):
+        return "to run"
+    if not stale(methods_of(out)):
+        return "reused"
+    return "to run (stale)" if cfg.paths.recompute_stale else "reused (stale)"
 
 
 # ------------------------------------------------------------------ what a GPU gives
@@ -316,7 +327,7 @@ class Stage:
     stage: str  # precompute | train | evaluate
     label: str  # the variant (or experiment) it serves
     key: str | None  # None: unknown until the stage before it has run
-    status: str  # "reused" | "to run" | "shared (<label>)"
+    status: str  # "reused" | "to run" | "shared (<label>)", "(stale)" after either (reuse_status)
     detail: str = ""
     gpu_hours: float | None = None
     disk_bytes: int = 0
@@ -375,7 +386,7 @@ def train_stage(cfg, label: str, pre_key: str | None, rows: int, rates: Rates | 
         detail += f" ({basis})"
     key = train_key(cfg, pre_key) if pre_key else None
     out = Path(cfg.paths.artifacts).resolve() / "train" / key if key else None
-    status = "reused" if out is not None and done(out) else "to run"
+    status = reuse_status(cfg, out)
     disk = checkpoint_bytes(cfg) * (t.keep_checkpoints + 1)
     return Stage("train", label, key, status, detail, hours, disk, memory)
 
@@ -401,7 +412,7 @@ def evaluate_stage(cfg, label: str, trained: Stage, rates: Rates | None) -> Stag
         hours = (decoded / rates.eval_images_per_s + extra) / 3600
         detail += f" (at {rates.eval_images_per_s:.0f} images/s {rates.eval_basis})"
     key, status = None, "to run"
-    if trained.key is not None and trained.status == "reused":
+    if trained.key is not None and trained.status.startswith("reused"):
         key, status = evaluation_status(cfg, trained.key)
     return Stage("evaluate", label, key, status, detail, hours)
 
@@ -423,7 +434,7 @@ def evaluation_status(cfg, train_key: str) -> tuple[str | None, str]:
         out = output_dir(cfg, pre, Trained())
     except (FileNotFoundError, OSError, ValueError):
         return None, "to run"
-    return out.name, "reused" if done(out) else "to run"
+    return out.name, reuse_status(cfg, out)
 
 
 @dataclass
@@ -461,8 +472,8 @@ class Plan:
                 )
                 if s.memory:
                     lines.append(f"  {'':<22} {s.memory}")
-        todo = [s for s in self.stages if s.status == "to run"]
-        reused = [s for s in self.stages if s.status == "reused"]
+        todo = [s for s in self.stages if s.status.startswith("to run")]
+        reused = [s for s in self.stages if s.status.startswith("reused")]
         hours = sum(s.gpu_hours or 0.0 for s in todo)
         disk = sum(s.disk_bytes for s in todo)
         count = {st: sum(s.stage == st for s in todo) for st in ("precompute", "train", "evaluate")}
@@ -471,6 +482,12 @@ class Plan:
             f"to run: {count['precompute']} precompute, {count['train']} trainings, "
             f"{count['evaluate']} evaluations; reused: {len(reused)} stage outputs",
         ]
+        old = [s for s in self.stages if s.status.endswith("(stale)")]
+        if old:
+            lines.append(
+                f"stale: {len(old)} made by another imf_core method version"
+                + (" (--recompute-stale recomputes them)" if reused else "")
+            )
         if self.rates is not None:
             lines.append(f"total: {hours:,.1f} GPU-hours, {disk / 1e9:,.1f} GB of new disk")
         return "\n".join(lines)

@@ -122,13 +122,14 @@ def test_a_later_method_version_reuses_with_a_warning_or_recomputes(
 ):
     from mlflow import MlflowClient
 
+    from flows.plan import plan_of
     from tasks.config import load_config
     from tasks.evaluate import evaluate
     from tasks.precompute import precompute
     from tasks.train import train
 
-    def stages(*extra):
-        cfg = load_config(
+    def config(*extra):
+        return load_config(
             "smoke",
             [
                 f"paths.artifacts={tmp_path}",
@@ -146,6 +147,9 @@ def test_a_later_method_version_reuses_with_a_warning_or_recomputes(
                 *extra,
             ],
         )
+
+    def stages(*extra):
+        cfg = config(*extra)
         pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
         trained = train(cfg, pre)
         return trained, evaluate(cfg, pre, trained)
@@ -167,6 +171,12 @@ def test_a_later_method_version_reuses_with_a_warning_or_recomputes(
     assert f"evaluation {evaluated.key}: made by method version {NOW}" in printed
     for run_id in (trained.mlflow_run_id, evaluated.mlflow_run_id):  # on their MLflow pages
         assert client.get_run(run_id).data.tags["imf.stale"].startswith("made by method version")
+
+    plan = plan_of("rerun", {"smoke": config()}, gpu="h200")  # what a rerun would do
+    assert [s.status for s in plan.stages] == ["reused", "reused (stale)", "reused (stale)"]
+    assert "stale: 2 made by another imf_core method version" in plan.text()
+    plan = plan_of("rerun", {"smoke": config("paths.recompute_stale=true")}, gpu="h200")
+    assert [s.status for s in plan.stages] == ["reused", "to run (stale)", "to run"]
 
     fresh, fresh_eval = stages("paths.recompute_stale=true")
     assert fresh.computed and fresh_eval.computed and not fresh.stale and not fresh_eval.stale
