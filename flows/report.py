@@ -20,6 +20,7 @@ import re
 import shutil
 import statistics
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from flows.sweep import MODEL_PROPERTIES, SweepConfig, comparisons, load_sweep
 from imf_core import METHOD_VERSION
 from imf_core.guidance import IGNORES_OMEGA_BELOW
 from tasks.artifacts import atomic_path
-from tasks.provenance import METHOD_TAG
+from tasks.provenance import METHOD_TAG, code_record
 from tasks.tracking import STALE_TAG, TRAINING_METHODS_TAG, get_run_or_none, summary_metrics
 from tasks.tracking import client as tracking_client
 
@@ -638,7 +639,12 @@ def report_flow(
     # Each step a task run of its own, so the flow run's page shows what the report did.
     step = functools.partial(task, cache_policy=NO_CACHE)
     variants = step(variant_runs, name="read variant runs from MLflow")(client, parent, sweep)
-    markdown = table_markdown(sweep, run_scale, variants)
+    code = code_record()
+    made = f"commit {code['commit'][:12]}" + (" with uncommitted changes" if code["dirty"] else "")
+    markdown = table_markdown(sweep, run_scale, variants) + (
+        f"\nReport written {time.strftime('%Y-%m-%d %H:%M')} by imf-pipeline {code['package']} "
+        f"({made}, method version {code['method']}).\n"
+    )
     directory = Path(artifacts).resolve() / "reports" / f"{sweep_name}-{run_scale}"
     directory.mkdir(parents=True, exist_ok=True)
     md_path = directory / "report.md"

@@ -29,6 +29,9 @@ from typing import Any
 
 SUCCESS = "_SUCCESS"
 CODE_FILE = "_CODE.json"  # an unfinished output's code: the method versions that worked on it
+# The stages whose numbers are imf_core's, which another method version makes stale (begin);
+# precompute's are the tokenizer's and the data's.
+METHOD_STAGES = ("train", "evaluate")
 # Bumped whenever a stage's output format or semantics change, so old outputs are not reused.
 CODE_VERSION = "2"  # 2: official token order, init, class-drop rows, uint8 rounding
 
@@ -228,7 +231,7 @@ def cache_key_of(output_dir: Callable[..., Path]) -> Callable[[Any, dict], str |
             return None
         # Stale, or made from a stale or since-recomputed input: the stage says so (begin)
         # or recomputes it, so its body must run.
-        if stale(done.code.get("methods", [None])):
+        if done.stage in METHOD_STAGES and stale(done.code.get("methods", [None])):
             return None
         inputs = [p for p in parameters.values() if hasattr(p, "path")]
         if any(getattr(p, "stale", "") for p in inputs):

@@ -286,6 +286,8 @@ def test_sweep_nests_variants_survives_a_failure_and_reports(mini_sweep):
 
     report = report_flow(result.parent_run_id, tracking=uri, artifacts=str(tmp_path / "a"))
     lines = report.markdown.splitlines()
+    assert "by imf-pipeline 0.1.0 (commit " in report.markdown  # which code wrote it
+    assert f"method version {METHOD_VERSION})." in report.markdown
     imf_row = next(line for line in lines if line.startswith("| iMF |"))
     plain_fid = by_variant["plain"].data.metrics["eval/fid_best"]
     # 20 training steps learn nothing: the number stands beside the paper's only with the flag.

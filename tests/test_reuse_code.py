@@ -26,12 +26,14 @@ from tasks.artifacts import (
 NOW = imf_core.METHOD_VERSION
 
 
-def finished(out: Path, methods: list | None, created: float | None = None) -> Manifest:
+def finished(
+    out: Path, methods: list | None, created: float | None = None, stage: str = "train"
+) -> Manifest:
     """A finished stage output whose manifest says `methods` made it (None: said nothing)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "weights.bin").write_bytes(b"w" * 10)
     code = {} if methods is None else {"method": methods[-1], "methods": methods}
-    manifest = Manifest("k", "train", {}, [], [FileRecord.of(out / "weights.bin")], code=code)
+    manifest = Manifest("k", stage, {}, [], [FileRecord.of(out / "weights.bin")], code=code)
     if created is not None:
         manifest.created = created
     manifest.write(out)
@@ -64,6 +66,10 @@ def test_an_output_of_another_method_version_is_reused_and_said_to_be_stale(tmp_
     assert (out / SUCCESS).is_file() and not (out / CODE_FILE).exists()  # left as it was
     # Prefect's cache must not hand it back unseen: the stage's body runs and says so.
     assert cache_key_of(lambda: out)(None, {}) is None
+    # Precompute's numbers are not the method's: its output stays cached whatever the version.
+    latents = tmp_path / "precompute" / "key2"
+    finished(latents, [NOW - 1], stage="precompute")
+    assert cache_key_of(lambda: latents)(None, {}).startswith("precompute-k-")
 
 
 def test_recompute_stale_moves_the_old_output_aside_and_starts_afresh(tmp_path, capsys):
