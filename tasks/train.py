@@ -208,9 +208,7 @@ def train_key(cfg, precompute_key: str) -> str:
         for name, default in defaults.items():
             if config[section][name] == default:
                 del config[section][name]
-    if stores_flips(
-        cfg.data
-    ):  # an epoch became a pass over the images, not the stored rows (issue 36)
+    if stores_flips(cfg.data):  # an epoch is a pass over the images, not the stored rows
         config["epoch"] = "images, one orientation each"
     return content_key("train", config, [precompute_key])
 
