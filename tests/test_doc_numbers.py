@@ -465,3 +465,12 @@ def test_a_quote_that_disagrees_with_its_source_is_found(tmp_path):
     comment = tmp_path / "sweep.yaml"
     comment.write_text("# the Dataset reads\n# **1.58×** the raw rate\ntitle: x\n")
     assert quote.rendered() in flat(comment)
+
+
+def test_the_compose_mlflow_server_is_the_locked_client_version():
+    """infra/docker-compose.yml's MLflow server image is the version requirements.lock installs
+    as the client (a 3.1.0 server once answered 3.17.2 clients)."""
+    compose = (ROOT / "infra" / "docker-compose.yml").read_text()
+    tag = re.search(r"image:\s*ghcr\.io/mlflow/mlflow:v(\S+)", compose).group(1)
+    locked = re.search(r"^mlflow==(\S+)$", (ROOT / "requirements.lock").read_text(), re.M)
+    assert tag == locked.group(1)
