@@ -51,6 +51,10 @@ def results(heading: str) -> dict:
     return json.loads(re.search(r"```json\n(.*?)\n```", section, re.S).group(1))
 
 
+def cpu_ratio(heading: str, objective: str) -> float:
+    return results(heading)[f"ratio_{objective}_to_fm"]
+
+
 def results_date() -> str:
     return re.search(r"^- date: (\d{4}-\d\d-\d\d)", RESULTS.read_text(), re.M).group(1)
 
@@ -148,6 +152,10 @@ def xl2_probe(batch: str) -> float:
     return xl2_probes()[batch]
 
 
+def eager_ms(objective: str) -> float:
+    return speed(RUN2, "B/2", objective, "none")["step_ms"]
+
+
 def date_of(name: str) -> str:
     return gpu(name)["machine"]["date"][:10]
 
@@ -195,6 +203,12 @@ LOSS_TEST, RELEASE_TEST = "test_official_loss.py", "test_official.py"
 LOSS_BOUND, RELEASE_BOUND = r"rel=(\S+)\)", r"REL_TOL = (\S+)"
 IMAGENET_READ, DIGITS_READ = "Latent reader, ImageNet-shaped rows", "Latent reader, 8x8 digit rows"
 CPU_STEP = "Step time, CPU, tiny, batch 256, the default: whole step compiled"
+CPU_ROWS = (  # the step-time table's CPU rows: (the row's start, its RESULTS.md section)
+    ("| CPU, 2 cores, `tiny`, batch 256 | `step` (default)", CPU_STEP),
+    ("| | `jvp`", "Step time, CPU, tiny, batch 256, JVP compiled"),
+    ("| | `none`", "Step time, CPU, tiny, batch 256, eager"),
+)
+OBJECTIVES = ("fm", "mf", "imf_boundary", "imf_aux")
 
 QUOTES = [
     # the official fixtures: the bounds the tests assert
@@ -397,7 +411,52 @@ QUOTES = [
         "imf_core.training.step_flops_per_image",
         lambda: fixed(1)(step_gflop("imf_b2")),
     ),
-    # the latent reader (benchmarks/RESULTS.md)
+    q(
+        "docs/benchmarks.md",
+        "| H200, `imf_b2`, batch 256, bf16 | `step` | {} (run 1) | — | — | not measured ({} ms in "
+        "run 2: {} × run 1's fm, two runs) | | | `none` | {} | {} | {} | {} |",
+        f"{RUN1}, {RUN2}",
+        lambda: fixed(1)(speed(RUN1, "B/2", "fm", "step")["step_ms"]),
+        lambda: fixed(0)(speed(RUN2, *B2_STEP)["step_ms"]),
+        lambda: fixed(2)(
+            speed(RUN2, *B2_STEP)["step_ms"] / speed(RUN1, "B/2", "fm", "step")["step_ms"]
+        ),
+        lambda: fixed(0)(eager_ms("fm")),
+        *(lambda o=o: fixed(2)(eager_ms(o) / eager_ms("fm")) for o in OBJECTIVES[1:]),
+    ),
+    q(
+        "docs/train.md",
+        "(136 s for B/2 on the H200 on {}",
+        RUN2,
+        lambda: date_of(RUN2),
+    ),
+    q(
+        "docs/train.md",
+        "step's compile ({} s for B/2 on the H200",
+        RUN2,
+        lambda: fixed(0)(speed(RUN2, *B2_STEP)["first_step_s"]),
+    ),
+    # the CPU step times and the latent reader (benchmarks/RESULTS.md)
+    q(
+        "docs/benchmarks.md",
+        "GPU with a datasheet peak, its [MFU](#mfu) (on the CPU the table says there is none). "
+        "Median of 15 steps, {}:",
+        "benchmarks/RESULTS.md",
+        results_date,
+    ),
+    *(
+        q(
+            "docs/benchmarks.md",
+            f"{prefix} | {{}} | {{}} | {{}} | {{}} |",
+            "benchmarks/RESULTS.md",
+            lambda h=heading: fixed(0)(results(h)["step_ms"]["fm"]),
+            *(
+                lambda h=heading, o=o: fixed(2)(results(h)[f"ratio_{o}_to_fm"])
+                for o in OBJECTIVES[1:]
+            ),
+        )
+        for prefix, heading in CPU_ROWS
+    ),
     q(
         "docs/benchmarks.md",
         "`benchmarks/RESULTS.md` ({}, 2 CPU cores): for ImageNet-shaped rows (2×4×32×32 float32, "
