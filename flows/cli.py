@@ -1,4 +1,4 @@
-"""The `imf` command line (its contract is in DESIGN.md).
+"""The `imf` command line (its contract: docs/architecture.md).
 
 imf precompute [-e EXPERIMENT] [key=value ...]
 imf train      [-e EXPERIMENT] [key=value ...]

@@ -65,8 +65,8 @@ class EvalConfig:
     batch_size: int = 250  # samples a forward pass (does not change the numbers)
     features: str = "auto"  # auto (classifier when precompute made one, else inception) | ...
     inception_weights: str = ""  # a local torch-fidelity InceptionV3 weights file
-    # FID reference: an npz with mu, sigma (ADM's VIRTUAL_imagenet256_labeled.npz, or the
-    # official PyTorch evaluation's JiT file jit_in256_stats.npz); "" = precompute's reference.npz
+    # FID reference: an npz with mu, sigma; at paper scale JiT's jit_in256_stats.npz, the
+    # official PyTorch evaluation's (docs/paper-scale.md); "" = precompute's reference.npz
     reference: str = ""
     # Weights to evaluate without training: an official release .pth or one of our
     # ema.safetensors ("" = the training's EMA export).

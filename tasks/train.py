@@ -73,7 +73,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0  # fractional on small machines
     use_gpu: bool = False  # one GPU per worker
     checkpoint_every: int = 1000  # steps between checkpoints (and at the end)
-    keep_checkpoints: int = 3  # the newest kept on disk (~1.4 GB each for B/2 with Adam state)
+    keep_checkpoints: int = 3  # the newest kept on disk (B/2: 2.33 GB each, checkpoint_bytes)
     log_every: int = 50  # steps between MLflow metrics / terminal lines
     sample_every: int = 0  # steps between sample grids logged to MLflow (0 = only at the end)
     # Evaluation during training (tasks.inrun_eval): every this many steps, or epochs, and at

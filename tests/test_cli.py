@@ -1,4 +1,4 @@
-"""The `imf` entry point: the DESIGN.md contract, and clear errors (exit 2) for bad input."""
+"""The `imf` entry point: its contract (docs/architecture.md), exit 2 for bad input."""
 
 import pytest
 

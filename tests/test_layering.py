@@ -1,4 +1,4 @@
-"""imf_core is the science: importable with torch alone, no orchestration (DESIGN.md, layering)."""
+"""imf_core is the science: importable with torch alone, no orchestration (docs/architecture.md)."""
 
 import subprocess
 import sys

@@ -1,6 +1,6 @@
 """Our iMF loss against the authors' training code: loss and gradients on injected draws.
 
-tests/fixtures/official_loss/ (a copy of shared/fixtures/official_loss, README there) holds the
+tests/fixtures/official_loss/ (its README says how it was made) holds the
 official JAX training step's loss and weight gradients, in float64, for a tiny network whose
 every random draw was injected. The same network, batch and draws through our loss
 (objectives.loss_of_draws: the guidance passes, the JVP on the r != t rows, the aux head, the

@@ -9,7 +9,7 @@ wrapper: "net." + imfDiT names (`net.shared_blocks.0.attn.q_proj._flax_linear.we
 Its imfDiT is our in-context Transformer with advanced blocks, conditioned on h = t - r only:
 the same prefix order, RoPE pairing, norms and gates, so the mapping is a renaming plus one
 concatenation (separate q, k, v projections -> our fused qkv). A test reproduces the official
-model's u, v and samples from `shared/fixtures/official_tiny.pt` to float32 rounding.
+model's u, v and samples from `tests/fixtures/official_tiny.pt` within 1e-5 (float32).
 """
 
 from __future__ import annotations
