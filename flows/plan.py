@@ -29,7 +29,6 @@ from imf_core.objectives import ObjectiveConfig, draw
 from imf_core.peak_flops import DATASHEET_BF16_TFLOPS, datasheet_peak
 from imf_core.peak_flops import mfu as model_flops_utilisation
 from tasks.artifacts import Manifest, methods_of, stale
-from tasks.resolve import model_config
 from tasks.train import flops_per_image  # useful FLOPs per image, counted on the meta device
 
 GPU_CHECKS = Path(str(importlib.resources.files("benchmarks"))) / "gpu"  # shipped (package data)
@@ -237,7 +236,7 @@ def checked_label(cfg) -> str | None:
 
     label = CHECKED_PRESETS.get(cfg.model.name)
     runtime = {k: getattr(preset(cfg.model.name), k) for k in MODEL_RUNTIME_ONLY} if label else {}
-    if label and dataclasses.replace(model_config(cfg), **runtime) == preset(cfg.model.name):
+    if label and dataclasses.replace(cfg.model_config(), **runtime) == preset(cfg.model.name):
         return label
     return None
 
@@ -291,7 +290,7 @@ def per_gpu_memory(cfg, rates: Rates | None) -> str:
         what = label or f"{cfg.model.name} as configured"
         return f"{line}; the GPU check ({rates.source}) has no figure for {what}"
     with torch.device("meta"):
-        adam_gib = 8 * count_params(build(model_config(cfg)), inference=False) / 2**30
+        adam_gib = 8 * count_params(build(cfg.model_config()), inference=False) / 2**30
     largest, probes, how = largest_fitting(rates, label, adam_gib)
     where = f"the {rates.gpu} ({rates.source}; imf_aux, eager, bf16, {how})"
     if largest is None or batch > largest:
@@ -372,7 +371,7 @@ def train_stage(cfg, label: str, pre_key: str | None, rows: int, rates: Rates | 
     steps_per_epoch = math.ceil(per_rank / local_batch) if items else 0
     steps = t.steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     images = images_read(steps, per_rank, local_batch, world)
-    mcfg = model_config(cfg)
+    mcfg = cfg.model_config()
     flops = images * flops_per_image(mcfg, cfg.objective, cfg.guidance)
     detail = f"{steps:,} steps of {t.batch_size} = {images:,} images"
     if not t.steps:

@@ -31,10 +31,11 @@ from flows.pipeline import RETRIES, check_prefect, results_beside, stage_names, 
 from flows.plan import check_gpu_memory
 from tasks import preemption
 from tasks.artifacts import content_key
-from tasks.config import ConfigError, ExperimentConfig, config_file, load_config
+from tasks.config import ConfigError, config_file, load_config
 from tasks.evaluate import evaluate_task, preflight
 from tasks.precompute import precompute_task
 from tasks.provenance import require_clean_tree
+from tasks.schema import ExperimentConfig
 from tasks.tracking import client as tracking_client
 from tasks.tracking import open_run, tracking_uri
 from tasks.train import output_dir as train_output_dir
@@ -117,11 +118,10 @@ def resolved(cfg) -> dict[str, str]:
     """Everything that decides what a variant computes, flattened: the config with the model
     section resolved to the preset's full ModelConfig (tracking, names and how the training
     runs, e.g. its workers and micro-batches, left out)."""
-    from tasks.resolve import to_dict
     from tasks.tracking import flatten
     from tasks.train import RUNTIME_ONLY
 
-    d = to_dict(cfg)
+    d = cfg.to_dict()
     for k in ("name", "tracking", "paths"):
         d.pop(k, None)
     d["model"].pop("name")  # the preset's name: its resolved fields are what count

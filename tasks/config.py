@@ -13,26 +13,16 @@ Model presets live in code (imf_core.models.PRESETS); `model.name` picks one and
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib.resources
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, get_type_hints
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from imf_core.guidance import GuidanceConfig
-from imf_core.models.config import ModelConfig
-from imf_core.objectives import ObjectiveConfig
-from imf_core.training import OptimConfig
-from tasks.evaluate import EvalConfig
-from tasks.inputs import InputsConfig
-from tasks.precompute import DataConfig, PrecomputeConfig, TokenizerConfig
-from tasks.resolve import model_config, to_dict  # noqa: F401 (the config's public helpers)
-from tasks.train import TrainConfig
+from tasks.schema import ExperimentConfig
 
 CONFIG_DIR = Path(str(importlib.resources.files("configs")))  # shipped with the package
 CONFIG_PATH_ENV = "IMF_CONFIG_DIR"  # the team's config directories, os.pathsep-separated
@@ -40,57 +30,6 @@ CONFIG_PATH_ENV = "IMF_CONFIG_DIR"  # the team's config directories, os.pathsep-
 
 class ConfigError(ValueError):
     """A config that cannot be composed: names the key and the file."""
-
-
-# model: a preset name plus optional overrides of any ModelConfig field (None = the preset's).
-ModelSection = dataclasses.make_dataclass(
-    "ModelSection",
-    [("name", str, field(default="tiny"))]
-    + [
-        (name, Optional[kind], field(default=None))  # noqa: UP045 (OmegaConf reads Optional)
-        for name, kind in get_type_hints(ModelConfig).items()
-    ],
-)
-
-
-@dataclass
-class Defaults:
-    data: str = "digits"  # configs/data/<data>.yaml
-
-
-@dataclass
-class PathsConfig:
-    artifacts: str = "artifacts"  # where every stage writes its content-addressed outputs
-    # Recompute a training or evaluation made by another imf_core.METHOD_VERSION (or from a
-    # training recomputed since) instead of reusing it with a warning; the old one is kept
-    # under <artifacts>/stale/. Not part of any content key. CLI: --recompute-stale.
-    recompute_stale: bool = False
-
-
-@dataclass
-class TrackingConfig:
-    uri: str = ""  # else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    experiment: str = ""  # MLflow experiment name; "" = the experiment config's name
-    tags: dict[str, str] = field(default_factory=dict)  # e.g. the ablation table and row
-    run_name: str = ""  # the training run's name; "" = "<experiment> <model> <objective>"
-
-
-@dataclass
-class ExperimentConfig:
-    name: str = ""
-    defaults: Defaults = field(default_factory=Defaults)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
-    model: Any = field(default_factory=ModelSection)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    inputs: InputsConfig = field(default_factory=InputsConfig)  # what the input files must be
 
 
 def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:
@@ -188,7 +127,7 @@ def load_config(
     cfg.name = experiment
     try:
         result = OmegaConf.to_object(cfg)
-        model_config(result)  # the model preset and its overrides, checked now
+        result.model_config()  # the model preset and its overrides, checked now
     except KeyError as err:
         raise ConfigError(f"model.name: {err.args[0]}") from err
     except (OmegaConfBaseException, ValueError, TypeError) as err:

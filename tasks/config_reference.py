@@ -3,7 +3,7 @@
     make docs                                   # = python -m tasks.config_reference
     python -m tasks.config_reference --check    # exit 1 when the page differs from the code
 
-Every key of ExperimentConfig (tasks/config.py) and the sections it composes, with its type, its
+Every key of ExperimentConfig (tasks/schema.py) and the sections it composes, with its type, its
 default and its meaning. The meaning is the field's own comment in the source: the comment lines
 directly above the field plus its trailing `# comment` (a block above also covers the
 uncommented fields right after it that it names). Then the model presets
@@ -26,7 +26,8 @@ from pathlib import Path
 
 from imf_core.models import PRESETS
 from imf_core.models.config import ModelConfig
-from tasks.config import CONFIG_DIR, ExperimentConfig, load_config
+from tasks.config import CONFIG_DIR, load_config
+from tasks.schema import ExperimentConfig
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 ROOT = PAGE.parent.parent
@@ -138,13 +139,13 @@ def section_table(prefix: str, cls: type) -> list[str]:
 
 
 def model_section(section_cls: type) -> list[str]:
-    import tasks.config
+    import tasks.schema
 
     name_default = next(f.default for f in dataclasses.fields(section_cls) if f.name == "name")
-    what = cell(comment_above(tasks.config, "ModelSection")).rstrip(".")
+    what = cell(comment_above(tasks.schema, "ModelSection")).rstrip(".")
     out = [
         f"{what}. The section is `ModelSection` in "
-        "[`tasks/config.py`](../tasks/config.py), built from "
+        "[`tasks/schema.py`](../tasks/schema.py), built from "
         f"{where(ModelConfig)}: `model.name` picks a preset (below); every other `model.*` key "
         "overrides that preset's value, so the defaults shown are `ModelConfig`'s, which a "
         "preset replaces.",

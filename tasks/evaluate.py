@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,82 +49,8 @@ from tasks.features import UINT8_RULE, check_weights, to_uint8
 from tasks.grids import decoded_grid, grid_inputs, point_title, save_png
 from tasks.precompute import PrecomputeResult, makes_classifier
 from tasks.provenance import device_name
-from tasks.resolve import model_config
 from tasks.tokenizers import open_tokenizer, pick_device
 from tasks.tracking import log_evaluation, mark_stale, tracking_uri
-
-
-@dataclass
-class EvalConfig:
-    n_samples: int = 50_000  # 50 per class on ImageNet
-    nfe: int = 1  # 1 or 2 sampling steps
-    seed: int = 0  # sample i: noise from (seed, i), class i mod K
-    omegas: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0])  # the CFG grid
-    intervals: list[list[float]] = field(default_factory=lambda: [[0.0, 1.0]])  # (t_min, t_max)
-    shard_size: int = 10_000  # samples per unit of work
-    batch_size: int = 250  # samples a forward pass (does not change the numbers)
-    features: str = "auto"  # auto (classifier when precompute made one, else inception) | ...
-    inception_weights: str = ""  # a local torch-fidelity InceptionV3 weights file
-    # FID reference: an npz with mu, sigma; at paper scale JiT's jit_in256_stats.npz, the
-    # official PyTorch evaluation's (docs/paper-scale.md); "" = precompute's reference.npz
-    reference: str = ""
-    # Weights to evaluate without training: an official release .pth or one of our
-    # ema.safetensors ("" = the training's EMA export).
-    checkpoint: str = ""
-    # Calibration printed beside every FID: the real-data floor and the class-mean ceiling
-    # (need the precompute output), the network's many-step result (Euler steps of its boundary
-    # velocity u(z, t, t) at omega 1 and at the best point; 0 = off), and precision / recall
-    # (torch-fidelity, k = 3) on the first prc_samples samples of each point (0 = off).
-    calibrate: bool = True
-    many_steps: int = 32  # Euler steps of the many-step calibration (0 = off)
-    prc_samples: int = 2000  # samples of each point in precision / recall (0 = off)
-    grid_per_class: int = 8  # sample-grid columns per point (0 = no grids)
-    device: str = "auto"  # auto (CUDA if present) | cpu | cuda
-    # Evaluation during training (train.eval_every; tasks.inrun_eval): samples per evaluation
-    # and the variant's operating points, [omega, t_min, t_max] each (not the whole grid).
-    during_samples: int = 10_000
-    during_points: list[list[float]] = field(default_factory=lambda: [[1.0, 0.0, 1.0]])  # (above)
-    workers: int = 1  # Ray actors running units in parallel (1 = in this process)
-    cpus_per_worker: float = 1.0  # per actor
-    gpus_per_worker: float = 0.0  # > 0 on GPU nodes (one actor per GPU: 1.0)
-
-    def __post_init__(self) -> None:
-        if self.n_samples < 2 or self.shard_size < 1 or self.batch_size < 1:
-            raise ValueError(
-                f"eval.n_samples must be >= 2, eval.shard_size and eval.batch_size >= 1 "
-                f"(got {self.n_samples}, {self.shard_size}, {self.batch_size})"
-            )
-        if self.nfe not in (1, 2):
-            raise ValueError(f"eval.nfe must be 1 or 2, got {self.nfe}")
-        if not self.omegas or any(w < 1.0 for w in self.omegas):
-            raise ValueError(
-                f"eval.omegas must be a non-empty list of values >= 1, got {self.omegas}"
-            )
-        for interval in self.intervals:
-            if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
-                raise ValueError(
-                    f"eval.intervals: each must be [t_min, t_max] with 0 <= t_min <= t_max <= 1, "
-                    f"got {list(interval)}"
-                )
-        if not self.intervals:
-            raise ValueError("eval.intervals must not be empty (no CFG interval: [[0.0, 1.0]])")
-        if self.features not in ("auto", "inception", "classifier"):
-            raise ValueError(
-                f"eval.features must be auto | inception | classifier, got {self.features!r}"
-            )
-        if self.many_steps < 0 or self.prc_samples < 0:
-            raise ValueError("eval.many_steps and eval.prc_samples must be >= 0")
-        if self.during_samples < 2:
-            raise ValueError(f"eval.during_samples must be >= 2, got {self.during_samples}")
-        if not self.during_points:
-            raise ValueError("eval.during_points must not be empty (no CFG: [[1.0, 0.0, 1.0]])")
-        for point in self.during_points:
-            if len(point) != 3 or point[0] < 1.0 or not 0.0 <= point[1] <= point[2] <= 1.0:
-                raise ValueError(
-                    "eval.during_points: each must be [omega, t_min, t_max] with omega >= 1 and "
-                    f"0 <= t_min <= t_max <= 1, got {list(point)}"
-                )
-
 
 # What does not change the numbers stays out of the key (workers: tested, same sums).
 RUNTIME_ONLY = (
@@ -284,7 +210,7 @@ def _evaluate(cfg, pre, trained, out: Path, slice_: dict, kind, weights, referen
     data_info = Manifest.read(pre.path).extra if pre is not None else None
     if data_info is not None:  # the model must fit the data it is compared with
         expect = (data_info["num_classes"], tuple(data_info["latent_shape"][1:]))
-    input_size = model_config(cfg).input_size  # official files hold no latent side (RoPE)
+    input_size = cfg.model_config().input_size  # official files hold no latent side (RoPE)
     data = str(pre.path) if pre is not None else None
     runner_args = (
         trained.weights,

@@ -36,23 +36,6 @@ import numpy as np
 from tasks.datasets import IMAGE_SUFFIXES
 
 
-@dataclass
-class InputsConfig:
-    # What the image folder must be: "" = any folder of class folders; imagenet1k = the
-    # ILSVRC-2012 train set (1,000 folders named by WordNet synset ids, 1,281,167 images:
-    # labels come from the sorted names, so they must match the released checkpoints' classes)
-    dataset: str = ""
-    # true: the SD-VAE and Inception weights must be the published files (their SHA-256 in
-    # tasks.inputs.KNOWN_FILES), as every FID compared with the paper needs
-    published: bool = False
-
-    def __post_init__(self) -> None:
-        if self.dataset and self.dataset not in DATASETS:
-            raise ValueError(
-                f"inputs.dataset must be '' or one of {sorted(DATASETS)}, got {self.dataset!r}"
-            )
-
-
 @dataclass(frozen=True)
 class DatasetSpec:
     classes: int

@@ -37,7 +37,6 @@ from imf_core.guidance import ignores_omega
 from tasks.artifacts import Manifest, atomic_path, content_key, sha256_file, write_json_atomic
 from tasks.evaluate import (
     RESULTS_FORMAT,
-    EvalConfig,
     Unit,
     UnitRunner,
     feature_kind,
@@ -49,6 +48,7 @@ from tasks.evaluate import (
     summarize,
 )
 from tasks.features import UINT8_RULE, check_weights
+from tasks.schema import EvalConfig
 
 
 @dataclass(frozen=True)

@@ -38,50 +38,8 @@ from tasks.artifacts import (
     require_manifest,
 )
 from tasks.datasets import UnreadableImages, open_source
+from tasks.schema import DataConfig, PrecomputeConfig, TokenizerConfig
 from tasks.tokenizers import open_tokenizer
-
-DATASETS = ("digits", "mnist5k", "imagefolder", "parquet")
-
-
-@dataclass
-class DataConfig:
-    name: str = "digits"  # digits | mnist5k | imagefolder | parquet
-    root: str = ""  # imagefolder: folder of class folders; parquet: a precompute output folder
-    image_size: int = 256  # imagefolder: ADM centre crop to this side
-    flips: bool = False  # flips stored as extra rows (ImageNet); an epoch reads one per image
-    on_bad_image: str = "fail"  # fail | skip (skipped files are listed in _SUCCESS and printed)
-
-    def __post_init__(self) -> None:
-        if self.name not in DATASETS:
-            raise ValueError(f"data.name must be one of {DATASETS}, got {self.name!r}")
-        if self.on_bad_image not in ("fail", "skip"):
-            raise ValueError(f"data.on_bad_image must be fail or skip, got {self.on_bad_image!r}")
-
-
-@dataclass
-class TokenizerConfig:
-    name: str = "pixel"  # pixel | sd_vae
-    path: str = ""  # sd_vae: a local AutoencoderKL folder (else the hub id of `variant`)
-    variant: str = "mse"  # sd_vae: mse | ema (the paper uses ft-mse)
-    batch_size: int = 64  # images per encoder call
-    device: str = "auto"  # auto = cuda when present
-
-
-@dataclass
-class PrecomputeConfig:
-    rows_per_shard: int = 4096  # rows per Parquet file: the unit of work, restart and reuse
-    rows_per_row_group: int = 256  # the unit the training reader decodes
-    workers: int = 1  # processes encoding shards in parallel (without gpus_per_worker)
-    # > 0: shards are encoded by Ray tasks on the local or addressed Ray, each with this many
-    # GPUs (1.0: one GPU each; the Ray scheduler runs as many at once as there are GPUs) and
-    # cpus_per_worker CPUs; each shard is written by its task as it finishes.
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    ray_address: str = ""  # "" = a local Ray; else a cluster address (infra/README.md)
-    verify: str = "sha256"  # on reuse, check each shard's sha256 (or only its size: "size")
-    # Pixel data only: steps of the small classifier that evaluation uses as feature extractor
-    # (tasks.features); 0 = none. Its training-set feature statistics are the FID reference.
-    classifier_steps: int = 0
 
 
 def stage_key(

@@ -27,8 +27,7 @@ from safetensors.torch import save_file
 
 from imf_core import peak_flops
 from imf_core.models import build, count_params
-from imf_core.sdpa import check_backend
-from imf_core.training import COMPILE_MODES, step_flops_per_image
+from imf_core.training import step_flops_per_image
 from tasks import inrun_eval, preemption
 from tasks.artifacts import (
     FileRecord,
@@ -42,7 +41,6 @@ from tasks.artifacts import (
 )
 from tasks.cluster import connect_ray
 from tasks.precompute import PrecomputeResult, stores_flips
-from tasks.resolve import model_config, to_dict
 from tasks.tracking import (
     JOURNAL,
     RunJournal,
@@ -56,97 +54,6 @@ from tasks.tracking import (
 )
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 0  # optimizer steps; 0 = derive from epochs
-    epochs: float = 1.0  # passes over the precomputed rows (exact: a DistributedSampler per epoch)
-    batch_size: int = 256  # global batch, split evenly over the workers
-    # Per-worker micro-batch: each step accumulates gradients over batch_size / (num_workers x
-    # micro_batch) micro-steps, then one optimizer step; the same step in the memory of a
-    # micro-batch (`--plan` checks it against the GPU check). 0, or at least the per-worker
-    # batch: one forward/backward of the whole per-worker batch
-    micro_batch: int = 0
-    seed: int = 0  # initialisation and data order (a sweep's --seeds: seed, seed + 1, ...)
-    num_workers: int = 1  # Ray Train workers (data-parallel ranks)
-    cpus_per_worker: float = 1.0  # fractional on small machines
-    use_gpu: bool = False  # one GPU per worker
-    checkpoint_every: int = 1000  # steps between checkpoints (and at the end)
-    keep_checkpoints: int = 3  # the newest kept on disk (B/2: 2.33 GB each, checkpoint_bytes)
-    log_every: int = 50  # steps between MLflow metrics / terminal lines
-    sample_every: int = 0  # steps between sample grids logged to MLflow (0 = only at the end)
-    # Evaluation during training (tasks.inrun_eval): every this many steps, or epochs, and at
-    # the end of a training longer than that: FID of the EMA weights on eval.during_samples
-    # at eval.during_points (0 = off)
-    eval_every: int = 0
-    eval_every_epochs: float = 0.0  # (set eval_every or eval_every_epochs, not both)
-    max_failures: int = 1  # worker failures Ray Train recovers from
-    # torch.compile: none | jvp (the JVP pass) | step (the whole loss and its backward) | auto
-    # (imf_core.training.DEFAULT_COMPILE: step, the fastest measured on GPU and CPU alike).
-    compile: str = "auto"
-    compile_jvp: bool = False  # the old name of compile=jvp, still read
-    # The SDPA kernel of the plain (non-JVP) attention passes, in the step and in evaluation:
-    # auto (PyTorch's choice) | flash | efficient | cudnn | math (imf_core.sdpa: tried first,
-    # the others behind it). Set it to what the GPU check measured fastest (its "attention"
-    # part, benchmarks/gpu/); the JVP pass keeps model.jvp_attention. Not in the run's key.
-    sdpa_backend: str = "auto"
-    ray_address: str = ""  # "" = a local Ray; else a cluster address (infra/README.md)
-    fault_at_step: int = -1  # tests: the last rank kills itself once at this step
-    # On SIGTERM / SIGINT: checkpoint at the next step boundary and end; what has not ended
-    # after this many seconds is killed (tasks.preemption)
-    preempt_grace_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        if self.steps < 0 or (self.steps == 0 and self.epochs <= 0):
-            raise ValueError(
-                f"train.steps must be >= 0 and train.epochs > 0 when steps is 0 "
-                f"(got steps={self.steps}, epochs={self.epochs})"
-            )
-        if self.batch_size < 1 or self.num_workers < 1:
-            raise ValueError(
-                f"train.batch_size and train.num_workers must be >= 1 "
-                f"(got {self.batch_size}, {self.num_workers})"
-            )
-        if self.batch_size % self.num_workers:
-            raise ValueError(
-                f"train.batch_size {self.batch_size} does not split over "
-                f"train.num_workers {self.num_workers}: use a multiple of it"
-            )
-        per_worker = self.batch_size // self.num_workers
-        if self.micro_batch < 0 or (
-            self.micro_batch < per_worker and self.micro_batch and per_worker % self.micro_batch
-        ):
-            fits = [d for d in range(1, per_worker) if per_worker % d == 0]
-            raise ValueError(
-                f"train.micro_batch {self.micro_batch} does not divide the per-worker batch "
-                f"{per_worker} (train.batch_size {self.batch_size} / train.num_workers "
-                f"{self.num_workers}): use one of {fits}, or 0 for no accumulation"
-            )
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        modes = ("auto", *COMPILE_MODES)
-        if self.compile not in modes:
-            raise ValueError(f"train.compile must be one of {modes}, got {self.compile!r}")
-        if self.compile_jvp:
-            if self.compile not in ("auto", "jvp"):
-                raise ValueError(
-                    f"train.compile_jvp=true (the old name of train.compile=jvp) contradicts "
-                    f"train.compile={self.compile}: set train.compile alone"
-                )
-            self.compile, self.compile_jvp = "jvp", False
-        check_backend(self.sdpa_backend, "train.sdpa_backend")
-        if self.eval_every < 0 or self.eval_every_epochs < 0:
-            raise ValueError("train.eval_every and train.eval_every_epochs must be >= 0")
-        if self.eval_every and self.eval_every_epochs:
-            raise ValueError(
-                f"train.eval_every={self.eval_every} and train.eval_every_epochs="
-                f"{self.eval_every_epochs} both set: choose steps or epochs"
-            )
-        if self.checkpoint_every < 1 or self.log_every < 1 or self.cpus_per_worker <= 0:
-            raise ValueError(
-                "train.checkpoint_every and train.log_every must be >= 1, train.cpus_per_worker > 0"
-            )
 
 
 # What does not change the numbers a run computes stays out of its key.
@@ -197,7 +104,7 @@ def train_key(cfg, precompute_key: str) -> str:
     train = {k: v for k, v in asdict(cfg.train).items() if k not in RUNTIME_ONLY}
     config = {
         "model": {
-            k: v for k, v in asdict(model_config(cfg)).items() if k not in MODEL_RUNTIME_ONLY
+            k: v for k, v in asdict(cfg.model_config()).items() if k not in MODEL_RUNTIME_ONLY
         },
         "objective": asdict(cfg.objective),
         "guidance": asdict(cfg.guidance),
@@ -216,7 +123,7 @@ def train_key(cfg, precompute_key: str) -> str:
 def checkpoint_bytes(cfg) -> int:
     """One checkpoint's size: model, EMA and Adam's two moments, float32 (the export is less)."""
     with torch.device("meta"):
-        params = count_params(build(model_config(cfg)), inference=False)
+        params = count_params(build(cfg.model_config()), inference=False)
     return 4 * 4 * params
 
 
@@ -234,8 +141,8 @@ def mlflow_run(cfg, out: Path, key: str, pre: PrecomputeResult) -> str:
     def params() -> dict[str, str]:
         # The size the paper's tables quote (1-NFE inference: no auxiliary head), in millions.
         with torch.device("meta"):
-            size = count_params(build(model_config(cfg))) / 1e6
-        return flatten(to_dict(cfg)) | {"model.params_m": f"{size:.2f}"}
+            size = count_params(build(cfg.model_config())) / 1e6
+        return flatten(cfg.to_dict()) | {"model.params_m": f"{size:.2f}"}
 
     t = cfg.train
     workers = f"{t.num_workers} {'GPU' if t.use_gpu else 'CPU'} worker(s)"  # rank 0 names it
@@ -293,11 +200,11 @@ def _train(cfg, pre: PrecomputeResult, out: Path, stale: str) -> TrainResult:
         raise
     with result.checkpoint.as_directory() as ckpt:
         state = torch.load(Path(ckpt) / "state.pt", weights_only=True, map_location="cpu")
-    model = build(model_config(cfg))
+    model = build(cfg.model_config())
     model.load_state_dict(state["model"])
     ema_weights = {k: v.contiguous() for k, v in state["ema"].items()}
-    resolved = to_dict(cfg)
-    meta = {"model_config": json.dumps(asdict(model_config(cfg))), "steps": str(state["step"])}
+    resolved = cfg.to_dict()
+    meta = {"model_config": json.dumps(asdict(cfg.model_config())), "steps": str(state["step"])}
     save_file(ema_weights, out / "ema.safetensors", metadata=meta)
     write_json_atomic(out / "config.json", resolved)
     files = [FileRecord.of(out / "ema.safetensors"), FileRecord.of(out / "config.json")]
@@ -380,7 +287,7 @@ def train_loop(config: dict) -> None:
     local_batch = t.batch_size // world
 
     dataset = LatentDataset(config["data"], seed=t.seed)
-    mcfg = model_config(cfg)
+    mcfg = cfg.model_config()
     expected = ((mcfg.in_channels, mcfg.input_size, mcfg.input_size), mcfg.num_classes)
     if (dataset.latent_shape, dataset.num_classes) != expected:
         raise ValueError(
@@ -570,7 +477,7 @@ class Utilisation:
 
     @staticmethod
     def of(cfg, device: str, world: int) -> Utilisation:
-        flops = flops_per_image(model_config(cfg), cfg.objective, cfg.guidance)
+        flops = flops_per_image(cfg.model_config(), cfg.objective, cfg.guidance)
         return Utilisation(flops, world, device, peak_flops.datasheet_peak(device))
 
     def mfu(self, samples_per_s: float) -> float | None:

@@ -2,21 +2,21 @@
 
 import pytest
 
-from tasks.config import ConfigError, load_config, model_config
+from tasks.config import ConfigError, load_config
 
 
 def test_composition_and_overrides():
     cfg = load_config("smoke", ["model.width=96", "precompute.workers=2"])
     assert cfg.name == "smoke" and cfg.data.name == "digits" and cfg.tokenizer.name == "pixel"
     assert cfg.precompute.rows_per_shard == 512 and cfg.precompute.workers == 2  # experiment, CLI
-    model = model_config(cfg)
+    model = cfg.model_config()
     assert model.width == 96 and model.depth == 4 and model.num_classes == 10  # tiny + override
 
 
 def test_data_file_is_picked_by_defaults():
     cfg = load_config("smoke", ["defaults.data=imagenet256"])
     assert cfg.data.name == "imagefolder" and cfg.data.flips and cfg.tokenizer.name == "sd_vae"
-    assert model_config(cfg).width == 768  # imagenet256 picks imf_b2
+    assert cfg.model_config().width == 768  # imagenet256 picks imf_b2
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,8 @@ from torch.utils.data import DistributedSampler
 
 from imf_core.data import LatentDataset
 from tasks.datasets import digits
-from tasks.precompute import DataConfig, PrecomputeConfig, TokenizerConfig, precompute
+from tasks.precompute import precompute
+from tasks.schema import DataConfig, PrecomputeConfig, TokenizerConfig
 
 IMAGES = 1797  # scikit-learn's digits
 PIXEL = TokenizerConfig(name="pixel")

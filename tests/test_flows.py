@@ -44,9 +44,8 @@ def test_every_sweep_file_resolves_at_every_scale():
 def release_point(cfg):
     """The release's operating point for this config's model size and NFE (None: no size)."""
     from imf_core.models.official import RELEASED_POINTS
-    from tasks.config import model_config
 
-    m = model_config(cfg)
+    m = cfg.model_config()
     sizes = {(12, 768): "imf_b2", (24, 768): "imf_m2", (32, 1024): "imf_l2", (48, 1024): "imf_xl2"}
     size = sizes.get((m.depth, m.width))
     points = [p for p in RELEASED_POINTS.get(size, ()) if p.nfe == cfg.eval.nfe]
@@ -709,14 +708,13 @@ def test_the_plans_zero_tangent_gemms_are_those_torch_func_jvp_runs():
 
 def test_a_gpu_without_a_check_is_costed_at_its_datasheet_peak_and_an_assumed_mfu():
     from flows.plan import Rates, flops_per_image
-    from tasks.config import model_config
 
     configs = variant_configs(load_sweep("table1a"), "paper", [], ["imf_aux"])
     plan = plan_of("table1a", configs, gpu="a100", mfu=0.35, images=1_281_167)
     (train,) = [s for s in plan.stages if s.stage == "train"]
     cfg = configs["imf_aux"]
     images = 240 * 1_281_167  # the paper's 240 epochs of ImageNet's images (issue 36)
-    flops = images * flops_per_image(model_config(cfg), cfg.objective, cfg.guidance)
+    flops = images * flops_per_image(cfg.model_config(), cfg.objective, cfg.guidance)
     assert train.gpu_hours == pytest.approx(flops / (0.35 * 312e12) / 3600)
     assert plan.rates.peak_basis == "A100" and "assumed" in plan.rates.source
     assert "MFU x 312 TFLOP/s, the A100 datasheet dense bf16 peak" in plan.text()

@@ -171,3 +171,10 @@ def test_imf_check_reads_a_checkpoints_architecture_against_the_data(paper, caps
         line = next(x for x in capsys.readouterr().out.splitlines() if "checkpoint" in x)
         assert ("{'num_classes': 10}" in line) == (code == 1)
         assert ("3 classes" in line) == (code == 0)
+
+
+def test_the_schema_names_the_datasets_the_checker_describes():
+    from tasks.inputs import DATASETS
+    from tasks.schema import INPUT_DATASETS
+
+    assert set(DATASETS) == set(INPUT_DATASETS)

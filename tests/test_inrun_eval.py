@@ -16,7 +16,7 @@ from benchmarks.random_weights import random_inception_weights
 from imf_core.ema import EMA
 from imf_core.models import build
 from tasks import inrun_eval
-from tasks.config import load_config, model_config
+from tasks.config import load_config
 from tasks.evaluate import UnitRunner, evaluate
 from tasks.precompute import precompute
 from tasks.train import train
@@ -53,7 +53,7 @@ def test_an_interrupted_evaluation_computes_only_its_missing_units(tmp_path, sha
     cfg, pre = smoke(tmp_path, shared, "train.eval_every=5")
     plan = inrun_eval.plan(cfg, pre, tmp_path / "training")
     torch.manual_seed(0)
-    model = build(model_config(cfg))
+    model = build(cfg.model_config())
     for p in model.parameters():  # trained-like: a network whose output moves with its inputs
         if not p.any():
             torch.nn.init.normal_(p, std=0.1)

@@ -6,7 +6,6 @@ import pytest
 
 from imf_core.peak_flops import datasheet_peak, mfu
 from tasks.config import load_config
-from tasks.resolve import model_config
 from tasks.train import RankZeroLogger, Utilisation, flops_per_image
 
 
@@ -41,7 +40,7 @@ def smoke():
 
 
 def test_the_trainings_mfu_is_useful_flops_over_the_world_times_the_datasheet_peak(smoke):
-    per_image = flops_per_image(model_config(smoke), smoke.objective, smoke.guidance)
+    per_image = flops_per_image(smoke.model_config(), smoke.objective, smoke.guidance)
     assert per_image > 0
     h200 = Utilisation.of(smoke, "NVIDIA H200", world=8)
     assert h200.flops_per_image == per_image

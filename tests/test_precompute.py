@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from imf_core.data import LatentDataset
 from tasks.artifacts import SUCCESS
 from tasks.datasets import UnreadableImages, center_crop_adm, digits
-from tasks.precompute import DataConfig, PrecomputeConfig, TokenizerConfig, precompute
+from tasks.precompute import precompute
+from tasks.schema import DataConfig, PrecomputeConfig, TokenizerConfig
 
 DIGITS = DataConfig(name="digits")
 PIXEL = TokenizerConfig(name="pixel")
