@@ -344,7 +344,7 @@ def run_run(args: argparse.Namespace) -> int:
     for stage in ("precompute", "train", "evaluate"):
         print(f"{stage}: {result.stages[stage]:<8} {getattr(result, stage).path.resolve()}")
     print_results(result.evaluate.results, result.evaluate.stale)
-    print_where_to_look(load_config(args.experiment, args.overrides), result)
+    print_where_to_look(result.config, result)
     return 0
 
 

@@ -17,7 +17,6 @@ import time
 from flows.cli import print_results, print_where_to_look
 from flows.pipeline import run_pipeline
 from tasks.cluster import quiet_known_warnings
-from tasks.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         "digit-classifier features):"
     )
     print_results(ev.results)
-    print_where_to_look(load_config("demo", overrides), result)
+    print_where_to_look(result.config, result)
     return 0
 
 

@@ -26,6 +26,7 @@ from tasks.config import ConfigError, load_config
 from tasks.evaluate import EvalResult, evaluate_task, preflight
 from tasks.inputs import reads_of, require_inputs
 from tasks.precompute import PrecomputeResult, precompute_task
+from tasks.schema import ExperimentConfig
 from tasks.train import TrainResult, train_task
 
 # Failures that the same inputs would only repeat: no retry.
@@ -116,12 +117,13 @@ def checked_config(experiment: str, overrides: list[str] | None = None):
 
 
 def run_pipeline(experiment: str, overrides: list[str] | None = None) -> PipelineResult:
-    """`imf run`: checks the config first (before a Prefect server starts), then the flow."""
+    """`imf run`: composes and checks the config once (before a Prefect server starts), then
+    runs the flow on that object; the result carries it, for the closing printout."""
     cfg = checked_config(experiment, overrides)
     check_prefect()
     start_ray([cfg])
     with results_beside(cfg.paths.artifacts), tags("imf", f"experiment:{experiment}"):
-        return pipeline(experiment, overrides or [])
+        return pipeline(experiment, overrides or [], composed=cfg)
 
 
 @dataclass
@@ -131,6 +133,7 @@ class PipelineResult:
     train: TrainResult
     evaluate: EvalResult
     stages: dict[str, str]  # stage -> "computed" | "reused" | "cached" (a Prefect cache hit)
+    config: ExperimentConfig  # what ran, composed once
 
 
 def stage_outcome(state: State) -> str:
@@ -148,10 +151,16 @@ def stage_names(cfg) -> dict[str, dict[str, str]]:
 
 
 @flow(name="imf-pipeline", flow_run_name="run {experiment}", log_prints=True)
-def pipeline(experiment: str = "smoke", overrides: list[str] | None = None) -> PipelineResult:
-    """Precompute, train and evaluate one experiment config (configs/experiment/<name>.yaml)."""
+def pipeline(
+    experiment: str = "smoke",
+    overrides: list[str] | None = None,
+    composed: ExperimentConfig | None = None,
+) -> PipelineResult:
+    """Precompute, train and evaluate one experiment config (configs/experiment/<name>.yaml):
+    `composed`, already checked (run_pipeline), else composed and checked here (a
+    deployment's run)."""
     preemption.reinstall()  # over Prefect's SIGTERM handler (tasks.preemption says why)
-    return run_stages(checked_config(experiment, overrides))
+    return run_stages(composed if composed is not None else checked_config(experiment, overrides))
 
 
 @flow(name="imf-precompute", log_prints=True)
@@ -180,4 +189,4 @@ def run_stages(cfg) -> PipelineResult:
     stages = {name: stage_outcome(state) for name, state in states.items()}
     for name, outcome in stages.items():
         print(f"{name}: {outcome}")
-    return PipelineResult(cfg.name, pre, trained, evaluated, stages)
+    return PipelineResult(cfg.name, pre, trained, evaluated, stages, cfg)

@@ -311,12 +311,17 @@ def sweep_flow(
     only: list[str] | None = None,
     seeds: int = 1,
     allow_dirty: bool = False,
+    composed: dict[str, ExperimentConfig] | None = None,
 ) -> SweepResult:
     """Runs every variant's pipeline (shared stages once) under one MLflow parent run; with
-    several seeds, each variant's seeds under a run of that variant."""
+    several seeds, each variant's seeds under a run of that variant. `composed`: the variants'
+    configs, already checked (run_sweep), else composed and checked here (a deployment's)."""
     preemption.reinstall()  # over Prefect's SIGTERM handler, which would let trainings run on
     overrides, only = overrides or [], only or []
-    sweep, configs = checked_sweep(name, scale, overrides, only, seeds, allow_dirty)
+    if composed is not None:
+        sweep, configs = load_sweep(name), composed
+    else:
+        sweep, configs = checked_sweep(name, scale, overrides, only, seeds, allow_dirty)
     first = next(iter(configs.values()))
     parent = parent_run(sweep, scale, overrides, first, seeds)
     groups = {}
@@ -427,4 +432,4 @@ def run_sweep(
     with results_beside(next(iter(configs.values())).paths.artifacts):
         with tags("imf", f"sweep:{name}", f"scale:{scale}"):
             flow = sweep_flow.with_options(task_runner=runner)
-            return flow(name, scale, overrides, only, seeds, allow_dirty)
+            return flow(name, scale, overrides, only, seeds, allow_dirty, composed=configs)
