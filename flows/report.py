@@ -32,6 +32,7 @@ from flows.sweep import MODEL_PROPERTIES, SweepConfig, comparisons, load_sweep
 from imf_core import METHOD_VERSION
 from imf_core.guidance import IGNORES_OMEGA_BELOW
 from tasks.artifacts import atomic_path
+from tasks.grids import save_figure
 from tasks.provenance import METHOD_TAG, code_record
 from tasks.tracking import STALE_TAG, TRAINING_METHODS_TAG, get_run_or_none, summary_metrics
 from tasks.tracking import client as tracking_client
@@ -442,10 +443,7 @@ def plot_progress(variants: list[VariantRuns], path: Path) -> Path | None:
         )
         axes[1].grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(2.25 if sensitive else 1.01, 1))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def best_result(runs: VariantRuns) -> dict:
@@ -538,13 +536,7 @@ def calibration_markdown(variants: list[VariantRuns]) -> str:
 
 def plot_curves(variants: list[VariantRuns], path: Path) -> Path:
     """Saves fid_figure(variants) as a PNG."""
-    import matplotlib.pyplot as plt
-
-    fig = fid_figure(variants)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fid_figure(variants), path)
 
 
 def fid_figure(variants: list[VariantRuns]):

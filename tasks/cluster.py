@@ -329,14 +329,13 @@ def shutdown_ray() -> None:
     """Ends the Ray connect_ray started, and what of it ray.shutdown leaves: a local Ray's
     DashboardAgent and RuntimeEnvAgent outlived it (seen after sweeps), so every process of
     Ray's this one started and that is still alive after it is killed."""
-    import signal
     import sys
 
     if "ray" not in sys.modules:
         return
     import ray
 
-    from tasks.preemption import descendants
+    from tasks.preemption import descendants, kill_all
 
     if not (_connected and ray.is_initialized()):  # a Ray someone else started is theirs
         return
@@ -349,8 +348,4 @@ def shutdown_ray() -> None:
             pass
     ray.shutdown()
     forget_address()
-    for pid in started:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_all(started)

@@ -87,6 +87,17 @@ def labelled_grid(
     return canvas
 
 
+def save_figure(fig, path: Path) -> Path:
+    """A matplotlib figure as a PNG, written whole or not at all, then closed."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def save_png(picture, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

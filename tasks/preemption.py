@@ -117,13 +117,17 @@ def _grace(seconds: float) -> None:
 
 def _hard_stop(code: int) -> None:
     """Ends this process and every process it started (Ray's, Prefect's server), now."""
-    children = descendants(os.getpid())
-    for pid in children:
+    kill_all(descendants(os.getpid()))
+    os._exit(code)
+
+
+def kill_all(pids: list[int]) -> None:
+    """SIGKILL to each of `pids` still alive (one that ended meanwhile is skipped)."""
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    os._exit(code)
 
 
 def descendants(pid: int) -> list[int]:
