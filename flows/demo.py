@@ -55,14 +55,22 @@ def run_record(result, seconds: float, overrides: list[str], load: dict, code) -
     }
 
 
+def parse_args(argv: list[str]) -> tuple[list[str], Path | None]:
+    """The demo's arguments: `demo` overrides, and `--record DIR` anywhere among them."""
+    overrides = list(argv)
+    if "--record" not in overrides:
+        return overrides, None
+    at = overrides.index("--record")
+    if at + 1 == len(overrides):
+        raise SystemExit("flows.demo: --record needs a folder (e.g. --record benchmarks/runs)")
+    record_dir = Path(overrides[at + 1])
+    del overrides[at : at + 2]
+    return overrides, record_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    record_dir = None
-    if "--record" in overrides:
-        at = overrides.index("--record")
-        record_dir = Path(overrides[at + 1])
-        del overrides[at : at + 2]
+    overrides, record_dir = parse_args(sys.argv[1:] if argv is None else argv)
     code, load = installed_code_state(), {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()}
     started = time.perf_counter()
     result = run_pipeline("demo", overrides)

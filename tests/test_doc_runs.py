@@ -62,3 +62,33 @@ def test_every_make_demo_line_gives_the_records_time(page, record):
     lines = [line for line in (ROOT / page).read_text().splitlines() if "make demo" in line]
     times = [m.group(0) for line in lines for m in re.finditer(r"~?\d+(\.\d+)? min( \d+ s)?", line)]
     assert set(times) <= {wall_time(record["wall_seconds"])}, f"{page}: {times}"
+
+
+def test_the_demo_record_copies_the_results_file(tmp_path):
+    """`flows.demo --record`: the best point and calibration as the run's results.json holds
+    them (here a stand-in file), with the code and the machine's load."""
+    from types import SimpleNamespace
+
+    from flows.demo import parse_args, run_record
+    from tasks.provenance import CodeState
+
+    point = {"omega": 1.0, "t_min": 0.0, "t_max": 1.0, "is": 9.0, "accuracy": 0.9, "n_samples": 8}
+    calibration = {"real_data_floor": {"fid": 2.5}, "class_mean_ceiling": {"fid": 150.0}}
+    rows = [
+        point | calibration | {"fid": 20.0, "best": False, "many_step": {"steps": 32, "fid": 6.0}},
+        point | calibration | {"omega": 1.25, "fid": 9.5, "best": True},
+    ]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    result = SimpleNamespace(evaluate=SimpleNamespace(path=tmp_path), stages={"train": "computed"})
+    overrides, folder = parse_args(["train.steps=10", "--record", "benchmarks/runs"])
+    assert (overrides, folder) == (["train.steps=10"], Path("benchmarks/runs"))
+    load = {"cpus": 2, "loadavg_before": (0.5, 0.4, 0.3), "loadavg_after": (2.0, 1.0, 0.5)}
+    record = run_record(result, 61.2, overrides, load, CodeState("a" * 40, (), ""))
+    assert record["best"] == {
+        k: rows[1][k] for k in ("omega", "t_min", "t_max", "fid", "is", "accuracy")
+    }
+    assert (record["real_data_floor"], record["class_mean_ceiling"]) == (2.5, 150.0)
+    assert record["many_step"] == {"omega 1 [0, 1]": {"steps": 32, "fid": 6.0}}
+    assert record["command"] == "python -m flows.demo train.steps=10"
+    assert (record["commit"], record["wall_seconds"], record["load"]) == ("a" * 40, 61.2, load)
+    assert wall_time(record["wall_seconds"]) == "1 min 1 s"
