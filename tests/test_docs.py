@@ -193,9 +193,10 @@ def check(argv: list[str]) -> None:
     if argv[0] == "imf":
         check_imf(argv[1:])
     elif argv[0] == "flows.demo":
+        from flows.demo import parse_args
         from tasks.config import load_config
 
-        load_config("demo", argv[1:])  # flows/demo.py: its arguments are overrides of `demo`
+        load_config("demo", parse_args(argv[1:])[0])  # overrides of `demo`, and --record
     elif argv[0] == "make":
         unknown = [t for t in argv[1:] if "=" not in t and t not in make_targets()]
         if unknown:
