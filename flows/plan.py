@@ -419,7 +419,8 @@ def evaluate_stage(cfg, label: str, trained: Stage, rates: Rates | None) -> Stag
 
 def evaluation_status(cfg, train_key: str) -> tuple[str | None, str]:
     """The evaluation's key and status once its training exists (its reference is needed)."""
-    from tasks.evaluate import output_dir, preflight
+    from tasks.eval_inputs import preflight
+    from tasks.evaluate import output_dir
     from tasks.precompute import PrecomputeResult
     from tasks.precompute import output_dir as pre_dir
 
