@@ -30,7 +30,7 @@ from imf_core.peak_flops import DATASHEET_BF16_TFLOPS, datasheet_peak
 from imf_core.peak_flops import mfu as model_flops_utilisation
 from tasks.artifacts import Manifest, methods_of, stale
 from tasks.resolve import model_config
-from tasks.train import flops_per_image  # useful FLOPs per image, counted on the meta device
+from tasks.train_loop import flops_per_image  # useful FLOPs per image, counted on the meta device
 
 GPU_CHECKS = Path(str(importlib.resources.files("benchmarks"))) / "gpu"  # shipped (package data)
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k's training set (what configs/data/ points at)
@@ -393,7 +393,7 @@ def train_stage(cfg, label: str, pre_key: str | None, rows: int, rates: Rates | 
 
 def images_read(steps: int, per_rank: int, local_batch: int, world: int) -> int:
     """Images a training of `steps` reads: an epoch's last batch is the rest of its images
-    (tasks/train.py batches with drop_last=False), so 240 epochs read 240 x the epoch."""
+    (tasks/train_loop.py batches with drop_last=False), so 240 epochs read 240 x the epoch."""
     if per_rank == 0:
         return 0
     epochs, rest = divmod(steps, math.ceil(per_rank / local_batch))
