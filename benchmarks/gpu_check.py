@@ -1058,7 +1058,7 @@ def precision(check: Check, sizes: Sizes) -> None:
 
 def decode(check: Check, sizes: Sizes) -> None:
     """1-NFE B/2 generation + SD-VAE decode + InceptionV3 features, images/s, as the evaluation
-    runs them (generation in float32; tasks.evaluate.UnitRunner), with the decoder before
+    runs them (generation in float32; tasks.eval_units.UnitRunner), with the decoder before
     (float32 NCHW) and now (imf_core.decoding on this device), eager and compiled."""
     if not check.fits("decode", 10 if check.toy else 30):
         return

@@ -229,7 +229,7 @@ def run_precompute(args: argparse.Namespace) -> int:
 def upstream(args: argparse.Namespace, stage: str):
     """The config and the stages before `stage`, run or reused (the single-stage commands)."""
     from tasks.config import load_config
-    from tasks.evaluate import preflight
+    from tasks.eval_inputs import preflight
     from tasks.inputs import reads_of, require_inputs
     from tasks.precompute import precompute
     from tasks.tracking import prepare
@@ -263,7 +263,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from tasks.config import load_config
-    from tasks.evaluate import checkpoint_source, evaluate, needs_precompute, preflight
+    from tasks.eval_inputs import checkpoint_source, needs_precompute, preflight
+    from tasks.evaluate import evaluate
     from tasks.precompute import precompute
 
     cfg = load_config(args.experiment, args.overrides)

@@ -23,7 +23,8 @@ from prefect.states import State
 from flows.plan import check_gpu_memory
 from tasks import preemption
 from tasks.config import ConfigError, load_config
-from tasks.evaluate import EvalResult, evaluate_task, preflight
+from tasks.eval_inputs import preflight
+from tasks.evaluate import EvalResult, evaluate_task
 from tasks.inputs import reads_of, require_inputs
 from tasks.precompute import PrecomputeResult, precompute_task
 from tasks.schema import ExperimentConfig

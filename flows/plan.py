@@ -29,7 +29,7 @@ from imf_core.objectives import ObjectiveConfig, draw
 from imf_core.peak_flops import DATASHEET_BF16_TFLOPS, datasheet_peak
 from imf_core.peak_flops import mfu as model_flops_utilisation
 from tasks.artifacts import Manifest, methods_of, stale
-from tasks.train import flops_per_image  # useful FLOPs per image, counted on the meta device
+from tasks.train_loop import flops_per_image  # useful FLOPs per image, counted on the meta device
 
 GPU_CHECKS = Path(str(importlib.resources.files("benchmarks"))) / "gpu"  # shipped (package data)
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k's training set (what configs/data/ points at)
@@ -392,7 +392,7 @@ def train_stage(cfg, label: str, pre_key: str | None, rows: int, rates: Rates | 
 
 def images_read(steps: int, per_rank: int, local_batch: int, world: int) -> int:
     """Images a training of `steps` reads: an epoch's last batch is the rest of its images
-    (tasks/train.py batches with drop_last=False), so 240 epochs read 240 x the epoch."""
+    (tasks/train_loop.py batches with drop_last=False), so 240 epochs read 240 x the epoch."""
     if per_rank == 0:
         return 0
     epochs, rest = divmod(steps, math.ceil(per_rank / local_batch))
@@ -418,7 +418,8 @@ def evaluate_stage(cfg, label: str, trained: Stage, rates: Rates | None) -> Stag
 
 def evaluation_status(cfg, train_key: str) -> tuple[str | None, str]:
     """The evaluation's key and status once its training exists (its reference is needed)."""
-    from tasks.evaluate import output_dir, preflight
+    from tasks.eval_inputs import preflight
+    from tasks.evaluate import output_dir
     from tasks.precompute import PrecomputeResult
     from tasks.precompute import output_dir as pre_dir
 

@@ -32,7 +32,8 @@ from flows.plan import check_gpu_memory
 from tasks import preemption
 from tasks.artifacts import content_key
 from tasks.config import ConfigError, config_file, load_config
-from tasks.evaluate import evaluate_task, preflight
+from tasks.eval_inputs import preflight
+from tasks.evaluate import evaluate_task
 from tasks.precompute import precompute_task
 from tasks.provenance import require_clean_tree
 from tasks.schema import ExperimentConfig

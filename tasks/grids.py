@@ -6,7 +6,7 @@ the same grid compares across training steps, CFG points and variants.
 
 Latent data decode through the precompute's tokenizer (the SD-VAE at `tokenizer.path`), pixel
 data pass through unchanged; both are converted to uint8 as evaluation converts samples.
-Training (tasks.train, every `train.sample_every` steps) and evaluation (tasks.evaluate, one
+Training (tasks.train_loop, every `train.sample_every` steps) and evaluation (tasks.evaluate, one
 grid per CFG point) draw theirs here.
 """
 

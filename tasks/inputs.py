@@ -1,5 +1,5 @@
 """The experiment's input files, checked before any work: `imf check -e EXP` and the preflight
-every command runs (tasks.evaluate.preflight).
+every command runs (tasks.eval_inputs.preflight).
 
     >>> findings = check_inputs(cfg, full=True)   # one Finding per input the config names
     >>> print(report(findings))                    # a line each: what, path, ok or what is wrong
@@ -436,7 +436,7 @@ def reads_of(cfg, stages: Collection[str] = ("precompute", "train", "evaluate"))
     """The inputs the given stages read: precompute the images (and the VAE), training the
     evaluation's files when it evaluates during training, evaluation its files, and the images
     too unless given weights are evaluated against a given reference."""
-    from tasks.evaluate import feature_kind, needs_precompute
+    from tasks.eval_inputs import feature_kind, needs_precompute
 
     reads = set()
     evaluates = "evaluate" in stages or (
@@ -455,7 +455,7 @@ def reads_of(cfg, stages: Collection[str] = ("precompute", "train", "evaluate"))
 
 def check_inputs(cfg, reads: Collection[str] = ALL, full: bool = False) -> list[Finding]:
     """One Finding per input the config names among `reads`; `full` decodes an image sample."""
-    from tasks.evaluate import feature_kind
+    from tasks.eval_inputs import feature_kind
 
     inputs, findings = cfg.inputs, []
     if "data" in reads and cfg.data.name == "imagefolder":

@@ -11,7 +11,7 @@ calibration lines) at that step on the training run. Every rank is busy for the 
 time; a Ray task beside the training would need a spare device the paper's setup does not have,
 and would lag the curve. The cost is on the terminal and in `eval/time_share`.
 
-Restartable like `imf evaluate`, with the same units (tasks.evaluate.Unit, UnitRunner) keyed
+Restartable like `imf evaluate`, with the same units (tasks.eval_units.Unit, UnitRunner) keyed
 by the checkpoint: the training checkpoints at every evaluation step, and each unit is written
 to `<training>/during/<key>/step<step>/` as it finishes. A kill loses only the running units;
 the relaunch resumes from that checkpoint and finishes the evaluation before training on. The
@@ -35,18 +35,9 @@ import torch
 
 from imf_core.guidance import ignores_omega
 from tasks.artifacts import Manifest, atomic_path, content_key, sha256_file, write_json_atomic
-from tasks.evaluate import (
-    RESULTS_FORMAT,
-    Unit,
-    UnitRunner,
-    feature_kind,
-    load_reference,
-    point_name,
-    precision_recall,
-    real_calibration,
-    reference_path,
-    summarize,
-)
+from tasks.eval_inputs import feature_kind, load_reference, reference_path
+from tasks.eval_metrics import RESULTS_FORMAT, precision_recall, real_calibration, summarize
+from tasks.eval_units import Unit, UnitRunner, point_name
 from tasks.features import UINT8_RULE, check_weights
 from tasks.schema import EvalConfig
 

@@ -9,7 +9,7 @@ process the command started.
     ...     fit()
     >>> preemption.check()                    # between units of work: raises Preempted if asked
 
-A training polls its directory's STOP_REQUESTED file at every step (tasks.train), which
+A training polls its directory's STOP_REQUESTED file at every step (tasks.train_loop), which
 reaches its Ray workers wherever they run: the file lives in the storage they share.
 """
 

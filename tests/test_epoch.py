@@ -39,7 +39,7 @@ def epoch_rows(ds: LatentDataset, epoch: int, world: int = 1) -> list[int]:
 def test_an_epoch_reads_every_image_once_in_one_of_its_orientations(flipped):
     ds = LatentDataset(flipped.path, seed=0, sample_posterior=False)
     assert flipped.num_rows == 2 * IMAGES and len(ds) == IMAGES
-    # What tasks/train.py counts steps an epoch from (and warmup and eval_every_epochs with them).
+    # What tasks/train_loop.py counts steps an epoch from (warmup and eval_every_epochs too).
     assert len(DistributedSampler(ds, num_replicas=3, rank=0)) == IMAGES // 3
     rows = np.array(epoch_rows(ds, 3))
     assert sorted(rows // 2) == list(range(IMAGES))  # a permutation of the images

@@ -229,7 +229,8 @@ def test_given_weights_evaluate_without_training(setup, tmp_path):
     from mlflow import MlflowClient
 
     from imf_core.models.official import to_official
-    from tasks.evaluate import checkpoint_source, load_model
+    from tasks.eval_inputs import checkpoint_source
+    from tasks.eval_units import load_model
 
     root, pre, trained = setup
     official = tmp_path / "iMF-tiny.pth"
@@ -274,7 +275,7 @@ def test_every_number_comes_with_its_calibration(setup):
     from imf_core.guidance import generate
     from imf_core.metrics import FeatureStats, frechet_distance
     from tasks.datasets import digits
-    from tasks.evaluate import load_model
+    from tasks.eval_units import load_model
 
     root, pre, trained = setup
     on = ["eval.calibrate=true", "eval.many_steps=8", "eval.prc_samples=150"]
@@ -294,7 +295,7 @@ def test_every_number_comes_with_its_calibration(setup):
     assert floor["accuracy"] > 0.9 and floor["fid"] < result.results[0]["class_mean_ceiling"]["fid"]
     # The ceiling recomputed by hand: every sample the mean image of its class (over the real
     # rows drawn for the floor).
-    from tasks.evaluate import real_indices
+    from tasks.eval_units import real_indices
 
     rows = real_indices(1797, 200, 0)[0]
     images, labels = images[rows], labels[rows]
@@ -307,7 +308,7 @@ def test_every_number_comes_with_its_calibration(setup):
     # The many-step number at omega 1 [0, 1]: 8 Euler steps of u(z, t, t), recomputed here.
     unguided = next(r for r in result.results if r["omega"] == 1.0)
     model = load_model(trained.weights, 8)
-    from tasks.evaluate import sample_noise
+    from tasks.eval_units import sample_noise
 
     noise = sample_noise(range(200), (1, 8, 8), 0)
     x = generate(model, noise, torch.arange(200) % 10, 1.0, 0.0, 1.0, 8, euler=True)
@@ -318,7 +319,7 @@ def test_every_number_comes_with_its_calibration(setup):
     assert unguided["many_step"]["fid"] == pytest.approx(euler, rel=1e-3)
     # The input sensitivity: the evaluated network's, on its fixed batch, in every entry.
     from imf_core.guidance import ignores_omega, input_sensitivity
-    from tasks.evaluate import SENSITIVITY_SAMPLES
+    from tasks.eval_units import SENSITIVITY_SAMPLES
 
     batch = range(SENSITIVITY_SAMPLES)
     expected = input_sensitivity(model, sample_noise(batch, (1, 8, 8), 0), torch.arange(256) % 10)

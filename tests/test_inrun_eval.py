@@ -17,7 +17,8 @@ from imf_core.ema import EMA
 from imf_core.models import build
 from tasks import inrun_eval
 from tasks.config import load_config
-from tasks.evaluate import UnitRunner, evaluate
+from tasks.eval_units import UnitRunner
+from tasks.evaluate import evaluate
 from tasks.precompute import precompute
 from tasks.train import train
 

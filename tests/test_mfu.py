@@ -6,7 +6,7 @@ import pytest
 
 from imf_core.peak_flops import datasheet_peak, mfu
 from tasks.config import load_config
-from tasks.train import RankZeroLogger, Utilisation, flops_per_image
+from tasks.train_loop import RankZeroLogger, Utilisation, flops_per_image
 
 
 @pytest.mark.parametrize(
@@ -76,12 +76,12 @@ class Optimizer:
 def test_the_training_log_shows_mfu_beside_its_rate_where_the_gpu_has_a_peak(
     smoke, device, monkeypatch, capsys, tmp_path
 ):
-    monkeypatch.setattr("tasks.train.RunJournal", Journal)
+    monkeypatch.setattr("tasks.train_loop.RunJournal", Journal)
     config = {"mlflow_uri": "", "mlflow_run_id": "run", "out": str(tmp_path)}
     utilisation = Utilisation.of(smoke, device, world=2)
     logger = RankZeroLogger(config, smoke, None, 100, utilisation)
     # 10 steps in 2 s at the smoke batch: 5 it/s
-    monkeypatch.setattr("tasks.train.time.perf_counter", lambda: 12.0)
+    monkeypatch.setattr("tasks.train_loop.time.perf_counter", lambda: 12.0)
     logger.step(10, {"loss": 1.0, "mse_u": 0.5}, Optimizer(), start=10.0, start_step=0)
     text = capsys.readouterr().out
     logged = logger.run.metrics_at[10]

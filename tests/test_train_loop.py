@@ -1,4 +1,4 @@
-"""tasks.train's loop in this process, as one Ray Train worker runs it (Ray's worker calls
+"""tasks.train_loop in this process, as one Ray Train worker runs it (Ray's worker calls
 stand-ins): the batches it trains on, read ahead on a thread of their own (imf_core.data.
 Prefetcher), in the sampler's order across epochs; the agreement on a non-finite loss or a
 stop read a step late (imf_core.training.StopAgreement), yet no checkpoint after a
@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import BatchSampler, DistributedSampler, default_collate
 
 import imf_core.training
-import tasks.train
+import tasks.train_loop
 from imf_core.data import LatentDataset, Prefetcher
 from imf_core.training import StopAgreement
 from tasks import preemption
@@ -101,10 +101,10 @@ def run_loop(digits, tmp_path, monkeypatch, nan_at: int = -1, stop_at: int = -1)
     monkeypatch.setattr(ray.train, "report", report)
     monkeypatch.setattr(ray.train.Checkpoint, "from_directory", staticmethod(lambda d: d))
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
-    monkeypatch.setattr(tasks.train, "RankZeroLogger", Logger)
+    monkeypatch.setattr(tasks.train_loop, "RankZeroLogger", Logger)
     LOGGERS.clear()
     config = {"cfg": digits.cfg, "data": digits.data, "out": str(out), "inrun_eval": None}
-    tasks.train.train_loop(config | {"mlflow_uri": "", "mlflow_run_id": ""})
+    tasks.train_loop.train_loop(config | {"mlflow_uri": "", "mlflow_run_id": ""})
     return SimpleNamespace(out=out, seen=seen, reports=reports, logged=LOGGERS[0].logged)
 
 
