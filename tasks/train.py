@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from imf_core import peak_flops
 from imf_core.models import build, count_params
+from imf_core.objectives import LossSpec
 from imf_core.training import step_flops_per_image
 from tasks import inrun_eval, preemption
 from tasks.artifacts import (
@@ -264,6 +265,7 @@ def train_loop(config: dict) -> None:
     from imf_core.ema import EMA
     from imf_core.training import (
         DEFAULT_COMPILE,
+        Runtime,
         StopAgreement,
         make_optimizer,
         train_step,
@@ -314,7 +316,13 @@ def train_loop(config: dict) -> None:
     total = t.steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     optim = with_warmup_steps(cfg.optim, steps_per_epoch)
     bf16 = device.type == "cuda"
-    compile = DEFAULT_COMPILE if t.compile == "auto" else t.compile
+    spec = LossSpec(cfg.objective, cfg.guidance, mcfg.num_classes)
+    runtime = Runtime(
+        compile=DEFAULT_COMPILE if t.compile == "auto" else t.compile,
+        sdpa_backend=t.sdpa_backend,
+        micro_batch=t.micro_batch,
+        shard=(rank, world),
+    )
     logger = None
     if rank == 0:
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -378,17 +386,12 @@ def train_loop(config: dict) -> None:
                         ema,
                         x,
                         y,
-                        cfg.objective,
-                        cfg.guidance,
-                        mcfg.num_classes,
+                        spec,
                         step,
                         optim,
                         seed=t.seed,  # the draws: a function of (seed, step, global row)
-                        compile=compile,
-                        shard=(rank, world),
                         total_steps=total,
-                        micro_batch=t.micro_batch,
-                        sdpa_backend=t.sdpa_backend,
+                        runtime=runtime,
                     )
                 stop_asked = rank == 0 and (out / preemption.STOP_FILE).exists()
                 agreement.post(step, parts["loss"], stop_asked)
@@ -460,7 +463,8 @@ def flops_per_image(model_cfg, objective, guidance) -> float:
     if key not in _FLOPS:
         with torch.device("meta"):
             meta = build(model_cfg)
-        _FLOPS[key] = step_flops_per_image(meta, objective, guidance, model_cfg.num_classes)
+        spec = LossSpec(objective, guidance, model_cfg.num_classes)
+        _FLOPS[key] = step_flops_per_image(meta, spec)
     return _FLOPS[key]
 
 
