@@ -87,7 +87,7 @@ from imf_core.decoding import DecodeOptions, LatentDecoder
 from imf_core.guidance import GuidanceConfig
 from imf_core.models import count_params, create
 from imf_core.models.layers import math_attention_jvp
-from imf_core.objectives import DrawKey, ObjectiveConfig, draw
+from imf_core.objectives import DrawKey, LossSpec, ObjectiveConfig, draw
 from imf_core.peak_flops import datasheet_peak
 from imf_core.sdpa import SDPA_BACKENDS
 from imf_core.training import step_flops_per_image
@@ -668,8 +668,9 @@ def flops_per_image(sizes: Sizes, label: str, objective: str) -> float:
 @functools.cache
 def preset_flops_per_image(preset: str, overrides: tuple, objective: str) -> float:
     meta = create(preset, device="meta", **dict(overrides))
-    cfg, guidance = ObjectiveConfig(name=objective), GuidanceConfig(mode="omega_interval")
-    return step_flops_per_image(meta, cfg, guidance, meta.cfg.num_classes)
+    guidance = GuidanceConfig(mode="omega_interval")
+    spec = LossSpec(ObjectiveConfig(name=objective), guidance, meta.cfg.num_classes)
+    return step_flops_per_image(meta, spec)
 
 
 def compiled_steps(
@@ -895,7 +896,8 @@ def jvp_gemms(check: Check, sizes: Sizes) -> dict:
     x = torch.randn(shape, generator=gen)
     y = torch.randint(0, cfg.num_classes, shape[:1], generator=gen)
     guidance = GuidanceConfig(mode="omega_interval")
-    draws = draw(x, y, ObjectiveConfig(name="imf_aux"), guidance, cfg.num_classes, DrawKey(seed=0))
+    spec = LossSpec(ObjectiveConfig(name="imf_aux"), guidance, cfg.num_classes)
+    draws = draw(x, y, spec, DrawKey(seed=0))
     cond = type(draws.cond)(*(c.to(check.device) for c in draws.cond))
     z, t, r = (a.to(check.device) for a in (x, draws.t, draws.r))
 

@@ -28,12 +28,13 @@ from torch import nn
 
 from imf_core.guidance import GuidanceConfig
 from imf_core.models import build, count_params, create
-from imf_core.objectives import OBJECTIVES, ObjectiveConfig
+from imf_core.objectives import OBJECTIVES, LossSpec, ObjectiveConfig
 from imf_core.peak_flops import datasheet_peak, mfu, peak_basis
 from imf_core.training import (
     COMPILE_MODES,
     DEFAULT_COMPILE,
     OptimConfig,
+    Runtime,
     make_optimizer,
     step_flops_per_image,
     train_step,
@@ -80,9 +81,15 @@ class StepTimer:
         self.optim = OptimConfig()
         self.optimizer = make_optimizer(self.model, self.optim)
 
+    def spec(self, objective: str) -> LossSpec:
+        """The loss of `objective` under the timer's guidance."""
+        guidance = GuidanceConfig(mode=self.guidance)
+        return LossSpec(ObjectiveConfig(name=objective), guidance, self.model.cfg.num_classes)
+
     def step(
         self, objective: str, compile: str | None = None, seed: int = 1
     ) -> dict[str, torch.Tensor]:
+        runtime = Runtime(compile=compile or self.compile, compile_backend=self.compile_backend)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return train_step(
                 self.model,
@@ -90,14 +97,11 @@ class StepTimer:
                 None,
                 self.x,
                 self.y,
-                ObjectiveConfig(name=objective),
-                GuidanceConfig(mode=self.guidance),
-                self.model.cfg.num_classes,
+                self.spec(objective),
                 10,
                 self.optim,
                 seed=seed,
-                compile=compile or self.compile,
-                compile_backend=self.compile_backend,
+                runtime=runtime,
             )
 
     def flops_per_image(self, objective: str) -> float:
@@ -107,9 +111,7 @@ class StepTimer:
         count, which already holds 2 FLOPs per multiply-add."""
         with torch.device("meta"):
             meta = build(self.model.cfg)
-        cfg = ObjectiveConfig(name=objective)
-        guidance = GuidanceConfig(mode=self.guidance)
-        return step_flops_per_image(meta, cfg, guidance, self.model.cfg.num_classes)
+        return step_flops_per_image(meta, self.spec(objective))
 
     def memory(self, objective: str) -> int:
         """Peak allocated bytes of a steady-state step on a GPU: a step after a first one, whose

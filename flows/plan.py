@@ -25,7 +25,7 @@ from pathlib import Path
 
 from imf_core.guidance import GuidanceConfig
 from imf_core.models import build, count_params, preset
-from imf_core.objectives import ObjectiveConfig, draw
+from imf_core.objectives import LossSpec, ObjectiveConfig, draw
 from imf_core.peak_flops import DATASHEET_BF16_TFLOPS, datasheet_peak
 from imf_core.peak_flops import mfu as model_flops_utilisation
 from tasks.artifacts import Manifest, methods_of, stale
@@ -73,7 +73,7 @@ def zero_tangent_gemm_flops(model_cfg, objective: ObjectiveConfig, batch: int = 
         return 0.0
     x = torch.zeros(batch, model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size)
     y = torch.zeros(batch, dtype=torch.long)
-    draws = draw(x, y, objective, GuidanceConfig(), model_cfg.num_classes)
+    draws = draw(x, y, LossSpec(objective, GuidanceConfig(), model_cfg.num_classes))
     rows = slice(draws.jvp_from, None)
     gemms = (torch.ops.aten.mm, torch.ops.aten.addmm)
     with torch.device("meta"), torch.no_grad(), sdpa_kernel(SDPBackend.MATH):

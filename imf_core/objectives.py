@@ -10,7 +10,8 @@ is the JVP tangent, and so what the loss means:
   imf_boundary  tangent = the model's marginal-velocity estimate u(z_t, t, t) (boundary).
   imf_aux       tangent = an auxiliary v-head's estimate, plus that head's own FM loss.
 
-    >>> loss, parts = imf_loss(model, x, y, cfg, guidance, num_classes=10)
+    >>> spec = LossSpec(ObjectiveConfig(), GuidanceConfig(), num_classes=10)
+    >>> loss, parts = imf_loss(model, x, y, spec)
 """
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ class ObjectiveConfig:
             raise ValueError(
                 f"objective.boundary_share must be in [0, 1], got {self.boundary_share}"
             )
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What the loss computes: its objective, the guidance it trains, and the number of classes
+    (the label num_classes is the null class). Made once per run and handed to every draw and
+    loss, which read nothing else of the configuration."""
+
+    objective: ObjectiveConfig
+    guidance: GuidanceConfig
+    num_classes: int
 
 
 def boundary_rows(n: int, cfg: ObjectiveConfig) -> int:
@@ -153,9 +165,7 @@ def to_device(tensors: Sequence[Tensor], device: torch.device) -> list[Tensor]:
 def draw(
     x: Tensor,
     y: Tensor,
-    cfg: ObjectiveConfig,
-    guidance: GuidanceConfig,
-    num_classes: int,
+    spec: LossSpec,
     key: DrawKey = DrawKey(),
     shard: tuple[int, int] = (0, 1),
 ) -> Draws:
@@ -171,23 +181,21 @@ def draw(
     n = x.shape[0]
     rank, world = shard
     batch = key.generator()
-    t, r = (s[rank::world] for s in sample_t_r(n * world, cfg, batch))
+    t, r = (s[rank::world] for s in sample_t_r(n * world, spec.objective, batch))
     # The first int(N * share) global rows have r = t; this rank's among them are a prefix.
-    jvp_from = len(range(rank, boundary_rows(n * world, cfg), world))
-    drawn = sample_conditions(guidance, torch.arange(n) < jvp_from, batch, shard)
+    jvp_from = len(range(rank, boundary_rows(n * world, spec.objective), world))
+    drawn = sample_conditions(spec.guidance, torch.arange(n) < jvp_from, batch, shard)
     e = row_noise(key, range(rank, n * world, world), x.shape[1:])
     t, r, e, *on_device = to_device([t, r, e, *drawn], x.device)
     drawn = ConditionDraws(*on_device)
-    return Draws(t, r, e, drawn.conditions(y, num_classes), drawn.dropped, jvp_from)
+    return Draws(t, r, e, drawn.conditions(y, spec.num_classes), drawn.dropped, jvp_from)
 
 
 def imf_loss(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    cfg: ObjectiveConfig,
-    guidance: GuidanceConfig,
-    num_classes: int,
+    spec: LossSpec,
     *,
     key: DrawKey = DrawKey(),
     compile_jvp: str | None = None,
@@ -204,8 +212,8 @@ def imf_loss(
     element: with adaptive weighting the loss sits near 1, so this is what shows learning) and,
     for imf_aux, `loss_v`, `mse_v`.
     """
-    draws = draw(x, y, cfg, guidance, num_classes, key, shard)
-    return loss_of_draws(model, x, y, draws, cfg, guidance, num_classes, compile_jvp=compile_jvp)
+    draws = draw(x, y, spec, key, shard)
+    return loss_of_draws(model, x, y, draws, spec, compile_jvp=compile_jvp)
 
 
 def loss_of_draws(
@@ -213,9 +221,7 @@ def loss_of_draws(
     x: Tensor,
     y: Tensor,
     draws: Draws,
-    cfg: ObjectiveConfig,
-    guidance: GuidanceConfig,
-    num_classes: int,
+    spec: LossSpec,
     *,
     compile_jvp: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -223,6 +229,7 @@ def loss_of_draws(
     torch.compile can take it whole, with its backward (imf_core.training, compile=step).
     The model is the bare module: data parallelism averages gradients after the backward
     (training.average_gradients), so no DDP hook sits in the no-grad or JVP passes."""
+    cfg, guidance = spec.objective, spec.guidance
     aux = cfg.name == "imf_aux"
     if aux and not getattr(model, "has_aux_head", False):
         raise ValueError(
@@ -251,7 +258,7 @@ def loss_of_draws(
     else:
         own = (v if aux else u)[:jvp_from].detach()
         target, v_c = guided_target(
-            guidance, v_boundary, z, t, v_data, cond, y, dropped, num_classes, v_c_known=own
+            guidance, v_boundary, z, t, v_data, cond, y, dropped, spec.num_classes, v_c_known=own
         )
         tangent = target if cfg.name == "mf" else v_c
 

@@ -1,12 +1,13 @@
 """The optimisation step shared by the CPU demo and the distributed trainer.
 
 >>> opt = make_optimizer(model, OptimConfig())
->>> parts = train_step(model, opt, ema, x, y, objective, guidance, 10, step, optim_cfg)
->>> parts = train_step(..., compile="step")   # the loss and its backward under torch.compile
->>> parts = train_step(..., micro_batch=64)   # the same step, accumulated over rows k::K
->>> parts = train_step(..., sdpa_backend="cudnn")   # the plain passes' SDPA kernel (imf_core.sdpa)
+>>> spec = LossSpec(ObjectiveConfig(), GuidanceConfig(), num_classes=10)
+>>> parts = train_step(model, opt, ema, x, y, spec, step, optim_cfg)
+>>> parts = train_step(..., runtime=Runtime(compile="step"))  # loss and backward compiled
+>>> parts = train_step(..., runtime=Runtime(micro_batch=64))  # accumulated over rows k::K
+>>> parts = train_step(..., runtime=Runtime(sdpa_backend="cudnn"))  # plain passes' SDPA kernel
 
-Compile modes (train.compile): "none" runs eagerly; "jvp" compiles the JVP pass alone;
+Compile modes (Runtime.compile): "none" runs eagerly; "jvp" compiles the JVP pass alone;
 "step" compiles the whole loss -- the guidance passes, the JVP on the r != t rows, the forward
 of u (and the aux head) -- with its backward (AOTAutograd), as one graph with no breaks. The
 random draws stay outside it (objectives.draw), so one graph serves every step of a run.
@@ -24,8 +25,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from imf_core.ema import EMA
-from imf_core.guidance import GuidanceConfig
-from imf_core.objectives import DrawKey, ObjectiveConfig, draw, loss_of_draws
+from imf_core.objectives import DrawKey, LossSpec, draw, loss_of_draws
 from imf_core.sdpa import plain_attention
 
 COMPILE_MODES = ("none", "jvp", "step")
@@ -120,43 +120,55 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int = 0) -> float:
     return lr
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """How a step runs on this process, not what it computes: every setting gives the same
+    step, to float rounding. `compile`: one of COMPILE_MODES (module docstring), with
+    `compile_backend` (torch.compile's; "aot_eager" traces without code generation, for tests);
+    `sdpa_backend`: the plain passes' attention kernel (imf_core.sdpa; a compiled step takes
+    the one set when it compiles); `micro_batch`: rows per micro-step, 0 for one (micro_steps);
+    `shard`: (rank, world), this process's rows rank::world of the global batch."""
+
+    compile: str = "none"
+    compile_backend: str = "inductor"
+    sdpa_backend: str = "auto"
+    micro_batch: int = 0
+    shard: tuple[int, int] = (0, 1)
+
+    def __post_init__(self) -> None:
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     ema: EMA | None,
     x: Tensor,
     y: Tensor,
-    objective: ObjectiveConfig,
-    guidance: GuidanceConfig,
-    num_classes: int,
+    spec: LossSpec,
     step: int,
     optim: OptimConfig,
     *,
     seed: int = 0,
-    compile: str = "none",
-    compile_backend: str = "inductor",
-    shard: tuple[int, int] = (0, 1),
     total_steps: int = 0,
-    micro_batch: int = 0,
-    sdpa_backend: str = "auto",
+    runtime: Runtime = Runtime(),
 ) -> dict[str, Tensor]:
     """Loss, backward, (clip), AdamW step and EMA update. Returns the detached loss parts.
 
     The batch's draws are made once, a function of (seed, step) and the global row
-    (objectives.draw, DrawKey), with no host sync; with `micro_batch` (micro_steps) the
-    loss and backward run on rows k::K, k < K = ceil(len(x) / micro_batch), accumulating the
+    (objectives.draw, DrawKey), with no host sync; with runtime.micro_batch the loss and
+    backward run on rows k::K, k < K = micro_steps(len(x), micro_batch), accumulating the
     gradient of the batch's mean loss, before the one optimizer step: the same step as without,
-    to float rounding, in the memory of one micro-batch. `compile`: one of COMPILE_MODES
-    (module docstring). `sdpa_backend`: the plain passes' attention kernel (imf_core.sdpa; a
-    compiled step takes the one set when it compiles).
+    to float rounding, in the memory of one micro-batch. The lr is lr_at(step, optim,
+    total_steps).
     """
-    if compile not in COMPILE_MODES:
-        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, optim, total_steps) * group["lr_scale"]
-    steps = micro_steps(x.shape[0], micro_batch)
-    draws = draw(x, y, objective, guidance, num_classes, DrawKey(seed, step), shard)
-    loss_fn = compiled_loss(compile_backend) if compile == "step" else loss_of_draws
+    steps = micro_steps(x.shape[0], runtime.micro_batch)
+    draws = draw(x, y, spec, DrawKey(seed, step), runtime.shard)
+    compile, backend = runtime.compile, runtime.compile_backend
+    loss_fn = compiled_loss(backend) if compile == "step" else loss_of_draws
     optimizer.zero_grad(set_to_none=True)
     parts: dict[str, Tensor] = {}
     for k in range(steps):
@@ -164,23 +176,22 @@ def train_step(
         # micro-batches' means, each weighted by its share of the rows, add up to the batch's.
         rows = slice(k, None, steps)
         share = len(range(k, x.shape[0], steps)) / x.shape[0]
-        with plain_attention(sdpa_backend):
+        with plain_attention(runtime.sdpa_backend):
             loss, micro = loss_fn(
                 model,
                 x[rows],
                 y[rows],
                 draws.micro(k, steps),
-                objective,
-                guidance,
-                num_classes,
-                compile_jvp=compile_backend if compile == "jvp" else None,
+                spec,
+                compile_jvp=backend if compile == "jvp" else None,
             )
         (loss * share).backward()
         for name, value in micro.items():
             parts[name] = parts.get(name, 0.0) + value * share
     # Data parallelism: gradients are averaged once, after the last micro-step (DDP's no_sync)
-    if shard[1] > 1:
-        average_gradients(model, shard[1])
+    world = runtime.shard[1]
+    if world > 1:
+        average_gradients(model, world)
     max_norm = optim.grad_clip if optim.grad_clip > 0 else float("inf")
     parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).detach()
     optimizer.step()
@@ -198,13 +209,7 @@ def micro_steps(batch: int, micro_batch: int) -> int:
     return -(-batch // micro_batch) if micro_batch else 1
 
 
-def step_flops_per_image(
-    model: nn.Module,
-    objective: ObjectiveConfig,
-    guidance: GuidanceConfig,
-    num_classes: int,
-    batch: int = 4,
-) -> float:
+def step_flops_per_image(model: nn.Module, spec: LossSpec, batch: int = 4) -> float:
     """FLOPs of one training step per image (2 per multiply-add, as PyTorch counts them): the
     forward, the guidance passes, the JVP and the backward, what MFU is measured against.
     Counted by PyTorch on a model on the meta device (instant, no memory) or a real one."""
@@ -212,9 +217,9 @@ def step_flops_per_image(
     cfg = model.cfg
     x = torch.zeros(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     y = torch.zeros(batch, dtype=torch.long, device=device)
-    draws = draw(x, y, objective, guidance, num_classes)
+    draws = draw(x, y, spec)
     with FlopCounterMode(display=False) as counter:
-        loss, _ = loss_of_draws(model, x, y, draws, objective, guidance, num_classes)
+        loss, _ = loss_of_draws(model, x, y, draws, spec)
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch

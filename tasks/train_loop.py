@@ -25,6 +25,7 @@ import torch
 
 from imf_core import peak_flops
 from imf_core.models import build
+from imf_core.objectives import LossSpec
 from imf_core.training import step_flops_per_image
 from tasks import inrun_eval, preemption
 from tasks.tracking import JOURNAL, RunJournal
@@ -44,6 +45,7 @@ def train_loop(config: dict) -> None:
     from imf_core.ema import EMA
     from imf_core.training import (
         DEFAULT_COMPILE,
+        Runtime,
         StopAgreement,
         make_optimizer,
         train_step,
@@ -94,7 +96,13 @@ def train_loop(config: dict) -> None:
     total = t.steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     optim = with_warmup_steps(cfg.optim, steps_per_epoch)
     bf16 = device.type == "cuda"
-    compile = DEFAULT_COMPILE if t.compile == "auto" else t.compile
+    spec = LossSpec(cfg.objective, cfg.guidance, mcfg.num_classes)
+    runtime = Runtime(
+        compile=DEFAULT_COMPILE if t.compile == "auto" else t.compile,
+        sdpa_backend=t.sdpa_backend,
+        micro_batch=t.micro_batch,
+        shard=(rank, world),
+    )
     logger = None
     if rank == 0:
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -158,17 +166,12 @@ def train_loop(config: dict) -> None:
                         ema,
                         x,
                         y,
-                        cfg.objective,
-                        cfg.guidance,
-                        mcfg.num_classes,
+                        spec,
                         step,
                         optim,
                         seed=t.seed,  # the draws: a function of (seed, step, global row)
-                        compile=compile,
-                        shard=(rank, world),
                         total_steps=total,
-                        micro_batch=t.micro_batch,
-                        sdpa_backend=t.sdpa_backend,
+                        runtime=runtime,
                     )
                 stop_asked = rank == 0 and (out / preemption.STOP_FILE).exists()
                 agreement.post(step, parts["loss"], stop_asked)
@@ -240,7 +243,8 @@ def flops_per_image(model_cfg, objective, guidance) -> float:
     if key not in _FLOPS:
         with torch.device("meta"):
             meta = build(model_cfg)
-        _FLOPS[key] = step_flops_per_image(meta, objective, guidance, model_cfg.num_classes)
+        spec = LossSpec(objective, guidance, model_cfg.num_classes)
+        _FLOPS[key] = step_flops_per_image(meta, spec)
     return _FLOPS[key]
 
 

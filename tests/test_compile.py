@@ -18,8 +18,8 @@ from torch._dynamo.utils import counters
 
 from imf_core.guidance import GuidanceConfig
 from imf_core.models import create
-from imf_core.objectives import OBJECTIVES, DrawKey, ObjectiveConfig, draw, loss_of_draws
-from imf_core.training import OptimConfig, make_optimizer, train_step
+from imf_core.objectives import OBJECTIVES, DrawKey, LossSpec, ObjectiveConfig, draw, loss_of_draws
+from imf_core.training import OptimConfig, Runtime, make_optimizer, train_step
 
 MODES = ("none", "fixed", "omega", "omega_interval")
 
@@ -37,11 +37,11 @@ def loss_and_grads(fn, model, objective: str, mode: str, batch: int = 16):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 1, 8, 8, generator=gen)
     y = torch.randint(0, 10, (batch,), generator=gen)
-    cfg = ObjectiveConfig(name=objective)
     guidance = GuidanceConfig(mode=mode, **(dict(omega=1.5, kappa=0.5) if mode == "fixed" else {}))
-    draws = draw(x, y, cfg, guidance, 10, DrawKey(seed=1))
+    spec = LossSpec(ObjectiveConfig(name=objective), guidance, 10)
+    draws = draw(x, y, spec, DrawKey(seed=1))
     model.zero_grad(set_to_none=True)
-    loss, parts = fn(model, x, y, draws, cfg, guidance, 10)
+    loss, parts = fn(model, x, y, draws, spec)
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     return loss.detach(), grads, parts
@@ -79,7 +79,7 @@ def inductor_and_eager_steps() -> dict:
     (relative), and Dynamo's graph count after each compiled step."""
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
-    cfg, guidance = ObjectiveConfig(name="imf_aux"), GuidanceConfig(mode="omega_interval")
+    spec = LossSpec(ObjectiveConfig(name="imf_aux"), GuidanceConfig(mode="omega_interval"), 10)
     first, weights, graphs = {}, {}, []
     for compile in ("none", "step"):
         model = small_model()
@@ -87,7 +87,7 @@ def inductor_and_eager_steps() -> dict:
         opt = make_optimizer(model, optim)
         for step in range(2):
             parts = train_step(
-                model, opt, None, x, y, cfg, guidance, 10, step, optim, compile=compile
+                model, opt, None, x, y, spec, step, optim, runtime=Runtime(compile=compile)
             )
             if compile == "step":
                 graphs.append(counters["stats"]["unique_graphs"])
@@ -138,10 +138,8 @@ def test_bad_compile_mode_is_named():
             None,
             x,
             y,
-            ObjectiveConfig(),
-            GuidanceConfig(),
-            10,
+            LossSpec(ObjectiveConfig(), GuidanceConfig(), 10),
             0,
             OptimConfig(),
-            compile="full",
+            runtime=Runtime(compile="full"),
         )

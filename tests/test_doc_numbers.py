@@ -132,12 +132,12 @@ def step_gflop(name: str) -> float:
     """One ω-interval imf_aux training step's useful GFLOP per image, as the code counts it."""
     from imf_core.guidance import GuidanceConfig
     from imf_core.models import create
-    from imf_core.objectives import ObjectiveConfig
+    from imf_core.objectives import LossSpec, ObjectiveConfig
     from imf_core.training import step_flops_per_image
 
     model = create(name, device="meta")
     objective, guidance = ObjectiveConfig(name="imf_aux"), GuidanceConfig(mode="omega_interval")
-    return step_flops_per_image(model, objective, guidance, model.cfg.num_classes) / 1e9
+    return step_flops_per_image(model, LossSpec(objective, guidance, model.cfg.num_classes)) / 1e9
 
 
 def compiled_grad_err(name: str) -> float:

@@ -11,8 +11,16 @@ import torch
 from imf_core.ema import EMA
 from imf_core.guidance import MODES, GuidanceConfig
 from imf_core.models import create
-from imf_core.objectives import OBJECTIVES, DrawKey, Draws, ObjectiveConfig, draw, to_device
-from imf_core.training import OptimConfig, make_optimizer, train_step
+from imf_core.objectives import (
+    OBJECTIVES,
+    DrawKey,
+    Draws,
+    LossSpec,
+    ObjectiveConfig,
+    draw,
+    to_device,
+)
+from imf_core.training import OptimConfig, Runtime, make_optimizer, train_step
 
 
 def batch(n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,15 +60,12 @@ def test_the_ranks_draws_in_row_order_are_the_one_process_draws(mode, drop_rows)
     extra = dict(omega=1.5, kappa=0.5) if mode == "fixed" else {}
     guidance = GuidanceConfig(mode=mode, drop_rows=drop_rows, class_drop=0.3, **extra)
     for objective, step in itertools.product(OBJECTIVES, range(3)):
-        cfg = ObjectiveConfig(name=objective, boundary_share=0.3)
+        spec = LossSpec(ObjectiveConfig(name=objective, boundary_share=0.3), guidance, 10)
         key = DrawKey(seed=5, step=step)
-        whole = draw(x, y, cfg, guidance, 10, key)
+        whole = draw(x, y, spec, key)
         assert whole.jvp_from == (24 if objective == "fm" else 7)
         for world in (1, 2, 4):
-            parts = [
-                draw(x[r::world], y[r::world], cfg, guidance, 10, key, (r, world))
-                for r in range(world)
-            ]
+            parts = [draw(x[r::world], y[r::world], spec, key, (r, world)) for r in range(world)]
             assert_same(in_row_order(parts), fields(whole))
             assert sum(p.jvp_from for p in parts) == whole.jvp_from
     assert whole.dropped.any() and (whole.cond.y[whole.dropped] == 10).all()
@@ -70,20 +75,20 @@ def test_a_steps_draws_do_not_depend_on_what_was_drawn_before():
     """Step 3 on rank 1 of 4, drawn first, after steps 0-2 on 2 ranks, or with the global RNG
     elsewhere: the same as one process's rows 1::4 at step 3. Another step or seed: others."""
     x, y = batch()
-    cfg, guidance = ObjectiveConfig(), GuidanceConfig()
+    spec = LossSpec(ObjectiveConfig(), GuidanceConfig(), 10)
     key = DrawKey(seed=1, step=3)
-    first = fields(draw(x[1::4], y[1::4], cfg, guidance, 10, key, (1, 4)))
+    first = fields(draw(x[1::4], y[1::4], spec, key, (1, 4)))
     for step in range(3):
         for rank in range(2):
-            draw(x[rank::2], y[rank::2], cfg, guidance, 10, DrawKey(1, step), (rank, 2))
+            draw(x[rank::2], y[rank::2], spec, DrawKey(1, step), (rank, 2))
     torch.manual_seed(123)
     torch.randn(100)
-    again = fields(draw(x[1::4], y[1::4], cfg, guidance, 10, key, (1, 4)))
-    whole = fields(draw(x, y, cfg, guidance, 10, key))
+    again = fields(draw(x[1::4], y[1::4], spec, key, (1, 4)))
+    whole = fields(draw(x, y, spec, key))
     assert_same(first, again)
     assert_same(first, [f[1::4] for f in whole])
     for other in (DrawKey(1, 4), DrawKey(2, 3)):
-        e = draw(x, y, cfg, guidance, 10, other).e
+        e = draw(x, y, spec, other).e
         assert not torch.isclose(e, whole[2]).any()
 
 
@@ -98,13 +103,14 @@ def test_a_rank_draws_the_noise_of_its_own_rows_alone(monkeypatch):
 
     monkeypatch.setattr(DrawKey, "stream", spy)
     x, y = batch(32)
-    draw(x[3::8], y[3::8], ObjectiveConfig(), GuidanceConfig(), 10, DrawKey(), (3, 8))
+    draw(x[3::8], y[3::8], LossSpec(ObjectiveConfig(), GuidanceConfig(), 10), DrawKey(), (3, 8))
     assert seeded == [None, *range(3, 32, 8)]
 
 
 def test_each_rows_noise_is_standard_normal_and_independent():
     x, y = torch.zeros(512, 4, 8, 8), torch.zeros(512, dtype=torch.long)
-    e = draw(x, y, ObjectiveConfig(), GuidanceConfig(), 10, DrawKey(0, 7)).e.double()
+    spec = LossSpec(ObjectiveConfig(), GuidanceConfig(), 10)
+    e = draw(x, y, spec, DrawKey(0, 7)).e.double()
     flat = e.flatten()  # 131,072 values
     assert abs(flat.mean()) < 0.015 and abs(flat.std() - 1) < 0.01
     assert abs((flat**4).mean() - 3) < 0.06  # normal kurtosis
@@ -151,11 +157,9 @@ def test_a_train_step_reads_nothing_back_from_the_device(objective):
             ema,
             x,
             y,
-            ObjectiveConfig(name=objective),
-            GuidanceConfig(mode=mode, **extra),
-            10,
+            LossSpec(ObjectiveConfig(name=objective), GuidanceConfig(mode=mode, **extra), 10),
             3,
             optim,
-            micro_batch=4,
+            runtime=Runtime(micro_batch=4),
         )
         assert {v.device.type for v in parts.values()} == {"meta"} and "grad_norm" in parts

@@ -668,7 +668,7 @@ def test_the_plans_zero_tangent_gemms_are_those_torch_func_jvp_runs():
     from flows.plan import zero_tangent_gemm_flops
     from imf_core.guidance import GuidanceConfig
     from imf_core.models import build, preset
-    from imf_core.objectives import ObjectiveConfig, draw
+    from imf_core.objectives import LossSpec, ObjectiveConfig, draw
 
     aten = torch.ops.aten
 
@@ -691,7 +691,7 @@ def test_the_plans_zero_tangent_gemms_are_those_torch_func_jvp_runs():
     batch = 4
     x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size)
     y = torch.zeros(batch, dtype=torch.long)
-    d = draw(x, y, objective, GuidanceConfig(), cfg.num_classes)
+    d = draw(x, y, LossSpec(objective, GuidanceConfig(), cfg.num_classes))
     rows = slice(d.jvp_from, None)
     cond = d.cond.select(rows)
     z, r, t = x[rows], d.r[rows], d.t[rows]

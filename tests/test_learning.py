@@ -7,7 +7,7 @@ from sklearn.linear_model import LogisticRegression
 from imf_core.ema import EMA
 from imf_core.guidance import GuidanceConfig, generate
 from imf_core.models import create
-from imf_core.objectives import ObjectiveConfig
+from imf_core.objectives import LossSpec, ObjectiveConfig
 from imf_core.training import OptimConfig, make_optimizer, train_step
 from tasks.datasets import digits
 
@@ -17,25 +17,14 @@ def test_imf_learns_digits_in_one_step():
     torch.manual_seed(0)
     images, labels = digits()
     model = create("tiny", aux_head_depth=0, cond_omega=False, cond_interval=False)
-    objective, guidance = ObjectiveConfig(name="imf_boundary"), GuidanceConfig(mode="none")
+    spec = LossSpec(ObjectiveConfig(name="imf_boundary"), GuidanceConfig(mode="none"), 10)
     optim = OptimConfig(lr=2e-3, warmup_steps=50, ema_decay=0.99)
     optimizer, ema = make_optimizer(model, optim), EMA(model, optim.ema_decay)
     gen = torch.Generator().manual_seed(0)
     mse = []
     for step in range(500):
         idx = torch.randint(0, len(images), (64,), generator=gen)
-        parts = train_step(
-            model,
-            optimizer,
-            ema,
-            images[idx],
-            labels[idx],
-            objective,
-            guidance,
-            10,
-            step,
-            optim,
-        )
+        parts = train_step(model, optimizer, ema, images[idx], labels[idx], spec, step, optim)
         mse.append(parts["mse_u"].item())
     first, last = sum(mse[:20]) / 20, sum(mse[-50:]) / 50
     assert last < 0.5 * first, (first, last)  # unweighted ||V - (e - x)||^2

@@ -18,7 +18,7 @@ from imf_core import METHOD_HISTORY, METHOD_VERSION
 from imf_core.ema import EMA
 from imf_core.guidance import GuidanceConfig, generate
 from imf_core.models import build, preset
-from imf_core.objectives import ObjectiveConfig
+from imf_core.objectives import LossSpec, ObjectiveConfig
 from imf_core.training import OptimConfig, make_optimizer, train_step
 
 # METHOD_VERSION -> the numbers of method_numbers()
@@ -57,9 +57,7 @@ def method_numbers() -> dict[str, float]:
             ema,
             x,
             y,
-            ObjectiveConfig(),
-            GuidanceConfig(),
-            10,
+            LossSpec(ObjectiveConfig(), GuidanceConfig(), 10),
             step,
             optim,
             seed=5,

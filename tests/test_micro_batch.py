@@ -11,8 +11,8 @@ from torch._dynamo.utils import counters
 from imf_core.ema import EMA
 from imf_core.guidance import GuidanceConfig
 from imf_core.models import create
-from imf_core.objectives import DrawKey, ObjectiveConfig, draw
-from imf_core.training import OptimConfig, make_optimizer, train_step
+from imf_core.objectives import DrawKey, LossSpec, ObjectiveConfig, draw
+from imf_core.training import OptimConfig, Runtime, make_optimizer, train_step
 from tasks.config import ConfigError, load_config
 
 
@@ -47,15 +47,12 @@ def one_step(model, x, y, objective: str, micro_batch: int, compile: str = "none
         ema,
         x,
         y,
-        ObjectiveConfig(name=objective),
-        GuidanceConfig(mode="omega_interval"),  # omega ~ p(omega), CFG interval, class drop
-        10,
+        # omega ~ p(omega), CFG interval, class drop
+        LossSpec(ObjectiveConfig(name=objective), GuidanceConfig(mode="omega_interval"), 10),
         0,
         optim,
         seed=5,
-        compile=compile,
-        compile_backend="aot_eager",
-        micro_batch=micro_batch,
+        runtime=Runtime(compile=compile, compile_backend="aot_eager", micro_batch=micro_batch),
     )
     flat = lambda ts: torch.cat([t.detach().flatten() for t in ts])  # noqa: E731
     return {
@@ -88,17 +85,17 @@ def test_a_micro_steps_draws_are_those_of_a_split_over_more_ranks():
     split data parallelism already makes equal to the global batch (test_objectives). The
     r = t share (7 of 24 rows) leaves micro-batches with 2, 1 and 1 of them."""
     objective = ObjectiveConfig(name="imf_aux", boundary_share=0.3)
-    guidance = GuidanceConfig(mode="omega_interval", class_drop=0.3)
+    spec = LossSpec(objective, GuidanceConfig(mode="omega_interval", class_drop=0.3), 10)
     gen = torch.Generator().manual_seed(3)
     x, y = torch.randn(24, 1, 8, 8, generator=gen), torch.randint(0, 10, (24,), generator=gen)
     world, steps = 2, 3
     for rank in range(world):
         mine = slice(rank, None, world)
-        drawn = draw(x[mine], y[mine], objective, guidance, 10, DrawKey(seed=9), (rank, world))
+        drawn = draw(x[mine], y[mine], spec, DrawKey(seed=9), (rank, world))
         for k in range(steps):
             rows = slice(rank + world * k, None, world * steps)
             shard = (rank + world * k, world * steps)
-            want = draw(x[rows], y[rows], objective, guidance, 10, DrawKey(seed=9), shard)
+            want = draw(x[rows], y[rows], spec, DrawKey(seed=9), shard)
             got = drawn.micro(k, steps)
             assert got.jvp_from == want.jvp_from
             for a, b in zip(

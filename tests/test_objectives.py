@@ -8,6 +8,7 @@ from imf_core.guidance import GuidanceConfig
 from imf_core.models import create
 from imf_core.objectives import (
     DrawKey,
+    LossSpec,
     ObjectiveConfig,
     adaptive_weighted,
     draw,
@@ -45,7 +46,7 @@ def test_imf_aux_needs_an_aux_head():
     model = create("tiny", aux_head_depth=0)
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
     with pytest.raises(ValueError, match="aux"):
-        imf_loss(model, x, y, ObjectiveConfig(name="imf_aux"), GuidanceConfig(), 10)
+        imf_loss(model, x, y, LossSpec(ObjectiveConfig(name="imf_aux"), GuidanceConfig(), 10))
 
 
 @pytest.mark.parametrize("objective", ["fm", "mf", "imf_boundary", "imf_aux"])
@@ -55,9 +56,8 @@ def test_every_variant_gives_a_finite_loss_and_gradients(objective, mode):
     model = create("tiny", width=32, depth=2, heads=2, aux_head_depth=1)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     fixed = dict(omega=1.0, kappa=0.5) if mode == "fixed" else {}  # MF's release setting
-    loss, parts = imf_loss(
-        model, x, y, ObjectiveConfig(name=objective), GuidanceConfig(mode=mode, **fixed), 10
-    )
+    spec = LossSpec(ObjectiveConfig(name=objective), GuidanceConfig(mode=mode, **fixed), 10)
+    loss, parts = imf_loss(model, x, y, spec)
     loss.backward()
     assert torch.isfinite(loss)
     assert {"loss", "mse_u"} <= set(parts) and all(not p.requires_grad for p in parts.values())
@@ -89,12 +89,12 @@ def test_sharded_loss_equals_the_global_batch_loss(objective):
     torch.manual_seed(0)
     model = create("tiny", width=32, depth=2, heads=2, aux_head_depth=1)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
-    cfg, guidance = ObjectiveConfig(name=objective), GuidanceConfig(mode="omega_interval")
+    spec = LossSpec(ObjectiveConfig(name=objective), GuidanceConfig(mode="omega_interval"), 10)
 
     def loss_and_grad(rows, shard):
         model.zero_grad()
         key = DrawKey(seed=7, step=3)
-        loss, _ = imf_loss(model, x[rows], y[rows], cfg, guidance, 10, key=key, shard=shard)
+        loss, _ = imf_loss(model, x[rows], y[rows], spec, key=key, shard=shard)
         loss.backward()
         grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
         return loss.detach(), torch.cat(grads)
@@ -153,16 +153,14 @@ def test_the_guidance_reuses_the_training_forward_on_the_r_equals_t_rows(
             p.normal_(0.0, 0.3)
     x, y = torch.randn(16, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (16,))
     fixed = dict(omega=1.5, kappa=0.5) if mode == "fixed" else {}
-    cfg, guidance = (
-        ObjectiveConfig(name=objective),
-        GuidanceConfig(mode=mode, class_drop=0.3, **fixed),
-    )
-    draws = draw(x, y, cfg, guidance, 10, DrawKey(seed=1))
+    guidance = GuidanceConfig(mode=mode, class_drop=0.3, **fixed)
+    spec = LossSpec(ObjectiveConfig(name=objective), guidance, 10)
+    draws = draw(x, y, spec, DrawKey(seed=1))
     assert draws.dropped.any() and draws.jvp_from > 0
 
     def run() -> tuple[dict, list]:
         model.zero_grad(set_to_none=True)
-        loss, parts = loss_of_draws(model, x, y, draws, cfg, guidance, 10)
+        loss, parts = loss_of_draws(model, x, y, draws, spec)
         loss.backward()
         return parts, [p.grad.clone() for p in model.parameters() if p.grad is not None]
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from imf_core.guidance import Conditions, GuidanceConfig
-from imf_core.objectives import Draws, ObjectiveConfig, loss_of_draws
+from imf_core.objectives import Draws, LossSpec, ObjectiveConfig, loss_of_draws
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official_loss"
 NUM_CLASSES = 5  # the null class is 5
@@ -83,9 +83,8 @@ def test_loss_and_gradients_equal_the_official_training_code():
     draws, y = official_draws(data)
     assert draws.dropped.sum() == 2  # rows 0 and 1, as the README says
     x = torch.from_numpy(data["x"]).permute(0, 3, 1, 2)
-    loss, parts = loss_of_draws(
-        model, x, y, draws, ObjectiveConfig(), GuidanceConfig(), NUM_CLASSES
-    )
+    spec = LossSpec(ObjectiveConfig(), GuidanceConfig(), NUM_CLASSES)
+    loss, parts = loss_of_draws(model, x, y, draws, spec)
     loss.backward()
     assert float(parts["loss"]) == pytest.approx(float(official["loss"]), rel=1e-12)
     assert float(parts["mse_u"]) == pytest.approx(float(official["loss_u_mse"]), rel=1e-12)

@@ -30,8 +30,8 @@ def test_the_backend_changes_no_step_and_the_jvp_pass_still_runs():
     rounding, and the JVP pass (math attention inside, whatever the setting) runs."""
     from imf_core.guidance import GuidanceConfig
     from imf_core.models import create
-    from imf_core.objectives import ObjectiveConfig
-    from imf_core.training import OptimConfig, make_optimizer, train_step
+    from imf_core.objectives import LossSpec, ObjectiveConfig
+    from imf_core.training import OptimConfig, Runtime, make_optimizer, train_step
 
     grads = {}
     for backend in ("flash", "math", "auto"):
@@ -50,13 +50,15 @@ def test_the_backend_changes_no_step_and_the_jvp_pass_still_runs():
             None,
             x,
             y,
-            ObjectiveConfig(name="imf_aux"),
-            GuidanceConfig(mode="omega_interval"),
-            model.cfg.num_classes,
+            LossSpec(
+                ObjectiveConfig(name="imf_aux"),
+                GuidanceConfig(mode="omega_interval"),
+                model.cfg.num_classes,
+            ),
             0,
             optim,
             seed=2,
-            sdpa_backend=backend,
+            runtime=Runtime(sdpa_backend=backend),
         )
         grads[backend] = (parts["loss"], torch.cat([p.grad.flatten() for p in model.parameters()]))
     for backend in ("math", "auto"):

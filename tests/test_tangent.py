@@ -24,7 +24,7 @@ from imf_core.guidance import Conditions, GuidanceConfig
 from imf_core.meanflow import time_derivative
 from imf_core.models import create, dummy_inputs
 from imf_core.models.layers import jvp_attention, math_attention_jvp
-from imf_core.objectives import OBJECTIVES, Draws, ObjectiveConfig, draw, loss_of_draws
+from imf_core.objectives import OBJECTIVES, Draws, LossSpec, ObjectiveConfig, draw, loss_of_draws
 
 F64 = torch.float64
 SMALL = dict(
@@ -185,16 +185,15 @@ def float64_draws(draws: Draws) -> Draws:
 
 
 def problem(objective: str, mode: str, batch: int = 8) -> tuple:
-    """loss_of_draws's arguments after the model: a float64 batch, its draws and configs."""
+    """loss_of_draws's arguments after the model: a float64 batch, its draws and loss spec."""
     gen = torch.Generator().manual_seed(1)
-    cfg = ObjectiveConfig(name=objective)
     guidance = GuidanceConfig(mode=mode, **(dict(omega=1.5, kappa=0.5) if mode == "fixed" else {}))
-    num_classes = 5
+    spec = LossSpec(ObjectiveConfig(name=objective), guidance, num_classes=5)
     x = torch.randn(batch, 2, 8, 8, generator=gen, dtype=F64)
-    y = torch.randint(0, num_classes, (batch,), generator=gen)
+    y = torch.randint(0, spec.num_classes, (batch,), generator=gen)
     torch.manual_seed(1)  # the draws' default source, whatever it is
-    draws = float64_draws(draw(x, y, cfg, guidance, num_classes))
-    return x, y, draws, cfg, guidance, num_classes
+    draws = float64_draws(draw(x, y, spec))
+    return x, y, draws, spec
 
 
 def loss_and_grads(fn, model: nn.Module, objective: str, mode: str):

@@ -82,12 +82,11 @@ def run_loop(digits, tmp_path, monkeypatch, nan_at: int = -1, stop_at: int = -1)
     seen, reports = [], []
     real_step = imf_core.training.train_step
 
-    def train_step(model, optimizer, ema, x, y, *args, **kwargs):
-        step = args[3]
+    def train_step(model, optimizer, ema, x, y, spec, step, *args, **kwargs):
         seen.append((step, x.clone(), y.clone()))
         if step == stop_at:
             (out / preemption.STOP_FILE).write_text("")
-        parts = real_step(model, optimizer, ema, x, y, *args, **kwargs)
+        parts = real_step(model, optimizer, ema, x, y, spec, step, *args, **kwargs)
         return parts | {"loss": torch.tensor(math.nan)} if step == nan_at else parts
 
     def report(metrics, checkpoint=None):
