@@ -233,7 +233,7 @@ def upstream(args: argparse.Namespace, stage: str):
     from tasks.inputs import reads_of, require_inputs
     from tasks.precompute import precompute
     from tasks.tracking import prepare
-    from tasks.train import train
+    from tasks.train import TrainJob, train
 
     cfg = load_config(args.experiment, args.overrides)
     if stage == "evaluate":
@@ -245,16 +245,16 @@ def upstream(args: argparse.Namespace, stage: str):
     print(f"precompute: {'computed' if pre.computed else 'reused'} {pre.path}")
     if stage == "train":
         return cfg, pre, None
-    trained = train(cfg, pre)
+    trained = train(TrainJob.of(cfg, pre))
     print(f"train: {'trained' if trained.computed else 'reused'} {trained.path}")
     return cfg, pre, trained
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from tasks.train import train
+    from tasks.train import TrainJob, train
 
     cfg, pre, _ = upstream(args, "train")
-    result = train(cfg, pre)
+    result = train(TrainJob.of(cfg, pre))
     state = "trained" if result.computed else "reused"
     print(f"train: {state}, {result.steps} steps, MLflow run {result.mlflow_run_id}")
     print(result.path)

@@ -28,7 +28,7 @@ from tasks.evaluate import EvalResult, evaluate_task
 from tasks.inputs import reads_of, require_inputs
 from tasks.precompute import PrecomputeResult, precompute_task
 from tasks.schema import ExperimentConfig
-from tasks.train import TrainResult, train_task
+from tasks.train import TrainJob, TrainResult, train_task
 
 # Failures that the same inputs would only repeat: no retry.
 DETERMINISTIC = (ConfigError, ValueError, TypeError, KeyError, FileNotFoundError, RuntimeError)
@@ -182,7 +182,7 @@ def run_stages(cfg) -> PipelineResult:
     )
     pre = states["precompute"].result()
     train_named = train_task.with_options(**RETRIES, **names["train"])
-    states["train"] = train_named(cfg, pre, return_state=True)
+    states["train"] = train_named(TrainJob.of(cfg, pre), return_state=True)
     trained = states["train"].result()
     evaluate_named = evaluate_task.with_options(**RETRIES, **names["evaluate"])
     states["evaluate"] = evaluate_named(cfg, pre, trained, return_state=True)

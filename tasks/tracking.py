@@ -29,6 +29,21 @@ def tracking_uri(cfg) -> str:
     return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+@dataclasses.dataclass(frozen=True)
+class TrackingTarget:
+    """Where a stage's MLflow run goes, resolved once from the experiment (TrackingTarget.of)."""
+
+    uri: str  # tracking_uri: absolute, so that workers in other directories find it
+    experiment: str  # tracking.experiment, else the experiment config's name
+    run_name: str  # tracking.run_name ("" = the stage names its run)
+    tags: dict[str, str]  # tracking.tags: the variant, its row, a sweep's parent run
+
+    @classmethod
+    def of(cls, cfg) -> TrackingTarget:
+        t = cfg.tracking
+        return cls(tracking_uri(cfg), t.experiment or cfg.name, t.run_name, dict(t.tags))
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """A tracking server must answer before any stage starts (MLflow's own client retries a
     dead server for minutes): one quick /health request, then the login (check_login). Local
@@ -254,7 +269,7 @@ def dataset_input(pre, context: str):
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
 
 
-def end_run(cfg, run_id: str, error: BaseException | None = None, journal: Path | None = None):
+def end_run(uri: str, run_id: str, error: BaseException | None = None, journal: Path | None = None):
     """Marks the run FINISHED; FAILED with the error as a tag; or KILLED with the reason after
     a stop signal ("preempted (SIGTERM)") or Ctrl-C (a resume reopens it). With a training's
     `journal`, the end is its last record: sent now if the server answers, else by the next
@@ -269,10 +284,10 @@ def end_run(cfg, run_id: str, error: BaseException | None = None, journal: Path 
     elif error is not None:
         status, message = "FAILED", f"{type(error).__name__}: {error}"[:5000]
     if journal is None:
-        finish(client(tracking_uri(cfg)), run_id, status, message)
+        finish(client(uri), run_id, status, message)
         return
     append_record(journal, {"end": status, "error": message, "run_id": run_id})
-    replay(journal, tracking_uri(cfg))
+    replay(journal, uri)
 
 
 def finish(runs, run_id: str, status: str, error: str) -> None:
