@@ -24,7 +24,7 @@ from flows.plan import check_gpu_memory
 from tasks import preemption
 from tasks.config import ConfigError, load_config
 from tasks.eval_inputs import preflight
-from tasks.evaluate import EvalResult, evaluate_task
+from tasks.evaluate import EvalJob, EvalResult, evaluate_task
 from tasks.inputs import reads_of, require_inputs
 from tasks.precompute import PrecomputeResult, precompute_task
 from tasks.schema import ExperimentConfig
@@ -185,7 +185,7 @@ def run_stages(cfg) -> PipelineResult:
     states["train"] = train_named(TrainJob.of(cfg, pre), return_state=True)
     trained = states["train"].result()
     evaluate_named = evaluate_task.with_options(**RETRIES, **names["evaluate"])
-    states["evaluate"] = evaluate_named(cfg, pre, trained, return_state=True)
+    states["evaluate"] = evaluate_named(EvalJob.of(cfg, pre), trained, return_state=True)
     evaluated = states["evaluate"].result()
     stages = {name: stage_outcome(state) for name, state in states.items()}
     for name, outcome in stages.items():

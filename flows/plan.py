@@ -419,7 +419,7 @@ def evaluate_stage(cfg, label: str, trained: Stage, rates: Rates | None) -> Stag
 def evaluation_status(cfg, train_key: str) -> tuple[str | None, str]:
     """The evaluation's key and status once its training exists (its reference is needed)."""
     from tasks.eval_inputs import preflight
-    from tasks.evaluate import output_dir
+    from tasks.evaluate import EvalJob
     from tasks.precompute import PrecomputeResult
     from tasks.precompute import output_dir as pre_dir
 
@@ -431,7 +431,7 @@ def evaluation_status(cfg, train_key: str) -> tuple[str | None, str]:
         class Trained:
             key = train_key
 
-        out = output_dir(cfg, pre, Trained())
+        out = EvalJob.of(cfg, pre).out(Trained())
     except (FileNotFoundError, OSError, ValueError):
         return None, "to run"
     return out.name, reuse_status(cfg, out)

@@ -33,7 +33,7 @@ from tasks import preemption
 from tasks.artifacts import content_key
 from tasks.config import ConfigError, config_file, load_config
 from tasks.eval_inputs import preflight
-from tasks.evaluate import evaluate_task
+from tasks.evaluate import EvalJob, evaluate_task
 from tasks.precompute import precompute_task
 from tasks.provenance import require_clean_tree
 from tasks.schema import ExperimentConfig
@@ -362,7 +362,7 @@ def run_variants(sweep, scale: str, configs: dict, parent: str, groups: dict, fi
         jobs[variant] = TrainJob.of(cfg, pre_of[variant])
         trained = train_task.with_options(**RETRIES, **named["train"]).submit(jobs[variant])
         evaluated = evaluate_task.with_options(**RETRIES, **named["evaluate"]).submit(
-            cfg, pre_of[variant], trained
+            EvalJob.of(cfg, pre_of[variant]), trained
         )
         evaluations[variant] = (trained, evaluated)
 

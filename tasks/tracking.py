@@ -496,14 +496,13 @@ HEADLINE = ("fid_best", "fid_no_cfg", "fid_many_step_best")
 
 
 def log_evaluation(
-    cfg,
+    job,
     trained,
     key: str,
     results: list[dict],
     points: list[str],
     artifacts: list[Path],
     device: str = "",
-    pre=None,
 ) -> str:
     """An MLflow run of the evaluation: the variant's settings, its headline numbers, every
     grid point in a table, the plots and grids.
@@ -515,8 +514,9 @@ def log_evaluation(
     number. The training run also gets the headline of its own variant's evaluation (the one
     whose variant tag it bears), never another's, beside its training curves. For given weights
     (eval.checkpoint), a run of its own in the experiment, with the checkpoint as params.
-    `device` is what the units ran on, `pre` the precompute output it read (its Dataset).
-    Returns the run id ("" when the training is untracked)."""
+    `job` is the evaluation's (tasks.evaluate.EvalJob: its settings, tracking target and the
+    precompute output it read, its Dataset), `device` what the units ran on. Returns the run
+    id ("" when the training is untracked)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
@@ -527,8 +527,8 @@ def log_evaluation(
     checkpoint = not hasattr(trained, "steps")  # given weights (eval.checkpoint), no training
     if not (train_run or checkpoint):
         return ""
-    client = MlflowClient(tracking_uri(cfg))
-    tags = cfg.tracking.tags | {"stage": "evaluate", "eval_key": key} | provenance_tags(device)
+    client = MlflowClient(job.tracking.uri)
+    tags = job.tracking.tags | {"stage": "evaluate", "eval_key": key} | provenance_tags(device)
     if not checkpoint:  # which method versions made the training it samples (the report's rows)
         made = Manifest.read(Path(trained.path))
         tags[TRAINING_METHODS_TAG] = versions_text(made.code.get("methods") if made else None)
@@ -540,20 +540,20 @@ def log_evaluation(
         parent = client.get_run(train_run)
         experiment = parent.info.experiment_id
         tags["mlflow.parentRunId"] = train_run
-        variant = cfg.tracking.tags.get("variant", "")
+        variant = job.tracking.tags.get("variant", "")
         own_variant = parent.data.tags.get("variant", "") == variant
         label = variant if variant and not own_variant else parent.info.run_name
         name = f"{label} / eval ({grid})"
         params = {k: v for k, v in parent.data.params.items() if not k.startswith("eval.")}
     else:
-        experiment = experiment_id(client, cfg.tracking.experiment or cfg.name)
+        experiment = experiment_id(client, job.tracking.experiment)
         tags["checkpoint"] = str(trained.weights)
         name = f"eval {trained.weights.name} ({grid})"
     run = client.create_run(experiment, run_name=name, tags=tags).info.run_id
-    if pre is not None:
-        log_inputs(client, run, [dataset_input(pre, "evaluation")])
+    if job.data is not None:
+        log_inputs(client, run, [dataset_input(job.data, "evaluation")])
     source = {"checkpoint_key": trained.key} if checkpoint else {"train_key": trained.key}
-    params |= flatten({"eval": dataclasses.asdict(cfg.eval)} | source)
+    params |= flatten({"eval": dataclasses.asdict(job.eval)} | source)
     items = [Param(k, v[:500]) for k, v in params.items() if v != "None"]
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run, params=items[start : start + 100])
@@ -561,7 +561,7 @@ def log_evaluation(
     client.log_table(run, points_table(results, points), "eval/points.json")
     best = next(r for r in results if r["best"])
     stamp = int(time.time() * 1000)
-    summary = summary_metrics(results, cfg.guidance.mode)
+    summary = summary_metrics(results, job.guidance_mode)
     # A run's page lists its chart sections alphabetically, `eval/` above `train/`: only the
     # FIDs a compare view sets side by side are metrics (one row of charts, the training curves
     # right below on a training run); the rest of the summary (best point, IS, accuracy, floor,

@@ -18,7 +18,7 @@ from imf_core.models import build
 from tasks import inrun_eval
 from tasks.config import load_config
 from tasks.eval_units import UnitRunner
-from tasks.evaluate import evaluate
+from tasks.evaluate import EvalJob, evaluate
 from tasks.precompute import precompute
 from tasks.train import TrainJob, train
 
@@ -147,7 +147,7 @@ def test_fid_during_training_is_imf_evaluates_on_the_same_weights(tmp_path, shar
             "eval.grid_per_class=0",
         ],
     )
-    result = evaluate(final, pre, trained)
+    result = evaluate(EvalJob.of(final, pre), trained)
     for ours, theirs in zip(during["points"], result.results, strict=True):
         assert ours["omega"] == theirs["omega"] and ours["n_samples"] == theirs["n_samples"] == 60
         for metric in ("fid", "is", "accuracy", "precision", "recall"):

@@ -130,7 +130,7 @@ def test_a_later_method_version_reuses_with_a_warning_or_recomputes(
 
     from flows.plan import plan_of
     from tasks.config import load_config
-    from tasks.evaluate import evaluate
+    from tasks.evaluate import EvalJob, evaluate
     from tasks.precompute import precompute
     from tasks.train import TrainJob, train
 
@@ -158,7 +158,7 @@ def test_a_later_method_version_reuses_with_a_warning_or_recomputes(
         cfg = config(*extra)
         pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
         trained = train(TrainJob.of(cfg, pre))
-        return trained, evaluate(cfg, pre, trained)
+        return trained, evaluate(EvalJob.of(cfg, pre), trained)
 
     trained, evaluated = stages()
     assert not trained.stale and not evaluated.stale
