@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from imf_core.objectives import OBJECTIVES
 from tasks.config import load_config
 from tasks.precompute import precompute
-from tasks.train import train
+from tasks.train import TrainJob, train
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
                 ],
             )
             pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
-            result = train(cfg, pre)
+            result = train(TrainJob.of(cfg, pre))
             metrics = MlflowClient(cfg.tracking.uri).get_run(result.mlflow_run_id).data.metrics
             rate[name] = metrics["steps_per_s"]
     print(f"{args.workers} workers, global batch {args.batch}")

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from imf_core.models import create
 from tasks.config import load_config
-from tasks.evaluate import evaluate
+from tasks.evaluate import EvalJob, evaluate
 from tasks.precompute import precompute
 from tasks.train import TrainResult
 
@@ -57,7 +57,7 @@ def main() -> None:
             )
             pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
             start = time.perf_counter()
-            results[label] = evaluate(cfg, pre, trained).results[0]
+            results[label] = evaluate(EvalJob.of(cfg, pre), trained).results[0]
             if run:
                 seconds[label] = min(seconds.get(label, float("inf")), time.perf_counter() - start)
     overhead = seconds["sharded"] / seconds["single"] - 1

@@ -226,35 +226,33 @@ def run_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
-def upstream(args: argparse.Namespace, stage: str):
-    """The config and the stages before `stage`, run or reused (the single-stage commands)."""
-    from tasks.config import load_config
-    from tasks.eval_inputs import preflight
+def upstream(cfg, stage: str):
+    """The stages before `stage` of the composed `cfg`, run or reused (the single-stage
+    commands), after the checks of what they read."""
     from tasks.inputs import reads_of, require_inputs
     from tasks.precompute import precompute
     from tasks.tracking import prepare
-    from tasks.train import train
+    from tasks.train import TrainJob, train
 
-    cfg = load_config(args.experiment, args.overrides)
-    if stage == "evaluate":
-        preflight(cfg)
-    else:
+    if stage == "train":
         prepare(cfg)
         require_inputs(cfg, reads_of(cfg, ["precompute", "train"]))
     pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
     print(f"precompute: {'computed' if pre.computed else 'reused'} {pre.path}")
     if stage == "train":
-        return cfg, pre, None
-    trained = train(cfg, pre)
+        return pre, None
+    trained = train(TrainJob.of(cfg, pre))
     print(f"train: {'trained' if trained.computed else 'reused'} {trained.path}")
-    return cfg, pre, trained
+    return pre, trained
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from tasks.train import train
+    from tasks.config import load_config
+    from tasks.train import TrainJob, train
 
-    cfg, pre, _ = upstream(args, "train")
-    result = train(cfg, pre)
+    cfg = load_config(args.experiment, args.overrides)
+    pre, _ = upstream(cfg, "train")
+    result = train(TrainJob.of(cfg, pre))
     state = "trained" if result.computed else "reused"
     print(f"train: {state}, {result.steps} steps, MLflow run {result.mlflow_run_id}")
     print(result.path)
@@ -264,7 +262,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from tasks.config import load_config
     from tasks.eval_inputs import checkpoint_source, needs_precompute, preflight
-    from tasks.evaluate import evaluate
+    from tasks.evaluate import EvalJob, evaluate
     from tasks.precompute import precompute
 
     cfg = load_config(args.experiment, args.overrides)
@@ -276,10 +274,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
             pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
             print(f"precompute: {'computed' if pre.computed else 'reused'} {pre.path}")
         print(f"checkpoint: {source.weights} (key {source.key})")
-        result = evaluate(cfg, pre, source)
+        result = evaluate(EvalJob.of(cfg, pre), source)
     else:
-        cfg, pre, trained = upstream(args, "evaluate")
-        result = evaluate(cfg, pre, trained)
+        pre, trained = upstream(cfg, "evaluate")  # preflight above checked what they read
+        result = evaluate(EvalJob.of(cfg, pre), trained)
     state = f"computed {result.units_computed} unit(s)" if result.computed else "reused"
     print(f"evaluate: {state}")
     print_results(result.results, result.stale)

@@ -24,11 +24,11 @@ from flows.plan import check_gpu_memory
 from tasks import preemption
 from tasks.config import ConfigError, load_config
 from tasks.eval_inputs import preflight
-from tasks.evaluate import EvalResult, evaluate_task
+from tasks.evaluate import EvalJob, EvalResult, evaluate_task
 from tasks.inputs import reads_of, require_inputs
 from tasks.precompute import PrecomputeResult, precompute_task
 from tasks.schema import ExperimentConfig
-from tasks.train import TrainResult, train_task
+from tasks.train import TrainJob, TrainResult, train_task
 
 # Failures that the same inputs would only repeat: no retry.
 DETERMINISTIC = (ConfigError, ValueError, TypeError, KeyError, FileNotFoundError, RuntimeError)
@@ -182,10 +182,10 @@ def run_stages(cfg) -> PipelineResult:
     )
     pre = states["precompute"].result()
     train_named = train_task.with_options(**RETRIES, **names["train"])
-    states["train"] = train_named(cfg, pre, return_state=True)
+    states["train"] = train_named(TrainJob.of(cfg, pre), return_state=True)
     trained = states["train"].result()
     evaluate_named = evaluate_task.with_options(**RETRIES, **names["evaluate"])
-    states["evaluate"] = evaluate_named(cfg, pre, trained, return_state=True)
+    states["evaluate"] = evaluate_named(EvalJob.of(cfg, pre), trained, return_state=True)
     evaluated = states["evaluate"].result()
     stages = {name: stage_outcome(state) for name, state in states.items()}
     for name, outcome in stages.items():

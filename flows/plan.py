@@ -360,7 +360,7 @@ def precompute_stage(cfg, label: str, images: int | None) -> tuple[Stage, str | 
 
 def train_stage(cfg, label: str, pre_key: str | None, rows: int, rates: Rates | None) -> Stage:
     from tasks.precompute import stores_flips
-    from tasks.train import checkpoint_bytes, train_key
+    from tasks.train import checkpoint_bytes, train_key_of
 
     t = cfg.train
     memory = per_gpu_memory(cfg, rates)  # a batch that does not fit: refused first
@@ -383,10 +383,10 @@ def train_stage(cfg, label: str, pre_key: str | None, rows: int, rates: Rates | 
         mfu, basis = rates.training_mfu(cfg.model.name, cfg.objective.name)
         hours = flops / (mfu * rates.peak_tflops * 1e12) / 3600
         detail += f" ({basis})"
-    key = train_key(cfg, pre_key) if pre_key else None
+    key = train_key_of(cfg, pre_key) if pre_key else None
     out = Path(cfg.paths.artifacts).resolve() / "train" / key if key else None
     status = reuse_status(cfg, out)
-    disk = checkpoint_bytes(cfg) * (t.keep_checkpoints + 1)
+    disk = checkpoint_bytes(cfg.model_config()) * (t.keep_checkpoints + 1)
     return Stage("train", label, key, status, detail, hours, disk, memory)
 
 
@@ -419,7 +419,7 @@ def evaluate_stage(cfg, label: str, trained: Stage, rates: Rates | None) -> Stag
 def evaluation_status(cfg, train_key: str) -> tuple[str | None, str]:
     """The evaluation's key and status once its training exists (its reference is needed)."""
     from tasks.eval_inputs import preflight
-    from tasks.evaluate import output_dir
+    from tasks.evaluate import EvalJob
     from tasks.precompute import PrecomputeResult
     from tasks.precompute import output_dir as pre_dir
 
@@ -431,7 +431,7 @@ def evaluation_status(cfg, train_key: str) -> tuple[str | None, str]:
         class Trained:
             key = train_key
 
-        out = output_dir(cfg, pre, Trained())
+        out = EvalJob.of(cfg, pre).out(Trained())
     except (FileNotFoundError, OSError, ValueError):
         return None, "to run"
     return out.name, reuse_status(cfg, out)

@@ -33,14 +33,13 @@ from tasks import preemption
 from tasks.artifacts import content_key
 from tasks.config import ConfigError, config_file, load_config
 from tasks.eval_inputs import preflight
-from tasks.evaluate import evaluate_task
+from tasks.evaluate import EvalJob, evaluate_task
 from tasks.precompute import precompute_task
 from tasks.provenance import require_clean_tree
 from tasks.schema import ExperimentConfig
 from tasks.tracking import client as tracking_client
 from tasks.tracking import open_run, tracking_uri
-from tasks.train import output_dir as train_output_dir
-from tasks.train import train_task
+from tasks.train import TrainJob, train_task
 
 
 # ------------------------------------------------------------------ the sweep file's schema
@@ -357,30 +356,30 @@ def run_variants(sweep, scale: str, configs: dict, parent: str, groups: dict, fi
                 **RETRIES, **named["precompute"]
             )(*args, return_state=True).result()
         pre_of[variant] = precomputed[repr(args)]
-    evaluations = {}
+    evaluations, jobs = {}, {}
     for variant, cfg in configs.items():
         named = stage_names(cfg)
-        trained = train_task.with_options(**RETRIES, **named["train"]).submit(cfg, pre_of[variant])
+        jobs[variant] = TrainJob.of(cfg, pre_of[variant])
+        trained = train_task.with_options(**RETRIES, **named["train"]).submit(jobs[variant])
         evaluated = evaluate_task.with_options(**RETRIES, **named["evaluate"]).submit(
-            cfg, pre_of[variant], trained
+            EvalJob.of(cfg, pre_of[variant]), trained
         )
         evaluations[variant] = (trained, evaluated)
 
     client = tracking_client(tracking_uri(first))
     outcomes = []
     for variant, (trained, evaluated) in evaluations.items():
-        cfg, pre = configs[variant], pre_of[variant]
         try:
             trained.result()  # a training failure is the one to report
             result = evaluated.result()
         except Exception as err:  # reported, and the other variants go on
-            train_run = read_run_id(train_output_dir(cfg, pre))
+            train_run = read_run_id(jobs[variant].out)
             outcome = VariantOutcome(
                 variant, "failed", train_run, error=f"{type(err).__name__}: {err}"
             )
             print(f"variant {variant}: FAILED: {outcome.error}")
         else:
-            train_run = read_run_id(train_output_dir(cfg, pre))
+            train_run = read_run_id(jobs[variant].out)
             best = next(r for r in result.results if r["best"])
             outcome = VariantOutcome(variant, "ok", train_run, result.mlflow_run_id, best["fid"])
             outcome.did_not_learn = best.get("did_not_learn")

@@ -1,8 +1,9 @@
 """Stage 3: sharded FID / IS evaluation over a CFG grid, restartable per (grid point, shard).
 
-    >>> result = evaluate(cfg, precompute_result, train_result)
+    >>> job = EvalJob.of(cfg, precompute_result)     # built once from the experiment config
+    >>> result = evaluate(job, train_result)
     >>> json.loads((result.path / "results.json").read_text())
-    >>> evaluate(cfg, None, checkpoint_source(cfg))   # eval.checkpoint: given weights, no training
+    >>> evaluate(EvalJob.of(cfg, None), checkpoint_source(cfg))   # given weights, no training
 
 Each grid point (omega x interval) x each shard of the N samples is one unit (tasks.eval_units,
 shared with the evaluation during training, tasks.inrun_eval): generate with the EMA weights
@@ -47,8 +48,9 @@ from tasks.eval_units import Unit, UnitRunner, point_name, run_units
 from tasks.features import UINT8_RULE, check_weights
 from tasks.precompute import PrecomputeResult
 from tasks.provenance import device_name
+from tasks.schema import EvalConfig, ExperimentConfig, TokenizerConfig
 from tasks.tokenizers import pick_device
-from tasks.tracking import log_evaluation, mark_stale, tracking_uri
+from tasks.tracking import TrackingTarget, log_evaluation, mark_stale
 
 # What does not change the numbers stays out of the key (workers: tested, same sums).
 RUNTIME_ONLY = (
@@ -74,57 +76,106 @@ class EvalResult:
     stale: str = ""  # why its numbers (or its training's) are not this code's; "" if they are
 
 
-def eval_slice(cfg, pre: PrecomputeResult | None) -> dict:
+def eval_slice(e: EvalConfig, kind: str, reference: Path) -> dict:
     """What the evaluation's numbers depend on (besides its inputs' keys): the grid, the
     features and the reference statistics' bytes (not their path). The weights enter as an
     input key (a training's, or the checkpoint file's)."""
-    kept = {k: v for k, v in asdict(cfg.eval).items() if k not in RUNTIME_ONLY}
+    kept = {k: v for k, v in asdict(e).items() if k not in RUNTIME_ONLY}
     kept.pop("checkpoint")
     for name in IN_RUN_ONLY:  # the evaluation during training's, not this one's
         kept.pop(name)
-    kept["reference"] = sha256_file(reference_path(cfg, pre))
-    return kept | {"features": feature_kind(cfg), "results_format": RESULTS_FORMAT}
+    kept["reference"] = sha256_file(reference)
+    return kept | {"features": kind, "results_format": RESULTS_FORMAT}
 
 
 def input_keys(pre: PrecomputeResult | None, trained) -> list[str]:
     return [trained.key] + ([pre.key] if pre is not None else [])
 
 
-def output_dir(cfg, pre: PrecomputeResult | None, trained, slice_: dict | None = None) -> Path:
-    slice_ = slice_ or eval_slice(cfg, pre)
-    key = content_key("evaluate", slice_, input_keys(pre, trained))
-    return Path(cfg.paths.artifacts).resolve() / "evaluate" / key
+@dataclass(frozen=True)
+class EvalJob:
+    """What one evaluation reads, resolved and checked once from the experiment (EvalJob.of),
+    before any worker starts: the grid, the feature extractor and the FID reference it names
+    (files checked, the reference's statistics read), the sampler's settings, its MLflow
+    target and where its output goes. The weights it evaluates are the other argument of
+    `evaluate` (a training, or given weights), so a flow can hand a training's future."""
+
+    eval: EvalConfig
+    kind: str  # the features: inception | classifier
+    extractor: Path  # their weights
+    reference: Path  # the FID reference's file
+    slice: dict  # what its key covers besides its inputs (eval_slice)
+    input_size: int  # the latent side (official files hold no latent side: RoPE)
+    tokenizer: TokenizerConfig  # decodes the samples
+    sdpa_backend: str  # the sampling's attention kernel (train.sdpa_backend)
+    ray_address: str  # where eval.workers > 1 runs (train.ray_address)
+    guidance_mode: str  # the training's, for the summary's no-CFG point
+    data: PrecomputeResult | None  # None when the evaluation needs nothing from precompute
+    tracking: TrackingTarget
+    artifacts: Path
+    recompute_stale: bool
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig, pre: PrecomputeResult | None) -> EvalJob:
+        e = cfg.eval
+        if pre is None and needs_precompute(cfg):
+            raise ValueError("this evaluation needs precompute's output (classifier or reference)")
+        kind = feature_kind(cfg)
+        extractor = (
+            pre.path / "classifier.pt" if kind == "classifier" else Path(e.inception_weights)
+        )
+        check_weights(kind, extractor)  # before any worker starts
+        reference = reference_path(cfg, pre)
+        load_reference(reference)  # mu and sigma, shapes checked
+        return cls(
+            e,
+            kind,
+            extractor,
+            reference,
+            eval_slice(e, kind, reference),
+            cfg.model_config().input_size,
+            cfg.tokenizer,
+            cfg.train.sdpa_backend,
+            cfg.train.ray_address,
+            cfg.guidance.mode,
+            pre,
+            TrackingTarget.of(cfg),
+            Path(cfg.paths.artifacts).resolve(),
+            cfg.paths.recompute_stale,
+        )
+
+    def key(self, trained) -> str:
+        """Its content key for the weights `trained` (a TrainResult or a Checkpoint)."""
+        return content_key("evaluate", self.slice, input_keys(self.data, trained))
+
+    def out(self, trained) -> Path:
+        return self.artifacts / "evaluate" / self.key(trained)
 
 
-def evaluate(cfg, pre: PrecomputeResult | None, trained) -> EvalResult:
+def output_dir(job: EvalJob, trained) -> Path:
+    return job.out(trained)
+
+
+def evaluate(job: EvalJob, trained) -> EvalResult:
     """Computes the missing units of the grid, merges them, writes results.json and plots.
 
     `trained` is a TrainResult or a Checkpoint (anything with `weights`, `key`,
-    `mlflow_run_id`); `pre` may be None when the evaluation needs nothing from precompute
-    (needs_precompute)."""
-    e = cfg.eval
-    if pre is None and needs_precompute(cfg):
-        raise ValueError("this evaluation needs the precompute stage (classifier or reference)")
-    kind = feature_kind(cfg)
-    weights = pre.path / "classifier.pt" if kind == "classifier" else Path(e.inception_weights)
-    check_weights(kind, weights)  # before any worker starts
-    reference = reference_path(cfg, pre)
-    ref = load_reference(reference)
-    slice_ = eval_slice(cfg, pre)
-    out = output_dir(cfg, pre, trained, slice_)
+    `mlflow_run_id`)."""
+    out = job.out(trained)
     with output_lock(out, "evaluation"):
         made_from = trained.path if hasattr(trained, "steps") else None  # a training
-        stale = begin(out, "evaluation", cfg.paths.recompute_stale, made_from)
-        result = _evaluate(cfg, pre, trained, out, slice_, kind, weights, reference, ref)
+        stale = begin(out, "evaluation", job.recompute_stale, made_from)
+        result = _evaluate(job, trained, out)
     trained_stale = getattr(trained, "stale", "")
     result.stale = stale or (f"its training was {trained_stale}" if trained_stale else "")
     if result.stale:
-        mark_stale(tracking_uri(cfg), result.mlflow_run_id, result.stale)
+        mark_stale(job.tracking.uri, result.mlflow_run_id, result.stale)
     return result
 
 
-def _evaluate(cfg, pre, trained, out: Path, slice_: dict, kind, weights, reference, ref):
-    e = cfg.eval
+def _evaluate(job: EvalJob, trained, out: Path) -> EvalResult:
+    e, pre, kind = job.eval, job.data, job.kind
+    ref = load_reference(job.reference)
     key = out.name
     done = Manifest.read(out)
     if done is not None:
@@ -136,18 +187,17 @@ def _evaluate(cfg, pre, trained, out: Path, slice_: dict, kind, weights, referen
     data_info = Manifest.read(pre.path).extra if pre is not None else None
     if data_info is not None:  # the model must fit the data it is compared with
         expect = (data_info["num_classes"], tuple(data_info["latent_shape"][1:]))
-    input_size = cfg.model_config().input_size  # official files hold no latent side (RoPE)
     data = str(pre.path) if pre is not None else None
     runner_args = (
         trained.weights,
-        input_size,
-        cfg.tokenizer,
+        job.input_size,
+        job.tokenizer,
         kind,
-        weights,
+        job.extractor,
         e,
         expect,
         data,
-        cfg.train.sdpa_backend,
+        job.sdpa_backend,
     )
     local = functools.cache(lambda: UnitRunner(*runner_args))  # opened once, if at all
     points = [(w, list(iv)) for iv in e.intervals for w in e.omegas]
@@ -164,7 +214,7 @@ def _evaluate(cfg, pre, trained, out: Path, slice_: dict, kind, weights, referen
         running ones) and returns every unit's sums."""
         nonlocal computed
         missing = [u for u in units if not (units_dir / f"{u.name}.npz").is_file()]
-        for name, sums in run_units(runner_args, local, missing, e, cfg.train.ray_address):
+        for name, sums in run_units(runner_args, local, missing, e, job.ray_address):
             with atomic_path(units_dir / f"{name}.npz") as tmp, open(tmp, "wb") as f:
                 np.savez(f, **sums)
             computed += 1
@@ -176,7 +226,7 @@ def _evaluate(cfg, pre, trained, out: Path, slice_: dict, kind, weights, referen
     real_units = units_of("real") if calibrated else []
     done_units = dict(zip(grid_units + real_units, compute(grid_units + real_units), strict=True))
 
-    reference_info = {"reference": str(reference), "reference_sha256": slice_["reference"]}
+    reference_info = {"reference": str(job.reference), "reference_sha256": job.slice["reference"]}
 
     summary = functools.partial(summarize, ref=ref, kind=kind)
     calibration = {}
@@ -227,12 +277,11 @@ def _evaluate(cfg, pre, trained, out: Path, slice_: dict, kind, weights, referen
             if e.gpus_per_worker
             else device
         )
-    run_id = log_evaluation(
-        cfg, trained, key, results, names, [out / "results.json", *plots, *grids], device, pre
-    )
+    logged = [out / "results.json", *plots, *grids]
+    run_id = log_evaluation(job, trained, key, results, names, logged, device)
     extra = {"best": results[best], "mlflow_run_id": run_id}
     timings = {"seconds": time.time() - started}
-    Manifest(key, "evaluate", slice_, input_keys(pre, trained), files, extra, timings).write(out)
+    Manifest(key, "evaluate", job.slice, input_keys(pre, trained), files, extra, timings).write(out)
     return EvalResult(out, key, True, computed, results, run_id)
 
 

@@ -39,7 +39,7 @@ from tasks.eval_inputs import feature_kind, load_reference, reference_path
 from tasks.eval_metrics import RESULTS_FORMAT, precision_recall, real_calibration, summarize
 from tasks.eval_units import Unit, UnitRunner, point_name
 from tasks.features import UINT8_RULE, check_weights
-from tasks.schema import EvalConfig
+from tasks.schema import EvalConfig, TokenizerConfig
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ class InRunPlan:
     data: str  # the precompute output (real rows for the calibration)
     rows: int
     num_classes: int
+    tokenizer: TokenizerConfig  # decodes the samples
+    sdpa_backend: str  # the sampling's attention kernel (train.sdpa_backend)
 
 
 def plan(cfg, pre, out: Path) -> InRunPlan | None:
@@ -110,6 +112,8 @@ def plan(cfg, pre, out: Path) -> InRunPlan | None:
         data=str(Path(pre.path).resolve()),
         rows=int(info["num_rows"]),
         num_classes=int(info["num_classes"]),
+        tokenizer=cfg.tokenizer,
+        sdpa_backend=t.sdpa_backend,
     )
 
 
@@ -117,9 +121,9 @@ class InRunEvaluation:
     """One training rank's part in the evaluations of a run (every rank holds one)."""
 
     def __init__(
-        self, plan: InRunPlan, cfg, rank: int, world: int, device, steps_per_epoch: int
+        self, plan: InRunPlan, rank: int, world: int, device, steps_per_epoch: int
     ) -> None:
-        self.plan, self.cfg, self.rank, self.world = plan, cfg, rank, world
+        self.plan, self.rank, self.world = plan, rank, world
         self.every = plan.every_steps or max(1, round(plan.every_epochs * steps_per_epoch))
         self.e = dataclasses.replace(plan.eval, device=str(device))
         self.directory = Path(plan.directory)
@@ -144,13 +148,13 @@ class InRunEvaluation:
             self._runner = UnitRunner(
                 model,
                 0,
-                self.cfg.tokenizer,
+                self.plan.tokenizer,
                 p.kind,
                 p.features,
                 self.e,
                 None,
                 p.data,
-                self.cfg.train.sdpa_backend,
+                self.plan.sdpa_backend,
             )
         return self._runner
 

@@ -29,6 +29,21 @@ def tracking_uri(cfg) -> str:
     return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+@dataclasses.dataclass(frozen=True)
+class TrackingTarget:
+    """Where a stage's MLflow run goes, resolved once from the experiment (TrackingTarget.of)."""
+
+    uri: str  # tracking_uri: absolute, so that workers in other directories find it
+    experiment: str  # tracking.experiment, else the experiment config's name
+    run_name: str  # tracking.run_name ("" = the stage names its run)
+    tags: dict[str, str]  # tracking.tags: the variant, its row, a sweep's parent run
+
+    @classmethod
+    def of(cls, cfg) -> TrackingTarget:
+        t = cfg.tracking
+        return cls(tracking_uri(cfg), t.experiment or cfg.name, t.run_name, dict(t.tags))
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """A tracking server must answer before any stage starts (MLflow's own client retries a
     dead server for minutes): one quick /health request, then the login (check_login). Local
@@ -254,7 +269,7 @@ def dataset_input(pre, context: str):
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
 
 
-def end_run(cfg, run_id: str, error: BaseException | None = None, journal: Path | None = None):
+def end_run(uri: str, run_id: str, error: BaseException | None = None, journal: Path | None = None):
     """Marks the run FINISHED; FAILED with the error as a tag; or KILLED with the reason after
     a stop signal ("preempted (SIGTERM)") or Ctrl-C (a resume reopens it). With a training's
     `journal`, the end is its last record: sent now if the server answers, else by the next
@@ -269,10 +284,10 @@ def end_run(cfg, run_id: str, error: BaseException | None = None, journal: Path 
     elif error is not None:
         status, message = "FAILED", f"{type(error).__name__}: {error}"[:5000]
     if journal is None:
-        finish(client(tracking_uri(cfg)), run_id, status, message)
+        finish(client(uri), run_id, status, message)
         return
     append_record(journal, {"end": status, "error": message, "run_id": run_id})
-    replay(journal, tracking_uri(cfg))
+    replay(journal, uri)
 
 
 def finish(runs, run_id: str, status: str, error: str) -> None:
@@ -481,14 +496,13 @@ HEADLINE = ("fid_best", "fid_no_cfg", "fid_many_step_best")
 
 
 def log_evaluation(
-    cfg,
+    job,
     trained,
     key: str,
     results: list[dict],
     points: list[str],
     artifacts: list[Path],
     device: str = "",
-    pre=None,
 ) -> str:
     """An MLflow run of the evaluation: the variant's settings, its headline numbers, every
     grid point in a table, the plots and grids.
@@ -500,8 +514,9 @@ def log_evaluation(
     number. The training run also gets the headline of its own variant's evaluation (the one
     whose variant tag it bears), never another's, beside its training curves. For given weights
     (eval.checkpoint), a run of its own in the experiment, with the checkpoint as params.
-    `device` is what the units ran on, `pre` the precompute output it read (its Dataset).
-    Returns the run id ("" when the training is untracked)."""
+    `job` is the evaluation's (tasks.evaluate.EvalJob: its settings, tracking target and the
+    precompute output it read, its Dataset), `device` what the units ran on. Returns the run
+    id ("" when the training is untracked)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
@@ -512,8 +527,8 @@ def log_evaluation(
     checkpoint = not hasattr(trained, "steps")  # given weights (eval.checkpoint), no training
     if not (train_run or checkpoint):
         return ""
-    client = MlflowClient(tracking_uri(cfg))
-    tags = cfg.tracking.tags | {"stage": "evaluate", "eval_key": key} | provenance_tags(device)
+    client = MlflowClient(job.tracking.uri)
+    tags = job.tracking.tags | {"stage": "evaluate", "eval_key": key} | provenance_tags(device)
     if not checkpoint:  # which method versions made the training it samples (the report's rows)
         made = Manifest.read(Path(trained.path))
         tags[TRAINING_METHODS_TAG] = versions_text(made.code.get("methods") if made else None)
@@ -525,20 +540,20 @@ def log_evaluation(
         parent = client.get_run(train_run)
         experiment = parent.info.experiment_id
         tags["mlflow.parentRunId"] = train_run
-        variant = cfg.tracking.tags.get("variant", "")
+        variant = job.tracking.tags.get("variant", "")
         own_variant = parent.data.tags.get("variant", "") == variant
         label = variant if variant and not own_variant else parent.info.run_name
         name = f"{label} / eval ({grid})"
         params = {k: v for k, v in parent.data.params.items() if not k.startswith("eval.")}
     else:
-        experiment = experiment_id(client, cfg.tracking.experiment or cfg.name)
+        experiment = experiment_id(client, job.tracking.experiment)
         tags["checkpoint"] = str(trained.weights)
         name = f"eval {trained.weights.name} ({grid})"
     run = client.create_run(experiment, run_name=name, tags=tags).info.run_id
-    if pre is not None:
-        log_inputs(client, run, [dataset_input(pre, "evaluation")])
+    if job.data is not None:
+        log_inputs(client, run, [dataset_input(job.data, "evaluation")])
     source = {"checkpoint_key": trained.key} if checkpoint else {"train_key": trained.key}
-    params |= flatten({"eval": dataclasses.asdict(cfg.eval)} | source)
+    params |= flatten({"eval": dataclasses.asdict(job.eval)} | source)
     items = [Param(k, v[:500]) for k, v in params.items() if v != "None"]
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run, params=items[start : start + 100])
@@ -546,7 +561,7 @@ def log_evaluation(
     client.log_table(run, points_table(results, points), "eval/points.json")
     best = next(r for r in results if r["best"])
     stamp = int(time.time() * 1000)
-    summary = summary_metrics(results, cfg.guidance.mode)
+    summary = summary_metrics(results, job.guidance_mode)
     # A run's page lists its chart sections alphabetically, `eval/` above `train/`: only the
     # FIDs a compare view sets side by side are metrics (one row of charts, the training curves
     # right below on a training run); the rest of the summary (best point, IS, accuracy, floor,

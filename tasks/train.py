@@ -1,6 +1,7 @@
 """Stage 2: data-parallel iMF training on Ray Train, checkpointed, resumable, tracked in MLflow.
 
-    >>> result = train(cfg, precompute_result)     # cfg: the experiment config (tasks.config)
+    >>> job = TrainJob.of(cfg, precompute_result)  # built once from the experiment config
+    >>> result = train(job)
     >>> result.path / "ema.safetensors"
 
 `ray.train.torch.TorchTrainer` runs `train_loop` (tasks.train_loop) on `train.num_workers`
@@ -22,7 +23,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from imf_core.guidance import GuidanceConfig
 from imf_core.models import build, count_params
+from imf_core.models.config import ModelConfig
+from imf_core.objectives import ObjectiveConfig
+from imf_core.training import OptimConfig
 from tasks import inrun_eval, preemption
 from tasks.artifacts import (
     FileRecord,
@@ -36,15 +41,16 @@ from tasks.artifacts import (
 )
 from tasks.cluster import connect_ray
 from tasks.precompute import PrecomputeResult, stores_flips
+from tasks.schema import ExperimentConfig, TokenizerConfig, TrainConfig
 from tasks.tracking import (
     JOURNAL,
+    TrackingTarget,
     dataset_input,
     end_run,
     flatten,
     mark_stale,
     open_run,
     replay,
-    tracking_uri,
 )
 from tasks.train_loop import train_loop
 
@@ -92,38 +98,108 @@ class TrainResult:
         return self.path / "ema.safetensors"
 
 
-def train_key(cfg, precompute_key: str) -> str:
-    train = {k: v for k, v in asdict(cfg.train).items() if k not in RUNTIME_ONLY}
+def train_key(
+    model: ModelConfig,
+    objective: ObjectiveConfig,
+    guidance: GuidanceConfig,
+    optim: OptimConfig,
+    train: TrainConfig,
+    flips: bool,
+    precompute_key: str,
+) -> str:
+    """The content key of a training: what decides its numbers, and the data's key."""
     config = {
-        "model": {
-            k: v for k, v in asdict(cfg.model_config()).items() if k not in MODEL_RUNTIME_ONLY
-        },
-        "objective": asdict(cfg.objective),
-        "guidance": asdict(cfg.guidance),
-        "optim": asdict(cfg.optim),
-        "train": train,
+        "model": {k: v for k, v in asdict(model).items() if k not in MODEL_RUNTIME_ONLY},
+        "objective": asdict(objective),
+        "guidance": asdict(guidance),
+        "optim": asdict(optim),
+        "train": {k: v for k, v in asdict(train).items() if k not in RUNTIME_ONLY},
     }
     for section, defaults in KEYED_WHEN_SET.items():
         for name, default in defaults.items():
             if config[section][name] == default:
                 del config[section][name]
-    if stores_flips(cfg.data):  # an epoch is a pass over the images, not the stored rows
+    if flips:  # an epoch is a pass over the images, not the stored rows
         config["epoch"] = "images, one orientation each"
     return content_key("train", config, [precompute_key])
 
 
-def checkpoint_bytes(cfg) -> int:
+def train_key_of(cfg: ExperimentConfig, precompute_key: str) -> str:
+    """The key of the experiment's training on the precompute output `precompute_key`, as its
+    TrainJob computes it (for --plan, which has no precompute output to build a job from)."""
+    sections = (cfg.model_config(), cfg.objective, cfg.guidance, cfg.optim, cfg.train)
+    return train_key(*sections, stores_flips(cfg.data), precompute_key)
+
+
+def checkpoint_bytes(model: ModelConfig) -> int:
     """One checkpoint's size: model, EMA and Adam's two moments, float32 (the export is less)."""
     with torch.device("meta"):
-        params = count_params(build(cfg.model_config()), inference=False)
+        params = count_params(build(model), inference=False)
     return 4 * 4 * params
 
 
-def output_dir(cfg, pre: PrecomputeResult) -> Path:
-    return Path(cfg.paths.artifacts).resolve() / "train" / train_key(cfg, pre.key)
+@dataclass(frozen=True)
+class TrainJob:
+    """What one training reads, resolved once from the experiment (TrainJob.of) and handed to
+    the stage and, pickled by Ray, to every worker: the sections that decide its numbers, the
+    data it trains on, its MLflow run, its in-run evaluation, and where its output goes."""
+
+    model: ModelConfig
+    model_name: str  # the preset (run names, messages)
+    objective: ObjectiveConfig
+    guidance: GuidanceConfig
+    optim: OptimConfig
+    train: TrainConfig
+    flips: bool  # the data stores flipped rows: an epoch reads one orientation per image
+    tokenizer: TokenizerConfig  # what decodes its sample grids (and in-run evaluations)
+    data: PrecomputeResult
+    tracking: TrackingTarget
+    run_name: str  # tracking.run_name, else "<experiment> <model> <objective> seed <seed>"
+    params: dict  # the whole experiment, resolved: MLflow params, config.json, the manifest
+    artifacts: Path
+    recompute_stale: bool
+    inrun: inrun_eval.InRunPlan | None  # None when train.eval_every is off
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig, pre: PrecomputeResult) -> TrainJob:
+        model, flips = cfg.model_config(), stores_flips(cfg.data)
+        key = train_key(model, cfg.objective, cfg.guidance, cfg.optim, cfg.train, flips, pre.key)
+        artifacts = Path(cfg.paths.artifacts).resolve()
+        seed = cfg.train.seed  # runs of one experiment differ in seed most often: in the name
+        name = f"{cfg.name} {cfg.model.name} {cfg.objective.name} seed {seed}"
+        tracking = TrackingTarget.of(cfg)
+        return cls(
+            model,
+            cfg.model.name,
+            cfg.objective,
+            cfg.guidance,
+            cfg.optim,
+            cfg.train,
+            flips,
+            cfg.tokenizer,
+            pre,
+            tracking,
+            tracking.run_name or name,
+            cfg.to_dict(),
+            artifacts,
+            cfg.paths.recompute_stale,
+            inrun_eval.plan(cfg, pre, artifacts / "train" / key),
+        )
+
+    def key(self) -> str:
+        t = self
+        return train_key(t.model, t.objective, t.guidance, t.optim, t.train, t.flips, t.data.key)
+
+    @property
+    def out(self) -> Path:
+        return self.artifacts / "train" / self.key()
 
 
-def mlflow_run(cfg, out: Path, key: str, pre: PrecomputeResult) -> str:
+def output_dir(job: TrainJob) -> Path:
+    return job.out
+
+
+def mlflow_run(job: TrainJob, out: Path) -> str:
     """Creates (or finds, on resume) this training run's MLflow run; returns its id.
 
     Created here, in the driver, before any worker starts: SQLite backends lock under
@@ -133,52 +209,51 @@ def mlflow_run(cfg, out: Path, key: str, pre: PrecomputeResult) -> str:
     def params() -> dict[str, str]:
         # The size the paper's tables quote (1-NFE inference: no auxiliary head), in millions.
         with torch.device("meta"):
-            size = count_params(build(cfg.model_config())) / 1e6
-        return flatten(cfg.to_dict()) | {"model.params_m": f"{size:.2f}"}
+            size = count_params(build(job.model)) / 1e6
+        return flatten(job.params) | {"model.params_m": f"{size:.2f}"}
 
-    t = cfg.train
+    t = job.train
     workers = f"{t.num_workers} {'GPU' if t.use_gpu else 'CPU'} worker(s)"  # rank 0 names it
-    tags = {"stage": "train", "train_key": key, "imf.device": workers, **cfg.tracking.tags}
+    tags = {"stage": "train", "train_key": out.name, "imf.device": workers, **job.tracking.tags}
     return open_run(
-        tracking_uri(cfg),
+        job.tracking.uri,
         out / "mlflow_run_id",
-        cfg.tracking.experiment or cfg.name,
-        # Runs of one experiment differ in seed most often: it is in the name, not only a param.
-        cfg.tracking.run_name
-        or f"{cfg.name} {cfg.model.name} {cfg.objective.name} seed {cfg.train.seed}",
+        job.tracking.experiment,
+        job.run_name,
         tags,
         params,
-        [dataset_input(pre, "training")],
+        [dataset_input(job.data, "training")],
     )
 
 
-def train(cfg, pre: PrecomputeResult) -> TrainResult:
-    """Trains (or resumes, or reuses) the run this config and precompute output define; a
-    second launch of the same training waits for the first and reuses its output."""
-    out = output_dir(cfg, pre)
+def train(job: TrainJob) -> TrainResult:
+    """Trains (or resumes, or reuses) the run `job` defines; a second launch of the same
+    training waits for the first and reuses its output."""
+    out = job.out
     with output_lock(out, "training"):
-        stale = begin(out, "training", cfg.paths.recompute_stale)
-        result = _train(cfg, pre, out, stale)
+        stale = begin(out, "training", job.recompute_stale)
+        result = _train(job, out, stale)
     if stale:
-        mark_stale(tracking_uri(cfg), result.mlflow_run_id, stale)
+        mark_stale(job.tracking.uri, result.mlflow_run_id, stale)
     return result
 
 
-def _train(cfg, pre: PrecomputeResult, out: Path, stale: str) -> TrainResult:
+def _train(job: TrainJob, out: Path, stale: str) -> TrainResult:
     key = out.name
     done = Manifest.read(out)
     if done is not None and all(f.valid_in(out, "size") for f in done.files):
         steps, run_id = done.extra["steps"], done.extra["mlflow_run_id"]
         return TrainResult(out, key, False, steps, run_id, stale)
     started = time.time()
-    require_free_space(out, checkpoint_bytes(cfg) * (cfg.train.keep_checkpoints + 1), "training")
-    run_id = mlflow_run(cfg, out, key, pre)
+    t = job.train
+    require_free_space(out, checkpoint_bytes(job.model) * (t.keep_checkpoints + 1), "training")
+    run_id = mlflow_run(job, out)
     journal = out / JOURNAL
-    replay(journal, tracking_uri(cfg))  # a resume: first what an outage left unsent
-    preemption.set_grace(cfg.train.preempt_grace_s)
+    replay(journal, job.tracking.uri)  # a resume: first what an outage left unsent
+    preemption.set_grace(t.preempt_grace_s)
     try:
         with preemption.watching(out):
-            result = _fit(cfg, pre, out, run_id)
+            result = _fit(job, out, run_id)
         stopped = out / preemption.STOPPED_FILE
         if stopped.is_file():  # a signal asked it to stop: checkpointed at that step
             raise preemption.requested() or preemption.Preempted(signal.SIGTERM)
@@ -188,40 +263,34 @@ def _train(cfg, pre: PrecomputeResult, out: Path, stale: str) -> TrainResult:
         if result.checkpoint is None:
             raise RuntimeError(f"training of {out} produced no checkpoint")
     except BaseException as err:
-        end_run(cfg, run_id, err, journal)
+        end_run(job.tracking.uri, run_id, err, journal)
         raise
     with result.checkpoint.as_directory() as ckpt:
         state = torch.load(Path(ckpt) / "state.pt", weights_only=True, map_location="cpu")
-    model = build(cfg.model_config())
+    model = build(job.model)
     model.load_state_dict(state["model"])
     ema_weights = {k: v.contiguous() for k, v in state["ema"].items()}
-    resolved = cfg.to_dict()
-    meta = {"model_config": json.dumps(asdict(cfg.model_config())), "steps": str(state["step"])}
+    meta = {"model_config": json.dumps(asdict(job.model)), "steps": str(state["step"])}
     save_file(ema_weights, out / "ema.safetensors", metadata=meta)
-    write_json_atomic(out / "config.json", resolved)
+    write_json_atomic(out / "config.json", job.params)
     files = [FileRecord.of(out / "ema.safetensors"), FileRecord.of(out / "config.json")]
     extra = {"steps": state["step"], "mlflow_run_id": run_id, "metrics": result.metrics}
     Manifest(
-        key, "train", resolved, [pre.key], files, extra, {"seconds": time.time() - started}
+        key, "train", job.params, [job.data.key], files, extra, {"seconds": time.time() - started}
     ).write(out)
-    end_run(cfg, run_id, journal=journal)
+    end_run(job.tracking.uri, run_id, journal=journal)
     return TrainResult(out, key, True, state["step"], run_id, stale)
 
 
-def _fit(cfg, pre: PrecomputeResult, out: Path, run_id: str):
+def _fit(job: TrainJob, out: Path, run_id: str):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    t = cfg.train
+    t = job.train
     connect_ray(t.ray_address, t.num_workers * t.cpus_per_worker)
-    loop_config = {
-        "cfg": cfg,  # the dataclasses themselves (pickled by Ray): workers rebuild nothing
-        "data": str(pre.path.resolve()),  # workers do not share the driver's cwd
-        "out": str(out),
-        "mlflow_uri": tracking_uri(cfg),
-        "mlflow_run_id": run_id,
-        "inrun_eval": inrun_eval.plan(cfg, pre, out),  # None when train.eval_every is off
-    }
+    # The job itself (pickled by Ray): workers rebuild nothing; its paths are absolute, as
+    # workers do not share the driver's cwd.
+    loop_config = {"job": job, "mlflow_run_id": run_id}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,

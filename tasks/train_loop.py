@@ -1,7 +1,7 @@
 """One Ray Train worker's training (tasks.train runs `train_loop` on every worker of its
 TorchTrainer), and what rank 0 reports from it: progress, MFU, MLflow metrics and sample grids.
 
-    >>> TorchTrainer(train_loop, train_loop_config={"cfg": cfg, "data": ..., "out": ..., ...})
+    >>> TorchTrainer(train_loop, train_loop_config={"job": job, "mlflow_run_id": run_id})
 
 Each worker reads its shard of the precomputed latents (a batch read ahead on a thread), builds
 the model from the same seed, resumes from Ray's latest checkpoint, and runs train_step; every
@@ -36,7 +36,8 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
 def train_loop(config: dict) -> None:
-    """One Ray Train worker: data shard, model, resume, steps, checkpoints, rank-0 logging."""
+    """One Ray Train worker: data shard, model, resume, steps, checkpoints, rank-0 logging.
+    `config`: the training's job (tasks.train.TrainJob) and its MLflow run's id."""
     import ray.train
     import ray.train.torch
     from torch.utils.data import BatchSampler, DistributedSampler, default_collate
@@ -53,33 +54,33 @@ def train_loop(config: dict) -> None:
     )
     from tasks.provenance import device_name
 
-    cfg = config["cfg"]
+    job = config["job"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu" and world > 1:
-        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+        torch.set_num_threads(max(1, int(job.train.cpus_per_worker)))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    out = Path(config["out"])
-    t = cfg.train
+    out = job.out
+    t = job.train
     if t.batch_size % world:
         raise ValueError(f"train.batch_size {t.batch_size} does not split over {world} workers")
     local_batch = t.batch_size // world
 
-    dataset = LatentDataset(config["data"], seed=t.seed)
-    mcfg = cfg.model_config()
+    dataset = LatentDataset(str(job.data.path), seed=t.seed)
+    mcfg = job.model
     expected = ((mcfg.in_channels, mcfg.input_size, mcfg.input_size), mcfg.num_classes)
     if (dataset.latent_shape, dataset.num_classes) != expected:
         raise ValueError(
-            f"model {cfg.model.name} expects latents {expected[0]} and {expected[1]} classes; "
+            f"model {job.model_name} expects latents {expected[0]} and {expected[1]} classes; "
             f"the data has {dataset.latent_shape} and {dataset.num_classes}"
         )
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build(mcfg).to(device)
-    optimizer = make_optimizer(model, cfg.optim)
-    ema = EMA(model, cfg.optim.ema_decay)
+    optimizer = make_optimizer(model, job.optim)
+    ema = EMA(model, job.optim.ema_decay)
     step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -94,9 +95,9 @@ def train_loop(config: dict) -> None:
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=t.seed)
     steps_per_epoch = math.ceil(len(sampler) / local_batch)  # len(dataset): its images
     total = t.steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    optim = with_warmup_steps(cfg.optim, steps_per_epoch)
+    optim = with_warmup_steps(job.optim, steps_per_epoch)
     bf16 = device.type == "cuda"
-    spec = LossSpec(cfg.objective, cfg.guidance, mcfg.num_classes)
+    spec = LossSpec(job.objective, job.guidance, mcfg.num_classes)
     runtime = Runtime(
         compile=DEFAULT_COMPILE if t.compile == "auto" else t.compile,
         sdpa_backend=t.sdpa_backend,
@@ -106,14 +107,14 @@ def train_loop(config: dict) -> None:
     logger = None
     if rank == 0:
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        logger = RankZeroLogger(config, cfg, dataset, total, Utilisation.of(cfg, gpu, world))
+        utilisation = Utilisation.of(job, gpu, world)
+        logger = RankZeroLogger(job, config["mlflow_run_id"], dataset, total, utilisation)
     if logger is not None:  # the device the workers run on (the driver cannot know it)
         logger.run.tags({"imf.device": f"{world} x {device_name(device)}"})
     start_time, start_step = time.perf_counter(), step
     evaluation = None
-    if config["inrun_eval"] is not None:
-        plan = config["inrun_eval"]
-        evaluation = inrun_eval.InRunEvaluation(plan, cfg, rank, world, device, steps_per_epoch)
+    if job.inrun is not None:
+        evaluation = inrun_eval.InRunEvaluation(job.inrun, rank, world, device, steps_per_epoch)
 
     def batches(start: int) -> Iterator[tuple[int, list[int]]]:
         """(epoch, indices) of this rank's batch at every step from `start` to the end."""
@@ -260,8 +261,8 @@ class Utilisation:
     peak: tuple[str, float] | None  # (datasheet name, TFLOP/s)
 
     @staticmethod
-    def of(cfg, device: str, world: int) -> Utilisation:
-        flops = flops_per_image(cfg.model_config(), cfg.objective, cfg.guidance)
+    def of(job, device: str, world: int) -> Utilisation:
+        flops = flops_per_image(job.model, job.objective, job.guidance)
         return Utilisation(flops, world, device, peak_flops.datasheet_peak(device))
 
     def mfu(self, samples_per_s: float) -> float | None:
@@ -278,27 +279,26 @@ class Utilisation:
 class RankZeroLogger:
     """Terminal progress and MLflow metrics/images, from rank 0 only."""
 
-    def __init__(self, config: dict, cfg, dataset, total: int, utilisation: Utilisation):
+    def __init__(self, job, run_id: str, dataset, total: int, utilisation: Utilisation):
         # Journaled first, sent by a background thread (a tracking outage never stops training).
         # After a restart from a checkpoint the steps since it run again (the same numbers):
         # the journal already has them, so each step is logged exactly once.
-        self.run = RunJournal(
-            config["mlflow_uri"], config["mlflow_run_id"], Path(config["out"]) / JOURNAL
-        )
-        self.cfg, self.total, self.dataset = cfg, total, dataset
+        self.run = RunJournal(job.tracking.uri, run_id, job.out / JOURNAL)
+        self.job, self.total, self.dataset = job, total, dataset
+        # Named by run where a sweep's concurrent trainings print side by side.
+        self.label = f"{job.tracking.run_name}: " if job.tracking.run_name else ""
         self.utilisation = utilisation
         self.last = time.perf_counter()
         self.tokenizer = None  # opened at the first sample grid
         self.run.tags({"imf.mfu_peak": utilisation.basis()})
-        label = f"{cfg.tracking.run_name}: " if cfg.tracking.run_name else ""
         print(
-            f"{label}MFU over {utilisation.basis()}; "
+            f"{self.label}MFU over {utilisation.basis()}; "
             f"{utilisation.flops_per_image / 1e9:.4g} GFLOP per image a step",
             flush=True,
         )
 
     def step(self, step: int, parts: dict, optimizer, start: float, start_step: int) -> None:
-        t = self.cfg.train
+        t = self.job.train
         now = time.perf_counter()
         rate = (step - start_step) / max(now - start, 1e-9)
         metrics = {k: float(v) for k, v in parts.items()}
@@ -312,10 +312,9 @@ class RankZeroLogger:
             metrics["mfu"] = utilisation
         replayed = not self.run.metrics({f"train/{k}": v for k, v in metrics.items()}, step)
         eta = (self.total - step) / max(rate, 1e-9)
-        label = f"{self.cfg.tracking.run_name}: " if self.cfg.tracking.run_name else ""
         shown = f"  MFU {100 * utilisation:.1f} %" if utilisation is not None else ""
         print(  # named by run: a sweep's concurrent trainings print side by side
-            f"{label}step {step}/{self.total}  loss {metrics['loss']:.4f}  "
+            f"{self.label}step {step}/{self.total}  loss {metrics['loss']:.4f}  "
             f"mse_u {metrics['mse_u']:.4f}  {rate:.2f} it/s{shown}  eta {eta:.0f}s"
             + ("  (replayed: logged before)" if replayed else ""),
             flush=True,
@@ -327,9 +326,8 @@ class RankZeroLogger:
         replayed = not self.run.metrics(metrics, step, group="eval")
         best = min(results["points"], key=lambda r: r["fid"])
         share = seconds / max(time.perf_counter() - start, 1e-9)
-        label = f"{self.cfg.tracking.run_name}: " if self.cfg.tracking.run_name else ""
         print(
-            f"{label}eval at step {step}: FID {best['fid']:.2f} at omega {best['omega']:g} "
+            f"{self.label}eval at step {step}: FID {best['fid']:.2f} at omega {best['omega']:g} "
             f"[{best['t_min']:g}, {best['t_max']:g}] ({best['n_samples']} samples"
             + (
                 f", real data {results['real_data_floor']['fid']:.2f}"
@@ -344,7 +342,7 @@ class RankZeroLogger:
     def samples(self, step: int, model, ema) -> None:
         """A grid of 1-NFE EMA samples (tasks.grids): one row per grid class, fixed noise,
         decoded through the precompute's tokenizer (the SD-VAE for latent data)."""
-        t = self.cfg.train
+        t = self.job.train
         if not (step == self.total or (t.sample_every and step % t.sample_every == 0)):
             return
         from tasks.grids import decoded_grid, grid_inputs, point_title, save_png
@@ -352,13 +350,13 @@ class RankZeroLogger:
 
         device = next(model.parameters()).device
         if self.tokenizer is None:
-            tok = self.cfg.tokenizer
+            tok = self.job.tokenizer
             self.tokenizer = open_tokenizer(tok.name, tok.path, tok.variant, str(device))
         per_class = 8
         noise, y = grid_inputs(
             self.dataset.num_classes, self.dataset.latent_shape, per_class, seed=0
         )
-        omega = 2.0 if self.cfg.guidance.conditions_on_omega else 1.0
+        omega = 2.0 if self.job.guidance.conditions_on_omega else 1.0
         title = f"step {step}, EMA, {point_title(omega, (0.0, 1.0))}"
         with ema.swap_in(model):
             picture = decoded_grid(

@@ -158,11 +158,7 @@ def test_runs_of_dead_processes_are_marked_killed_and_ctrl_c_is_named(tmp_path):
     assert runs.get_run(mine).info.status == "RUNNING"  # this process is alive
     assert runs.get_run(mine).data.tags["imf.pid"] == owner_tags()["imf.pid"]
 
-    class Cfg:
-        class tracking:  # noqa: N801 (a config stand-in)
-            uri = f"sqlite:///{tmp_path}/m.db"
-
-    end_run(Cfg, mine, KeyboardInterrupt())
+    end_run(f"sqlite:///{tmp_path}/m.db", mine, KeyboardInterrupt())
     assert runs.get_run(mine).info.status == "KILLED"
     assert runs.get_run(mine).data.tags["error"] == "interrupted by the user"
     # Reopening a killed run resumes it, owned by this process.

@@ -66,10 +66,10 @@ def test_compile_modes_and_the_old_name_of_the_jvp_one():
 
 
 def test_kernel_choices_stay_out_of_the_training_key():
-    from tasks.train import train_key
+    from tasks.train import train_key_of
 
     keys = {
-        train_key(load_config("smoke", overrides), "pre")
+        train_key_of(load_config("smoke", overrides), "pre")
         for overrides in (
             [],
             ["model.jvp_attention=math"],

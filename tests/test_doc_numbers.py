@@ -74,7 +74,7 @@ def b2_config():
 def b2_checkpoint_gb() -> float:
     from tasks.train import checkpoint_bytes
 
-    return checkpoint_bytes(b2_config()) / 1e9
+    return checkpoint_bytes(b2_config().model_config()) / 1e9
 
 
 def params_m(name: str, inference: bool) -> float:

@@ -105,10 +105,27 @@ def test_a_manifest_whose_rows_are_not_flip_pairs_is_refused(tmp_path):
 
 def test_the_training_key_changes_with_flips_only():
     from tasks.config import load_config
-    from tasks.train import train_key
+    from tasks.train import train_key_of
 
     # Keys of main before issue 36 (commit 048e88e): data without flips keeps its trainings.
-    assert train_key(load_config("smoke"), "0" * 16) == "0b2e09661207a95b"
-    assert train_key(load_config("demo"), "0" * 16) == "9d6214a13c244f1f"
+    assert train_key_of(load_config("smoke"), "0" * 16) == "0b2e09661207a95b"
+    assert train_key_of(load_config("demo"), "0" * 16) == "9d6214a13c244f1f"
     # ImageNet (flips stored): an epoch means half the steps, so the old key must not be found.
-    assert train_key(load_config("imagenet_b2"), "0" * 16) != "c8fbf8461b82a986"
+    assert train_key_of(load_config("imagenet_b2"), "0" * 16) != "c8fbf8461b82a986"
+
+
+def test_a_training_job_keys_what_the_experiment_keys(tmp_path):
+    """TrainJob.of(cfg, pre).key() is the key train_key_of(cfg, ...) pins above: the job is
+    built once from the experiment, and its key from the job itself."""
+    from pathlib import Path
+
+    from tasks.config import load_config
+    from tasks.precompute import PrecomputeResult
+    from tasks.train import TrainJob
+
+    pre = PrecomputeResult(tmp_path, "0" * 16, False, [], 0, [])
+    for name, key in (("smoke", "0b2e09661207a95b"), ("demo", "9d6214a13c244f1f")):
+        cfg = load_config(name, ["train.eval_every=0", "train.eval_every_epochs=0"])
+        job = TrainJob.of(cfg, pre)
+        assert job.key() == key
+        assert job.out == Path(cfg.paths.artifacts).resolve() / "train" / key

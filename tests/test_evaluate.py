@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from benchmarks.random_weights import random_inception_weights
 from imf_core.models import create
 from tasks.config import load_config
-from tasks.evaluate import evaluate
+from tasks.evaluate import EvalJob, evaluate
 from tasks.extractors import open_extractor
 from tasks.features import CLASSIFIER_NAME, to_uint8
 from tasks.precompute import precompute
@@ -70,8 +70,9 @@ def evaluation(root, *overrides):
 
 def test_merged_shards_equal_a_single_pass(setup):
     root, pre, trained = setup
-    sharded = evaluate(evaluation(root / "a", "eval.shard_size=60"), pre, trained)  # 60+60+60+20
-    single = evaluate(evaluation(root / "b", "eval.shard_size=200"), pre, trained)
+    shards_of_60 = EvalJob.of(evaluation(root / "a", "eval.shard_size=60"), pre)  # 60+60+60+20
+    sharded = evaluate(shards_of_60, trained)
+    single = evaluate(EvalJob.of(evaluation(root / "b", "eval.shard_size=200"), pre), trained)
     assert sharded.units_computed == 8 and single.units_computed == 2
     for a, b in zip(sharded.results, single.results, strict=True):
         assert a["n_samples"] == b["n_samples"] == 200
@@ -88,18 +89,18 @@ def test_merged_shards_equal_a_single_pass(setup):
 def test_restart_recomputes_only_missing_units(setup):
     root, pre, trained = setup
     cfg = evaluation(root / "c", "eval.shard_size=100")
-    first = evaluate(cfg, pre, trained)
+    first = evaluate(EvalJob.of(cfg, pre), trained)
     files = {
         p: (p.stat().st_mtime_ns, p.read_bytes()) for p in first.path.rglob("*") if p.is_file()
     }
-    again = evaluate(cfg, pre, trained)
+    again = evaluate(EvalJob.of(cfg, pre), trained)
     assert not again.computed
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == files  # nothing changed
     (first.path / "_SUCCESS").unlink()  # as if killed before the merge ...
     lost = first.path / "units" / "w3_t0-1_s00001.npz"
     lost.unlink()  # ... with one unit not yet written
     kept = first.path / "units" / "w1_t0-1_s00000.npz"
-    resumed = evaluate(cfg, pre, trained)
+    resumed = evaluate(EvalJob.of(cfg, pre), trained)
     assert resumed.units_computed == 1 and lost.is_file()
     assert kept.stat().st_mtime_ns == files[kept][0]
     assert [r["fid"] for r in resumed.results] == pytest.approx(
@@ -110,10 +111,9 @@ def test_restart_recomputes_only_missing_units(setup):
 @pytest.mark.slow
 def test_units_on_ray_actors_equal_units_in_process(setup, local_ray):
     root, pre, trained = setup
-    sequential = evaluate(evaluation(root / "g", "eval.shard_size=50"), pre, trained)
-    parallel = evaluate(
-        evaluation(root / "h", "eval.shard_size=50", "eval.workers=2"), pre, trained
-    )
+    sequential = evaluate(EvalJob.of(evaluation(root / "g", "eval.shard_size=50"), pre), trained)
+    parallel_job = EvalJob.of(evaluation(root / "h", "eval.shard_size=50", "eval.workers=2"), pre)
+    parallel = evaluate(parallel_job, trained)
     assert parallel.key == sequential.key  # the worker count is not part of what is computed
     assert parallel.units_computed == sequential.units_computed == 8
     for name in sorted(p.name for p in (sequential.path / "units").iterdir()):
@@ -151,7 +151,7 @@ def test_inception_path_with_random_weights(setup, tmp_path):
         f"eval.reference={stats}",
         "eval.grid_per_class=0",
     )
-    result = evaluate(cfg, pre, trained)
+    result = evaluate(EvalJob.of(cfg, pre), trained)
     plain, guided = result.results
     for entry in (plain, guided):
         assert entry["features"] == "inception" and entry["n_samples"] == 20
@@ -161,10 +161,9 @@ def test_inception_path_with_random_weights(setup, tmp_path):
     assert abs(plain["fid"] - 2048.0) > 1.0 and abs(plain["fid"] - guided["fid"]) > 1e-3
     assert plain["is"] != guided["is"]
     with pytest.raises(FileNotFoundError, match="never downloaded"):
-        evaluate(
+        EvalJob.of(
             evaluation(root / "e", "eval.features=inception", "eval.inception_weights=/nope.pth"),
             pre,
-            trained,
         )
 
 
@@ -195,7 +194,7 @@ def test_results_are_logged_under_the_training_run(setup, tmp_path):
     train_run = client.create_run(client.create_experiment("eval-test")).info.run_id
     tracked = FakeTrainResult(trained.path, trained.key, train_run)
     cfg = evaluation(root / "f", f"tracking.uri={uri}")
-    result = evaluate(cfg, pre, tracked)
+    result = evaluate(EvalJob.of(cfg, pre), tracked)
     best = next(r for r in result.results if r["best"])
     summary = client.get_run(train_run).data
     assert summary.metrics["eval/fid_best"] == pytest.approx(best["fid"])
@@ -236,16 +235,16 @@ def test_given_weights_evaluate_without_training(setup, tmp_path):
     official = tmp_path / "iMF-tiny.pth"
     torch.save(to_official(load_model(trained.weights, 8)), official)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    ours = evaluate(evaluation(root / "i"), pre, trained)
+    ours = evaluate(EvalJob.of(evaluation(root / "i"), pre), trained)
     results = {}
     for name, path in (("safetensors", trained.weights), ("pth", official)):
         cfg = evaluation(root / "i", f"eval.checkpoint={path}", f"tracking.uri={uri}")
         source = checkpoint_source(cfg)
-        results[name] = evaluate(cfg, pre, source)
+        results[name] = evaluate(EvalJob.of(cfg, pre), source)
         assert results[name].computed and results[name].key != ours.key
         for a, b in zip(results[name].results, ours.results, strict=True):
             assert a["fid"] == pytest.approx(b["fid"], rel=1e-6) and a["weights"] == str(path)
-        again = evaluate(cfg, pre, checkpoint_source(cfg))
+        again = evaluate(EvalJob.of(cfg, pre), checkpoint_source(cfg))
         assert not again.computed and again.path == results[name].path
     client = MlflowClient(uri)
     run = client.get_run(results["pth"].mlflow_run_id)
@@ -262,7 +261,7 @@ def test_given_weights_evaluate_without_training(setup, tmp_path):
 
 def test_results_say_which_reference_and_rounding(setup):
     root, pre, trained = setup
-    result = evaluate(evaluation(root / "j", "eval.omegas=[1.0]"), pre, trained)
+    result = evaluate(EvalJob.of(evaluation(root / "j", "eval.omegas=[1.0]"), pre), trained)
     (entry,) = result.results
     assert entry["uint8"].startswith("round(clip(255 * (x + 1) / 2, 0, 255))")
     assert entry["reference"] == str(pre.path / "reference.npz")
@@ -279,7 +278,7 @@ def test_every_number_comes_with_its_calibration(setup):
 
     root, pre, trained = setup
     on = ["eval.calibrate=true", "eval.many_steps=8", "eval.prc_samples=150"]
-    result = evaluate(evaluation(root / "k", "eval.shard_size=120", *on), pre, trained)
+    result = evaluate(EvalJob.of(evaluation(root / "k", "eval.shard_size=120", *on), pre), trained)
     # 2 points x 2 shards, 2 real shards, the Euler units at omega 1 and at the best point
     assert result.units_computed in (2 * 2 + 2 + 2, 2 * 2 + 2 + 2 * 2)
     ref = np.load(pre.path / "reference.npz")
@@ -346,7 +345,7 @@ def test_a_model_that_never_trained_is_flagged(setup, tmp_path):
         metadata=meta,
     )
     cfg = evaluation(root / "l", "eval.calibrate=true", "eval.many_steps=0")
-    result = evaluate(cfg, pre, FakeTrainResult(directory, "untrained"))
+    result = evaluate(EvalJob.of(cfg, pre), FakeTrainResult(directory, "untrained"))
     assert all(r["did_not_learn"] for r in result.results)
     ceiling = result.results[0]["class_mean_ceiling"]["fid"]
     assert all(r["fid"] > ceiling / 2 for r in result.results)

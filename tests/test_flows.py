@@ -118,27 +118,27 @@ def test_the_two_step_row_is_compared_with_the_one_step_fid_not_the_parameter_co
 
 
 def test_table1b_reuses_table1a_trainings():
-    from tasks.train import train_key
+    from tasks.train import train_key_of
 
     a = variant_configs(load_sweep("table1a"), "smoke", [], ["imf_aux_cfg"])["imf_aux_cfg"]
     b = variant_configs(load_sweep("table1b"), "smoke", [], ["imf_aux_cfg"])["imf_aux_cfg"]
-    assert train_key(a, "p") == train_key(b, "p")
+    assert train_key_of(a, "p") == train_key_of(b, "p")
 
 
 def test_a_setting_added_later_keeps_existing_trainings_found():
     from tasks.config import load_config
-    from tasks.train import train_key
+    from tasks.train import train_key_of
 
     # The smoke training's key since the tiny preset's one-token conditions (2026-12-03): a
     # setting added later with a default that changes nothing (as optim.decay_fraction was)
     # must leave it the same, so trainings made now are reused; setting the value makes a new one.
-    assert train_key(load_config("smoke"), "0" * 16) == "0b2e09661207a95b"
+    assert train_key_of(load_config("smoke"), "0" * 16) == "0b2e09661207a95b"
     for setting in (
         "optim.decay_fraction=0.3",
         "optim.embedder_lr_scale=10.0",
         "model.omega_input_scale=1000.0",
     ):
-        assert train_key(load_config("smoke", [setting]), "0" * 16) != "0b2e09661207a95b"
+        assert train_key_of(load_config("smoke", [setting]), "0" * 16) != "0b2e09661207a95b"
 
 
 @pytest.mark.slow

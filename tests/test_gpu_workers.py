@@ -28,7 +28,7 @@ from imf_core.models import create
 from tasks.artifacts import Manifest
 from tasks.cluster import connect_ray
 from tasks.config import load_config
-from tasks.evaluate import evaluate
+from tasks.evaluate import EvalJob, evaluate
 from tasks.precompute import precompute
 
 root = Path(sys.argv[1])
@@ -61,7 +61,7 @@ for name, extra in (("one", []), ("gpus", ["eval.workers=2", "eval.gpus_per_work
             "eval.shard_size=50", "eval.omegas=[1.0,3.0]", "eval.grid_per_class=0",
             "eval.calibrate=false", "eval.many_steps=0"]
     cfg = load_config("smoke", base + extra)
-    evals[name] = evaluate(cfg, pres["one"], Trained())
+    evals[name] = evaluate(EvalJob.of(cfg, pres["one"]), Trained())
 
 shards = sorted(p.name for p in pres["one"].path.glob("shard-*"))
 units = sorted(p.name for p in (evals["one"].path / "units").iterdir())

@@ -18,9 +18,9 @@ from imf_core.models import build
 from tasks import inrun_eval
 from tasks.config import load_config
 from tasks.eval_units import UnitRunner
-from tasks.evaluate import evaluate
+from tasks.evaluate import EvalJob, evaluate
 from tasks.precompute import precompute
-from tasks.train import train
+from tasks.train import TrainJob, train
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_an_interrupted_evaluation_computes_only_its_missing_units(tmp_path, sha
         if not p.any():
             torch.nn.init.normal_(p, std=0.1)
     ema = EMA(model, 0.5)
-    evaluation = inrun_eval.InRunEvaluation(plan, cfg, 0, 1, torch.device("cpu"), 100)
+    evaluation = inrun_eval.InRunEvaluation(plan, 0, 1, torch.device("cpu"), 100)
     assert [s for s in range(18) if evaluation.due(s, total=17)] == [5, 10, 15, 17]
     assert not any(evaluation.due(s, total=3) for s in range(4))  # shorter than an interval
     runs = []
@@ -125,7 +125,7 @@ def test_fid_during_training_is_imf_evaluates_on_the_same_weights(tmp_path, shar
         "train.num_workers=2",  # the samples sharded over two ranks
         "train.cpus_per_worker=1",
     )
-    trained = train(cfg, pre)
+    trained = train(TrainJob.of(cfg, pre))
     (directory,) = (trained.path / "during").iterdir()
     steps = sorted(p.name for p in directory.glob("step*"))
     assert steps == ["step00000004", "step00000008"]
@@ -147,7 +147,7 @@ def test_fid_during_training_is_imf_evaluates_on_the_same_weights(tmp_path, shar
             "eval.grid_per_class=0",
         ],
     )
-    result = evaluate(final, pre, trained)
+    result = evaluate(EvalJob.of(final, pre), trained)
     for ours, theirs in zip(during["points"], result.results, strict=True):
         assert ours["omega"] == theirs["omega"] and ours["n_samples"] == theirs["n_samples"] == 60
         for metric in ("fid", "is", "accuracy", "precision", "recall"):
@@ -201,7 +201,7 @@ def test_a_latent_run_logs_decoded_grids_and_a_fid_that_reacts(tmp_path, shared,
         "eval.during_points=[[1.0,0.0,1.0]]",
         "eval.batch_size=8",
     )
-    trained = train(cfg, pre)
+    trained = train(TrainJob.of(cfg, pre))
     client = MlflowClient(cfg.tracking.uri)
     grids = sorted(a.path for a in client.list_artifacts(trained.mlflow_run_id, "samples"))
     assert grids == ["samples/samples_step0000002.png", "samples/samples_step0000004.png"]

@@ -130,9 +130,9 @@ def test_a_later_method_version_reuses_with_a_warning_or_recomputes(
 
     from flows.plan import plan_of
     from tasks.config import load_config
-    from tasks.evaluate import evaluate
+    from tasks.evaluate import EvalJob, evaluate
     from tasks.precompute import precompute
-    from tasks.train import train
+    from tasks.train import TrainJob, train
 
     def config(*extra):
         return load_config(
@@ -157,8 +157,8 @@ def test_a_later_method_version_reuses_with_a_warning_or_recomputes(
     def stages(*extra):
         cfg = config(*extra)
         pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
-        trained = train(cfg, pre)
-        return trained, evaluate(cfg, pre, trained)
+        trained = train(TrainJob.of(cfg, pre))
+        return trained, evaluate(EvalJob.of(cfg, pre), trained)
 
     trained, evaluated = stages()
     assert not trained.stale and not evaluated.stale

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tasks.config import load_config
 from tasks.precompute import precompute
-from tasks.train import train
+from tasks.train import TrainJob, train
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def run(tmp_path: Path, *overrides: str):
         ],
     )
     pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
-    return cfg, train(cfg, pre)
+    return cfg, train(TrainJob.of(cfg, pre))
 
 
 def history(cfg, run_id: str, metric: str) -> dict[int, list[float]]:
@@ -106,9 +106,8 @@ def test_ddp_matches_one_worker_and_finished_runs_are_reused(data_parallel):
     )
     assert {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "training"
 
-    again = train(
-        cfg2, precompute(cfg2.data, cfg2.tokenizer, cfg2.precompute, cfg2.paths.artifacts)
-    )
+    pre = precompute(cfg2.data, cfg2.tokenizer, cfg2.precompute, cfg2.paths.artifacts)
+    again = train(TrainJob.of(cfg2, pre))
     assert not again.computed and again.steps == 12 and again.path == two.path
 
 

@@ -4,6 +4,7 @@ Prefetcher), in the sampler's order across epochs; the agreement on a non-finite
 stop read a step late (imf_core.training.StopAgreement), yet no checkpoint after a
 non-finite step and a stop at a checkpointed step. The real TorchTrainer: tests/test_train.py."""
 
+import dataclasses
 import math
 import threading
 import time
@@ -23,6 +24,7 @@ from imf_core.training import StopAgreement
 from tasks import preemption
 from tasks.config import load_config
 from tasks.precompute import precompute
+from tasks.train import TrainJob
 
 BATCH, STEPS, CHECKPOINT_EVERY = 256, 10, 3  # 1,797 digits: 8 steps an epoch, so two epochs
 
@@ -47,7 +49,7 @@ def loop_data(root: Path, overrides: list[str]) -> SimpleNamespace:
         ],
     )
     pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
-    return SimpleNamespace(cfg=cfg, data=str(pre.path))
+    return SimpleNamespace(job=TrainJob.of(cfg, pre), data=str(pre.path))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def digits(tmp_path_factory) -> SimpleNamespace:
 class Logger:
     """RankZeroLogger's stand-in: the steps it was asked to log."""
 
-    def __init__(self, *args):  # (config, cfg, dataset, total, ...)
+    def __init__(self, *args):  # (job, run id, dataset, total, utilisation)
         self.run = SimpleNamespace(tags=lambda tags: None, close=lambda: None)
         self.logged: list[int] = []
         LOGGERS.append(self)
@@ -77,8 +79,9 @@ def run_loop(digits, tmp_path, monkeypatch, nan_at: int = -1, stop_at: int = -1)
     """train_loop on one rank: the batches each step got, the reports (step, the checkpoint's
     step or None), the steps logged. Step `nan_at` returns a NaN loss; the stop file appears
     during step `stop_at`."""
-    out = tmp_path / "out"
-    out.mkdir()
+    job = dataclasses.replace(digits.job, artifacts=tmp_path)  # this test's output
+    out = job.out
+    out.mkdir(parents=True)
     seen, reports = [], []
     real_step = imf_core.training.train_step
 
@@ -102,8 +105,7 @@ def run_loop(digits, tmp_path, monkeypatch, nan_at: int = -1, stop_at: int = -1)
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(tasks.train_loop, "RankZeroLogger", Logger)
     LOGGERS.clear()
-    config = {"cfg": digits.cfg, "data": digits.data, "out": str(out), "inrun_eval": None}
-    tasks.train_loop.train_loop(config | {"mlflow_uri": "", "mlflow_run_id": ""})
+    tasks.train_loop.train_loop({"job": job, "mlflow_run_id": ""})
     return SimpleNamespace(out=out, seen=seen, reports=reports, logged=LOGGERS[0].logged)
 
 
