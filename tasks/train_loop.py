@@ -107,7 +107,8 @@ def train_loop(config: dict) -> None:
     logger = None
     if rank == 0:
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        utilisation = Utilisation.of(job, gpu, world)
+        flops = flops_per_image(job.model, job.objective, job.guidance)
+        utilisation = Utilisation.of(flops, gpu, world)
         logger = RankZeroLogger(job, config["mlflow_run_id"], dataset, total, utilisation)
     if logger is not None:  # the device the workers run on (the driver cannot know it)
         logger.run.tags({"imf.device": f"{world} x {device_name(device)}"})
@@ -261,9 +262,8 @@ class Utilisation:
     peak: tuple[str, float] | None  # (datasheet name, TFLOP/s)
 
     @staticmethod
-    def of(job, device: str, world: int) -> Utilisation:
-        flops = flops_per_image(job.model, job.objective, job.guidance)
-        return Utilisation(flops, world, device, peak_flops.datasheet_peak(device))
+    def of(flops_per_image: float, device: str, world: int) -> Utilisation:
+        return Utilisation(flops_per_image, world, device, peak_flops.datasheet_peak(device))
 
     def mfu(self, samples_per_s: float) -> float | None:
         """MFU at `samples_per_s` images a second over all `world` workers; None without a peak."""

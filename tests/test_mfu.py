@@ -6,6 +6,8 @@ import pytest
 
 from imf_core.peak_flops import datasheet_peak, mfu
 from tasks.config import load_config
+from tasks.precompute import PrecomputeResult
+from tasks.train import TrainJob
 from tasks.train_loop import RankZeroLogger, Utilisation, flops_per_image
 
 
@@ -42,14 +44,14 @@ def smoke():
 def test_the_trainings_mfu_is_useful_flops_over_the_world_times_the_datasheet_peak(smoke):
     per_image = flops_per_image(smoke.model_config(), smoke.objective, smoke.guidance)
     assert per_image > 0
-    h200 = Utilisation.of(smoke, "NVIDIA H200", world=8)
+    h200 = Utilisation.of(per_image, "NVIDIA H200", world=8)
     assert h200.flops_per_image == per_image
     samples_per_s = 1e4
     assert h200.mfu(samples_per_s) == pytest.approx(samples_per_s * per_image / (8 * 989.4e12))
     assert h200.basis() == "H200 SXM 989.4 TFLOP/s bf16 (datasheet)"
-    cpu = Utilisation.of(smoke, "cpu", world=1)
+    cpu = Utilisation.of(per_image, "cpu", world=1)
     assert cpu.mfu(samples_per_s) is None and cpu.basis() == "none: no datasheet peak for cpu"
-    v100 = Utilisation.of(smoke, "Tesla V100-SXM2-16GB", world=1)
+    v100 = Utilisation.of(per_image, "Tesla V100-SXM2-16GB", world=1)
     assert v100.mfu(samples_per_s) is None
     assert v100.basis() == "none: no datasheet peak for Tesla V100-SXM2-16GB"
 
@@ -77,9 +79,11 @@ def test_the_training_log_shows_mfu_beside_its_rate_where_the_gpu_has_a_peak(
     smoke, device, monkeypatch, capsys, tmp_path
 ):
     monkeypatch.setattr("tasks.train_loop.RunJournal", Journal)
-    config = {"mlflow_uri": "", "mlflow_run_id": "run", "out": str(tmp_path)}
-    utilisation = Utilisation.of(smoke, device, world=2)
-    logger = RankZeroLogger(config, smoke, None, 100, utilisation)
+    cfg = load_config("smoke", ["train.eval_every=0", f"paths.artifacts={tmp_path}"])
+    job = TrainJob.of(cfg, PrecomputeResult(tmp_path, "0" * 16, False, [], 0, []))
+    per_image = flops_per_image(job.model, job.objective, job.guidance)
+    utilisation = Utilisation.of(per_image, device, world=2)
+    logger = RankZeroLogger(job, "run", None, 100, utilisation)
     # 10 steps in 2 s at the smoke batch: 5 it/s
     monkeypatch.setattr("tasks.train_loop.time.perf_counter", lambda: 12.0)
     logger.step(10, {"loss": 1.0, "mse_u": 0.5}, Optimizer(), start=10.0, start_step=0)
