@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from imf_core.objectives import OBJECTIVES
 from tasks.config import load_config
-from tasks.precompute import precompute
+from tasks.precompute import PrecomputeJob, precompute
 from tasks.train import TrainJob, train
 
 
@@ -44,7 +44,7 @@ def main() -> None:
                     f"train.checkpoint_every={args.steps}",
                 ],
             )
-            pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+            pre = precompute(PrecomputeJob.of(cfg))
             result = train(TrainJob.of(cfg, pre))
             metrics = MlflowClient(cfg.tracking.uri).get_run(result.mlflow_run_id).data.metrics
             rate[name] = metrics["steps_per_s"]

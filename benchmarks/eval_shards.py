@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from imf_core.models import create
 from tasks.config import load_config
 from tasks.evaluate import EvalJob, evaluate
-from tasks.precompute import precompute
+from tasks.precompute import PrecomputeJob, precompute
 from tasks.train import TrainResult
 
 
@@ -55,7 +55,7 @@ def main() -> None:
                     "eval.grid_per_class=0",
                 ],
             )
-            pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+            pre = precompute(PrecomputeJob.of(cfg))
             start = time.perf_counter()
             results[label] = evaluate(EvalJob.of(cfg, pre), trained).results[0]
             if run:

@@ -207,11 +207,11 @@ def print_plan(title: str, configs: dict, args: argparse.Namespace) -> int:
 def run_precompute(args: argparse.Namespace) -> int:
     from tasks.config import load_config
     from tasks.inputs import reads_of, require_inputs
-    from tasks.precompute import precompute
+    from tasks.precompute import PrecomputeJob, precompute
 
     cfg = load_config(args.experiment, args.overrides)
     require_inputs(cfg, reads_of(cfg, ["precompute"]))
-    result = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+    result = precompute(PrecomputeJob.of(cfg))
     if result.computed:
         print(f"precompute: computed {len(result.shards_written)} shard(s), {result.num_rows} rows")
     else:
@@ -230,14 +230,14 @@ def upstream(cfg, stage: str):
     """The stages before `stage` of the composed `cfg`, run or reused (the single-stage
     commands), after the checks of what they read."""
     from tasks.inputs import reads_of, require_inputs
-    from tasks.precompute import precompute
+    from tasks.precompute import PrecomputeJob, precompute
     from tasks.tracking import prepare
     from tasks.train import TrainJob, train
 
     if stage == "train":
         prepare(cfg)
         require_inputs(cfg, reads_of(cfg, ["precompute", "train"]))
-    pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+    pre = precompute(PrecomputeJob.of(cfg))
     print(f"precompute: {'computed' if pre.computed else 'reused'} {pre.path}")
     if stage == "train":
         return pre, None
@@ -263,7 +263,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from tasks.config import load_config
     from tasks.eval_inputs import checkpoint_source, needs_precompute, preflight
     from tasks.evaluate import EvalJob, evaluate
-    from tasks.precompute import precompute
+    from tasks.precompute import PrecomputeJob, precompute
 
     cfg = load_config(args.experiment, args.overrides)
     preflight(cfg)
@@ -271,7 +271,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         source = checkpoint_source(cfg)
         pre = None
         if needs_precompute(cfg):
-            pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+            pre = precompute(PrecomputeJob.of(cfg))
             print(f"precompute: {'computed' if pre.computed else 'reused'} {pre.path}")
         print(f"checkpoint: {source.weights} (key {source.key})")
         result = evaluate(EvalJob.of(cfg, pre), source)

@@ -26,7 +26,7 @@ from tasks.config import ConfigError, load_config
 from tasks.eval_inputs import preflight
 from tasks.evaluate import EvalJob, EvalResult, evaluate_task
 from tasks.inputs import reads_of, require_inputs
-from tasks.precompute import PrecomputeResult, precompute_task
+from tasks.precompute import PrecomputeJob, PrecomputeResult, precompute_task
 from tasks.schema import ExperimentConfig
 from tasks.train import TrainJob, TrainResult, train_task
 
@@ -170,15 +170,15 @@ def precompute_flow(experiment: str = "smoke", overrides: list[str] | None = Non
     (the images, the VAE) are checked first, as `imf precompute` checks them."""
     cfg = load_config(experiment, overrides or [])
     require_inputs(cfg, reads_of(cfg, ["precompute"]))
-    args = (cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
-    return str(precompute_task.with_options(**RETRIES)(*args, return_state=True).result().path)
+    job = PrecomputeJob.of(cfg)
+    return str(precompute_task.with_options(**RETRIES)(job, return_state=True).result().path)
 
 
 def run_stages(cfg) -> PipelineResult:
     """The three stage tasks of one config, in order; each raises if its stage failed."""
     states, names = {}, stage_names(cfg)
     states["precompute"] = precompute_task.with_options(**RETRIES, **names["precompute"])(
-        cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts, return_state=True
+        PrecomputeJob.of(cfg), return_state=True
     )
     pre = states["precompute"].result()
     train_named = train_task.with_options(**RETRIES, **names["train"])

@@ -336,8 +336,7 @@ class Stage:
 def precompute_stage(cfg, label: str, images: int | None) -> tuple[Stage, str | None, int]:
     """(stage, its key or None, rows) of a config's precompute: keyed as the stage keys it,
     reading the data's listing (never the images) -- or, without the data, its size assumed."""
-    from tasks.precompute import _identify, row_bytes
-    from tasks.precompute import output_dir as pre_dir
+    from tasks.precompute import PrecomputeJob, _identify, row_bytes
 
     data, tok, pre = cfg.data, cfg.tokenizer, cfg.precompute
     try:
@@ -351,7 +350,7 @@ def precompute_stage(cfg, label: str, images: int | None) -> tuple[Stage, str | 
         disk = rows * row_bytes(data, tok, None)
         return Stage("precompute", label, None, "to run", detail, disk_bytes=disk), None, rows
     rows = upstream.extra["num_rows"] if upstream else source.num_images * (1 + data.flips)
-    out = pre_dir(data, tok, pre, cfg.paths.artifacts)
+    out = PrecomputeJob.of(cfg).out()
     detail = f"{data.name}: {rows:,} rows"
     disk = rows * row_bytes(data, tok, upstream)
     status = "reused" if done(out) else "to run"
@@ -420,12 +419,11 @@ def evaluation_status(cfg, train_key: str) -> tuple[str | None, str]:
     """The evaluation's key and status once its training exists (its reference is needed)."""
     from tasks.eval_inputs import preflight
     from tasks.evaluate import EvalJob
-    from tasks.precompute import PrecomputeResult
-    from tasks.precompute import output_dir as pre_dir
+    from tasks.precompute import PrecomputeJob, PrecomputeResult
 
     try:
         preflight(cfg)
-        pre_path = pre_dir(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+        pre_path = PrecomputeJob.of(cfg).out()
         pre = PrecomputeResult(pre_path, pre_path.name, False, [], 0, [])
 
         class Trained:

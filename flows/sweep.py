@@ -34,7 +34,7 @@ from tasks.artifacts import content_key
 from tasks.config import ConfigError, config_file, load_config
 from tasks.eval_inputs import preflight
 from tasks.evaluate import EvalJob, evaluate_task
-from tasks.precompute import precompute_task
+from tasks.precompute import PrecomputeJob, precompute_task
 from tasks.provenance import require_clean_tree
 from tasks.schema import ExperimentConfig
 from tasks.tracking import client as tracking_client
@@ -344,18 +344,18 @@ def sweep_flow(
 
 def run_variants(sweep, scale: str, configs: dict, parent: str, groups: dict, first):
     """The stages of every variant (shared ones once), then each variant's outcome."""
-    # Precompute once per distinct data setting (usually one for the whole sweep).
+    # Precompute once per distinct job (usually one for the whole sweep): equal jobs hash alike.
     precomputed, pre_of = {}, {}
     for variant, cfg in configs.items():
-        args = (cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
-        if repr(args) not in precomputed:
+        job = PrecomputeJob.of(cfg)
+        if job not in precomputed:
             named = stage_names(cfg)
             # return_state: a stage that reused its output returns a "Reused" state, whose
             # .result() is the stage's result (a direct call would hand back the state)
-            precomputed[repr(args)] = precompute_task.with_options(
-                **RETRIES, **named["precompute"]
-            )(*args, return_state=True).result()
-        pre_of[variant] = precomputed[repr(args)]
+            precomputed[job] = precompute_task.with_options(**RETRIES, **named["precompute"])(
+                job, return_state=True
+            ).result()
+        pre_of[variant] = precomputed[job]
     evaluations, jobs = {}, {}
     for variant, cfg in configs.items():
         named = stage_names(cfg)

@@ -1,6 +1,6 @@
 """Stage 1: encode a dataset once into sharded Parquet, content-addressed and restartable per shard.
 
-    >>> result = precompute(cfg)            # cfg: the experiment config (tasks.config)
+    >>> result = precompute(PrecomputeJob.of(cfg))   # cfg: the experiment config (tasks.config)
     >>> result.path, result.computed, result.shards_written
 
 Output `<artifacts>/precompute/<key>/`: `shard-NNNNN.parquet` files (columns `latent`, a
@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from tasks.artifacts import (
     require_manifest,
 )
 from tasks.datasets import UnreadableImages, open_source
-from tasks.schema import DataConfig, PrecomputeConfig, TokenizerConfig
+from tasks.schema import DataConfig, ExperimentConfig, PrecomputeConfig, TokenizerConfig
 from tasks.tokenizers import open_tokenizer
 
 
@@ -228,19 +228,42 @@ def _identify(data: DataConfig, tokenizer: TokenizerConfig, pre: PrecomputeConfi
     return stage_key(data, tok_fp, source.fingerprint, pre), tok_fp, source, None
 
 
-def output_dir(
-    data: DataConfig, tokenizer: TokenizerConfig, pre: PrecomputeConfig, artifacts: str | Path
-) -> Path:
-    """Where precompute's output for these settings lives (its content key, computed)."""
-    return Path(artifacts) / "precompute" / _identify(data, tokenizer, pre)[0]
+@dataclass(frozen=True)
+class PrecomputeJob:
+    """What precompute reads, taken from the experiment once (PrecomputeJob.of): the data, the
+    tokenizer, the shard settings and where outputs go. Its sections hold plain values, so
+    equal jobs hash alike: a sweep's variants on the same data share one."""
+
+    data: DataConfig
+    tokenizer: TokenizerConfig
+    precompute: PrecomputeConfig
+    artifacts: str | Path
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig) -> PrecomputeJob:
+        return cls(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+
+    def __hash__(self) -> int:
+        return hash(astuple(self))
+
+    def key(self) -> str:
+        """Its content key (the data's fingerprint: for an image folder, its listing)."""
+        return _identify(self.data, self.tokenizer, self.precompute)[0]
+
+    def out(self) -> Path:
+        return Path(self.artifacts) / "precompute" / self.key()
 
 
-def precompute(
-    data: DataConfig, tokenizer: TokenizerConfig, pre: PrecomputeConfig, artifacts: str | Path
-) -> PrecomputeResult:
+def output_dir(job: PrecomputeJob) -> Path:
+    """Where precompute's output for this job lives (its content key, computed)."""
+    return job.out()
+
+
+def precompute(job: PrecomputeJob) -> PrecomputeResult:
     """Encodes every missing or invalid shard; reuses the rest. A rerun of a finished output
     with the same config changes no file."""
     started = time.time()
+    data, tokenizer, pre, artifacts = job.data, job.tokenizer, job.precompute, job.artifacts
     key, tok_fp, source, upstream = _identify(data, tokenizer, pre)
     if upstream is not None:
         num_rows, flips = upstream.extra["num_rows"], False

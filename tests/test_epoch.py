@@ -10,7 +10,7 @@ from torch.utils.data import DistributedSampler
 
 from imf_core.data import LatentDataset
 from tasks.datasets import digits
-from tasks.precompute import precompute
+from tasks.precompute import PrecomputeJob, precompute
 from tasks.schema import DataConfig, PrecomputeConfig, TokenizerConfig
 
 IMAGES = 1797  # scikit-learn's digits
@@ -21,7 +21,9 @@ SHARDS = PrecomputeConfig(rows_per_shard=501, rows_per_row_group=100)  # pairs c
 @pytest.fixture(scope="module")
 def flipped(tmp_path_factory):
     return precompute(
-        DataConfig(name="digits", flips=True), PIXEL, SHARDS, tmp_path_factory.mktemp("art")
+        PrecomputeJob(
+            DataConfig(name="digits", flips=True), PIXEL, SHARDS, tmp_path_factory.mktemp("art")
+        )
     )
 
 
@@ -86,7 +88,7 @@ def test_a_resumed_or_sharded_run_reads_the_same_rows(flipped):
 
 
 def test_without_flips_an_item_is_its_row(tmp_path):
-    result = precompute(DataConfig(name="digits"), PIXEL, SHARDS, tmp_path)
+    result = precompute(PrecomputeJob(DataConfig(name="digits"), PIXEL, SHARDS, tmp_path))
     ds = LatentDataset(result.path, seed=0)
     ds.set_epoch(5)
     assert len(ds) == result.num_rows == IMAGES and ds.row_of([0, 7, 1796]) == [0, 7, 1796]
@@ -95,7 +97,7 @@ def test_without_flips_an_item_is_its_row(tmp_path):
 def test_a_manifest_whose_rows_are_not_flip_pairs_is_refused(tmp_path):
     import json
 
-    result = precompute(DataConfig(name="digits"), PIXEL, SHARDS, tmp_path)
+    result = precompute(PrecomputeJob(DataConfig(name="digits"), PIXEL, SHARDS, tmp_path))
     manifest = json.loads((result.path / "_SUCCESS").read_text())
     manifest["extra"]["flips"] = True  # says flips, stores one row per image
     (result.path / "_SUCCESS").write_text(json.dumps(manifest))

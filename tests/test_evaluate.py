@@ -16,7 +16,7 @@ from tasks.config import load_config
 from tasks.evaluate import EvalJob, evaluate
 from tasks.extractors import open_extractor
 from tasks.features import CLASSIFIER_NAME, to_uint8
-from tasks.precompute import precompute
+from tasks.precompute import PrecomputeJob, precompute
 
 
 @dataclass
@@ -51,7 +51,7 @@ def fake_training(directory: Path) -> FakeTrainResult:
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     cfg = load_config("smoke", [f"paths.artifacts={root}", "precompute.classifier_steps=150"])
-    pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+    pre = precompute(PrecomputeJob.of(cfg))
     return root, pre, fake_training(root / "train")
 
 

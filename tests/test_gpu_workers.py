@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tasks.config import load_config
-from tasks.precompute import precompute
+from tasks.precompute import PrecomputeJob, precompute
 
 # Its own Ray (two logical GPUs), so it runs in a process of its own.
 SCRIPT = """
@@ -29,7 +29,7 @@ from tasks.artifacts import Manifest
 from tasks.cluster import connect_ray
 from tasks.config import load_config
 from tasks.evaluate import EvalJob, evaluate
-from tasks.precompute import precompute
+from tasks.precompute import PrecomputeJob, precompute
 
 root = Path(sys.argv[1])
 connect_ray("", 2, gpus=2)
@@ -38,7 +38,7 @@ pres = {}
 for name, extra in (("one", []), ("gpus", gpu)):
     cfg = load_config("smoke", [f"paths.artifacts={root / name}", "precompute.classifier_steps=50"]
                       + extra)
-    pres[name] = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+    pres[name] = precompute(PrecomputeJob.of(cfg))
 
 torch.manual_seed(0)
 model = create("tiny")
@@ -110,4 +110,4 @@ def test_two_logical_gpu_workers_equal_one_process(background):
 def test_gpu_workers_on_a_cluster_without_gpus_fail_at_once(tmp_path: Path, local_ray):
     cfg = load_config("smoke", [f"paths.artifacts={tmp_path}", "precompute.gpus_per_worker=1"])
     with pytest.raises(ValueError, match="gpus_per_worker=1, but the Ray cluster has 0 GPUs"):
-        precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+        precompute(PrecomputeJob.of(cfg))

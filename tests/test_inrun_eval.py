@@ -19,7 +19,7 @@ from tasks import inrun_eval
 from tasks.config import load_config
 from tasks.eval_units import UnitRunner
 from tasks.evaluate import EvalJob, evaluate
-from tasks.precompute import precompute
+from tasks.precompute import PrecomputeJob, precompute
 from tasks.train import TrainJob, train
 
 
@@ -40,7 +40,7 @@ def smoke(tmp_path: Path, artifacts: Path, *overrides: str):
             *overrides,
         ],
     )
-    return cfg, precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+    return cfg, precompute(PrecomputeJob.of(cfg))
 
 
 def history(cfg, run_id: str, metric: str) -> dict[int, list[float]]:

