@@ -409,7 +409,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     from flows.pipeline import check_prefect
-    from flows.report import find_parent, report_flow
+    from flows.report import report_flow
+    from flows.report_runs import find_parent
     from tasks.config import load_config
     from tasks.tracking import check_reachable, tracking_uri
     from tasks.tracking import client as tracking_client
