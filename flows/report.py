@@ -29,7 +29,7 @@ from flows.report_table import paper_table, progress_markdown, table_markdown
 from flows.sweep import load_sweep
 from tasks.artifacts import atomic_path
 from tasks.provenance import code_record
-from tasks.tracking import client as tracking_client
+from tasks.tracking_client import client as tracking_client
 
 
 @dataclass
