@@ -349,8 +349,8 @@ def run_run(args: argparse.Namespace) -> int:
 
 def print_where_to_look(cfg, result) -> None:
     """The end of `imf run` and the demo: the MLflow runs, the UI commands, absolute paths."""
-    from tasks.tracking import client as tracking_client
     from tasks.tracking import tracking_uri
+    from tasks.tracking_client import client as tracking_client
 
     uri, ev = tracking_uri(cfg), result.evaluate
     best = next(r for r in ev.results if r["best"])
@@ -409,10 +409,11 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     from flows.pipeline import check_prefect
-    from flows.report import find_parent, report_flow
+    from flows.report import report_flow
+    from flows.report_runs import find_parent
     from tasks.config import load_config
     from tasks.tracking import check_reachable, tracking_uri
-    from tasks.tracking import client as tracking_client
+    from tasks.tracking_client import client as tracking_client
 
     cfg = load_config("smoke", args.overrides)  # only tracking.* and paths.* matter here
     uri = tracking_uri(cfg)

@@ -37,8 +37,8 @@ from tasks.evaluate import EvalJob, evaluate_task
 from tasks.precompute import PrecomputeJob, precompute_task
 from tasks.provenance import require_clean_tree
 from tasks.schema import ExperimentConfig
-from tasks.tracking import client as tracking_client
 from tasks.tracking import open_run, tracking_uri
+from tasks.tracking_client import client as tracking_client
 from tasks.train import TrainJob, train_task
 
 

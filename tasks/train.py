@@ -40,18 +40,10 @@ from tasks.artifacts import (
     write_json_atomic,
 )
 from tasks.cluster import connect_ray
+from tasks.journal import JOURNAL, replay
 from tasks.precompute import PrecomputeResult, stores_flips
 from tasks.schema import ExperimentConfig, TokenizerConfig, TrainConfig
-from tasks.tracking import (
-    JOURNAL,
-    TrackingTarget,
-    dataset_input,
-    end_run,
-    flatten,
-    mark_stale,
-    open_run,
-    replay,
-)
+from tasks.tracking import TrackingTarget, dataset_input, end_run, flatten, mark_stale, open_run
 from tasks.train_loop import train_loop
 
 # What does not change the numbers a run computes stays out of its key.

@@ -28,7 +28,7 @@ from imf_core.models import build
 from imf_core.objectives import LossSpec
 from imf_core.training import step_flops_per_image
 from tasks import inrun_eval, preemption
-from tasks.tracking import JOURNAL, RunJournal
+from tasks.journal import JOURNAL, RunJournal
 
 # Set on import: in the driver (tasks.train imports this module before it builds its
 # TorchTrainer) and in each worker (which imports it to run train_loop).

@@ -141,7 +141,8 @@ def test_a_tokenizer_folder_without_config_json_is_refused(capsys, tmp_path, mon
 def test_runs_of_dead_processes_are_marked_killed_and_ctrl_c_is_named(tmp_path):
     import subprocess
 
-    from tasks.tracking import client, end_run, open_run, owner_tags, reap_dead_runs
+    from tasks.tracking import end_run, open_run, owner_tags, reap_dead_runs
+    from tasks.tracking_client import client
 
     uri = f"sqlite:///{tmp_path}/m.db"
     dead = subprocess.Popen(["true"])

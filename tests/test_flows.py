@@ -310,7 +310,7 @@ def test_sweep_nests_variants_survives_a_failure_and_reports(mini_sweep):
 
 
 def test_welch_t_test_and_verdicts_on_known_inputs():
-    from flows.report import verdict, welch
+    from flows.report_table import verdict, welch
 
     a, b = [1.0, 2.0, 3.0, 4.0], [6.0, 7.0, 8.0, 9.0, 10.0]
     # By hand: means 2.5 and 8, variances 5/3 and 5/2, Welch-Satterthwaite df = 6.98.
@@ -349,7 +349,8 @@ variants:
 
 @pytest.mark.slow
 def test_the_fid_plot_draws_one_series_per_variant_with_its_seed_spread():
-    from flows.report import VariantRuns, fid_figure
+    from flows.report_plots import fid_figure
+    from flows.report_runs import VariantRuns
 
     def runs(name, seed, fids, omegas):
         pairs = zip(omegas, fids, strict=True)
@@ -392,7 +393,8 @@ variants:
 def test_a_model_property_is_shown_once_never_flagged_or_t_tested(tmp_path):
     from types import SimpleNamespace
 
-    from flows.report import VariantRuns, comparisons_markdown, group_by_variant, paper_table
+    from flows.report_runs import VariantRuns, group_by_variant
+    from flows.report_table import comparisons_markdown, paper_table
 
     (tmp_path / "sizes.yaml").write_text(SIZES)
     sweep = load_sweep(str(tmp_path / "sizes.yaml"))
@@ -418,7 +420,8 @@ def test_a_model_property_is_shown_once_never_flagged_or_t_tested(tmp_path):
 def test_a_network_that_ignores_omega_is_marked_beside_its_cfg_number(tmp_path):
     from types import SimpleNamespace
 
-    from flows.report import VariantRuns, calibration_markdown, paper_table
+    from flows.report_runs import VariantRuns
+    from flows.report_table import calibration_markdown, paper_table
 
     (tmp_path / "sizes.yaml").write_text(SIZES)
     sweep = load_sweep(str(tmp_path / "sizes.yaml"))
@@ -442,8 +445,9 @@ def test_a_network_that_ignores_omega_is_marked_beside_its_cfg_number(tmp_path):
 
 
 def test_the_report_marks_rows_of_different_code(tmp_path, monkeypatch):
-    from flows import report
-    from flows.report import VariantRuns, comparisons_markdown, group_by_variant, table_markdown
+    from flows import report_table
+    from flows.report_runs import VariantRuns, group_by_variant
+    from flows.report_table import comparisons_markdown, table_markdown
 
     NOW = METHOD_VERSION
     (tmp_path / "sizes.yaml").write_text(SIZES)
@@ -466,7 +470,7 @@ def test_the_report_marks_rows_of_different_code(tmp_path, monkeypatch):
     assert f"training {NOW - 1}, evaluation {NOW}" in text and f"training {NOW}, eva" in text
     compared = comparisons_markdown(sweep, group_by_variant(mixed))
     assert "(rows of different code)" in compared
-    monkeypatch.setattr(report, "METHOD_VERSION", NOW + 1)  # the same table, by a later code
+    monkeypatch.setattr(report_table, "METHOD_VERSION", NOW + 1)  # the same table, by a later code
     assert "**Not this code's numbers.**" in table_markdown(sweep, "smoke", current)
 
 
@@ -475,7 +479,8 @@ def test_the_longer_training_row_reads_off_its_own_curve():
     curve at the length of the row it is compared with, and at its own end."""
     from types import SimpleNamespace
 
-    from flows.report import VariantRuns, progress_markdown
+    from flows.report_runs import VariantRuns
+    from flows.report_table import progress_markdown
 
     sweep = load_sweep("table1c")
     data = SimpleNamespace(params={"eval.during_samples": "250"}, metrics={})
@@ -498,7 +503,7 @@ def test_a_cell_is_read_from_the_variants_own_evaluation_not_a_shared_training_r
     evaluation logged last, so each row's number comes from its own results.json."""
     from types import SimpleNamespace
 
-    from flows.report import VariantRuns, cell_value
+    from flows.report_runs import VariantRuns, cell_value
 
     shared = SimpleNamespace(
         data=SimpleNamespace(metrics={"eval/fid_best": 27.8}, params={"guidance.mode": "none"})
@@ -515,7 +520,8 @@ def test_a_cell_is_read_from_the_variants_own_evaluation_not_a_shared_training_r
 def test_the_progress_figure_adds_omega_sensitivity_over_steps_where_measured(tmp_path):
     from PIL import Image
 
-    from flows.report import VariantRuns, curve_mean, plot_progress
+    from flows.report_plots import plot_progress
+    from flows.report_runs import VariantRuns, curve_mean
 
     def runs(seed, omega_curve):
         curve = {100: 90.0 + seed, 200: 40.0 + seed}

@@ -117,7 +117,7 @@ def test_the_smoke_pipeline_is_computed_then_reused(background):
         assert f"{stage}: " in second.stdout and f"{stage}: computed" not in second.stdout
     work = installed.work
     assert (work / "mlflow.db").is_file() and (work / "artifacts" / "train").is_dir()
-    from tasks.tracking import client
+    from tasks.tracking_client import client
 
     runs_of = client(f"sqlite:///{work / 'mlflow.db'}")
     runs = runs_of.search_runs([e.experiment_id for e in runs_of.search_experiments()])

@@ -154,7 +154,8 @@ def test_a_tracking_outage_mid_run_loses_nothing(tmp_path, local_ray):
 
     from services import free_port, mlflow_server, stop
 
-    from tasks.tracking import JOURNAL, prepare, read_journal
+    from tasks.journal import JOURNAL, read_journal
+    from tasks.tracking import prepare
 
     port, store = free_port(), f"sqlite:///{tmp_path}/server.db"
     uri = f"http://127.0.0.1:{port}"
