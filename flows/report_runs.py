@@ -176,11 +176,6 @@ def spread(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def training_steps(runs: VariantRuns) -> int | None:
-    """The last step of the variant's training curve (its length), if it has one."""
-    return max(runs.curve) if runs.curve else None
-
-
 def curve_mean(runs: list[VariantRuns], attr: str = "curve") -> dict[int, float]:
     """A curve during training (`curve`: FID; `omega_curve`: omega sensitivity) at each step,
     the mean over the seeds that reached it."""
