@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -144,7 +144,7 @@ class TrainJob:
     train: TrainConfig
     flips: bool  # the data stores flipped rows: an epoch reads one orientation per image
     tokenizer: TokenizerConfig  # what decodes its sample grids (and in-run evaluations)
-    data: PrecomputeResult
+    data: PrecomputeResult  # its path absolute
     tracking: TrackingTarget
     run_name: str  # tracking.run_name, else "<experiment> <model> <objective> seed <seed>"
     params: dict  # the whole experiment, resolved: MLflow params, config.json, the manifest
@@ -169,7 +169,7 @@ class TrainJob:
             cfg.train,
             flips,
             cfg.tokenizer,
-            pre,
+            replace(pre, path=Path(pre.path).resolve()),  # workers have another cwd
             tracking,
             tracking.run_name or name,
             cfg.to_dict(),
