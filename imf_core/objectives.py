@@ -120,7 +120,7 @@ class Draws(NamedTuple):
 @dataclass(frozen=True)
 class DrawKey:
     """What a batch's random draws are a function of, with the global row: the run's seed and
-    the step. tasks.train passes train.seed and the optimizer step, so that a run resumed at a
+    the step. tasks.train_loop passes train.seed and the optimizer step, so that a run resumed at a
     step, on any number of ranks, draws what it would have drawn had it never stopped."""
 
     seed: int = 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.artifacts import atomic_path
+from tasks.grids import save_figure
 
 
 def plot_fid_vs_omega(results: list[dict], out: Path) -> list[Path]:
@@ -59,9 +59,5 @@ def plot_fid_vs_omega(results: list[dict], out: Path) -> list[Path]:
             title=f"interval [{t_min:g}, {t_max:g}], NFE {rows[0]['nfe']}",
         )
         ax.grid(alpha=0.3)
-        path = out / f"fid_vs_omega_t{t_min:g}-{t_max:g}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out / f"fid_vs_omega_t{t_min:g}-{t_max:g}.png"))
     return paths

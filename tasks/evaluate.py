@@ -7,7 +7,7 @@
 
 Each grid point (omega x interval) x each shard of the N samples is one unit (tasks.eval_units,
 shared with the evaluation during training, tasks.inrun_eval): generate with the EMA weights
-(imf_core.meanflow.sample; sample i has class i mod K, so every class gets its share; noise
+(imf_core.guidance.generate; sample i has class i mod K, so every class gets its share; noise
 from (seed, i), the same at every grid point), decode through the tokenizer, convert to uint8
 as the official PyTorch evaluation does (tasks.features.to_uint8), extract features, and store
 the shard's float64 sums (n, sum x, sum xx^T; sum p, sum p log p for IS; correct labels) in
