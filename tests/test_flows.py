@@ -577,17 +577,28 @@ def test_seeds_group_under_their_variant_and_the_report_compares(
 
 
 def test_a_paper_scale_plan_prints_the_costs_and_starts_nothing(tmp_path, monkeypatch, capsys):
+    import threading
+
     import mlflow
     import ray
 
     from flows.cli import main
+    from flows.sweep import sweep_flow
 
-    def started(*args, **kwargs):
-        raise AssertionError("a plan started something")
+    def guarded(original):
+        """`original` refused to the plan's thread; the session's background scenarios (other
+        threads of this process, tests/conftest.py) go on using it meanwhile."""
 
-    monkeypatch.setattr(ray, "init", started)
-    monkeypatch.setattr(mlflow.MlflowClient, "__init__", started)
-    monkeypatch.setattr("flows.sweep.sweep_flow", started)
+        def call(*args, **kwargs):
+            if threading.current_thread() is threading.main_thread():
+                raise AssertionError("a plan started something")
+            return original(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(ray, "init", guarded(ray.init))
+    monkeypatch.setattr(mlflow.MlflowClient, "__init__", guarded(mlflow.MlflowClient.__init__))
+    monkeypatch.setattr("flows.sweep.sweep_flow", guarded(sweep_flow))
     monkeypatch.chdir(tmp_path)  # the default artifact root and MLflow file would land here
     args = ["sweep", "table1a", "--scale", "paper", "--plan", "--gpu", "h200"]
     assert main(args + [f"paths.artifacts={tmp_path}/a"]) == 0
