@@ -155,7 +155,7 @@ class TrainJob:
     @classmethod
     def of(cls, cfg: ExperimentConfig, pre: PrecomputeResult) -> TrainJob:
         model, flips = cfg.model_config(), stores_flips(cfg.data)
-        key = train_key(model, cfg.objective, cfg.guidance, cfg.optim, cfg.train, flips, pre.key)
+        key = train_key_of(cfg, pre.key)  # the in-run evaluation's folder sits under it
         artifacts = Path(cfg.paths.artifacts).resolve()
         seed = cfg.train.seed  # runs of one experiment differ in seed most often: in the name
         name = f"{cfg.name} {cfg.model.name} {cfg.objective.name} seed {seed}"
@@ -179,8 +179,8 @@ class TrainJob:
         )
 
     def key(self) -> str:
-        t = self
-        return train_key(t.model, t.objective, t.guidance, t.optim, t.train, t.flips, t.data.key)
+        sections = (self.model, self.objective, self.guidance, self.optim, self.train)
+        return train_key(*sections, self.flips, self.data.key)
 
     @property
     def out(self) -> Path:
