@@ -26,7 +26,7 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 GPU_CHECKS = Path(__file__).resolve().parent / "gpu"
 # The recorded checks are history, kept as written; what their MFU column means, and the
-# figures as the field counts them (flows.plan.restated_mfu, which --plan reads).
+# figures as the field counts them (flows.gpu_rates.restated_mfu, which --plan reads).
 MFU_NOTE = """\
 > **MFU in the checks of 2026-12-04** (note of 2026-12-06, issue 35). Their MFU divides by the
 > run's measured 8192³ bf16 matmul rate (770.0 and 746.3 TFLOP/s), and their FLOPs per image

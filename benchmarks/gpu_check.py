@@ -253,7 +253,8 @@ class Check:
         self.results.setdefault("compile_s", {}).update(measured)
         self.results["markdown"] = self.sections
         # FLOPs per image are step_flops_per_image's useful ones (no GEMM by a zero tangent):
-        # flows.plan restates the records that counted those (2026-12-04) and trusts this field.
+        # flows.gpu_rates restates the records that counted those (2026-12-04) and trusts this
+        # field.
         self.results["flops_counted"] = "useful"
         (self.out / "gpu_check.json").write_text(json.dumps(self.results, indent=1))
         machine = self.results.get("machine", {})
@@ -723,7 +724,7 @@ def compiled_steps(
 
 
 def speed_entry(check: Check, entry: dict) -> None:
-    """Adds a step entry to the report's speed table (what flows.plan reads) and writes the
+    """Adds a step entry to the report's speed table (what flows.gpu_rates reads) and writes the
     report: a call cut off in its next compile keeps it."""
     entry = {k: v for k, v in entry.items() if k != "timer"}
     check.results.setdefault("speed", {"entries": []})["entries"].append(entry)
@@ -1079,7 +1080,7 @@ def decode(check: Check, sizes: Sizes) -> None:
     preset, overrides = sizes.models["B/2"]
     model = perturbed(create(preset, device=check.device, **overrides)).eval()
     now = DecodeOptions.fastest(check.device)
-    variants = {"fp32": DecodeOptions()}  # the key flows.plan has read: the decode before
+    variants = {"fp32": DecodeOptions()}  # the key flows.gpu_rates has read: the decode before
     if now != DecodeOptions():
         variants["evaluation"] = now
     variants["compiled"] = dataclasses.replace(now, compile=True)
@@ -1217,7 +1218,7 @@ def largest_batch(check: Check, sizes: Sizes, label: str) -> None:
     """The largest per-GPU batch of imf_aux + omega-interval CFG (bf16, eager) that fits in a
     steady-state step (the second, after AdamW made its state: StepTimer.memory): doubling
     from 64, then two bisection steps (a bounded search). What `--plan` checks a training's
-    per-GPU micro-batch against (flows.plan)."""
+    per-GPU micro-batch against (flows.gpu_memory)."""
     if not check.fits(f"largest batch {label}", 10 if check.toy else 60):
         return
     preset, overrides = sizes.models[label]

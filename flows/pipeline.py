@@ -20,7 +20,7 @@ from prefect import flow, tags
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.states import State
 
-from flows.plan import check_gpu_memory
+from flows.gpu_memory import check_gpu_memory
 from tasks import preemption
 from tasks.config import ConfigError, load_config
 from tasks.eval_inputs import preflight

@@ -2,7 +2,7 @@
 
     imf run -e imagenet_b2 --plan [--gpu h200 | --mfu 0.4] [--images N]
     imf sweep table1a --scale paper --plan [--seeds 3] [--only mf,imf_aux]
-    >>> print(plan_of(configs, gpu="h200").text())
+    >>> print(plan_of("table1a", configs, gpu="h200").text())
 
 For each stage of each configuration: its content key and whether its output is already there
 (then it would be reused), the images each training sees and its FLOPs (counted by PyTorch on
@@ -10,33 +10,22 @@ the meta device: forward, guidance passes, JVP, backward), GPU-hours as FLOPs / 
 GPU's datasheet dense bf16 peak) at the MFU a GPU check measured (benchmarks/gpu/, `make
 gpu-check`, restated as useful FLOPs over the datasheet peak) or an assumed one, and the disk for
 latents and checkpoints. Nothing is started and nothing is written: no Prefect, Ray or MLflow, no
-precompute, no artifact folder.
+precompute, no artifact folder. A GPU's rates come from flows.gpu_rates, what fits on it
+from flows.gpu_memory.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import importlib.resources
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from imf_core.guidance import GuidanceConfig
-from imf_core.models import build, count_params, preset
-from imf_core.objectives import LossSpec, ObjectiveConfig, draw
-from imf_core.peak_flops import DATASHEET_BF16_TFLOPS, datasheet_peak
-from imf_core.peak_flops import mfu as model_flops_utilisation
+from flows.gpu_memory import per_gpu_memory
+from flows.gpu_rates import GPU_CHECKS, Rates
 from tasks.artifacts import Manifest, methods_of, stale
 from tasks.train_loop import flops_per_image  # useful FLOPs per image, counted on the meta device
 
-GPU_CHECKS = Path(str(importlib.resources.files("benchmarks"))) / "gpu"  # shipped (package data)
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k's training set (what configs/data/ points at)
-# The GPU check's model labels of the presets it measures.
-CHECKED_PRESETS = {"imf_b2": "B/2", "imf_m2": "M/2", "imf_l2": "L/2", "imf_xl2": "XL/2"}
-# The first H200 check counted every FLOP twice (fixed the same day, before the second run).
-FLOPS_COUNTED_TWICE = frozenset({"2026-12-04-h200-run1.json"})
 
 
 def done(out: Path) -> bool:
@@ -54,270 +43,6 @@ def reuse_status(cfg, out: Path | None) -> str:
     if not stale(methods_of(out)):
         return "reused"
     return "to run (stale)" if cfg.paths.recompute_stale else "reused (stale)"
-
-
-# ------------------------------------------------------------------ what a GPU gives
-def zero_tangent_gemm_flops(model_cfg, objective: ObjectiveConfig, batch: int = 4) -> float:
-    """FLOPs per image of the GEMMs by zero that torch.func.jvp runs in the JVP pass, as
-    step_flops_per_image counted them until 2026-12-06: forward-mode AD of F.linear(x, W) with
-    a tangent on x and the weight closed over multiplies x by W's zero tangent too, a GEMM the
-    size of the forward's. A linear with a tangent on its input thus runs 3 GEMMs where a plain
-    forward runs 1 (one without runs 1 in both), so the zero ones are half the difference
-    between the JVP's GEMM FLOPs (mm, addmm) and a forward's, both of u on the rows with r != t,
-    counted on the meta device at the counter's batch and draw (B/2 imf_aux: 23.45 GFLOP)."""
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    if objective.name == "fm":
-        return 0.0
-    x = torch.zeros(batch, model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size)
-    y = torch.zeros(batch, dtype=torch.long)
-    draws = draw(x, y, LossSpec(objective, GuidanceConfig(), model_cfg.num_classes))
-    rows = slice(draws.jvp_from, None)
-    gemms = (torch.ops.aten.mm, torch.ops.aten.addmm)
-    with torch.device("meta"), torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        meta = build(model_cfg)
-        cond = type(draws.cond)(*(c.to("meta") for c in draws.cond)).select(rows)
-        z, r, t = (v[rows].to("meta") for v in (x, draws.r, draws.t))
-
-        def u(z_, r_, t_):
-            return meta(z_, t_, t_ - r_, cond)
-
-        counted = []
-        for run in (
-            lambda: u(z, r, t),
-            lambda: torch.func.jvp(u, (z, r, t), (z, torch.zeros_like(r), torch.ones_like(t))),
-        ):
-            with FlopCounterMode(display=False) as counter:
-                run()
-            counts = counter.get_flop_counts()["Global"]
-            counted.append(sum(counts.get(op, 0) for op in gemms))
-    forward, jvp = counted
-    return (jvp - forward) / 2 / batch
-
-
-def useful_flops_per_image(record_name: str, record: dict, entry: dict) -> float:
-    """The useful FLOPs per image of a recorded step: its counted FLOPs, halved for a check that
-    counted twice, less the GEMMs by zero tangents for a check that counted them."""
-    counted = entry["gflop_per_image"] * 1e9 / (2 if record_name in FLOPS_COUNTED_TWICE else 1)
-    # The GPU check writes "flops_counted": "useful" since issue 35; the checks of 2026-12-04
-    # counted the GEMMs by zero tangents torch.func.jvp ran (zero_tangent_gemm_flops).
-    if record.get("flops_counted") == "useful":
-        return counted
-    return counted - recorded_zero_gemms(entry["model"], entry["objective"])
-
-
-@functools.cache
-def recorded_zero_gemms(label: str, objective: str) -> float:
-    """zero_tangent_gemm_flops of a GPU check's model label ("B/2") and objective, counted once
-    (every `--plan` and every GPU run's validation reads the records)."""
-    name = next(p for p, checked in CHECKED_PRESETS.items() if checked == label)
-    return zero_tangent_gemm_flops(preset(name), ObjectiveConfig(name=objective))
-
-
-def restated_mfu(record_name: str, record: dict, entry: dict) -> float:
-    """A recorded step's MFU as the field counts it: useful FLOPs per second over the datasheet
-    dense bf16 peak of the record's GPU. Checks before 2026-12-06 wrote MFU over their measured
-    matmul rate and over counted FLOPs; this equals their `mfu` x measured matmul / datasheet
-    peak x useful / counted (the B/2 imf_aux compiled step of 2026-12-04: 47.1 % -> 33.6 %)."""
-    peak = datasheet_peak(record["machine"]["gpu"])
-    if peak is None:
-        raise LookupError(f"no datasheet peak for {record['machine']['gpu']}: no MFU to restate")
-    useful = useful_flops_per_image(record_name, record, entry)
-    return model_flops_utilisation(entry["images_per_s"] * useful, peak[1])
-
-
-@dataclass
-class Rates:
-    """One GPU's measured rates (the newest GPU check of it), or an assumed MFU; MFU is always
-    useful FLOPs over the GPU's datasheet dense bf16 peak (`peak_tflops`)."""
-
-    gpu: str
-    peak_tflops: float  # the datasheet dense bf16 peak: the MFU denominator
-    source: str  # the record, or "assumed"
-    mfu: dict[tuple[str, str], float] = field(default_factory=dict)  # (label, objective)
-    eval_images_per_s: float = 0.0  # 1-NFE + SD-VAE decode + Inception, as evaluation runs
-    generate_images_per_s: float = 0.0  # one B/2 network evaluation per image
-    assumed_mfu: float = 0.0
-    peak_basis: str = ""  # the datasheet's GPU name ("H200 SXM")
-    matmul_tflops: float = 0.0  # the check's measured bf16 matmul rate (a second figure)
-    eval_basis: str = "measured for B/2"
-    memory_gib: float = 0.0  # the GPU's memory
-    max_batch: dict[str, dict] = field(default_factory=dict)  # label -> the largest-batch search
-    timed_oom: dict[str, int] = field(default_factory=dict)  # label -> a timed step's OOM batch
-
-    @staticmethod
-    def of(gpu: str, mfu: float = 0.0) -> Rates:
-        """The newest benchmarks/gpu/*.json whose GPU name holds `gpu` (e.g. "h200")."""
-        records = []
-        for path in sorted(GPU_CHECKS.glob("*.json")):
-            record = json.loads(path.read_text())
-            name = record.get("machine", {}).get("gpu", "")
-            if gpu.lower() in name.lower() and record.get("speed"):
-                records.append((record["machine"]["date"], path, record))
-        if not records:
-            if mfu and datasheet_peak(gpu) is not None:
-                return Rates.assumed(gpu, mfu)
-            known = sorted(
-                {json.loads(p.read_text())["machine"]["gpu"] for p in GPU_CHECKS.glob("*.json")}
-            )
-            names = ", ".join(key for key, _, _ in DATASHEET_BF16_TFLOPS)
-            why = "" if datasheet_peak(gpu) else f"; no datasheet peak for {gpu!r}"
-            raise LookupError(
-                f"no GPU check of a {gpu!r} in {GPU_CHECKS} (checked: {known}){why}; for another "
-                f"GPU give an assumed MFU: --gpu NAME --mfu X, NAME one of: {names}"
-            )
-        _, path, record = max(records, key=lambda r: r[0])
-        peak = datasheet_peak(record["machine"]["gpu"])
-        if peak is None:
-            raise LookupError(f"no datasheet peak for {record['machine']['gpu']} ({path.name})")
-        rates = Rates(
-            record["machine"]["gpu"],
-            peak[1],
-            path.name,
-            peak_basis=peak[0],
-            matmul_tflops=record["machine"]["matmul"]["tflops"],
-        )
-        for e in record["speed"]["entries"]:
-            if e.get("compile") == "step" and "images_per_s" in e:
-                rates.mfu[(e["model"], e["objective"])] = restated_mfu(path.name, record, e)
-        sampling = record.get("sampling", {}).get("fp32", {})
-        rates.eval_images_per_s = sampling.get("all", 0.0)
-        rates.generate_images_per_s = sampling.get("generate", 0.0)
-        rates.assumed_mfu = mfu
-        rates.memory_gib = record["machine"].get("gpu_memory_gib", 0.0)
-        rates.max_batch = record.get("max_batch", {})
-        for e in record["speed"]["entries"]:
-            if e.get("error") == "out of memory":
-                rates.timed_oom[e["model"]] = min(
-                    e["batch"], rates.timed_oom.get(e["model"], e["batch"])
-                )
-        return rates
-
-    @staticmethod
-    def assumed(gpu: str, mfu: float) -> Rates:
-        """A GPU with no check of its own: its datasheet peak at the assumed MFU; evaluation at
-        the newest check's measured rate, scaled by the two peaks (an assumption too)."""
-        measured = Rates.of("")
-        label, peak = datasheet_peak(gpu)
-        scale = peak / measured.peak_tflops
-        return Rates(
-            label,
-            peak,
-            f"assumed, no GPU check of it; evaluation: {measured.source} x {scale:.2f}",
-            eval_images_per_s=measured.eval_images_per_s * scale,
-            generate_images_per_s=measured.generate_images_per_s * scale,
-            assumed_mfu=mfu,
-            peak_basis=label,
-            eval_basis=f"assumed: {measured.gpu}'s x {scale:.2f}",
-        )
-
-    def training_mfu(self, preset: str, objective: str) -> tuple[float, str]:
-        """The MFU to cost a training with, and what it rests on."""
-        if self.assumed_mfu:
-            return self.assumed_mfu, f"assumed {100 * self.assumed_mfu:.0f} % MFU"
-        label = CHECKED_PRESETS.get(preset, "B/2")
-        for key, why in (
-            ((label, objective), "measured"),
-            ((label, "imf_aux"), f"measured for imf_aux at {label}"),
-            (("B/2", "imf_aux"), "measured for B/2 imf_aux"),
-        ):
-            if key in self.mfu:
-                return self.mfu[key], f"{why}, {100 * self.mfu[key]:.1f} % MFU"
-        best = max(self.mfu.values())
-        return best, f"best measured, {100 * best:.1f} % MFU"
-
-
-# ------------------------------------------------------------------ what fits on a GPU
-def checked_label(cfg) -> str | None:
-    """The GPU check's label of the config's model: a preset it measures, unchanged."""
-    from tasks.train import MODEL_RUNTIME_ONLY
-
-    label = CHECKED_PRESETS.get(cfg.model.name)
-    runtime = {k: getattr(preset(cfg.model.name), k) for k in MODEL_RUNTIME_ONLY} if label else {}
-    if label and dataclasses.replace(cfg.model_config(), **runtime) == preset(cfg.model.name):
-        return label
-    return None
-
-
-def largest_fitting(rates: Rates, label: str, adam_gib: float) -> tuple[int | None, dict, str]:
-    """(the largest per-GPU batch of `label` that fit, {batch: peak GiB of a steady-state step},
-    how the figures were taken). Checks before 2026-12-06 measured a first step, before AdamW's
-    state: their peaks get that state added, and a timed step's out-of-memory caps the batch."""
-    search = rates.max_batch[label]
-    probes = {int(b): gib for b, gib in search["probes"].items() if gib != "oom"}
-    largest = search["largest_fitting"]
-    if search.get("after_optimizer_step"):
-        return largest, probes, "a steady-state step"
-    probes = {b: gib + adam_gib for b, gib in probes.items()}
-    how = f"a first step + {adam_gib:.1f} GiB of AdamW state"
-    oom = rates.timed_oom.get(label)
-    if oom is not None and largest is not None and largest >= oom:
-        largest = max((b for b in probes if b < oom), default=None)
-        how += f"; a timed step ran out of memory at {oom}"
-    return largest, probes, how
-
-
-def expected_gib(probes: dict[int, float], batch: int) -> float:
-    """Peak memory at `batch`, linear through the two nearest probes (memory is the weights'
-    and optimizer's share plus the activations' share, proportional to the batch)."""
-    points = sorted(probes, key=lambda b: (abs(b - batch), b))[:2]
-    if len(points) == 1:
-        return probes[points[0]] * batch / points[0]
-    (b0, b1) = sorted(points)
-    return probes[b0] + (probes[b1] - probes[b0]) * (batch - b0) / (b1 - b0)
-
-
-def per_gpu_memory(cfg, rates: Rates | None) -> str:
-    """What a GPU training holds per GPU, from the GPU check's largest-batch search ("" without
-    train.use_gpu). Refuses (ConfigError) a per-GPU batch over the largest that fit there."""
-    import torch
-
-    from tasks.config import ConfigError
-
-    t = cfg.train
-    if not t.use_gpu:
-        return ""
-    per_worker = t.batch_size // t.num_workers
-    batch = min(t.micro_batch or per_worker, per_worker)
-    steps = f" (train.micro_batch: {per_worker // batch} micro-steps)" if batch < per_worker else ""
-    line = f"per GPU: batch {batch}{steps}"
-    label = checked_label(cfg)
-    if rates is None or not rates.max_batch:
-        return f"{line}; no GPU check on record to check its memory against"
-    if label not in rates.max_batch:
-        what = label or f"{cfg.model.name} as configured"
-        return f"{line}; the GPU check ({rates.source}) has no figure for {what}"
-    with torch.device("meta"):
-        adam_gib = 8 * count_params(build(cfg.model_config()), inference=False) / 2**30
-    largest, probes, how = largest_fitting(rates, label, adam_gib)
-    where = f"the {rates.gpu} ({rates.source}; imf_aux, eager, bf16, {how})"
-    if largest is None or batch > largest:
-        fits = [d for d in range(1, per_worker + 1) if per_worker % d == 0 and d <= (largest or 0)]
-        hint = f"set train.micro_batch={fits[-1]}" if fits else "no batch fit there"
-        raise ConfigError(
-            f"per-GPU batch {batch} of {label} is over the {largest or 0} that fit on {where}: "
-            f"{hint}"
-        )
-    gib = expected_gib(probes, batch)
-    return f"{line}, ~{gib:.0f} GiB of {rates.memory_gib:.0f}: {largest} fit on {where}"
-
-
-def check_gpu_memory(configs, gpu: str = "") -> None:
-    """per_gpu_memory's refusal for configs about to run, against the newest GPU check of `gpu`
-    (default h200), without a plan: for the validation a command runs before it starts."""
-    gpu_configs = [cfg for cfg in configs if cfg.train.use_gpu]
-    if not gpu_configs:
-        return
-    try:
-        rates = Rates.of(gpu or "h200")
-    except LookupError:
-        if gpu:
-            raise
-        return  # no GPU check on record: nothing to check against (the plan says so)
-    for cfg in gpu_configs:
-        per_gpu_memory(cfg, rates)
 
 
 # ------------------------------------------------------------------ the plan

@@ -27,8 +27,8 @@ from omegaconf.errors import OmegaConfBaseException
 from prefect import flow, tags
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.gpu_memory import check_gpu_memory
 from flows.pipeline import RETRIES, check_prefect, results_beside, stage_names, start_ray
-from flows.plan import check_gpu_memory
 from tasks import preemption
 from tasks.artifacts import content_key
 from tasks.config import ConfigError, config_file, load_config

@@ -84,7 +84,7 @@ def params_m(name: str, inference: bool) -> float:
 
 
 def adam_gib(name: str) -> float:
-    """AdamW's two float32 moments of a preset with its aux head, as flows.plan adds them."""
+    """AdamW's two float32 moments of a preset with its aux head, as flows.gpu_memory adds them."""
     return 8 * params_m(name, inference=False) * 1e6 / 2**30
 
 
@@ -96,14 +96,14 @@ def timed_oom(name: str, model: str, objective: str) -> str:
 
 
 def restated_mfu(name: str, model: str, objective: str, compile_: str) -> float:
-    from flows.plan import restated_mfu as restate
+    from flows.gpu_rates import restated_mfu as restate
 
     return restate(name, gpu(name), speed(name, model, objective, compile_))
 
 
 def useful_gflop(name: str, model: str, objective: str, compile_: str) -> float:
     """A recorded step's useful GFLOP per image, as --plan restates it."""
-    from flows.plan import useful_flops_per_image
+    from flows.gpu_rates import useful_flops_per_image
 
     return useful_flops_per_image(name, gpu(name), speed(name, model, objective, compile_)) / 1e9
 
@@ -114,7 +114,7 @@ def useful_tflops(name: str, model: str, objective: str, compile_: str) -> float
 
 
 def zero_gemm_gflop(model: str, objective: str) -> float:
-    from flows.plan import recorded_zero_gemms
+    from flows.gpu_rates import recorded_zero_gemms
 
     return recorded_zero_gemms(model, objective) / 1e9
 
@@ -391,7 +391,7 @@ QUOTES = [
         "docs/benchmarks.md",
         "multiplies `x` by the weight's zero tangent too: {} of the {} GFLOP per image counted for "
         "B/2 `imf_aux` on {}",
-        f"{RUN2}; the zero-tangent GEMMs from the B/2 preset (flows.plan.recorded_zero_gemms)",
+        f"{RUN2}; the zero-tangent GEMMs from the B/2 preset (flows.gpu_rates.recorded_zero_gemms)",
         lambda: fixed(2)(zero_gemm_gflop("B/2", "imf_aux")),
         lambda: fixed(1)(speed(RUN2, *B2_STEP)["gflop_per_image"]),
         lambda: date_of(RUN2),

@@ -158,7 +158,7 @@ def parse_imf(words: list[str]) -> argparse.Namespace:
 def check_imf(words: list[str]) -> None:
     """What the command validates before it starts anything; raises with the CLI's message."""
     from flows.cli import COMMANDS, configs_in
-    from flows.plan import Rates
+    from flows.gpu_rates import Rates
     from flows.sweep import load_sweep, variant_configs
     from tasks.config import load_config
 

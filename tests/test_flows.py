@@ -623,7 +623,7 @@ def test_the_plan_restates_a_recorded_mfu_as_useful_flops_over_the_datasheet_pea
     whose printed MFUs differ 2x, agree."""
     import json
 
-    from flows.plan import GPU_CHECKS, restated_mfu, useful_flops_per_image
+    from flows.gpu_rates import GPU_CHECKS, restated_mfu, useful_flops_per_image
 
     runs = {
         p.name: json.loads(p.read_text()) for p in sorted(GPU_CHECKS.glob("2026-12-04-h200-*.json"))
@@ -682,7 +682,7 @@ def test_the_plans_zero_tangent_gemms_are_those_torch_func_jvp_runs():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from flows.plan import zero_tangent_gemm_flops
+    from flows.gpu_rates import zero_tangent_gemm_flops
     from imf_core.guidance import GuidanceConfig
     from imf_core.models import build, preset
     from imf_core.objectives import LossSpec, ObjectiveConfig, draw
@@ -724,7 +724,8 @@ def test_the_plans_zero_tangent_gemms_are_those_torch_func_jvp_runs():
 
 
 def test_a_gpu_without_a_check_is_costed_at_its_datasheet_peak_and_an_assumed_mfu():
-    from flows.plan import Rates, flops_per_image
+    from flows.gpu_rates import Rates
+    from tasks.train_loop import flops_per_image
 
     configs = variant_configs(load_sweep("table1a"), "paper", [], ["imf_aux"])
     plan = plan_of("table1a", configs, gpu="a100", mfu=0.35, images=1_281_167)

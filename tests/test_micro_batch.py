@@ -146,7 +146,8 @@ def test_the_plan_shows_the_memory_per_gpu_and_refuses_a_batch_over_what_fit(tmp
     H200 (2026-12-04-h200-run2.json: 96 fit at a first step, + 5.3 GiB of AdamW state; 112 ran
     out of memory in a timed step); the sweep's micro-batches of 64 do. The check has no L/2."""
     from flows.cli import main
-    from flows.plan import Rates, check_gpu_memory, per_gpu_memory
+    from flows.gpu_memory import check_gpu_memory, per_gpu_memory
+    from flows.gpu_rates import Rates
     from flows.sweep import load_sweep, variant_configs
 
     gpu = ["train.use_gpu=true", "train.num_workers=8", f"paths.artifacts={tmp_path}/a"]
@@ -193,7 +194,8 @@ def test_a_steady_state_check_is_taken_as_measured():
     """A GPU check that probed after an optimizer step (benchmarks/gpu_check.py since
     2026-12-06): its largest batch and peaks as they are; the memory between two probes on
     the line through them; a model the check did not measure, as configured, has no figure."""
-    from flows.plan import Rates, per_gpu_memory
+    from flows.gpu_memory import per_gpu_memory
+    from flows.gpu_rates import Rates
 
     search = {"largest_fitting": 48, "probes": {"32": 60.0, "48": 75.0, "64": "oom"}}
     rates = Rates("NVIDIA H100", 989.0, "h100.json", memory_gib=79.2)
