@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from flows.cli import print_results, print_where_to_look
 from flows.pipeline import run_pipeline
+from flows.run_printout import print_results, print_where_to_look
 from tasks.cluster import quiet_known_warnings
 from tasks.provenance import installed_code_state
 

@@ -130,7 +130,7 @@ def doc_commands() -> tuple[list[tuple[str, str, list[str]]], list[str]]:
 # ------------------------------------------------------------------ checking one command
 @functools.cache
 def cli_parser() -> argparse.ArgumentParser:
-    from flows.cli import build_parser
+    from flows.cli_parser import build_parser
 
     return build_parser()  # ~0.2 s: it reads every sweep file for its --help
 
@@ -157,7 +157,8 @@ def parse_imf(words: list[str]) -> argparse.Namespace:
 
 def check_imf(words: list[str]) -> None:
     """What the command validates before it starts anything; raises with the CLI's message."""
-    from flows.cli import COMMANDS, configs_in
+    from flows.cli import COMMANDS
+    from flows.cli_parser import configs_in
     from flows.gpu_rates import Rates
     from flows.sweep import load_sweep, variant_configs
     from tasks.config import load_config
