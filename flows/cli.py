@@ -72,7 +72,7 @@ def team_configs(argv: list[str]) -> Iterator[None]:
 
 def sweep_listing() -> str:
     """Each sweep with its scales, for `imf sweep --help`."""
-    from flows.sweep import load_sweep
+    from flows.sweep_config import load_sweep
 
     lines = []
     for name in configs_in("sweep"):
@@ -380,7 +380,8 @@ def print_where_to_look(cfg, result) -> None:
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
-    from flows.sweep import load_sweep, run_sweep, variant_configs
+    from flows.sweep import run_sweep
+    from flows.sweep_config import load_sweep, variant_configs
 
     only = [v for v in args.only.split(",") if v]
     if args.plan:

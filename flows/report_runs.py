@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.sweep import SweepConfig, load_sweep
+from flows.sweep_config import SweepConfig, load_sweep
 from tasks.eval_tracking import summary_metrics
 from tasks.tracking import get_run_or_none
 

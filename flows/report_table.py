@@ -14,7 +14,7 @@ from flows.report_runs import (
     sensitivity_of,
     spread,
 )
-from flows.sweep import MODEL_PROPERTIES, SweepConfig, comparisons
+from flows.sweep_config import MODEL_PROPERTIES, SweepConfig, comparisons
 from imf_core import METHOD_VERSION
 from imf_core.guidance import IGNORES_OMEGA_BELOW
 from tasks.eval_tracking import TRAINING_METHODS_TAG
