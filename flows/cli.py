@@ -126,7 +126,8 @@ def run_run(args: argparse.Namespace) -> int:
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
-    from flows.sweep import load_sweep, run_sweep, variant_configs
+    from flows.sweep import run_sweep
+    from flows.sweep_config import load_sweep, variant_configs
 
     only = [v for v in args.only.split(",") if v]
     if args.plan:

@@ -66,7 +66,7 @@ def team_configs(argv: list[str]) -> Iterator[None]:
 
 def sweep_listing() -> str:
     """Each sweep with its scales, for `imf sweep --help`."""
-    from flows.sweep import load_sweep
+    from flows.sweep_config import load_sweep
 
     lines = []
     for name in configs_in("sweep"):

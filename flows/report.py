@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.report_plots import plot_curves, plot_progress
 from flows.report_runs import best_grids, find_parent, variant_runs
 from flows.report_table import paper_table, progress_markdown, table_markdown
-from flows.sweep import load_sweep
+from flows.sweep_config import load_sweep
 from tasks.artifacts import atomic_path
 from tasks.provenance import code_record
 from tasks.tracking_client import client as tracking_client

@@ -13,8 +13,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.sweep import SweepConfig, load_sweep
-from tasks.tracking import get_run_or_none, summary_metrics
+from flows.sweep_config import SweepConfig, load_sweep
+from tasks.eval_tracking import summary_metrics
+from tasks.tracking import get_run_or_none
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download
 

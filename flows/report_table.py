@@ -14,11 +14,12 @@ from flows.report_runs import (
     sensitivity_of,
     spread,
 )
-from flows.sweep import MODEL_PROPERTIES, SweepConfig, comparisons
+from flows.sweep_config import MODEL_PROPERTIES, SweepConfig, comparisons
 from imf_core import METHOD_VERSION
 from imf_core.guidance import IGNORES_OMEGA_BELOW
+from tasks.eval_tracking import TRAINING_METHODS_TAG
 from tasks.provenance import METHOD_TAG
-from tasks.tracking import STALE_TAG, TRAINING_METHODS_TAG
+from tasks.tracking import STALE_TAG
 
 
 def best_point(runs: VariantRuns, best: dict) -> str:

@@ -44,13 +44,14 @@ from tasks.artifacts import (
 from tasks.eval_inputs import feature_kind, load_reference, needs_precompute, reference_path
 from tasks.eval_metrics import RESULTS_FORMAT, precision_recall, real_calibration, summarize
 from tasks.eval_plots import plot_fid_vs_omega
+from tasks.eval_tracking import log_evaluation
 from tasks.eval_units import Unit, UnitRunner, point_name, run_units
 from tasks.features import UINT8_RULE, check_weights
 from tasks.precompute import PrecomputeResult
 from tasks.provenance import device_name
 from tasks.schema import EvalConfig, ExperimentConfig, TokenizerConfig
 from tasks.tokenizers import pick_device
-from tasks.tracking import TrackingTarget, log_evaluation, mark_stale
+from tasks.tracking import TrackingTarget, mark_stale
 
 # What does not change the numbers stays out of the key (workers: tested, same sums).
 RUNTIME_ONLY = (

@@ -234,7 +234,7 @@ class EvalConfig:
 
 
 # ------------------------------------------------------------------ input checks
-INPUT_DATASETS = ("imagenet1k",)  # what tasks.inputs.DATASETS describes
+INPUT_DATASETS = ("imagenet1k",)  # what tasks.input_checks.DATASETS describes
 
 
 @dataclass
@@ -244,7 +244,7 @@ class InputsConfig:
     # labels come from the sorted names, so they must match the released checkpoints' classes)
     dataset: str = ""
     # true: the SD-VAE and Inception weights must be the published files (their SHA-256 in
-    # tasks.inputs.KNOWN_FILES), as every FID compared with the paper needs
+    # tasks.input_digests.KNOWN_FILES), as every FID compared with the paper needs
     published: bool = False
 
     def __post_init__(self) -> None:

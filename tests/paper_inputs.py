@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks import inputs
-from tasks.inputs import DatasetSpec, KnownFile
+from tasks import input_checks, input_digests
+from tasks.input_checks import DatasetSpec
+from tasks.input_digests import KnownFile
 
 VAE_BYTES = {"mse": b"sd-vae-ft-mse weights", "ema": b"sd-vae-ft-ema weights"}
 INCEPTION_BYTES = b"inception weights"
@@ -26,14 +27,14 @@ def digest(data: bytes) -> str:
 def scale_expectations(monkeypatch) -> None:
     """ImageNet is these 3 classes of 2 images; the published files are these bytes."""
     monkeypatch.setitem(
-        inputs.DATASETS, "imagenet1k", DatasetSpec(3, 6, re.compile(r"n\d{8}"), "synset ids")
+        input_checks.DATASETS, "imagenet1k", DatasetSpec(3, 6, re.compile(r"n\d{8}"), "synset ids")
     )
     known = (
         KnownFile("sd_vae:mse", "diffusion_pytorch_model.bin", "u", digest(VAE_BYTES["mse"]), ""),
         KnownFile("sd_vae:ema", "diffusion_pytorch_model.bin", "u", digest(VAE_BYTES["ema"]), ""),
         KnownFile("inception", "w.pth", "u", digest(INCEPTION_BYTES), ""),
     )
-    monkeypatch.setattr(inputs, "KNOWN_FILES", known)
+    monkeypatch.setattr(input_digests, "KNOWN_FILES", known)
 
 
 def make_image_folder(train: Path) -> Path:
@@ -47,7 +48,7 @@ def make_image_folder(train: Path) -> Path:
 
 def make_vae(folder: Path) -> Path:
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(inputs.SD_VAE_CONFIG))
+    (folder / "config.json").write_text(json.dumps(input_checks.SD_VAE_CONFIG))
     (folder / "diffusion_pytorch_model.bin").write_bytes(VAE_BYTES["mse"])
     return folder
 

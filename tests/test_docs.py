@@ -6,7 +6,7 @@
    checked as the CLI would check it, with nothing started: the real parser (`imf COMMAND`,
    its options), then the validation each command runs before any stage -- the experiment, every
    `key=value` (`tasks.config.load_config`: an unknown key, a bad value or model preset fails),
-   the sweep, its scale, `--only` and `--seeds` (`flows.sweep.load_sweep`, `variant_configs`,
+   the sweep, its scale, `--only` and `--seeds` (`flows.sweep_config.load_sweep`, `variant_configs`,
    as `imf sweep --plan` does), `--gpu` (a GPU check of it exists), the report's target. What
    depends on the machine is not checked: files named by values (`eval.checkpoint=...`) and
    servers. `make TARGET` lines must name a Makefile target.
@@ -160,7 +160,7 @@ def check_imf(words: list[str]) -> None:
     from flows.cli import COMMANDS
     from flows.cli_parser import configs_in
     from flows.gpu_rates import Rates
-    from flows.sweep import load_sweep, variant_configs
+    from flows.sweep_config import load_sweep, variant_configs
     from tasks.config import load_config
 
     if not words or (len(words) == 1 and words[0] in COMMANDS):

@@ -10,7 +10,8 @@ from mlflow import MlflowClient
 from flows.pipeline import run_pipeline
 from flows.plan import plan_of
 from flows.report import report_flow
-from flows.sweep import load_sweep, run_sweep, variant_configs
+from flows.sweep import run_sweep
+from flows.sweep_config import load_sweep, variant_configs
 from imf_core import METHOD_VERSION
 from tasks.config import CONFIG_DIR
 
@@ -81,7 +82,7 @@ def test_every_paper_scale_grid_holds_its_sizes_release_point():
 def test_every_comparison_changes_one_factor():
     """Each variant differs from the row it is compared with only in the factor the paper
     ablates there (its `factor` list), at every scale; every sweep compares its rows."""
-    from flows.sweep import comparisons, config_diff
+    from flows.sweep_config import comparisons, config_diff
 
     for path in sorted((CONFIG_DIR / "sweep").glob("*.yaml")):
         sweep = load_sweep(path.stem)
@@ -99,7 +100,7 @@ def test_every_comparison_changes_one_factor():
 def test_a_row_of_two_trainings_is_compared_column_by_column():
     """Tab. 1b: the omega row is compared with the fixed-omega row in both columns; that row
     is two trainings (w/o CFG: imf_aux, w/ CFG: imf_aux_cfg)."""
-    from flows.sweep import comparisons
+    from flows.sweep_config import comparisons
 
     pairs = [(v.name, o.name, c) for v, o, c, _ in comparisons(load_sweep("table1b"))]
     assert ("omega", "imf_aux", "FID w/o CFG") in pairs
@@ -109,7 +110,7 @@ def test_a_row_of_two_trainings_is_compared_column_by_column():
 
 
 def test_the_two_step_row_is_compared_with_the_one_step_fid_not_the_parameter_count():
-    from flows.sweep import comparisons
+    from flows.sweep_config import comparisons
 
     pairs = [(v.name, o.name, c, d) for v, o, c, d in comparisons(load_sweep("table2_sizes"))]
     assert [p for p in pairs if p[0] == "xl2_nfe2"] == [

@@ -21,9 +21,11 @@ from paper_inputs import (
 )
 
 from flows.cli import main
-from tasks import inputs
+from tasks import input_digests
 from tasks.config import load_config
-from tasks.inputs import KnownFile, check_inputs
+from tasks.input_checks import SD_VAE_CONFIG
+from tasks.input_digests import KnownFile
+from tasks.inputs import check_inputs
 
 
 @pytest.fixture
@@ -105,7 +107,7 @@ def test_the_other_vae_variant_and_another_architecture_are_refused(paper, capsy
     cfg = load_config("imagenet_b2", [*overrides(paper), "tokenizer.variant=ema"])
     assert all(f.ok for f in check_inputs(cfg))
     (vae / "diffusion_pytorch_model.bin").write_bytes(VAE_BYTES["mse"])
-    (vae / "config.json").write_text(json.dumps(inputs.SD_VAE_CONFIG | {"latent_channels": 16}))
+    (vae / "config.json").write_text(json.dumps(SD_VAE_CONFIG | {"latent_channels": 16}))
     assert "'latent_channels': 16" in refused(argv, "tokenizer.path", capsys)
 
 
@@ -133,7 +135,7 @@ def test_an_undecodable_image_is_found_by_imf_check_not_by_the_preflight(paper, 
 
 
 def test_each_published_digest_names_its_source():
-    for known in inputs.KNOWN_FILES:
+    for known in input_digests.KNOWN_FILES:
         assert re.fullmatch(r"[0-9a-f]{64}", known.sha256) and known.url.startswith("https://")
         # a torch.hub file name carries the first 8 hex digits of its SHA-256
         hub_hash = re.search(r"-([0-9a-f]{8})\.pth$", known.name)
@@ -148,7 +150,7 @@ def test_a_reference_that_its_digest_names_of_another_resolution_is_refused(
     write_reference(reference, images=None)
     jit512 = KnownFile("reference", "jit_in512_stats.npz", "u", digest(reference.read_bytes()), "")
     monkeypatch.setattr(
-        inputs, "KNOWN_FILES", (*inputs.KNOWN_FILES, replace(jit512, resolution=512))
+        input_digests, "KNOWN_FILES", (*input_digests.KNOWN_FILES, replace(jit512, resolution=512))
     )
     argv = ["evaluate", "-e", "imagenet_b2", *overrides(paper)]
     err = refused(argv, "eval.reference", capsys)
@@ -174,7 +176,7 @@ def test_imf_check_reads_a_checkpoints_architecture_against_the_data(paper, caps
 
 
 def test_the_schema_names_the_datasets_the_checker_describes():
-    from tasks.inputs import DATASETS
+    from tasks.input_checks import DATASETS
     from tasks.schema import INPUT_DATASETS
 
     assert set(DATASETS) == set(INPUT_DATASETS)

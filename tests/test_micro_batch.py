@@ -148,7 +148,7 @@ def test_the_plan_shows_the_memory_per_gpu_and_refuses_a_batch_over_what_fit(tmp
     from flows.cli import main
     from flows.gpu_memory import check_gpu_memory, per_gpu_memory
     from flows.gpu_rates import Rates
-    from flows.sweep import load_sweep, variant_configs
+    from flows.sweep_config import load_sweep, variant_configs
 
     gpu = ["train.use_gpu=true", "train.num_workers=8", f"paths.artifacts={tmp_path}/a"]
     plan = ["sweep", "table2_sizes", "--scale", "paper", "--plan", "--only"]

@@ -93,7 +93,7 @@ def test_a_paper_scale_sweep_refuses_uncommitted_code(monkeypatch, capsys):
 
     dirty = CodeState("abc", ("tasks/train.py",), "f00")
     monkeypatch.setattr("tasks.provenance.code_state", lambda repo=None: dirty)
-    monkeypatch.setattr("flows.sweep.preflight", lambda cfg: None)  # no ImageNet files here
+    monkeypatch.setattr("flows.sweep_config.preflight", lambda cfg: None)  # no ImageNet files here
     monkeypatch.setattr("flows.sweep.start_ray", start_ray)
     assert cli.main(["sweep", "table1a", "--scale", "paper"]) == 2
     assert "not committed (tasks/train.py)" in capsys.readouterr().err
