@@ -24,22 +24,23 @@ from torch.utils.data import DataLoader, DistributedSampler
 from imf_core.data import LatentDataset
 from tasks.artifacts import FileRecord, Manifest
 from tasks.precompute import _write_shard
+from tasks.storage import Output
 
 
 def write_synthetic(
     directory: Path, rows: int, shape: tuple[int, ...], rows_per_shard: int, row_group: int
 ) -> None:
     rng = np.random.default_rng(0)
-    files = []
+    out, files = Output.at(directory), []
     for k, start in enumerate(range(0, rows, rows_per_shard)):
         n = min(rows_per_shard, rows - start)
         latents = rng.standard_normal((n, *shape), dtype=np.float32)
-        path = directory / f"shard-{k:05d}.parquet"
+        name = f"shard-{k:05d}.parquet"
         idx = np.arange(start, start + n)
-        _write_shard(path, latents, idx % 1000, idx, np.zeros(n, bool), row_group)
-        files.append(FileRecord.of(path))
+        _write_shard(out, name, latents, idx % 1000, idx, np.zeros(n, bool), row_group)
+        files.append(FileRecord.of(out, name))
     extra = {"num_rows": rows, "num_classes": 1000, "latent_shape": list(shape)}
-    Manifest("synthetic", "precompute", {}, [], files, extra).write(directory)
+    Manifest("synthetic", "precompute", {}, [], files, extra).write(out)
 
 
 def main() -> None:

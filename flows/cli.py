@@ -46,7 +46,7 @@ def run_precompute(args: argparse.Namespace) -> int:
             *result.skipped,
             sep="\n  ",
         )
-    print(result.path.resolve())
+    print(result.out.uri)
     return 0
 
 
@@ -62,11 +62,11 @@ def upstream(cfg, stage: str):
         prepare(cfg)
         require_inputs(cfg, reads_of(cfg, ["precompute", "train"]))
     pre = precompute(PrecomputeJob.of(cfg))
-    print(f"precompute: {'computed' if pre.computed else 'reused'} {pre.path}")
+    print(f"precompute: {'computed' if pre.computed else 'reused'} {pre.out.uri}")
     if stage == "train":
         return pre, None
     trained = train(TrainJob.of(cfg, pre))
-    print(f"train: {'trained' if trained.computed else 'reused'} {trained.path}")
+    print(f"train: {'trained' if trained.computed else 'reused'} {trained.out.uri}")
     return pre, trained
 
 
@@ -79,7 +79,7 @@ def run_train(args: argparse.Namespace) -> int:
     result = train(TrainJob.of(cfg, pre))
     state = "trained" if result.computed else "reused"
     print(f"train: {state}, {result.steps} steps, MLflow run {result.mlflow_run_id}")
-    print(result.path)
+    print(result.out.uri)
     return 0
 
 
@@ -96,7 +96,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         pre = None
         if needs_precompute(cfg):
             pre = precompute(PrecomputeJob.of(cfg))
-            print(f"precompute: {'computed' if pre.computed else 'reused'} {pre.path}")
+            print(f"precompute: {'computed' if pre.computed else 'reused'} {pre.out.uri}")
         print(f"checkpoint: {source.weights} (key {source.key})")
         result = evaluate(EvalJob.of(cfg, pre), source)
     else:
@@ -105,7 +105,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     state = f"computed {result.units_computed} unit(s)" if result.computed else "reused"
     print(f"evaluate: {state}")
     print_results(result.results, result.stale)
-    print(result.path)
+    print(result.out.uri)
     return 0
 
 
@@ -119,7 +119,7 @@ def run_run(args: argparse.Namespace) -> int:
 
     result = run_pipeline(args.experiment, args.overrides)
     for stage in ("precompute", "train", "evaluate"):
-        print(f"{stage}: {result.stages[stage]:<8} {getattr(result, stage).path.resolve()}")
+        print(f"{stage}: {result.stages[stage]:<8} {getattr(result, stage).out.uri}")
     print_results(result.evaluate.results, result.evaluate.stale)
     print_where_to_look(result.config, result)
     return 0

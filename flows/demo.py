@@ -29,8 +29,7 @@ from tasks.provenance import installed_code_state
 
 def run_record(result, seconds: float, overrides: list[str], load: dict, code) -> dict:
     """The demo run as the docs quote it: its numbers copied from the results.json it wrote."""
-    results_file = result.evaluate.path / "results.json"
-    results = json.loads(results_file.read_text())
+    results = result.evaluate.out.read_json("results.json")
     best = next(r for r in results if r["best"])
     return {
         "date": datetime.date.today().isoformat(),
@@ -40,7 +39,7 @@ def run_record(result, seconds: float, overrides: list[str], load: dict, code) -
         "stages": result.stages,
         "wall_seconds": round(seconds, 1),
         "load": load,
-        "results_file": str(results_file),
+        "results_file": f"{result.evaluate.out.uri}/results.json",
         "n_samples": best["n_samples"],
         "best": {k: best[k] for k in ("omega", "t_min", "t_max", "fid", "is", "accuracy")}
         | {k: best[k] for k in ("precision", "recall") if k in best},
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ev = result.evaluate
     print(f"\nimf demo: done in {seconds:.0f} s")
     for stage in ("precompute", "train", "evaluate"):
-        print(f"  {stage:<10} {result.stages[stage]:<8} {getattr(result, stage).path.resolve()}")
+        print(f"  {stage:<10} {result.stages[stage]:<8} {getattr(result, stage).out.uri}")
     print(
         f"\nFID per CFG point ({ev.results[0]['n_samples']} samples each, "
         "digit-classifier features):"

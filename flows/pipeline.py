@@ -171,7 +171,7 @@ def precompute_flow(experiment: str = "smoke", overrides: list[str] | None = Non
     cfg = load_config(experiment, overrides or [])
     require_inputs(cfg, reads_of(cfg, ["precompute"]))
     job = PrecomputeJob.of(cfg)
-    return str(precompute_task.with_options(**RETRIES)(job, return_state=True).result().path)
+    return precompute_task.with_options(**RETRIES)(job, return_state=True).result().out.uri
 
 
 def run_stages(cfg) -> PipelineResult:

@@ -18,23 +18,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from flows.gpu_memory import per_gpu_memory
 from flows.gpu_rates import GPU_CHECKS, Rates
 from tasks.artifacts import Manifest, methods_of, stale
+from tasks.storage import Output, Store
 from tasks.train_loop import flops_per_image  # useful FLOPs per image, counted on the meta device
 
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k's training set (what configs/data/ points at)
 
 
-def done(out: Path) -> bool:
+def done(out: Output) -> bool:
     """An output is there when its `_SUCCESS` stands and its files have their sizes."""
     manifest = Manifest.read(out)
     return manifest is not None and all(f.valid_in(out, "size") for f in manifest.files)
 
 
-def reuse_status(cfg, out: Path | None) -> str:
+def reuse_status(cfg, out: Output | None) -> str:
     """A training's or evaluation's status: "reused", "to run", or, when another imf_core
     method version made it (tasks.artifacts.stale), "reused (stale)" or, with
     paths.recompute_stale, "to run (stale)"."""
@@ -108,7 +108,7 @@ def train_stage(cfg, label: str, pre_key: str | None, rows: int, rates: Rates | 
         hours = flops / (mfu * rates.peak_tflops * 1e12) / 3600
         detail += f" ({basis})"
     key = train_key_of(cfg, pre_key) if pre_key else None
-    out = Path(cfg.paths.artifacts).resolve() / "train" / key if key else None
+    out = Store.of(cfg.paths.artifacts).output("train", key) if key else None
     status = reuse_status(cfg, out)
     disk = checkpoint_bytes(cfg.model_config()) * (t.keep_checkpoints + 1)
     return Stage("train", label, key, status, detail, hours, disk, memory)
@@ -148,8 +148,8 @@ def evaluation_status(cfg, train_key: str) -> tuple[str | None, str]:
 
     try:
         preflight(cfg)
-        pre_path = PrecomputeJob.of(cfg).out()
-        pre = PrecomputeResult(pre_path, pre_path.name, False, [], 0, [])
+        pre_out = PrecomputeJob.of(cfg).out()
+        pre = PrecomputeResult(pre_out.path, pre_out.name, False, [], 0, [])
 
         class Trained:
             key = train_key

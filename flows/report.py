@@ -27,8 +27,8 @@ from flows.report_plots import plot_curves, plot_progress
 from flows.report_runs import best_grids, find_parent, variant_runs
 from flows.report_table import paper_table, progress_markdown, table_markdown
 from flows.sweep_config import load_sweep
-from tasks.artifacts import atomic_path
 from tasks.provenance import code_record
+from tasks.storage import Store
 from tasks.tracking_client import client as tracking_client
 
 
@@ -62,28 +62,26 @@ def report_flow(
         f"\nReport written {time.strftime('%Y-%m-%d %H:%M')} by imf-pipeline {code['package']} "
         f"({made}, method version {code['method']}).\n"
     )
-    directory = Path(artifacts).resolve() / "reports" / f"{sweep_name}-{run_scale}"
-    directory.mkdir(parents=True, exist_ok=True)
-    md_path = directory / "report.md"
-    grids = step(best_grids, name="fetch sample grids")(client, variants, directory)
-    plot = step(plot_curves, name="plot FID vs omega")(variants, directory / "fid_vs_omega.png")
+    out = Store.of(artifacts).output("reports", f"{sweep_name}-{run_scale}")
+    grids = step(best_grids, name="fetch sample grids")(client, variants, out)
+    plot = step(plot_curves, name="plot FID vs omega")(variants, out, "fid_vs_omega.png")
     progress = step(plot_progress, name="plot FID vs training step")(
-        variants, directory / "fid_vs_step.png"
+        variants, out, "fid_vs_step.png"
     )
     pictures = ["", "![FID vs omega](fid_vs_omega.png)", ""]
     if progress is not None:
         pictures += [progress_markdown(sweep, variants), "![FID vs step](fid_vs_step.png)", ""]
     pictures += ["### Samples at each variant's best point", ""]
-    pictures += [f"![{g.stem}](grids/{g.name})" for g in grids]
-    with atomic_path(md_path) as tmp:
-        tmp.write_text(markdown + "\n".join(pictures) + "\n")
-    files = [md_path, plot, *([progress] if progress else []), *grids]
-    for path in files:
-        sub = "report/grids" if path.parent.name == "grids" else "report"
+    pictures += [f"![{Path(g).stem}]({g})" for g in grids]
+    out.write_text("report.md", markdown + "\n".join(pictures) + "\n")
+    names = ["report.md", plot, *([progress] if progress else []), *grids]
+    files = [out.local_path(n) for n in names]
+    for name, path in zip(names, files, strict=True):
+        sub = "report/grids" if name.startswith("grids/") else "report"
         client.log_artifact(parent.info.run_id, str(path), sub)
     # The paper's table on the parent run, in MLflow's table view too.
     client.log_table(parent.info.run_id, paper_table(sweep, variants), "report/table.json")
     create_markdown_artifact(
         markdown, key=f"imf-report-{sweep_name}-{run_scale}".replace("_", "-").lower()
     )
-    return Report(sweep_name, markdown, directory, files)
+    return Report(sweep_name, markdown, out.path, files)

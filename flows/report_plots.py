@@ -4,15 +4,15 @@ omega sensitivity during training against the step."""
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 
 from flows.report_runs import VariantRuns, curve_mean, group_by_variant, spread
 from tasks.grids import save_figure
+from tasks.storage import Output
 
 
-def plot_curves(variants: list[VariantRuns], path: Path) -> Path:
-    """Saves fid_figure(variants) as a PNG."""
-    return save_figure(fid_figure(variants), path)
+def plot_curves(variants: list[VariantRuns], out: Output, name: str) -> str:
+    """Saves fid_figure(variants) as the PNG `name` of `out`."""
+    return save_figure(fid_figure(variants), out, name)
 
 
 def fid_figure(variants: list[VariantRuns]):
@@ -71,7 +71,7 @@ def fid_figure(variants: list[VariantRuns]):
     return fig
 
 
-def plot_progress(variants: list[VariantRuns], path: Path) -> Path | None:
+def plot_progress(variants: list[VariantRuns], out: Output, name: str) -> str | None:
     """FID during training against the step, one line per variant (mean over seeds), with
     the real-data floor at the same n as a dashed line, and beside it, where measured, the
     omega sensitivity over the same steps (when a network starts to use its omega input);
@@ -111,4 +111,4 @@ def plot_progress(variants: list[VariantRuns], path: Path) -> Path | None:
         )
         axes[1].grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(2.25 if sensitive else 1.01, 1))
-    return save_figure(fig, path)
+    return save_figure(fig, out, name)

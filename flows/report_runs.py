@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import statistics
 import tempfile
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from flows.sweep_config import SweepConfig, load_sweep
 from tasks.eval_tracking import summary_metrics
+from tasks.storage import Output
 from tasks.tracking import get_run_or_none
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download
@@ -103,8 +103,10 @@ def metric_curve(client, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
 
 
-def best_grids(client, variants: list[VariantRuns], directory: Path) -> list[Path]:
-    paths = []
+def best_grids(client, variants: list[VariantRuns], out: Output) -> list[str]:
+    """Each variant's grid at its best point, from its evaluation run, as `grids/<variant>.png`
+    in `out`; returns the names."""
+    names = []
     for v in variants:
         best = [r for r in v.results if r.get("best")]
         if v.evaluation is None or not best:
@@ -116,11 +118,9 @@ def best_grids(client, variants: list[VariantRuns], directory: Path) -> list[Pat
                 src = client.download_artifacts(v.evaluation.info.run_id, f"grids/{name}", tmp)
             except Exception:  # grids are optional (eval.grid_per_class=0)
                 continue
-            dest = directory / "grids" / f"{v.label or v.name}.png"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dest)
-            paths.append(dest)
-    return paths
+            names.append(f"grids/{v.label or v.name}.png")
+            out.write_bytes(names[-1], Path(src).read_bytes())
+    return names
 
 
 def group_by_variant(variants: list[VariantRuns]) -> dict[str, list[VariantRuns]]:

@@ -61,7 +61,7 @@ def print_where_to_look(cfg, result) -> None:
     uri, ev = tracking_uri(cfg), result.evaluate
     best = next(r for r in ev.results if r["best"])
     grid = f"w{best['omega']:g}_t{best['t_min']:g}-{best['t_max']:g}.png"
-    path = ev.path.resolve()
+    path = ev.out.uri
     train_run = result.train.mlflow_run_id
     print("\nwhere to look:")
     print(f"  MLflow runs     training {train_run}, evaluation {ev.mlflow_run_id}")
@@ -78,8 +78,8 @@ def print_where_to_look(cfg, result) -> None:
     print(f"  FID vs omega    {path}/fid_vs_omega_t*.png")
     print(f"  sample grids    {path}/grids/ (best: {grid})")
     print(f"  results         {path}/results.json")
-    during = sorted(result.train.path.resolve().glob("during/*/step*/results.json"))
+    training = result.train.out
+    during = training.list("during/*/step*/results.json")
     if during:  # tasks.inrun_eval: eval/fid over steps on the training run
-        print(
-            f"  FID in training {during[0].parent.parent}/step*/results.json ({len(during)} steps)"
-        )
+        folder = during[0].rsplit("/", 2)[0]
+        print(f"  FID in training {training.uri}/{folder}/step*/results.json ({len(during)} steps)")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from prefect import flow, tags
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -27,17 +26,20 @@ from tasks.artifacts import content_key
 from tasks.evaluate import EvalJob, evaluate_task
 from tasks.precompute import PrecomputeJob, precompute_task
 from tasks.schema import ExperimentConfig
-from tasks.tracking import open_run, tracking_uri
+from tasks.storage import Output, Store
+from tasks.tracking import kept_run_id, open_run, tracking_uri
 from tasks.tracking_client import client as tracking_client
 from tasks.train import TrainJob, train_task
 
 
 # ------------------------------------------------------------------ the parent run
-def sweep_dir(sweep: SweepConfig, scale: str, overrides: list[str], cfg, seeds: int = 1) -> Path:
+def sweep_output(
+    sweep: SweepConfig, scale: str, overrides: list[str], cfg, seeds: int = 1
+) -> Output:
     """Where a sweep run keeps its MLflow run ids: one per (sweep, scale, overrides, seeds)."""
     what = {"sweep": sweep.name, "scale": scale, "overrides": overrides}
     what |= {"seeds": seeds} if seeds > 1 else {}
-    return Path(cfg.paths.artifacts).resolve() / "sweep" / content_key("sweep", what)
+    return Store.of(cfg.paths.artifacts).output("sweep", content_key("sweep", what))
 
 
 def parent_run(sweep: SweepConfig, scale: str, overrides: list[str], cfg, seeds: int = 1) -> str:
@@ -53,7 +55,7 @@ def parent_run(sweep: SweepConfig, scale: str, overrides: list[str], cfg, seeds:
     }
     return open_run(
         tracking_uri(cfg),
-        sweep_dir(sweep, scale, overrides, cfg, seeds) / "mlflow_run_id",
+        sweep_output(sweep, scale, overrides, cfg, seeds),
         cfg.tracking.experiment,
         f"{sweep.name}/{scale}",
         tags,
@@ -61,13 +63,13 @@ def parent_run(sweep: SweepConfig, scale: str, overrides: list[str], cfg, seeds:
     )
 
 
-def variant_group_run(parent: str, variant, scale: str, directory: Path, cfg) -> str:
+def variant_group_run(parent: str, variant, scale: str, sweep_out: Output, cfg) -> str:
     """With several seeds: a run per variant under the parent, its seeds' runs under it."""
     tags = {"mlflow.parentRunId": parent, "stage": "variant", "variant": variant.name}
     tags |= {"row": variant.row, "scale": scale}
     return open_run(
         tracking_uri(cfg),
-        directory / variant.name / "mlflow_run_id",
+        sweep_out.child(variant.name),
         cfg.tracking.experiment,
         variant.name,
         tags,
@@ -124,10 +126,10 @@ def sweep_flow(
     parent = parent_run(sweep, scale, overrides, first, seeds)
     groups = {}
     if seeds > 1:
-        directory = sweep_dir(sweep, scale, overrides, first, seeds)
+        sweep_out = sweep_output(sweep, scale, overrides, first, seeds)
         for v in sweep.variants:
             if not only or v.name in only:
-                groups[v.name] = variant_group_run(parent, v, scale, directory, first)
+                groups[v.name] = variant_group_run(parent, v, scale, sweep_out, first)
     for cfg in configs.values():
         cfg.tracking.tags["mlflow.parentRunId"] = groups.get(cfg.tracking.tags["variant"], parent)
     try:
@@ -171,13 +173,13 @@ def run_variants(sweep, scale: str, configs: dict, parent: str, groups: dict, fi
             trained.result()  # a training failure is the one to report
             result = evaluated.result()
         except Exception as err:  # reported, and the other variants go on
-            train_run = read_run_id(jobs[variant].out)
+            train_run = kept_run_id(jobs[variant].out)  # "" if it failed before making one
             outcome = VariantOutcome(
                 variant, "failed", train_run, error=f"{type(err).__name__}: {err}"
             )
             print(f"variant {variant}: FAILED: {outcome.error}")
         else:
-            train_run = read_run_id(jobs[variant].out)
+            train_run = kept_run_id(jobs[variant].out)
             best = next(r for r in result.results if r["best"])
             outcome = VariantOutcome(variant, "ok", train_run, result.mlflow_run_id, best["fid"])
             outcome.did_not_learn = best.get("did_not_learn")
@@ -202,12 +204,6 @@ def run_variants(sweep, scale: str, configs: dict, parent: str, groups: dict, fi
     for group in groups.values():
         client.set_terminated(group, "FINISHED")
     return SweepResult(sweep.name, scale, parent, outcomes)
-
-
-def read_run_id(train_dir: Path) -> str:
-    """The MLflow run a training created ("" if it failed before creating one)."""
-    id_file = train_dir / "mlflow_run_id"
-    return id_file.read_text().strip() if id_file.is_file() else ""
 
 
 def run_sweep(

@@ -13,19 +13,15 @@ unless the launch asks to recompute stale outputs (`paths.recompute_stale`).
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import json
-import os
-import shutil
-import socket
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from tasks.storage import Output
 
 SUCCESS = "_SUCCESS"
 CODE_FILE = "_CODE.json"  # an unfinished output's code: the method versions that worked on it
@@ -51,31 +47,6 @@ def content_key(stage: str, config: Any, input_keys: list[str] | None = None) ->
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yields a temporary sibling path to write; renames it onto `path` only on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
 @dataclass
 class FileRecord:
     name: str
@@ -84,17 +55,15 @@ class FileRecord:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, path: Path, root: Path | None = None, **meta: Any) -> FileRecord:
-        """The record of `path`, named relative to `root` (default: its own folder)."""
-        name = str(path.relative_to(root)) if root else path.name
-        return cls(name, path.stat().st_size, sha256_file(path), meta)
+    def of(cls, out: Output, name: str, **meta: Any) -> FileRecord:
+        """The record of the file `name` (e.g. "units/cfg1.npz") of `out`."""
+        return cls(name, out.size(name), out.sha256(name), meta)
 
-    def valid_in(self, directory: Path, verify: str = "sha256") -> bool:
+    def valid_in(self, out: Output, verify: str = "sha256") -> bool:
         """True when the file exists with this size (and, with verify="sha256", this checksum)."""
-        path = directory / self.name
-        if not path.is_file() or path.stat().st_size != self.bytes:
+        if not out.exists(self.name) or out.size(self.name) != self.bytes:
             return False
-        return verify != "sha256" or sha256_file(path) == self.sha256
+        return verify != "sha256" or out.sha256(self.name) == self.sha256
 
 
 @dataclass
@@ -110,54 +79,52 @@ class Manifest:
     created: float = field(default_factory=time.time)
     code: dict[str, Any] = field(default_factory=dict)  # {} read back: made before it was kept
 
-    def write(self, directory: Path) -> None:
+    def write(self, out: Output) -> None:
+        """Publishes `out` as finished: the manifest is written last, whole."""
         if not self.code:  # the code that began (and perhaps resumed) it, and this code
-            self.code = code_of(directory)
-        obj = self.__dict__ | {"files": [f.__dict__ for f in self.files]}
-        write_json_atomic(directory / SUCCESS, obj)
+            self.code = code_of(out)
+        out.write_json(SUCCESS, self.__dict__ | {"files": [f.__dict__ for f in self.files]})
 
     @classmethod
-    def read(cls, directory: Path) -> Manifest | None:
-        """The manifest of a finished stage directory, or None when it has none."""
-        path = directory / SUCCESS
-        if not path.is_file():
+    def read(cls, out: Output) -> Manifest | None:
+        """The manifest of a finished stage output, or None when it has none."""
+        if not out.exists(SUCCESS):
             return None
-        obj = json.loads(path.read_text())
+        obj = out.read_json(SUCCESS)
         obj["files"] = [FileRecord(**f) for f in obj["files"]]
         return cls(**obj)
 
 
-def require_manifest(directory: Path) -> Manifest:
-    """The manifest, or a clear error naming a directory that is not a finished stage output."""
-    manifest = Manifest.read(directory)
+def require_manifest(out: Output) -> Manifest:
+    """The manifest, or a clear error naming a location that is not a finished stage output."""
+    manifest = Manifest.read(out)
     if manifest is None:
         raise FileNotFoundError(
-            f"{directory} has no {SUCCESS}: it is not a finished stage output "
+            f"{out.uri} has no {SUCCESS}: it is not a finished stage output "
             "(missing, interrupted, or not made by this pipeline)"
         )
     return manifest
 
 
-def code_of(directory: Path) -> dict[str, Any]:
+def code_of(out: Output) -> dict[str, Any]:
     """This code's record (tasks.provenance.code_record) with every method version that has
-    worked on the output in `directory` (its _CODE.json: a resume may cross versions)."""
+    worked on `out` (its _CODE.json: a resume may cross versions)."""
     from imf_core import METHOD_VERSION
     from tasks.provenance import code_record
 
-    began = directory / CODE_FILE
-    earlier = json.loads(began.read_text())["methods"] if began.is_file() else []
+    earlier = out.read_json(CODE_FILE)["methods"] if out.exists(CODE_FILE) else []
     return code_record() | {"methods": sorted({*earlier, METHOD_VERSION}, key=str)}
 
 
-def methods_of(directory: Path) -> list | None:
-    """The method versions that made the output in `directory` (None: not yet recorded), from
-    its manifest, else from the _CODE.json of an unfinished one; None when nothing is there."""
-    manifest = Manifest.read(directory)
+def methods_of(out: Output) -> list | None:
+    """The method versions that made `out` (None: not yet recorded), from its manifest, else
+    from the _CODE.json of an unfinished one; None when nothing is there."""
+    manifest = Manifest.read(out)
     if manifest is not None:
         return manifest.code.get("methods", [None])
-    if (directory / CODE_FILE).is_file():
-        return json.loads((directory / CODE_FILE).read_text())["methods"]
-    if directory.is_dir() and any(directory.iterdir()):
+    if out.exists(CODE_FILE):
+        return out.read_json(CODE_FILE)["methods"]
+    if out.exists():
         return [None]  # begun by code that recorded nothing
     return None
 
@@ -183,10 +150,10 @@ def stale(methods: list | None) -> str:
 
 
 def begin(
-    out: Path,
+    out: Output,
     what: str,
     recompute_stale: bool,
-    made_from: Path | None = None,
+    made_from: Output | None = None,
     say: Callable[[str], None] = print,
 ) -> str:
     """Before a stage reuses, resumes or starts `out` (holding its output_lock): whether what
@@ -202,23 +169,22 @@ def begin(
     if done is not None and source is not None and source.created > done.created:
         reason = reason or f"made from an earlier {source.stage} output (recomputed since)"
     if reason and recompute_stale:
-        aside = out.parent.parent / "stale" / out.parent.name / f"{out.name}-{time.time():.0f}"
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(out, aside)
-        say(f"{what} {out.name}: {reason}: recomputing it (the old output moved to {aside})")
+        aside = out.store.output("stale", out.stage, f"{out.name}-{time.time():.0f}")
+        out.move_to(aside)
+        say(f"{what} {out.name}: {reason}: recomputing it (the old output moved to {aside.uri})")
         reason = ""
     elif reason:
         verb = "reusing it" if done is not None else "resuming it, mixing versions"
         say(f"{what} {out.name}: {reason}: {verb} (--recompute-stale recomputes it)")
     if Manifest.read(out) is None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / CODE_FILE, {"methods": code_of(out)["methods"]})
+        out.make()
+        out.write_json(CODE_FILE, {"methods": code_of(out)["methods"]})
     return reason
 
 
-def cache_key_of(output_dir: Callable[..., Path]) -> Callable[[Any, dict], str | None]:
+def cache_key_of(output_dir: Callable[..., Output]) -> Callable[[Any, dict], str | None]:
     """A Prefect `cache_key_fn` for a stage task: `<stage>-<content key>-<instance>` while
-    the stage's output directory (`output_dir(**task parameters)`) holds a `_SUCCESS` whose
+    the stage's output (`output_dir(**task parameters)`) holds a `_SUCCESS` whose
     files are all present at their recorded sizes, made by this method version from inputs
     that are not stale nor newer than it; else None, and the task runs (the stage
     function then decides, down to the shard or unit, what to reuse). Prefect's cache sits on
@@ -236,58 +202,16 @@ def cache_key_of(output_dir: Callable[..., Path]) -> Callable[[Any, dict], str |
         inputs = [p for p in parameters.values() if hasattr(p, "path")]
         if any(getattr(p, "stale", "") for p in inputs):
             return None
-        made = [Manifest.read(Path(p.path)) for p in inputs]
+        made = [Manifest.read(Output.at(p.path)) for p in inputs]
         if any(m is not None and m.created > done.created for m in made):
             return None
         # The directory and the manifest's creation time are part of the key: the same content
         # key under another artifact root, or recomputed after a deletion, is another output,
         # and a cache record must never hand back a path or run id of a different one.
-        instance = f"{out.resolve()}|{done.created}"
+        instance = f"{out.uri}|{done.created}"
         return f"{done.stage}-{done.key}-{hashlib.sha256(instance.encode()).hexdigest()[:8]}"
 
     return key_fn
-
-
-def require_free_space(directory: Path, need_bytes: int, what: str) -> None:
-    """Refuses, before a stage starts, when the disk under `directory` cannot take the stage's
-    estimated output (with a 10 % margin): a clear error now, not ENOSPC hours in."""
-    existing = Path(directory).resolve()
-    while not existing.exists():
-        existing = existing.parent
-    free = shutil.disk_usage(existing).free
-    if free < 1.1 * need_bytes:
-        raise OSError(
-            f"not enough disk for {what} under {directory}: it needs about "
-            f"{need_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB are free"
-        )
-
-
-@contextmanager
-def output_lock(out: Path, what: str, say: Callable[[str], None] = print) -> Iterator[None]:
-    """Holds the lock of one stage output while it is computed, so that two launches of the same
-    work compute it once: the second waits (saying who holds it), then finds the first one's
-    `_SUCCESS` and reuses it. An OS file lock (flock) on `<artifacts>/locks/<stage>-<key>.lock`:
-    the kernel releases it when its holder dies, so a killed holder's lock is simply taken
-    over. (flock is per host on most network file systems: one launch per output across
-    nodes.)"""
-    out = Path(out)
-    path = out.parent.parent / "locks" / f"{out.parent.name}-{out.name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            say(f"{what} {Path(out).name} is being computed by {holder}: waiting for it")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.ctime()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(owner).encode(), 0)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 class StageTask:
@@ -297,7 +221,7 @@ class StageTask:
     modules for their functions and configs and has no use for Prefect, whose import cost each
     of them ~0.7 s of CPU."""
 
-    def __init__(self, stage: Callable[..., Any], name: str, output_dir: Callable[..., Path]):
+    def __init__(self, stage: Callable[..., Any], name: str, output_dir: Callable[..., Output]):
         self.stage, self.name, self.output_dir = stage, name, output_dir
 
     @functools.cached_property
@@ -325,6 +249,6 @@ def reported(stage: Callable[..., Any]) -> Callable[..., Any]:
         result = stage(*args, **kwargs)
         if getattr(result, "computed", True):
             return result
-        return Completed(data=result, name="Reused", message=f"reused {result.path}")
+        return Completed(data=result, name="Reused", message=f"reused {result.out.uri}")
 
     return run

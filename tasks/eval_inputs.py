@@ -3,8 +3,8 @@ given weights (`eval.checkpoint`); and the preflight every command runs, which c
 stage's inputs (these among them) before any stage starts.
 
     >>> preflight(cfg)                      # the tracking server and every input file, or an error
-    >>> feature_kind(cfg)                   # "inception" | "classifier"
-    >>> ref = load_reference(reference_path(cfg, precompute_result))   # mu, sigma
+    >>> features = Features.of(cfg, precompute_result)   # extractor and reference, checked
+    >>> ref = load_reference(features.reference)          # mu, sigma
     >>> source = checkpoint_source(cfg)     # eval.checkpoint, checked and keyed by its bytes
 
 Both evaluations read them here: `imf evaluate` (tasks.evaluate) and the evaluation during
@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.artifacts import content_key, sha256_file
+from tasks.artifacts import content_key
+from tasks.features import check_weights
 from tasks.precompute import PrecomputeResult, makes_classifier
+from tasks.storage import sha256_file
 
 
 def feature_kind(cfg) -> str:
@@ -49,10 +51,39 @@ def needs_precompute(cfg) -> bool:
 
 
 def reference_path(cfg, pre: PrecomputeResult | None) -> Path:
-    path = Path(cfg.eval.reference) if cfg.eval.reference else pre.path / "reference.npz"
+    if cfg.eval.reference:
+        path = Path(cfg.eval.reference)
+    else:
+        path = pre.out.local_path("reference.npz")
     if not path.is_file():
         raise FileNotFoundError(f"no FID reference statistics at {path} (set eval.reference)")
     return path
+
+
+@dataclass(frozen=True)
+class Features:
+    """What an evaluation's FID is computed with, resolved and checked once (Features.of):
+    the feature extractor and its weights, the reference statistics' file and its bytes'
+    hash (what an evaluation's key covers, not the path). Paths are absolute: the workers
+    that read them run in another directory."""
+
+    kind: str  # inception | classifier
+    extractor: Path  # its weights
+    reference: Path  # the FID reference's npz (mu, sigma)
+    reference_sha256: str
+
+    @classmethod
+    def of(cls, cfg, pre: PrecomputeResult | None) -> Features:
+        """Raises FileNotFoundError or ValueError naming a missing or malformed file."""
+        kind = feature_kind(cfg)
+        if kind == "classifier":
+            extractor = pre.out.local_path("classifier.pt")
+        else:
+            extractor = Path(cfg.eval.inception_weights)
+        extractor = check_weights(kind, extractor).resolve()
+        reference = reference_path(cfg, pre).resolve()
+        load_reference(reference)  # mu and sigma, shapes checked: a bad file fails now
+        return cls(kind, extractor, reference, sha256_file(reference))
 
 
 def load_reference(path: Path):

@@ -1,17 +1,16 @@
 """The evaluation's FID-vs-omega plots (`imf evaluate` writes one per CFG interval beside its
 results.json; its sample grids come from tasks.grids).
 
-    >>> paths = plot_fid_vs_omega(results, out)   # results.json's rows -> fid_vs_omega_t*.png
+    >>> names = plot_fid_vs_omega(results, out)   # results.json's rows -> fid_vs_omega_t*.png
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tasks.grids import save_figure
+from tasks.storage import Output
 
 
-def plot_fid_vs_omega(results: list[dict], out: Path) -> list[Path]:
+def plot_fid_vs_omega(results: list[dict], out: Output) -> list[str]:
     """One FID-vs-omega plot per CFG interval, the best point marked, with the calibration a
     reader needs beside the curve: the real-data floor, the same network's many-step points
     and the class-mean ceiling (in the legend; drawn, it would flatten the curve)."""
@@ -20,7 +19,7 @@ def plot_fid_vs_omega(results: list[dict], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    names = []
     intervals = sorted({(r["t_min"], r["t_max"]) for r in results})
     for t_min, t_max in intervals:
         rows = sorted(
@@ -59,5 +58,5 @@ def plot_fid_vs_omega(results: list[dict], out: Path) -> list[Path]:
             title=f"interval [{t_min:g}, {t_max:g}], NFE {rows[0]['nfe']}",
         )
         ax.grid(alpha=0.3)
-        paths.append(save_figure(fig, out / f"fid_vs_omega_t{t_min:g}-{t_max:g}.png"))
-    return paths
+        names.append(save_figure(fig, out, f"fid_vs_omega_t{t_min:g}-{t_max:g}.png"))
+    return names

@@ -51,7 +51,7 @@ def log_evaluation(
     client = MlflowClient(job.tracking.uri)
     tags = job.tracking.tags | {"stage": "evaluate", "eval_key": key} | provenance_tags(device)
     if not checkpoint:  # which method versions made the training it samples (the report's rows)
-        made = Manifest.read(Path(trained.path))
+        made = Manifest.read(trained.out)
         tags[TRAINING_METHODS_TAG] = versions_text(made.code.get("methods") if made else None)
     omegas = sorted({r["omega"] for r in results})
     grid = f"omega {omegas[0]:g}-{omegas[-1]:g}, {len(results)} points"

@@ -31,7 +31,8 @@ from imf_core.models import build
 from imf_core.models.official import load_official
 from imf_core.sdpa import plain_attention
 from tasks.features import to_uint8
-from tasks.grids import decoded_grid, grid_inputs, point_title, save_png
+from tasks.grids import decoded_grid, grid_inputs, png_bytes, point_title
+from tasks.storage import Output
 from tasks.tokenizers import open_tokenizer, pick_device
 
 # Noises and classes (i mod K) of the input-sensitivity batch (imf_core.guidance).
@@ -202,30 +203,29 @@ class UnitRunner:
             return generate(self.model, noise, y, unit.omega, t_min, t_max, steps, euler=euler)
 
     @torch.no_grad()
-    def sample_grids(self, points, out: Path) -> list[Path]:
-        """A PNG grid per grid point (tasks.grids): a row per grid class, grid_per_class
-        columns, decoded through the tokenizer."""
+    def sample_grids(self, points, out: Output) -> list[str]:
+        """A PNG grid per grid point (tasks.grids), `grids/<point>.png` in `out`: a row per
+        grid class, grid_per_class columns, decoded through the tokenizer. Returns the names."""
         e = self.e
         noise, y = grid_inputs(self.num_classes, self.shape, e.grid_per_class, e.seed)
         noise, y = noise.to(self.device), y.to(self.device)
+        names = []
         with plain_attention(self.sdpa_backend):
-            return [
-                save_png(
-                    decoded_grid(
-                        self.model,
-                        self.tokenizer,
-                        noise,
-                        y,
-                        omega,
-                        e.grid_per_class,
-                        point_title(omega, interval),
-                        tuple(interval),
-                        e.nfe,
-                    ),
-                    out / "grids" / f"{point_name(omega, interval)}.png",
+            for omega, interval in points:
+                picture = decoded_grid(
+                    self.model,
+                    self.tokenizer,
+                    noise,
+                    y,
+                    omega,
+                    e.grid_per_class,
+                    point_title(omega, interval),
+                    tuple(interval),
+                    e.nfe,
                 )
-                for omega, interval in points
-            ]
+                names.append(f"grids/{point_name(omega, interval)}.png")
+                out.write_bytes(names[-1], png_bytes(picture))
+        return names
 
 
 def run_units(runner_args: tuple, local, units: list[Unit], e, ray_address: str):

@@ -2,7 +2,7 @@
 
     >>> job = EvalJob.of(cfg, precompute_result)     # built once from the experiment config
     >>> result = evaluate(job, train_result)
-    >>> json.loads((result.path / "results.json").read_text())
+    >>> result.out.read_json("results.json")
     >>> evaluate(EvalJob.of(cfg, None), checkpoint_source(cfg))   # given weights, no training
 
 Each grid point (omega x interval) x each shard of the N samples is one unit (tasks.eval_units,
@@ -20,7 +20,6 @@ file `eval.checkpoint` names (tasks.eval_inputs.checkpoint_source): one of our
 from __future__ import annotations
 
 import functools
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,26 +29,17 @@ import numpy as np
 from imf_core.guidance import ignores_omega
 from imf_core.metrics import did_not_learn
 from tasks import preemption
-from tasks.artifacts import (
-    FileRecord,
-    Manifest,
-    StageTask,
-    atomic_path,
-    begin,
-    content_key,
-    output_lock,
-    sha256_file,
-    write_json_atomic,
-)
-from tasks.eval_inputs import feature_kind, load_reference, needs_precompute, reference_path
+from tasks.artifacts import FileRecord, Manifest, StageTask, begin, content_key
+from tasks.eval_inputs import Features, load_reference, needs_precompute
 from tasks.eval_metrics import RESULTS_FORMAT, precision_recall, real_calibration, summarize
 from tasks.eval_plots import plot_fid_vs_omega
 from tasks.eval_tracking import log_evaluation
 from tasks.eval_units import Unit, UnitRunner, point_name, run_units
-from tasks.features import UINT8_RULE, check_weights
+from tasks.features import UINT8_RULE
 from tasks.precompute import PrecomputeResult
 from tasks.provenance import device_name
 from tasks.schema import EvalConfig, ExperimentConfig, TokenizerConfig
+from tasks.storage import Output, Store
 from tasks.tokenizers import pick_device
 from tasks.tracking import TrackingTarget, mark_stale
 
@@ -64,6 +54,7 @@ RUNTIME_ONLY = (
 )
 
 IN_RUN_ONLY = ("during_samples", "during_points")
+RESULTS = "results.json"  # the grid's rows (tasks.eval_metrics.RESULTS_FORMAT)
 
 
 @dataclass
@@ -76,8 +67,12 @@ class EvalResult:
     mlflow_run_id: str = ""  # the evaluation's MLflow run ("" when the training is untracked)
     stale: str = ""  # why its numbers (or its training's) are not this code's; "" if they are
 
+    @property
+    def out(self) -> Output:
+        return Output.at(self.path)
 
-def eval_slice(e: EvalConfig, kind: str, reference: Path) -> dict:
+
+def eval_slice(e: EvalConfig, features: Features) -> dict:
     """What the evaluation's numbers depend on (besides its inputs' keys): the grid, the
     features and the reference statistics' bytes (not their path). The weights enter as an
     input key (a training's, or the checkpoint file's)."""
@@ -85,8 +80,8 @@ def eval_slice(e: EvalConfig, kind: str, reference: Path) -> dict:
     kept.pop("checkpoint")
     for name in IN_RUN_ONLY:  # the evaluation during training's, not this one's
         kept.pop(name)
-    kept["reference"] = sha256_file(reference)
-    return kept | {"features": kind, "results_format": RESULTS_FORMAT}
+    kept["reference"] = features.reference_sha256
+    return kept | {"features": features.kind, "results_format": RESULTS_FORMAT}
 
 
 def input_keys(pre: PrecomputeResult | None, trained) -> list[str]:
@@ -102,9 +97,7 @@ class EvalJob:
     `evaluate` (a training, or given weights), so a flow can hand a training's future."""
 
     eval: EvalConfig
-    kind: str  # the features: inception | classifier
-    extractor: Path  # their weights
-    reference: Path  # the FID reference's file
+    features: Features  # the extractor and the FID reference, checked
     slice: dict  # what its key covers besides its inputs (eval_slice)
     input_size: int  # the latent side (official files hold no latent side: RoPE)
     tokenizer: TokenizerConfig  # decodes the samples
@@ -113,7 +106,7 @@ class EvalJob:
     guidance_mode: str  # the training's, for the summary's no-CFG point
     data: PrecomputeResult | None  # None when the evaluation needs nothing from precompute
     tracking: TrackingTarget
-    artifacts: Path
+    store: Store
     recompute_stale: bool
 
     @classmethod
@@ -121,19 +114,11 @@ class EvalJob:
         e = cfg.eval
         if pre is None and needs_precompute(cfg):
             raise ValueError("this evaluation needs precompute's output (classifier or reference)")
-        kind = feature_kind(cfg)
-        extractor = (
-            pre.path / "classifier.pt" if kind == "classifier" else Path(e.inception_weights)
-        )
-        check_weights(kind, extractor)  # before any worker starts
-        reference = reference_path(cfg, pre)
-        load_reference(reference)  # mu and sigma, shapes checked
+        features = Features.of(cfg, pre)  # before any worker starts
         return cls(
             e,
-            kind,
-            extractor,
-            reference,
-            eval_slice(e, kind, reference),
+            features,
+            eval_slice(e, features),
             cfg.model_config().input_size,
             cfg.tokenizer,
             cfg.train.sdpa_backend,
@@ -141,7 +126,7 @@ class EvalJob:
             cfg.guidance.mode,
             pre,
             TrackingTarget.of(cfg),
-            Path(cfg.paths.artifacts).resolve(),
+            Store.of(cfg.paths.artifacts),
             cfg.paths.recompute_stale,
         )
 
@@ -149,11 +134,11 @@ class EvalJob:
         """Its content key for the weights `trained` (a TrainResult or a Checkpoint)."""
         return content_key("evaluate", self.slice, input_keys(self.data, trained))
 
-    def out(self, trained) -> Path:
-        return self.artifacts / "evaluate" / self.key(trained)
+    def out(self, trained) -> Output:
+        return self.store.output("evaluate", self.key(trained))
 
 
-def output_dir(job: EvalJob, trained) -> Path:
+def output_dir(job: EvalJob, trained) -> Output:
     return job.out(trained)
 
 
@@ -163,8 +148,8 @@ def evaluate(job: EvalJob, trained) -> EvalResult:
     `trained` is a TrainResult or a Checkpoint (anything with `weights`, `key`,
     `mlflow_run_id`)."""
     out = job.out(trained)
-    with output_lock(out, "evaluation"):
-        made_from = trained.path if hasattr(trained, "steps") else None  # a training
+    with out.lock("evaluation"):
+        made_from = trained.out if hasattr(trained, "steps") else None  # a training
         stale = begin(out, "evaluation", job.recompute_stale, made_from)
         result = _evaluate(job, trained, out)
     trained_stale = getattr(trained, "stale", "")
@@ -174,18 +159,18 @@ def evaluate(job: EvalJob, trained) -> EvalResult:
     return result
 
 
-def _evaluate(job: EvalJob, trained, out: Path) -> EvalResult:
-    e, pre, kind = job.eval, job.data, job.kind
-    ref = load_reference(job.reference)
+def _evaluate(job: EvalJob, trained, out: Output) -> EvalResult:
+    e, pre, kind = job.eval, job.data, job.features.kind
+    ref = load_reference(job.features.reference)
     key = out.name
     done = Manifest.read(out)
     if done is not None:
-        results = json.loads((out / "results.json").read_text())
-        return EvalResult(out, key, False, 0, results, done.extra.get("mlflow_run_id", ""))
+        results = out.read_json(RESULTS)
+        return EvalResult(out.path, key, False, 0, results, done.extra.get("mlflow_run_id", ""))
     started = time.time()
 
     expect = None
-    data_info = Manifest.read(pre.path).extra if pre is not None else None
+    data_info = Manifest.read(pre.out).extra if pre is not None else None
     if data_info is not None:  # the model must fit the data it is compared with
         expect = (data_info["num_classes"], tuple(data_info["latent_shape"][1:]))
     data = str(pre.path) if pre is not None else None
@@ -194,7 +179,7 @@ def _evaluate(job: EvalJob, trained, out: Path) -> EvalResult:
         job.input_size,
         job.tokenizer,
         kind,
-        job.extractor,
+        job.features.extractor,
         e,
         expect,
         data,
@@ -207,27 +192,28 @@ def _evaluate(job: EvalJob, trained, out: Path) -> EvalResult:
     def units_of(kind: str, omega: float = 1.0, interval=(0.0, 1.0)) -> list[Unit]:
         return [Unit(omega, tuple(interval), k, s, n, kind) for k, (s, n) in enumerate(shards)]
 
-    units_dir = out / "units"
     computed = 0
 
     def compute(units: list[Unit]) -> list[dict]:
-        """Runs the units not on disk yet (each written as it arrives: a kill loses only the
+        """Runs the units not stored yet (each written as it arrives: a kill loses only the
         running ones) and returns every unit's sums."""
         nonlocal computed
-        missing = [u for u in units if not (units_dir / f"{u.name}.npz").is_file()]
+        missing = [u for u in units if not out.exists(f"units/{u.name}.npz")]
         for name, sums in run_units(runner_args, local, missing, e, job.ray_address):
-            with atomic_path(units_dir / f"{name}.npz") as tmp, open(tmp, "wb") as f:
-                np.savez(f, **sums)
+            out.write_arrays(f"units/{name}.npz", **sums)
             computed += 1
             preemption.check()  # a stop signal: the written units stay, a rerun does the rest
-        return [dict(np.load(units_dir / f"{u.name}.npz")) for u in units]
+        return [out.read_arrays(f"units/{u.name}.npz") for u in units]
 
     calibrated = pre is not None and e.calibrate
     grid_units = [u for w, iv in points for u in units_of("point", w, iv)]
     real_units = units_of("real") if calibrated else []
     done_units = dict(zip(grid_units + real_units, compute(grid_units + real_units), strict=True))
 
-    reference_info = {"reference": str(job.reference), "reference_sha256": job.slice["reference"]}
+    reference_info = {
+        "reference": str(job.features.reference),
+        "reference_sha256": job.features.reference_sha256,
+    }
 
     summary = functools.partial(summarize, ref=ref, kind=kind)
     calibration = {}
@@ -265,11 +251,10 @@ def _evaluate(job: EvalJob, trained, out: Path) -> EvalResult:
             entry.get("accuracy"),
             num_classes,
         )
-    write_json_atomic(out / "results.json", results)
+    out.write_json(RESULTS, results)
     plots = plot_fid_vs_omega(results, out)
     grids = local().sample_grids(points, out) if e.grid_per_class else []
-    outputs = [out / "results.json", *plots, *grids, *sorted(units_dir.glob("*.npz"))]
-    files = [FileRecord.of(p, out) for p in outputs]
+    files = [FileRecord.of(out, n) for n in [RESULTS, *plots, *grids, *out.list("units/*.npz")]]
     names = [point_name(r["omega"], [r["t_min"], r["t_max"]]) for r in results]
     device = device_name(pick_device(e.device))
     if e.workers > 1:
@@ -278,12 +263,12 @@ def _evaluate(job: EvalJob, trained, out: Path) -> EvalResult:
             if e.gpus_per_worker
             else device
         )
-    logged = [out / "results.json", *plots, *grids]
+    logged = [out.local_path(n) for n in (RESULTS, *plots, *grids)]
     run_id = log_evaluation(job, trained, key, results, names, logged, device)
     extra = {"best": results[best], "mlflow_run_id": run_id}
     timings = {"seconds": time.time() - started}
     Manifest(key, "evaluate", job.slice, input_keys(pre, trained), files, extra, timings).write(out)
-    return EvalResult(out, key, True, computed, results, run_id)
+    return EvalResult(out.path, key, True, computed, results, run_id)
 
 
 # What the flows call; the unit files decide what an interrupted evaluation still computes.

@@ -12,14 +12,14 @@ grid per CFG point) draw theirs here.
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import numpy as np
 import torch
 
 from imf_core.guidance import generate
-from tasks.artifacts import atomic_path
 from tasks.features import to_uint8
+from tasks.storage import Output
 
 GRID_ROWS = 10  # classes shown: all of them up to 10, else 10 spread evenly over the labels
 
@@ -87,19 +87,20 @@ def labelled_grid(
     return canvas
 
 
-def save_figure(fig, path: Path) -> Path:
-    """A matplotlib figure as a PNG, written whole or not at all, then closed."""
+def save_figure(fig, out: Output, name: str) -> str:
+    """A matplotlib figure as the PNG `name` of `out` (written whole or not at all), then
+    closed; returns the name."""
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    return path
+    out.write_bytes(name, buffer.getvalue())
+    return name
 
 
-def save_png(picture, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        picture.save(tmp, format="png")
-    return path
+def png_bytes(picture) -> bytes:
+    """A PIL image as PNG bytes."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="png")
+    return buffer.getvalue()

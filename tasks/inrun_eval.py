@@ -23,55 +23,48 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from imf_core.guidance import ignores_omega
-from tasks.artifacts import Manifest, atomic_path, content_key, sha256_file, write_json_atomic
-from tasks.eval_inputs import feature_kind, load_reference, reference_path
+from tasks.artifacts import Manifest, content_key
+from tasks.eval_inputs import Features, load_reference
 from tasks.eval_metrics import RESULTS_FORMAT, precision_recall, real_calibration, summarize
 from tasks.eval_units import Unit, UnitRunner, point_name
-from tasks.features import UINT8_RULE, check_weights
+from tasks.features import UINT8_RULE
 from tasks.schema import EvalConfig, TokenizerConfig
+from tasks.storage import Output
 
 
 @dataclass(frozen=True)
 class InRunPlan:
     """What the training ranks need, resolved and checked by the driver before they start."""
 
-    directory: str  # <training>/during/<key>
+    out: Output  # <training>/during/<key>
     every_steps: int
     every_epochs: float
     eval: EvalConfig  # n_samples = eval.during_samples
     points: list[tuple[float, tuple[float, float]]]
-    kind: str  # inception | classifier
-    features: str  # the extractor's weights file
-    reference: str
-    data: str  # the precompute output (real rows for the calibration)
+    features: Features
+    data: str  # the precompute output's directory (real rows for the calibration)
     rows: int
     num_classes: int
     tokenizer: TokenizerConfig  # decodes the samples
     sdpa_backend: str  # the sampling's attention kernel (train.sdpa_backend)
 
 
-def plan(cfg, pre, out: Path) -> InRunPlan | None:
-    """The in-run evaluation of the training at `out`, or None when it is off."""
+def plan(cfg, pre, out: Output) -> InRunPlan | None:
+    """The in-run evaluation of the training `out`, or None when it is off."""
     t, e = cfg.train, cfg.eval
     if not (t.eval_every or t.eval_every_epochs):
         return None
-    kind = feature_kind(cfg)
-    weights = pre.path / "classifier.pt" if kind == "classifier" else Path(e.inception_weights)
-    try:  # checked before any worker starts; absolute: the workers have another cwd
-        weights = check_weights(kind, weights).resolve()
-        reference = reference_path(cfg, pre).resolve()
-        load_reference(reference)  # mu and sigma: a bad file fails now, not after a week
+    try:  # checked before any worker starts: a bad file fails now, not after a week
+        features = Features.of(cfg, pre)
     except (FileNotFoundError, ValueError) as err:
         every = (
             f"eval_every={t.eval_every}"
@@ -92,24 +85,22 @@ def plan(cfg, pre, out: Path) -> InRunPlan | None:
         "points": points,
         "seed": e.seed,
         "nfe": e.nfe,
-        "features": kind,
-        "reference": sha256_file(reference),
+        "features": features.kind,
+        "reference": features.reference_sha256,
         "prc_samples": during.prc_samples,
         "calibrate": e.calibrate,
         "uint8": UINT8_RULE,
         "results_format": RESULTS_FORMAT,
     }
-    info = Manifest.read(pre.path).extra
+    info = Manifest.read(pre.out).extra
     return InRunPlan(
-        directory=str(out / "during" / content_key("inrun_eval", config, [pre.key])),
+        out=out.child("during", content_key("inrun_eval", config, [pre.key])),
         every_steps=t.eval_every,
         every_epochs=t.eval_every_epochs,
         eval=during,
         points=points,
-        kind=kind,
-        features=str(weights),
-        reference=str(reference),
-        data=str(Path(pre.path).resolve()),
+        features=features,
+        data=str(pre.out.path),
         rows=int(info["num_rows"]),
         num_classes=int(info["num_classes"]),
         tokenizer=cfg.tokenizer,
@@ -126,7 +117,7 @@ class InRunEvaluation:
         self.plan, self.rank, self.world = plan, rank, world
         self.every = plan.every_steps or max(1, round(plan.every_epochs * steps_per_epoch))
         self.e = dataclasses.replace(plan.eval, device=str(device))
-        self.directory = Path(plan.directory)
+        self.out = plan.out
         self.seconds = 0.0  # spent evaluating by this launch (rank 0 reports the share)
         self._runner: UnitRunner | None = None
 
@@ -136,10 +127,7 @@ class InRunEvaluation:
         return step > 0 and (step % self.every == 0 or step == total > self.every)
 
     def done(self, step: int) -> bool:
-        return (self.step_dir(step) / "results.json").is_file()
-
-    def step_dir(self, step: int) -> Path:
-        return self.directory / f"step{step:08d}"
+        return self.out.exists(f"{step_dir(step)}/results.json")
 
     def runner(self, model: torch.nn.Module) -> UnitRunner:
         """The tokenizer, extractor and real rows, opened at the first evaluation only."""
@@ -149,8 +137,8 @@ class InRunEvaluation:
                 model,
                 0,
                 self.plan.tokenizer,
-                p.kind,
-                p.features,
+                p.features.kind,
+                p.features.extractor,
                 self.e,
                 None,
                 p.data,
@@ -158,22 +146,21 @@ class InRunEvaluation:
             )
         return self._runner
 
-    def units(self, step: int) -> list[tuple[Unit, Path]]:
+    def units(self, step: int) -> list[tuple[Unit, str]]:
         """Every unit of this step's evaluation, with its file: the points' shards, one per
         rank, and (the first time) the real rows of the calibration."""
         n = self.e.n_samples
         size = math.ceil(n / self.world)
         shards = [(s, min(size, n - s)) for s in range(0, n, size)]
-        here = self.step_dir(step)
+        here = step_dir(step)
         units = [
-            (Unit(w, iv, k, s, c), here / f"{point_name(w, list(iv))}_s{k:05d}.npz")
+            (Unit(w, iv, k, s, c), f"{here}/{point_name(w, list(iv))}_s{k:05d}.npz")
             for w, iv in self.plan.points
             for k, (s, c) in enumerate(shards)
         ]
         if self.e.calibrate:
-            real = self.directory / "real"
             units += [
-                (Unit(1.0, (0.0, 1.0), k, s, c, "real"), real / f"real_s{k:05d}.npz")
+                (Unit(1.0, (0.0, 1.0), k, s, c, "real"), f"real/real_s{k:05d}.npz")
                 for k, (s, c) in enumerate(shards)
             ]
         return units
@@ -185,44 +172,43 @@ class InRunEvaluation:
         started = time.perf_counter()
         units = self.units(step)
         mine = [
-            (u, path)
-            for i, (u, path) in enumerate(units)  # the same split on every rank: no race
-            if i % self.world == self.rank and not holds(path, u.count)
+            (u, name)
+            for i, (u, name) in enumerate(units)  # the same split on every rank: no race
+            if i % self.world == self.rank and not holds(self.out, name, u.count)
         ]
         if mine:
             runner = self.runner(model)
             with ema_in_eval_mode(model, ema):
-                for unit, path in mine:
+                for unit, name in mine:
                     _, sums = runner.run(unit)
-                    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                        np.savez(f, **sums)
+                    self.out.write_arrays(name, **sums)
         if self.world > 1:  # every shard on disk before rank 0 merges
             torch.distributed.barrier()
         if self.rank != 0:
             self.seconds += time.perf_counter() - started
             return None
-        results = self.merge(step, [(u, dict(np.load(path))) for u, path in units], model)
+        results = self.merge(step, [(u, self.out.read_arrays(name)) for u, name in units], model)
         with ema_in_eval_mode(model, ema):  # cheap (one batch): recomputed, not stored per unit
             sensitivity = self.runner(model).sensitivity()
         results |= {"sensitivity": sensitivity, "ignores_omega": ignores_omega(sensitivity)}
         self.seconds += time.perf_counter() - started
         results["seconds"] = time.perf_counter() - started
-        write_json_atomic(self.step_dir(step) / "results.json", results)
+        self.out.write_json(f"{step_dir(step)}/results.json", results)
         return results
 
     def merge(self, step: int, parts: list[tuple[Unit, dict]], model) -> dict:
-        ref = load_reference(self.plan.reference)
-        summary = functools.partial(summarize, ref=ref, kind=self.plan.kind)
+        ref = load_reference(self.plan.features.reference)
+        summary = functools.partial(summarize, ref=ref, kind=self.plan.features.kind)
         real = [p for u, p in parts if u.kind == "real"]
         calibration, real_prc = {}, None
         if real:
-            kept = self.directory / "real" / "calibration.json"
-            if kept.is_file():
-                calibration = json.loads(kept.read_text())
+            kept = "real/calibration.json"
+            if self.out.exists(kept):
+                calibration = self.out.read_json(kept)
             else:  # once per training: the same rows and reference at every step
                 runner = self.runner(model)
                 calibration = real_calibration(real, runner, ref, summary, self.e, self.plan.rows)
-                write_json_atomic(kept, calibration)
+                self.out.write_json(kept, calibration)
             real_prc = np.concatenate([p["prc"] for p in real])
         points = []
         for w, iv in self.plan.points:
@@ -232,7 +218,7 @@ class InRunEvaluation:
             if real_prc is not None and len(real_prc):
                 entry |= precision_recall(np.concatenate([p["prc"] for p in mine]), real_prc)
             points.append(entry)
-        return {"step": step, "points": points, "features": self.plan.kind} | calibration
+        return {"step": step, "points": points, "features": self.plan.features.kind} | calibration
 
 
 @contextlib.contextmanager
@@ -246,13 +232,15 @@ def ema_in_eval_mode(model: torch.nn.Module, ema) -> Iterator[None]:
         model.train()
 
 
-def holds(path: Path, count: int) -> bool:
-    """Whether `path` is a finished unit of `count` samples (a unit of another sharding, left
+def step_dir(step: int) -> str:
+    """The folder of the evaluation at `step` in the plan's output."""
+    return f"step{step:08d}"
+
+
+def holds(out: Output, name: str, count: int) -> bool:
+    """Whether `name` is a finished unit of `count` samples (a unit of another sharding, left
     by a launch with another number of ranks, is not this one)."""
-    if not path.is_file():
-        return False
-    with np.load(path) as sums:
-        return int(sums["n"]) == count
+    return out.exists(name) and int(out.read_arrays(name)["n"]) == count
 
 
 def metrics_of(results: dict) -> dict[str, float]:

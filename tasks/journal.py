@@ -4,14 +4,11 @@ slows training; what the server did not take is replayed later (tasks.tracking.p
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import shutil
 import threading
 import time
-from pathlib import Path
 
+from tasks.storage import Output, Store
 from tasks.tracking_client import client, finish
 
 
@@ -23,11 +20,10 @@ class RunJournal:
     in order and once. The journal also says which steps were logged, so a training resumed
     from a checkpoint logs the steps it runs again only once."""
 
-    def __init__(self, uri: str, run_id: str, path: Path, flush_every: float = 2.0):
-        self.uri, self.run_id, self.path = uri, run_id, path
-        self.files = path.parent / "journal_files"
+    def __init__(self, uri: str, run_id: str, out: Output, flush_every: float = 2.0):
+        self.uri, self.run_id, self.out = uri, run_id, out  # the training's output
         self.logged: dict[str, int] = {}  # per group of metrics: the last step journaled
-        for record in read_journal(path):
+        for record in read_journal(out):
             if "metrics" in record:
                 group = record.get("group", "train")
                 self.logged[group] = max(self.logged.get(group, 0), record["step"])
@@ -46,7 +42,7 @@ class RunJournal:
         if step <= self.logged.get(group, 0):
             return False
         append_record(
-            self.path,
+            self.out,
             {
                 "run_id": self.run_id,
                 "step": step,
@@ -61,22 +57,21 @@ class RunJournal:
 
     def tags(self, values: dict[str, str]) -> None:
         """Journals run tags (rank 0's device, say: only a worker knows it)."""
-        append_record(self.path, {"run_id": self.run_id, "tags": values})
+        append_record(self.out, {"run_id": self.run_id, "tags": values})
         self._unsent.set()
 
-    def artifact(self, path: Path, directory: str) -> None:
-        """Keeps a copy of `path` beside the journal until it is sent."""
-        self.files.mkdir(exist_ok=True)
-        kept = self.files / path.name
-        shutil.copyfile(path, kept)
-        append_record(self.path, {"run_id": self.run_id, "artifact": kept.name, "dir": directory})
+    def artifact(self, name: str, data: bytes, directory: str) -> None:
+        """Keeps the file `name` (a sample grid's PNG) beside the journal until it is sent to
+        the run's artifact `directory`."""
+        self.out.write_bytes(f"{FILES}/{name}", data)
+        append_record(self.out, {"run_id": self.run_id, "artifact": name, "dir": directory})
         self._unsent.set()
 
     def _send(self) -> int:
         self._unsent.clear()
         if self._runs is None:
             self._runs = client(self.uri)
-        left = replay(self.path, self.uri, quiet=True, runs=self._runs)
+        left = replay(self.out, self.uri, quiet=True, runs=self._runs)
         if left:
             self._unsent.set()  # the server is away: try again at the next tick
         return left
@@ -94,21 +89,21 @@ class RunJournal:
 
 
 JOURNAL = "mlflow_journal.jsonl"
+SENT = "mlflow_journal.sent"  # how many of the journal's records MLflow has taken
+FILES = "journal_files"  # the artifacts (sample grids) kept until sent
 
 
-def append_record(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def append_record(out: Output, record: dict) -> None:
+    out.append_line(JOURNAL, json.dumps(record))
 
 
-def read_journal(path: Path) -> list[dict]:
-    """The journal's complete records (a line cut short by a kill is not one)."""
-    if not path.is_file():
+def read_journal(out: Output) -> list[dict]:
+    """The journal of the training `out`: its complete records (a line cut short by a kill
+    is not one)."""
+    if not out.exists(JOURNAL):
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in out.read_text(JOURNAL).splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -116,36 +111,34 @@ def read_journal(path: Path) -> list[dict]:
     return records
 
 
-def replay(path: Path, uri: str, quiet: bool = False, runs=None) -> int:
-    """Sends the journal's unsent records to MLflow in order; returns how many remain unsent
-    (0: the run's MLflow record is complete). `<journal>.sent` counts the records sent, under
-    a file lock, so the flusher, the driver and a later command never send one twice."""
-    records = read_journal(path)
-    sent_file = path.with_suffix(".sent")
+def replay(out: Output, uri: str, quiet: bool = False, runs=None) -> int:
+    """Sends the unsent records of the training `out`'s journal to MLflow in order; returns
+    how many remain unsent (0: the run's MLflow record is complete). SENT counts the records
+    sent, under the journal's lock, so the flusher, the driver and a later command never send
+    one twice."""
+    records = read_journal(out)
     if not records:
         return 0
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        done = int(sent_file.read_text() or 0) if sent_file.is_file() else 0
+    with out.lock(part="journal"):
+        done = int(out.read_text(SENT) or 0) if out.exists(SENT) else 0
         if done < len(records) and runs is None:
             runs = client(uri)
         for i in range(done, len(records)):
             try:
-                send_record(runs, path.parent, records[i])
+                send_record(runs, out, records[i])
             except Exception as err:  # the server is away: the rest waits for the next replay
                 if not quiet:
                     print(
                         f"MLflow at {uri} is unreachable ({type(err).__name__}); "
-                        f"{len(records) - i} records stay in {path} and are sent later"
+                        f"{len(records) - i} records stay in the journal of {out.uri} and are "
+                        "sent later"
                     )
                 return len(records) - i
-            tmp = sent_file.with_suffix(".tmp")
-            tmp.write_text(str(i + 1))
-            tmp.replace(sent_file)
+            out.write_text(SENT, str(i + 1))
     return 0
 
 
-def send_record(runs, directory: Path, record: dict) -> None:
+def send_record(runs, out: Output, record: dict) -> None:
     from mlflow.entities import Metric
 
     run_id = record["run_id"]
@@ -157,17 +150,14 @@ def send_record(runs, directory: Path, record: dict) -> None:
 
         runs.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
     elif "artifact" in record:
-        runs.log_artifact(
-            run_id, str(directory / "journal_files" / record["artifact"]), record["dir"]
-        )
+        kept = out.local_path(f"{FILES}/{record['artifact']}")
+        runs.log_artifact(run_id, str(kept), record["dir"])
     elif "end" in record:
         finish(runs, run_id, record["end"], record.get("error", ""))
 
 
-def replay_all(artifacts: Path, uri: str) -> int:
-    """Replays every training journal under `artifacts` that has unsent records (after an
-    outage, the next command completes the MLflow record). Returns the records still unsent."""
+def replay_all(store: Store, uri: str) -> int:
+    """Replays every training journal in `store` that has unsent records (after an outage,
+    the next command completes the MLflow record). Returns the records still unsent."""
     # replay itself reads the journal once and opens a client only when something is unsent
-    return sum(
-        replay(journal, uri) for journal in sorted(Path(artifacts).glob(f"train/*/{JOURNAL}"))
-    )
+    return sum(replay(out, uri) for out in store.outputs("train/*"))

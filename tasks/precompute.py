@@ -22,23 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
 from tasks import preemption
-from tasks.artifacts import (
-    FileRecord,
-    Manifest,
-    StageTask,
-    atomic_path,
-    content_key,
-    output_lock,
-    require_free_space,
-    require_manifest,
-)
+from tasks.artifacts import FileRecord, Manifest, StageTask, content_key, require_manifest
 from tasks.datasets import UnreadableImages, open_source
 from tasks.schema import DataConfig, ExperimentConfig, PrecomputeConfig, TokenizerConfig
+from tasks.storage import Output, Store
 from tasks.tokenizers import open_tokenizer
 
 
@@ -65,6 +56,10 @@ class PrecomputeResult:
     num_rows: int
     skipped: list[str]  # unreadable images left out (data.on_bad_image=skip)
 
+    @property
+    def out(self) -> Output:
+        return Output.at(self.path)
+
 
 def stores_flips(data: DataConfig) -> bool:
     """Whether the output stores each image's flip as the row after it (a `parquet` copy of an
@@ -79,7 +74,8 @@ def _rows(num_images: int, flips: bool) -> list[tuple[int, bool]]:
 
 
 def _write_shard(
-    path: Path,
+    out: Output,
+    name: str,
     latents: np.ndarray,
     labels: np.ndarray,
     sources: np.ndarray,
@@ -100,30 +96,29 @@ def _write_shard(
         }
     )
     assert table.num_rows == n
-    with atomic_path(path) as tmp:
-        # Uncompressed PLAIN values, one data page per row group, no statistics: the layout
-        # imf_core.data reads rows from directly, at fixed offsets in a memory map.
-        pq.write_table(
-            table,
-            tmp,
-            compression="none",
-            use_dictionary=False,
-            write_statistics=False,
-            row_group_size=row_group,
-            data_page_size=1 << 30,
-            data_page_version="1.0",
-        )
+    # Uncompressed PLAIN values, one data page per row group, no statistics: the layout
+    # imf_core.data reads rows from directly, at fixed offsets in a memory map.
+    out.write_table(
+        name,
+        table,
+        compression="none",
+        use_dictionary=False,
+        write_statistics=False,
+        row_group_size=row_group,
+        data_page_size=1 << 30,
+        data_page_version="1.0",
+    )
 
 
 def _encode_shard(job: dict) -> tuple[str, list[str]]:
     """Computes one shard (in this process, a worker process or a Ray task); returns its name
     and the skipped files."""
     data, tok = DataConfig(**job["data"]), TokenizerConfig(**job["tokenizer"])
-    row_group, path, rows = job["rows_per_row_group"], Path(job["path"]), job["rows"]
+    row_group, out, name, rows = job["rows_per_row_group"], job["out"], job["name"], job["rows"]
     if data.name == "parquet":
-        latents, labels, sources, flipped = _read_rows(Path(data.root), rows)
-        _write_shard(path, latents, labels, sources, flipped, row_group)
-        return path.name, []
+        latents, labels, sources, flipped = _read_rows(Output.at(data.root), rows)
+        _write_shard(out, name, latents, labels, sources, flipped, row_group)
+        return name, []
     source = open_source(data.name, data.root, data.image_size, data.on_bad_image)
     tokenizer = open_tokenizer(tok.name, tok.path, tok.variant, tok.device)
     parts: list[tuple[np.ndarray, ...]] = []
@@ -148,9 +143,9 @@ def _encode_shard(job: dict) -> tuple[str, list[str]]:
     if source.skipped and data.on_bad_image != "skip":
         raise UnreadableImages(source.skipped)
     if not parts:
-        raise ValueError(f"every image of {path.name} was unreadable and skipped")
-    _write_shard(path, *(np.concatenate(col) for col in zip(*parts, strict=True)), row_group)
-    return path.name, source.skipped
+        raise ValueError(f"every image of {name} was unreadable and skipped")
+    _write_shard(out, name, *(np.concatenate(col) for col in zip(*parts, strict=True)), row_group)
+    return name, source.skipped
 
 
 def _encode_reporting(job: dict) -> tuple[str, list[str], list[str], str | None]:
@@ -201,11 +196,9 @@ def _outcomes(jobs: list[dict], pre: PrecomputeConfig):
         yield from map(_encode_reporting, jobs)
 
 
-def _read_rows(directory: Path, rows: list[tuple[int, bool]]) -> tuple[np.ndarray, ...]:
+def _read_rows(upstream: Output, rows: list[tuple[int, bool]]) -> tuple[np.ndarray, ...]:
     """Rows of an existing precompute output (the `parquet` dataset), by global row number."""
-    table = pa.concat_tables(
-        pq.read_table(directory / f.name) for f in require_manifest(directory).files
-    )
+    table = pa.concat_tables(upstream.read_table(f.name) for f in require_manifest(upstream).files)
     take = pa.array([i for i, _ in rows], pa.int64())
     table = table.take(take)
     return (
@@ -219,7 +212,7 @@ def _read_rows(directory: Path, rows: list[tuple[int, bool]]) -> tuple[np.ndarra
 def _identify(data: DataConfig, tokenizer: TokenizerConfig, pre: PrecomputeConfig):
     """(key, tokenizer fingerprint, source, upstream manifest): what the output is keyed by."""
     if data.name == "parquet":
-        upstream = require_manifest(Path(data.root))
+        upstream = require_manifest(Output.at(data.root))
         source_fp = {"name": "parquet", "key": upstream.key}
         key = stage_key(data, {"name": "from_upstream"}, source_fp, pre)
         return key, {"name": "from_upstream"}, None, upstream
@@ -250,11 +243,11 @@ class PrecomputeJob:
         """Its content key (the data's fingerprint: for an image folder, its listing)."""
         return _identify(self.data, self.tokenizer, self.precompute)[0]
 
-    def out(self) -> Path:
-        return Path(self.artifacts) / "precompute" / self.key()
+    def out(self) -> Output:
+        return Store.of(self.artifacts).output("precompute", self.key())
 
 
-def output_dir(job: PrecomputeJob) -> Path:
+def output_dir(job: PrecomputeJob) -> Output:
     """Where precompute's output for this job lives (its content key, computed)."""
     return job.out()
 
@@ -263,7 +256,7 @@ def precompute(job: PrecomputeJob) -> PrecomputeResult:
     """Encodes every missing or invalid shard; reuses the rest. A rerun of a finished output
     with the same config changes no file."""
     started = time.time()
-    data, tokenizer, pre, artifacts = job.data, job.tokenizer, job.precompute, job.artifacts
+    data, tokenizer, pre = job.data, job.tokenizer, job.precompute
     key, tok_fp, source, upstream = _identify(data, tokenizer, pre)
     if upstream is not None:
         num_rows, flips = upstream.extra["num_rows"], False
@@ -275,11 +268,11 @@ def precompute(job: PrecomputeJob) -> PrecomputeResult:
             source.num_classes,
             stores_flips(data),
         )
-    out = Path(artifacts) / "precompute" / key
-    with output_lock(out, "precompute"):
+    out = Store.of(job.artifacts).output("precompute", key)
+    with out.lock("precompute"):
         if Manifest.read(out) is None:  # a new (or interrupted) output: will it fit?
             need = len(rows) * row_bytes(data, tokenizer, upstream)
-            require_free_space(out, need, f"precompute's {len(rows)} rows")
+            out.require_free(need, f"precompute's {len(rows)} rows")
         return _precompute(
             data, tokenizer, pre, out, key, tok_fp, rows, num_classes, flips, started
         )
@@ -305,20 +298,20 @@ def _precompute(data, tokenizer, pre, out, key, tok_fp, rows, num_classes, flips
     old = Manifest.read(out)
     valid = {f.name: f for f in (old.files if old else []) if f.valid_in(out, pre.verify)}
     if old is None:  # an interrupted run: shards were renamed into place only when complete
-        valid = {
-            n: FileRecord.of(out / n) for n in names if (out / n).is_file() and _readable(out / n)
-        }
+        valid = {n: FileRecord.of(out, n) for n in names if _readable(out, n)}
     todo = [k for k, n in enumerate(names) if n not in valid]
     derived = list(CLASSIFIER_FILES) if makes_classifier(data, tokenizer, pre) else []
     if not todo and old is not None and all(d in valid for d in derived):
-        return PrecomputeResult(out, key, False, [], old.extra["num_rows"], old.extra["skipped"])
+        extra = old.extra
+        return PrecomputeResult(out.path, key, False, [], extra["num_rows"], extra["skipped"])
 
     jobs = [
         {
             "data": asdict(data),
             "tokenizer": asdict(tokenizer),
             "rows_per_row_group": pre.rows_per_row_group,
-            "path": str(out / names[k]),
+            "out": out,
+            "name": names[k],
             "rows": shards[k],
         }
         for k in todo
@@ -337,18 +330,18 @@ def _precompute(data, tokenizer, pre, out, key, tok_fp, rows, num_classes, flips
     if unreadable:  # the good shards are kept: a rerun after the fix encodes only the rest
         raise UnreadableImages(unreadable)
     for name, skip in results.items():
-        pf = pq.ParquetFile(out / name)
+        shard_rows = out.parquet(name).metadata.num_rows
         gpu = {"gpu": gpus[name]} if gpus[name] is not None else {}  # where it was encoded
-        valid[name] = FileRecord.of(out / name, rows=pf.metadata.num_rows, skipped=skip, **gpu)
+        valid[name] = FileRecord.of(out, name, rows=shard_rows, skipped=skip, **gpu)
         skipped += skip
     classifier_accuracy = old.extra.get("classifier_accuracy") if old else None
     if any(d not in valid for d in derived):
         classifier_accuracy = _fit_classifier(out, names, num_classes, pre.classifier_steps)
-        valid |= {d: FileRecord.of(out / d) for d in derived}
+        valid |= {d: FileRecord.of(out, d) for d in derived}
     files = [valid[n] for n in names + derived]
-    first = pq.ParquetFile(out / names[0]).schema_arrow.field("latent").type
+    first = out.parquet(names[0]).schema_arrow.field("latent").type
     extra = {
-        "num_rows": sum(pq.ParquetFile(out / n).metadata.num_rows for n in names),
+        "num_rows": sum(out.parquet(n).metadata.num_rows for n in names),
         "num_classes": num_classes,
         "latent_shape": list(first.shape),
         "flips": flips,
@@ -364,7 +357,8 @@ def _precompute(data, tokenizer, pre, out, key, tok_fp, rows, num_classes, flips
     Manifest(key, "precompute", config, [], files, extra, {"seconds": time.time() - started}).write(
         out
     )
-    return PrecomputeResult(out, key, True, sorted(results), extra["num_rows"], extra["skipped"])
+    written = sorted(results)
+    return PrecomputeResult(out.path, key, True, written, extra["num_rows"], extra["skipped"])
 
 
 CLASSIFIER_FILES = ("classifier.pt", "reference.npz")
@@ -375,33 +369,35 @@ def makes_classifier(data: DataConfig, tokenizer: TokenizerConfig, pre: Precompu
     return bool(pre.classifier_steps) and tokenizer.name == "pixel" and data.name != "parquet"
 
 
-def _fit_classifier(out: Path, names: list[str], num_classes: int, steps: int) -> float:
+def _fit_classifier(out: Output, names: list[str], num_classes: int, steps: int) -> float:
     """Trains the evaluation classifier on the shards' rows; writes it and the reference
     feature statistics of the training set (through the same uint8 path as samples)."""
     from imf_core.metrics import FeatureStats
     from tasks.extractors import open_extractor
     from tasks.features import save_classifier, to_uint8, train_classifier
 
-    table = pa.concat_tables(pq.read_table(out / n, columns=["latent", "label"]) for n in names)
+    table = pa.concat_tables(out.read_table(n, columns=["latent", "label"]) for n in names)
     images = torch.from_numpy(table["latent"].combine_chunks().to_numpy_ndarray()[:, 0].copy())
     labels = torch.from_numpy(table["label"].to_numpy().astype(np.int64))
     model = train_classifier(images, labels, num_classes, steps, progress=True)
-    with atomic_path(out / "classifier.pt") as tmp:
+    with out.staged("classifier.pt") as tmp:
         save_classifier(model, tmp)
-    extractor = open_extractor("classifier", out / "classifier.pt")
+    extractor = open_extractor("classifier", out.local_path("classifier.pt"))
     with torch.no_grad():
         features, logits = extractor(to_uint8(images))
     stats = FeatureStats.of(features)
     mu, sigma = stats.mean_cov()
-    with atomic_path(out / "reference.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, n=stats.n)
+    with out.staged("reference.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma, n=stats.n)
     return float((logits.argmax(1) == labels).double().mean())
 
 
-def _readable(path: Path) -> bool:
+def _readable(out: Output, name: str) -> bool:
+    """Whether `name` is a whole Parquet file (an interrupted run's shard)."""
+    if not out.exists(name):
+        return False
     try:
-        pq.ParquetFile(path)
+        out.parquet(name)
         return True
     except Exception:
         return False

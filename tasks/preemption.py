@@ -5,12 +5,12 @@ exits non-zero (128 + the signal); what has not ended within the grace is killed
 process the command started.
 
     >>> preemption.install(grace_s=30)        # the command line, at start
-    >>> with preemption.watching(train_dir):  # a training asked to stop gets STOP_REQUESTED
+    >>> with preemption.watching(train_out):  # a training asked to stop gets STOP_REQUESTED
     ...     fit()
     >>> preemption.check()                    # between units of work: raises Preempted if asked
 
-A training polls its directory's STOP_REQUESTED file at every step (tasks.train_loop), which
-reaches its Ray workers wherever they run: the file lives in the storage they share.
+A training polls its output's STOP_REQUESTED file at every step (tasks.train_loop), which
+reaches its Ray workers wherever they run: the file lives in the store they share.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from tasks.storage import Output
 
 STOP_FILE = "STOP_REQUESTED"  # in a training's directory: checkpoint now and end
 STOPPED_FILE = "STOPPED"  # written by the training when it ended on a request (its step)
@@ -44,7 +46,7 @@ class Preempted(BaseException):
 
 
 _lock = threading.Lock()
-_watched: set[Path] = set()
+_watched: set[Output] = set()
 _requested: Preempted | None = None
 _grace_s = 30.0
 _installed = False
@@ -61,28 +63,28 @@ def check() -> None:
         raise _requested
 
 
-def _ask(directory: Path) -> None:
+def _ask(out: Output) -> None:
     try:
-        (directory / STOP_FILE).write_text(_requested.reason if _requested else "stop")
-    except OSError:  # the directory is gone: nothing there to stop
+        out.write_text(STOP_FILE, _requested.reason if _requested else "stop")
+    except OSError:  # the output is gone: nothing there to stop
         pass
 
 
 @contextmanager
-def watching(directory: Path) -> Iterator[None]:
-    """Within: a stop request reaches `directory` as its STOP_FILE (at once, if it came
+def watching(out: Output) -> Iterator[None]:
+    """Within: a stop request reaches the output `out` as its STOP_FILE (at once, if it came
     before). A request from an earlier process is cleared on entry: a relaunch resumes."""
     for name in (STOP_FILE, STOPPED_FILE):
-        (directory / name).unlink(missing_ok=True)
+        out.remove(name)
     with _lock:
-        _watched.add(directory)
+        _watched.add(out)
         if _requested is not None:
-            _ask(directory)
+            _ask(out)
     try:
         yield
     finally:
         with _lock:
-            _watched.discard(directory)
+            _watched.discard(out)
 
 
 def request(signum: int) -> None:
@@ -95,8 +97,8 @@ def request(signum: int) -> None:
         first = _requested is None
         if first:
             _requested = Preempted(signum)
-            for directory in _watched:
-                _ask(directory)
+            for out in _watched:
+                _ask(out)
     if not first:
         if signum == signal.SIGTERM:
             return

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from tasks.journal import append_record, replay, replay_all
+from tasks.storage import Output, Store
 from tasks.tracking_client import client, finish
 
 
@@ -131,7 +132,7 @@ def prepare(cfg) -> None:
     uri = tracking_uri(cfg)
     check_no_password(uri)
     check_reachable(uri)
-    replay_all(Path(cfg.paths.artifacts), uri)
+    replay_all(Store.of(cfg.paths.artifacts), uri)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -170,16 +171,16 @@ def experiment_id(runs, name: str) -> str:
 
 def open_run(
     uri: str,
-    id_file: Path,
+    out: Output,
     experiment: str,
     run_name: str,
     tags: dict,
     params,
     datasets: list | None = None,
 ) -> str:
-    """The MLflow run whose id `id_file` keeps, reopened (RUNNING) on a resume; else a new run
+    """The MLflow run whose id `out` keeps (RUN_ID), reopened (RUNNING) on a resume; else a new run
     in `experiment` (created when missing) with `tags`, the params `params()` returns and the
-    `datasets` it reads (dataset_input), its id written to `id_file` last, so a kept id always
+    `datasets` it reads (dataset_input), its id written to `out` last, so a kept id always
     names a complete run. On a resume the owner and provenance tags are the resuming
     process's: the code that ran last."""
     from mlflow.entities import Param, RunTag
@@ -189,8 +190,8 @@ def open_run(
     runs = client(uri)
     reap_dead_runs(uri)  # runs left RUNNING by killed processes: KILLED (or resumed below)
     owner = owner_tags() | provenance_tags()
-    if id_file.is_file():
-        run_id = id_file.read_text().strip()
+    if out.exists(RUN_ID):
+        run_id = kept_run_id(out)
         runs.update_run(run_id, "RUNNING")
         runs.log_batch(run_id, tags=[RunTag(k, v) for k, v in owner.items()])
         return run_id
@@ -202,9 +203,16 @@ def open_run(
         runs.log_batch(run_id, params=batch)
     if datasets:
         log_inputs(runs, run_id, datasets)
-    id_file.parent.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run_id)
+    out.write_text(RUN_ID, run_id)
     return run_id
+
+
+RUN_ID = "mlflow_run_id"  # in an output: the id of its MLflow run (open_run)
+
+
+def kept_run_id(out: Output) -> str:
+    """The id of the MLflow run `out` keeps ("" when it has none: untracked)."""
+    return out.read_text(RUN_ID).strip() if out.exists(RUN_ID) else ""
 
 
 STALE_TAG = "imf.stale"  # on a run whose numbers another method version made (tasks.artifacts)
@@ -241,7 +249,7 @@ def dataset_input(pre, context: str):
 
     from tasks.artifacts import Manifest
 
-    manifest = Manifest.read(Path(pre.path))
+    manifest = Manifest.read(pre.out)
     config, extra = manifest.config, manifest.extra
     name = f"{config['data']['name']} ({config['tokenizer']['name']})"
     profile = {"num_rows": extra.get("num_rows"), "num_classes": extra.get("num_classes")}
@@ -250,18 +258,20 @@ def dataset_input(pre, context: str):
         name=name,
         digest=pre.key[:36],
         source_type="local",
-        source=json.dumps({"uri": str(Path(pre.path).resolve())}),
+        source=json.dumps({"uri": pre.out.uri}),
         schema=json.dumps(schema),
         profile=json.dumps(profile),
     )
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
 
 
-def end_run(uri: str, run_id: str, error: BaseException | None = None, journal: Path | None = None):
+def end_run(
+    uri: str, run_id: str, error: BaseException | None = None, journal: Output | None = None
+):
     """Marks the run FINISHED; FAILED with the error as a tag; or KILLED with the reason after
     a stop signal ("preempted (SIGTERM)") or Ctrl-C (a resume reopens it). With a training's
-    `journal`, the end is its last record: sent now if the server answers, else by the next
-    replay."""
+    output as `journal`, the end is its journal's last record: sent now if the server
+    answers, else by the next replay."""
     from tasks.preemption import Preempted
 
     status, message = "FINISHED", ""

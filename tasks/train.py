@@ -2,7 +2,7 @@
 
     >>> job = TrainJob.of(cfg, precompute_result)  # built once from the experiment config
     >>> result = train(job)
-    >>> result.path / "ema.safetensors"
+    >>> result.weights  # the exported EMA weights
 
 `ray.train.torch.TorchTrainer` runs `train_loop` (tasks.train_loop) on `train.num_workers`
 workers (gloo on CPU, NCCL on GPU) with RunConfig(storage_path=<artifacts>/train/<key>/ray,
@@ -29,22 +29,16 @@ from imf_core.models.config import ModelConfig
 from imf_core.objectives import ObjectiveConfig
 from imf_core.training import OptimConfig
 from tasks import inrun_eval, preemption
-from tasks.artifacts import (
-    FileRecord,
-    Manifest,
-    StageTask,
-    begin,
-    content_key,
-    output_lock,
-    require_free_space,
-    write_json_atomic,
-)
+from tasks.artifacts import FileRecord, Manifest, StageTask, begin, content_key
 from tasks.cluster import connect_ray
-from tasks.journal import JOURNAL, replay
+from tasks.journal import replay
 from tasks.precompute import PrecomputeResult, stores_flips
 from tasks.schema import ExperimentConfig, TokenizerConfig, TrainConfig
+from tasks.storage import Output, Store
 from tasks.tracking import TrackingTarget, dataset_input, end_run, flatten, mark_stale, open_run
-from tasks.train_loop import train_loop
+from tasks.train_loop import NAN_FILE, train_loop
+
+WEIGHTS = "ema.safetensors"  # the exported EMA weights, what evaluation samples from
 
 # What does not change the numbers a run computes stays out of its key.
 RUNTIME_ONLY = (
@@ -85,9 +79,13 @@ class TrainResult:
     stale: str = ""  # why its numbers are not this code's (tasks.artifacts.stale); "" if they are
 
     @property
+    def out(self) -> Output:
+        return Output.at(self.path)
+
+    @property
     def weights(self) -> Path:
-        """The exported EMA weights (what evaluation samples from)."""
-        return self.path / "ema.safetensors"
+        """The exported EMA weights (what evaluation samples from), as a local file."""
+        return self.out.local_path(WEIGHTS)
 
 
 def train_key(
@@ -148,7 +146,7 @@ class TrainJob:
     tracking: TrackingTarget
     run_name: str  # tracking.run_name, else "<experiment> <model> <objective> seed <seed>"
     params: dict  # the whole experiment, resolved: MLflow params, config.json, the manifest
-    artifacts: Path
+    store: Store
     recompute_stale: bool
     inrun: inrun_eval.InRunPlan | None  # None when train.eval_every is off
 
@@ -156,7 +154,7 @@ class TrainJob:
     def of(cls, cfg: ExperimentConfig, pre: PrecomputeResult) -> TrainJob:
         model, flips = cfg.model_config(), stores_flips(cfg.data)
         key = train_key_of(cfg, pre.key)  # the in-run evaluation's folder sits under it
-        artifacts = Path(cfg.paths.artifacts).resolve()
+        store = Store.of(cfg.paths.artifacts)  # absolute: workers have another cwd
         seed = cfg.train.seed  # runs of one experiment differ in seed most often: in the name
         name = f"{cfg.name} {cfg.model.name} {cfg.objective.name} seed {seed}"
         tracking = TrackingTarget.of(cfg)
@@ -169,13 +167,13 @@ class TrainJob:
             cfg.train,
             flips,
             cfg.tokenizer,
-            replace(pre, path=Path(pre.path).resolve()),  # workers have another cwd
+            replace(pre, path=pre.out.path),  # absolute: workers have another cwd
             tracking,
             tracking.run_name or name,
             cfg.to_dict(),
-            artifacts,
+            store,
             cfg.paths.recompute_stale,
-            inrun_eval.plan(cfg, pre, artifacts / "train" / key),
+            inrun_eval.plan(cfg, pre, store.output("train", key)),
         )
 
     def key(self) -> str:
@@ -183,15 +181,15 @@ class TrainJob:
         return train_key(*sections, self.flips, self.data.key)
 
     @property
-    def out(self) -> Path:
-        return self.artifacts / "train" / self.key()
+    def out(self) -> Output:
+        return self.store.output("train", self.key())
 
 
-def output_dir(job: TrainJob) -> Path:
+def output_dir(job: TrainJob) -> Output:
     return job.out
 
 
-def mlflow_run(job: TrainJob, out: Path) -> str:
+def mlflow_run(job: TrainJob, out: Output) -> str:
     """Creates (or finds, on resume) this training run's MLflow run; returns its id.
 
     Created here, in the driver, before any worker starts: SQLite backends lock under
@@ -209,7 +207,7 @@ def mlflow_run(job: TrainJob, out: Path) -> str:
     tags = {"stage": "train", "train_key": out.name, "imf.device": workers, **job.tracking.tags}
     return open_run(
         job.tracking.uri,
-        out / "mlflow_run_id",
+        out,
         job.tracking.experiment,
         job.run_name,
         tags,
@@ -222,7 +220,7 @@ def train(job: TrainJob) -> TrainResult:
     """Trains (or resumes, or reuses) the run `job` defines; a second launch of the same
     training waits for the first and reuses its output."""
     out = job.out
-    with output_lock(out, "training"):
+    with out.lock("training"):
         stale = begin(out, "training", job.recompute_stale)
         result = _train(job, out, stale)
     if stale:
@@ -230,32 +228,29 @@ def train(job: TrainJob) -> TrainResult:
     return result
 
 
-def _train(job: TrainJob, out: Path, stale: str) -> TrainResult:
+def _train(job: TrainJob, out: Output, stale: str) -> TrainResult:
     key = out.name
     done = Manifest.read(out)
     if done is not None and all(f.valid_in(out, "size") for f in done.files):
         steps, run_id = done.extra["steps"], done.extra["mlflow_run_id"]
-        return TrainResult(out, key, False, steps, run_id, stale)
+        return TrainResult(out.path, key, False, steps, run_id, stale)
     started = time.time()
     t = job.train
-    require_free_space(out, checkpoint_bytes(job.model) * (t.keep_checkpoints + 1), "training")
+    out.require_free(checkpoint_bytes(job.model) * (t.keep_checkpoints + 1), "training")
     run_id = mlflow_run(job, out)
-    journal = out / JOURNAL
-    replay(journal, job.tracking.uri)  # a resume: first what an outage left unsent
+    replay(out, job.tracking.uri)  # a resume: first what an outage left in its journal
     preemption.set_grace(t.preempt_grace_s)
     try:
         with preemption.watching(out):
             result = _fit(job, out, run_id)
-        stopped = out / preemption.STOPPED_FILE
-        if stopped.is_file():  # a signal asked it to stop: checkpointed at that step
+        if out.exists(preemption.STOPPED_FILE):  # a signal asked it to stop: checkpointed
             raise preemption.requested() or preemption.Preempted(signal.SIGTERM)
-        nan_marker = out / "NAN"
-        if nan_marker.is_file():
-            raise RuntimeError(f"training stopped: {nan_marker.read_text().strip()}")
+        if out.exists(NAN_FILE):
+            raise RuntimeError(f"training stopped: {out.read_text(NAN_FILE).strip()}")
         if result.checkpoint is None:
-            raise RuntimeError(f"training of {out} produced no checkpoint")
+            raise RuntimeError(f"training of {out.uri} produced no checkpoint")
     except BaseException as err:
-        end_run(job.tracking.uri, run_id, err, journal)
+        end_run(job.tracking.uri, run_id, err, journal=out)
         raise
     with result.checkpoint.as_directory() as ckpt:
         state = torch.load(Path(ckpt) / "state.pt", weights_only=True, map_location="cpu")
@@ -263,18 +258,19 @@ def _train(job: TrainJob, out: Path, stale: str) -> TrainResult:
     model.load_state_dict(state["model"])
     ema_weights = {k: v.contiguous() for k, v in state["ema"].items()}
     meta = {"model_config": json.dumps(asdict(job.model)), "steps": str(state["step"])}
-    save_file(ema_weights, out / "ema.safetensors", metadata=meta)
-    write_json_atomic(out / "config.json", job.params)
-    files = [FileRecord.of(out / "ema.safetensors"), FileRecord.of(out / "config.json")]
+    with out.staged(WEIGHTS) as tmp:
+        save_file(ema_weights, tmp, metadata=meta)
+    out.write_json("config.json", job.params)
+    files = [FileRecord.of(out, WEIGHTS), FileRecord.of(out, "config.json")]
     extra = {"steps": state["step"], "mlflow_run_id": run_id, "metrics": result.metrics}
     Manifest(
         key, "train", job.params, [job.data.key], files, extra, {"seconds": time.time() - started}
     ).write(out)
-    end_run(job.tracking.uri, run_id, journal=journal)
-    return TrainResult(out, key, True, state["step"], run_id, stale)
+    end_run(job.tracking.uri, run_id, journal=out)
+    return TrainResult(out.path, key, True, state["step"], run_id, stale)
 
 
-def _fit(job: TrainJob, out: Path, run_id: str):
+def _fit(job: TrainJob, out: Output, run_id: str):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -293,7 +289,7 @@ def _fit(job: TrainJob, out: Path, run_id: str):
         ),
         run_config=RunConfig(
             name="run",
-            storage_path=str(out / "ray"),
+            storage_path=str(out.path / "ray"),  # Ray Train's checkpoints: a local directory
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             # Ray Train's own INFO lines ("Checkpoint successfully created", "Reporting

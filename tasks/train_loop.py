@@ -28,11 +28,15 @@ from imf_core.models import build
 from imf_core.objectives import LossSpec
 from imf_core.training import step_flops_per_image
 from tasks import inrun_eval, preemption
-from tasks.journal import JOURNAL, RunJournal
+from tasks.journal import RunJournal
 
 # Set on import: in the driver (tasks.train imports this module before it builds its
 # TorchTrainer) and in each worker (which imports it to run train_loop).
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+# Markers rank 0 leaves in the training's output for the driver (tasks.train).
+NAN_FILE = "NAN"  # the loss went non-finite: why, and that the last good checkpoint is kept
+FAULT_FILE = "fault_injected"  # train.fault_at_step killed a worker once (tests)
 
 
 def train_loop(config: dict) -> None:
@@ -150,14 +154,10 @@ def train_loop(config: dict) -> None:
             evaluate(step)  # resumed from the checkpoint of an evaluation a stop cut short
         with Prefetcher(load, batches(step)) as prefetched:  # the next batch read meanwhile
             for _, (x, y) in prefetched:
-                if (
-                    step == t.fault_at_step
-                    and rank == world - 1
-                    and not (out / "fault_injected").exists()
-                ):
+                if step == t.fault_at_step and rank == world - 1 and not out.exists(FAULT_FILE):
                     # A worker dies mid-run (tests). It waits first: Ray registers a reported
                     # checkpoint asynchronously, and one reported just before a crash can be lost.
-                    (out / "fault_injected").write_text(str(step))
+                    out.write_text(FAULT_FILE, str(step))
                     time.sleep(5)
                     os.kill(os.getpid(), signal.SIGKILL)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -175,7 +175,7 @@ def train_loop(config: dict) -> None:
                         total_steps=total,
                         runtime=runtime,
                     )
-                stop_asked = rank == 0 and (out / preemption.STOP_FILE).exists()
+                stop_asked = rank == 0 and out.exists(preemption.STOP_FILE)
                 agreement.post(step, parts["loss"], stop_asked)
                 step += 1
                 agreement.settle()  # the steps before this one: done by now, no stall
@@ -186,9 +186,10 @@ def train_loop(config: dict) -> None:
                     agreement.settle(everything=True)
                 if agreement.bad_step is not None:  # every rank stops at the same report
                     if rank == 0:
-                        (out / "NAN").write_text(
+                        out.write_text(
+                            NAN_FILE,
                             f"loss is not finite at step {agreement.bad_step}; "
-                            "the last good checkpoint is kept"
+                            "the last good checkpoint is kept",
                         )
                     ray.train.report({"step": agreement.bad_step, "nan": 1})
                     return
@@ -209,7 +210,7 @@ def train_loop(config: dict) -> None:
                     evaluate(step)
                 if stop and step < total:  # preempted: checkpointed at this step, now end
                     if rank == 0:
-                        (out / preemption.STOPPED_FILE).write_text(str(step))
+                        out.write_text(preemption.STOPPED_FILE, str(step))
                     return
     finally:
         if logger is not None:
@@ -283,7 +284,7 @@ class RankZeroLogger:
         # Journaled first, sent by a background thread (a tracking outage never stops training).
         # After a restart from a checkpoint the steps since it run again (the same numbers):
         # the journal already has them, so each step is logged exactly once.
-        self.run = RunJournal(job.tracking.uri, run_id, job.out / JOURNAL)
+        self.run = RunJournal(job.tracking.uri, run_id, job.out)
         self.job, self.total, self.dataset = job, total, dataset
         # Named by run where a sweep's concurrent trainings print side by side.
         self.label = f"{job.tracking.run_name}: " if job.tracking.run_name else ""
@@ -345,7 +346,7 @@ class RankZeroLogger:
         t = self.job.train
         if not (step == self.total or (t.sample_every and step % t.sample_every == 0)):
             return
-        from tasks.grids import decoded_grid, grid_inputs, point_title, save_png
+        from tasks.grids import decoded_grid, grid_inputs, png_bytes, point_title
         from tasks.tokenizers import open_tokenizer
 
         device = next(model.parameters()).device
@@ -362,7 +363,4 @@ class RankZeroLogger:
             picture = decoded_grid(
                 model, self.tokenizer, noise.to(device), y.to(device), omega, per_class, title
             )
-        with tempfile.TemporaryDirectory() as tmp:
-            self.run.artifact(
-                save_png(picture, Path(tmp) / f"samples_step{step:07d}.png"), "samples"
-            )
+        self.run.artifact(f"samples_step{step:07d}.png", png_bytes(picture), "samples")

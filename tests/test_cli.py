@@ -141,6 +141,7 @@ def test_a_tokenizer_folder_without_config_json_is_refused(capsys, tmp_path, mon
 def test_runs_of_dead_processes_are_marked_killed_and_ctrl_c_is_named(tmp_path):
     import subprocess
 
+    from tasks.storage import Output
     from tasks.tracking import end_run, open_run, owner_tags, reap_dead_runs
     from tasks.tracking_client import client
 
@@ -148,12 +149,12 @@ def test_runs_of_dead_processes_are_marked_killed_and_ctrl_c_is_named(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     runs = client(uri)
-    orphan = open_run(uri, tmp_path / "a" / "id", "exp", "orphan", {}, dict)
+    orphan = open_run(uri, Output.at(tmp_path / "a"), "exp", "orphan", {}, dict)
     runs.set_tag(orphan, "imf.pid", str(dead.pid))  # as if its process had been SIGKILLed
     assert reap_dead_runs(uri) == [orphan]
     assert runs.get_run(orphan).info.status == "KILLED"
     runs.update_run(orphan, "RUNNING")  # once more: the next command that opens a run sees it
-    mine = open_run(uri, tmp_path / "b" / "id", "exp", "mine", {}, dict)
+    mine = open_run(uri, Output.at(tmp_path / "b"), "exp", "mine", {}, dict)
     assert runs.get_run(orphan).info.status == "KILLED" and reap_dead_runs(uri) == []
     assert "is gone" in runs.get_run(orphan).data.tags["error"]
     assert runs.get_run(mine).info.status == "RUNNING"  # this process is alive
@@ -163,7 +164,7 @@ def test_runs_of_dead_processes_are_marked_killed_and_ctrl_c_is_named(tmp_path):
     assert runs.get_run(mine).info.status == "KILLED"
     assert runs.get_run(mine).data.tags["error"] == "interrupted by the user"
     # Reopening a killed run resumes it, owned by this process.
-    assert open_run(uri, tmp_path / "a" / "id", "exp", "orphan", {}, dict) == orphan
+    assert open_run(uri, Output.at(tmp_path / "a"), "exp", "orphan", {}, dict) == orphan
     assert runs.get_run(orphan).info.status == "RUNNING"
 
 

@@ -130,4 +130,4 @@ def test_a_training_job_keys_what_the_experiment_keys(tmp_path):
         cfg = load_config(name, ["train.eval_every=0", "train.eval_every_epochs=0"])
         job = TrainJob.of(cfg, pre)
         assert job.key() == key
-        assert job.out == Path(cfg.paths.artifacts).resolve() / "train" / key
+        assert job.out.path == Path(cfg.paths.artifacts).resolve() / "train" / key

@@ -70,7 +70,7 @@ print(json.dumps({
     "shards": len(shards),
     "same_bytes": all((pres["one"].path / n).read_bytes() == (pres["gpus"].path / n).read_bytes()
                       for n in shards),
-    "gpus": sorted({f.meta.get("gpu") for f in Manifest.read(pres["gpus"].path).files
+    "gpus": sorted({f.meta.get("gpu") for f in Manifest.read(pres["gpus"].out).files
                     if f.name.startswith("shard")}),
     "units": len(units),
     "outer_max_diff": max(float(np.abs(np.load(evals["one"].path / "units" / u)["outer"]

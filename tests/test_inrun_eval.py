@@ -20,6 +20,7 @@ from tasks.config import load_config
 from tasks.eval_units import UnitRunner
 from tasks.evaluate import EvalJob, evaluate
 from tasks.precompute import PrecomputeJob, precompute
+from tasks.storage import Output
 from tasks.train import TrainJob, train
 
 
@@ -52,7 +53,7 @@ def history(cfg, run_id: str, metric: str) -> dict[int, list[float]]:
 
 def test_an_interrupted_evaluation_computes_only_its_missing_units(tmp_path, shared, monkeypatch):
     cfg, pre = smoke(tmp_path, shared, "train.eval_every=5")
-    plan = inrun_eval.plan(cfg, pre, tmp_path / "training")
+    plan = inrun_eval.plan(cfg, pre, Output.at(tmp_path / "train" / "training"))
     torch.manual_seed(0)
     model = build(cfg.model_config())
     for p in model.parameters():  # trained-like: a network whose output moves with its inputs
@@ -72,14 +73,15 @@ def test_an_interrupted_evaluation_computes_only_its_missing_units(tmp_path, sha
     assert first["real_data_floor"]["n_samples"] == 60  # the calibration, at the same n
     # Killed after one unit: the rerun computes the missing one only (not the calibration,
     # kept once per training), and merges to the same numbers.
-    (evaluation.step_dir(5) / "results.json").unlink()
-    (evaluation.step_dir(5) / "w2_t0-1_s00000.npz").unlink()
+    step5 = evaluation.out.path / inrun_eval.step_dir(5)
+    (step5 / "results.json").unlink()
+    (step5 / "w2_t0-1_s00000.npz").unlink()
     runs.clear()
     again = evaluation(5, model, ema)
     assert runs == ["w2_t0-1_s00000"]
     assert [p["fid"] for p in again["points"]] == [p["fid"] for p in first["points"]]
     # A unit of another sharding (another number of ranks) is not taken for this one.
-    path = evaluation.step_dir(5) / "w1_t0-1_s00000.npz"
+    path = step5 / "w1_t0-1_s00000.npz"
     np.savez(path, **(dict(np.load(path)) | {"n": np.array(30)}))
     runs.clear()
     evaluation(5, model, ema)
@@ -106,7 +108,7 @@ def test_an_interrupted_evaluation_computes_only_its_missing_units(tmp_path, sha
 def test_no_features_for_it_is_refused_before_training(tmp_path, shared):
     cfg, pre = smoke(tmp_path, shared, "precompute.classifier_steps=0", "train.eval_every=5")
     with pytest.raises(FileNotFoundError, match=r"train.eval_every=5.*train.eval_every=0"):
-        inrun_eval.plan(cfg, pre, tmp_path / "training")
+        inrun_eval.plan(cfg, pre, Output.at(tmp_path / "train" / "training"))
     with pytest.raises(ValueError, match="both set"):
         smoke(tmp_path, shared, "train.eval_every=5", "train.eval_every_epochs=1")
     with pytest.raises(ValueError, match="during_points"):

@@ -22,6 +22,7 @@ from tasks.artifacts import (
     cache_key_of,
     stale,
 )
+from tasks.storage import Output
 
 NOW = imf_core.METHOD_VERSION
 
@@ -33,52 +34,54 @@ def finished(
     out.mkdir(parents=True, exist_ok=True)
     (out / "weights.bin").write_bytes(b"w" * 10)
     code = {} if methods is None else {"method": methods[-1], "methods": methods}
-    manifest = Manifest("k", stage, {}, [], [FileRecord.of(out / "weights.bin")], code=code)
+    files = [FileRecord.of(Output.at(out), "weights.bin")]
+    manifest = Manifest("k", stage, {}, [], files, code=code)
     if created is not None:
         manifest.created = created
-    manifest.write(out)
+    manifest.write(Output.at(out))
     if methods is None:  # as a manifest of code before the record was kept: no "code" entry
         saved = json.loads((out / SUCCESS).read_text())
         (out / SUCCESS).write_text(json.dumps({k: v for k, v in saved.items() if k != "code"}))
-    return Manifest.read(out)
+    return Manifest.read(Output.at(out))
 
 
 def test_a_new_output_records_the_code_that_made_it(tmp_path):
     out = tmp_path / "train" / "key1"
     said = []
-    assert begin(out, "training", False, say=said.append) == "" and not said
+    assert begin(Output.at(out), "training", False, say=said.append) == "" and not said
     assert json.loads((out / CODE_FILE).read_text()) == {"methods": [NOW]}
     (out / "w").write_bytes(b"1")
-    Manifest("key1", "train", {}, [], [FileRecord.of(out / "w")]).write(out)
-    code = Manifest.read(out).code
+    Manifest("key1", "train", {}, [], [FileRecord.of(Output.at(out), "w")]).write(Output.at(out))
+    code = Manifest.read(Output.at(out)).code
     assert code["method"] == NOW and code["methods"] == [NOW]
     assert code["package"] and code["commit"] and isinstance(code["dirty"], bool)
-    assert begin(out, "training", False, say=said.append) == "" and not said  # reused, current
+    # reused, current
+    assert begin(Output.at(out), "training", False, say=said.append) == "" and not said
 
 
 def test_an_output_of_another_method_version_is_reused_and_said_to_be_stale(tmp_path, capsys):
     out = tmp_path / "train" / "key2"
     finished(out, [NOW - 1])
-    reason = begin(out, "training", False)
+    reason = begin(Output.at(out), "training", False)
     assert reason == f"made by method version {NOW - 1} (this code: {NOW}; imf_core.METHOD_HISTORY)"
     printed = capsys.readouterr().out
     assert "training key2: made by method version" in printed and "--recompute-stale" in printed
     assert (out / SUCCESS).is_file() and not (out / CODE_FILE).exists()  # left as it was
     # Prefect's cache must not hand it back unseen: the stage's body runs and says so.
-    assert cache_key_of(lambda: out)(None, {}) is None
+    assert cache_key_of(lambda: Output.at(out))(None, {}) is None
     # Precompute's numbers are not the method's: its output stays cached whatever the version.
     latents = tmp_path / "precompute" / "key2"
     finished(latents, [NOW - 1], stage="precompute")
-    assert cache_key_of(lambda: latents)(None, {}).startswith("precompute-k-")
+    assert cache_key_of(lambda: Output.at(latents))(None, {}).startswith("precompute-k-")
 
 
 def test_recompute_stale_moves_the_old_output_aside_and_starts_afresh(tmp_path, capsys):
     out = tmp_path / "train" / "key3"
     finished(out, None)  # made before versions were recorded
-    assert stale(Manifest.read(out).code.get("methods", [None])).startswith(
+    assert stale(Manifest.read(Output.at(out)).code.get("methods", [None])).startswith(
         "made before method versions were recorded"
     )
-    assert begin(out, "training", True) == ""
+    assert begin(Output.at(out), "training", True) == ""
     (aside,) = (tmp_path / "stale" / "train").iterdir()
     assert aside.name.startswith("key3-") and (aside / "weights.bin").read_bytes() == b"w" * 10
     assert (aside / SUCCESS).is_file()  # kept whole, not deleted
@@ -90,12 +93,12 @@ def test_a_resume_across_versions_records_both_and_is_stale(tmp_path, capsys):
     out = tmp_path / "evaluate" / "key4"
     out.mkdir(parents=True)
     (out / CODE_FILE).write_text(json.dumps({"methods": [NOW - 1]}))  # begun by the old code
-    reason = begin(out, "evaluation", False)
+    reason = begin(Output.at(out), "evaluation", False)
     assert reason.startswith(f"made by method version {NOW - 1}")
     assert "resuming it, mixing versions" in capsys.readouterr().out
     (out / "r").write_bytes(b"1")
-    Manifest("key4", "evaluate", {}, [], [FileRecord.of(out / "r")]).write(out)
-    methods = Manifest.read(out).code["methods"]
+    Manifest("key4", "evaluate", {}, [], [FileRecord.of(Output.at(out), "r")]).write(Output.at(out))
+    methods = Manifest.read(Output.at(out)).code["methods"]
     assert methods == [NOW - 1, NOW]
     assert stale(methods).startswith(f"made partly by method version {NOW - 1}")
 
@@ -104,22 +107,23 @@ def test_an_unfinished_output_of_unrecording_code_is_stale(tmp_path):
     out = tmp_path / "evaluate" / "key5"
     (out / "units").mkdir(parents=True)
     (out / "units" / "u0.npz").write_bytes(b"x")
-    assert begin(out, "evaluation", False).startswith("made before method versions")
+    assert begin(Output.at(out), "evaluation", False).startswith("made before method versions")
 
 
 def test_an_output_made_from_an_input_recomputed_since_is_stale(tmp_path):
     training, evaluation = tmp_path / "train" / "t", tmp_path / "evaluate" / "e"
     finished(evaluation, [NOW], created=time.time() - 60)
     finished(training, [NOW])  # retrained after the evaluation was made
-    reason = begin(evaluation, "evaluation", False, made_from=training)
+    reason = begin(Output.at(evaluation), "evaluation", False, made_from=Output.at(training))
     assert reason == "made from an earlier train output (recomputed since)"
     trained = SimpleNamespace(path=training, stale="")
-    assert cache_key_of(lambda trained: evaluation)(None, {"trained": trained}) is None
+    assert cache_key_of(lambda trained: Output.at(evaluation))(None, {"trained": trained}) is None
     finished(evaluation, [NOW])  # made after it: current, cached
-    assert begin(evaluation, "evaluation", False, made_from=training) == ""
-    assert cache_key_of(lambda trained: evaluation)(None, {"trained": trained})
+    assert begin(Output.at(evaluation), "evaluation", False, made_from=Output.at(training)) == ""
+    assert cache_key_of(lambda trained: Output.at(evaluation))(None, {"trained": trained})
     stale_input = SimpleNamespace(path=training, stale="made by method version 1")
-    assert cache_key_of(lambda trained: evaluation)(None, {"trained": stale_input}) is None
+    key_fn = cache_key_of(lambda trained: Output.at(evaluation))
+    assert key_fn(None, {"trained": stale_input}) is None
 
 
 @pytest.mark.slow
@@ -187,6 +191,6 @@ def test_a_later_method_version_reuses_with_a_warning_or_recomputes(
     fresh, fresh_eval = stages("paths.recompute_stale=true")
     assert fresh.computed and fresh_eval.computed and not fresh.stale and not fresh_eval.stale
     assert fresh.mlflow_run_id != trained.mlflow_run_id
-    assert Manifest.read(fresh.path).code["methods"] == [NOW + 1]
+    assert Manifest.read(fresh.out).code["methods"] == [NOW + 1]
     kept = {p.parent.name for p in (tmp_path / "stale").glob("*/*")}
     assert kept == {"train", "evaluate"}  # the old outputs, moved aside whole

@@ -131,19 +131,20 @@ def test_a_dead_holders_lock_is_taken_over(tmp_path):
     import subprocess
     import sys
 
-    from tasks.artifacts import output_lock
+    from tasks.storage import Output
 
-    out = tmp_path / "train" / "key"
+    out = Output.at(tmp_path / "train" / "key")
     script = (
-        "import time\nfrom tasks.artifacts import output_lock\n"
-        f"with output_lock({str(out)!r}, 'x'):\n    print('held', flush=True)\n    time.sleep(60)"
+        "import time\nfrom tasks.storage import Output\n"
+        f"with Output.at({str(out.path)!r}).lock('x'):\n"
+        "    print('held', flush=True)\n    time.sleep(60)"
     )
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    waited: list[str] = []  # what output_lock says when it has to wait for a holder
-    with output_lock(out, "training", say=waited.append):
+    waited: list[str] = []  # what the lock says when it has to wait for a holder
+    with out.lock("training", say=waited.append):
         assert waited == []  # the kernel released the dead holder's lock: taken at once
 
 
@@ -155,6 +156,7 @@ def test_a_tracking_outage_mid_run_loses_nothing(tmp_path, local_ray):
     from services import free_port, mlflow_server, stop
 
     from tasks.journal import JOURNAL, read_journal
+    from tasks.storage import Output
     from tasks.tracking import prepare
 
     port, store = free_port(), f"sqlite:///{tmp_path}/server.db"
@@ -172,7 +174,7 @@ def test_a_tracking_outage_mid_run_loses_nothing(tmp_path, local_ray):
             deadline = time.time() + 300
             while time.time() < deadline:
                 journals = list((tmp_path / "train").glob(f"*/{JOURNAL}"))
-                if journals and len(read_journal(journals[0])) >= 5:
+                if journals and len(read_journal(Output.at(journals[0].parent))) >= 5:
                     stop(first)
                     killed.set()
                     return
@@ -184,8 +186,7 @@ def test_a_tracking_outage_mid_run_loses_nothing(tmp_path, local_ray):
         watcher.join()
     assert killed.is_set()
     assert (result.path / "_SUCCESS").is_file() and result.steps == steps
-    journal = result.path / JOURNAL
-    records = read_journal(journal)
+    records = read_journal(result.out)
     assert [r["step"] for r in records if "step" in r] == list(range(1, steps + 1))
     assert records[-1]["end"] == "FINISHED"
     sent_file = result.path / "mlflow_journal.sent"
