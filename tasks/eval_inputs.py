@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from tasks.artifacts import content_key
+from tasks.eval_classifier import makes_classifier
 from tasks.features import check_weights
-from tasks.precompute import PrecomputeResult, makes_classifier
+from tasks.precompute import PrecomputeResult
 from tasks.storage import sha256_file
 
 

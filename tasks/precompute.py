@@ -28,6 +28,7 @@ from tqdm import tqdm
 from tasks import preemption
 from tasks.artifacts import FileRecord, Manifest, StageTask, content_key, require_manifest
 from tasks.datasets import UnreadableImages, open_source
+from tasks.eval_classifier import CLASSIFIER_FILES, fit_classifier, makes_classifier
 from tasks.schema import DataConfig, ExperimentConfig, PrecomputeConfig, TokenizerConfig
 from tasks.storage import Output, Store
 from tasks.tokenizers import open_tokenizer
@@ -336,7 +337,7 @@ def _precompute(data, tokenizer, pre, out, key, tok_fp, rows, num_classes, flips
         skipped += skip
     classifier_accuracy = old.extra.get("classifier_accuracy") if old else None
     if any(d not in valid for d in derived):
-        classifier_accuracy = _fit_classifier(out, names, num_classes, pre.classifier_steps)
+        classifier_accuracy = fit_classifier(out, names, num_classes, pre.classifier_steps)
         valid |= {d: FileRecord.of(out, d) for d in derived}
     files = [valid[n] for n in names + derived]
     first = out.parquet(names[0]).schema_arrow.field("latent").type
@@ -359,37 +360,6 @@ def _precompute(data, tokenizer, pre, out, key, tok_fp, rows, num_classes, flips
     )
     written = sorted(results)
     return PrecomputeResult(out.path, key, True, written, extra["num_rows"], extra["skipped"])
-
-
-CLASSIFIER_FILES = ("classifier.pt", "reference.npz")
-
-
-def makes_classifier(data: DataConfig, tokenizer: TokenizerConfig, pre: PrecomputeConfig) -> bool:
-    """Whether precompute trains the evaluation classifier: pixel data with classifier_steps."""
-    return bool(pre.classifier_steps) and tokenizer.name == "pixel" and data.name != "parquet"
-
-
-def _fit_classifier(out: Output, names: list[str], num_classes: int, steps: int) -> float:
-    """Trains the evaluation classifier on the shards' rows; writes it and the reference
-    feature statistics of the training set (through the same uint8 path as samples)."""
-    from imf_core.metrics import FeatureStats
-    from tasks.extractors import open_extractor
-    from tasks.features import save_classifier, to_uint8, train_classifier
-
-    table = pa.concat_tables(out.read_table(n, columns=["latent", "label"]) for n in names)
-    images = torch.from_numpy(table["latent"].combine_chunks().to_numpy_ndarray()[:, 0].copy())
-    labels = torch.from_numpy(table["label"].to_numpy().astype(np.int64))
-    model = train_classifier(images, labels, num_classes, steps, progress=True)
-    with out.staged("classifier.pt") as tmp:
-        save_classifier(model, tmp)
-    extractor = open_extractor("classifier", out.local_path("classifier.pt"))
-    with torch.no_grad():
-        features, logits = extractor(to_uint8(images))
-    stats = FeatureStats.of(features)
-    mu, sigma = stats.mean_cov()
-    with out.staged("reference.npz") as tmp, open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma, n=stats.n)
-    return float((logits.argmax(1) == labels).double().mean())
 
 
 def _readable(out: Output, name: str) -> bool:

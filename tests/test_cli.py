@@ -172,7 +172,7 @@ def test_a_full_disk_refuses_training_up_front(capsys, tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
-    import tasks.artifacts
+    import tasks.storage
 
     monkeypatch.chdir(tmp_path)
     usage = namedtuple("usage", "total used free")
@@ -181,7 +181,7 @@ def test_a_full_disk_refuses_training_up_front(capsys, tmp_path, monkeypatch):
     def nearly_full(path):  # precompute's shards still fit; a training's checkpoints do not
         return usage(real(path).total, real(path).total - 2_000_000, 2_000_000)
 
-    monkeypatch.setattr(tasks.artifacts.shutil, "disk_usage", nearly_full)
+    monkeypatch.setattr(tasks.storage.shutil, "disk_usage", nearly_full)
     assert (
         main(["train", "-e", "smoke", "precompute.classifier_steps=0", "train.eval_every=0"]) == 2
     )
@@ -194,14 +194,14 @@ def test_a_full_disk_refuses_precompute_up_front(capsys, tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
-    import tasks.artifacts
+    import tasks.storage
 
     monkeypatch.chdir(tmp_path)
     usage = namedtuple("usage", "total used free")
     total = shutil.disk_usage(tmp_path).total
     # digits: 1,797 rows of 64 float32 + 17 bytes = 0.49 MB; 0.3 MB free
     full = usage(total, total, 300_000)
-    monkeypatch.setattr(tasks.artifacts.shutil, "disk_usage", lambda path: full)
+    monkeypatch.setattr(tasks.storage.shutil, "disk_usage", lambda path: full)
     assert main(["precompute", "-e", "smoke"]) == 2
     assert "not enough disk for precompute's 1797 rows" in capsys.readouterr().err
     assert not list((tmp_path / "artifacts").glob("precompute/*/*.parquet"))
