@@ -13,7 +13,6 @@ one (a config error, a missing file, a non-finite loss): those fail at once with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, tags
@@ -28,6 +27,7 @@ from tasks.evaluate import EvalJob, EvalResult, evaluate_task
 from tasks.inputs import reads_of, require_inputs
 from tasks.precompute import PrecomputeJob, PrecomputeResult, precompute_task
 from tasks.schema import ExperimentConfig
+from tasks.storage import Store
 from tasks.train import TrainJob, TrainResult, train_task
 
 # Failures that the same inputs would only repeat: no retry.
@@ -49,10 +49,12 @@ RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": transie
 
 
 def results_beside(artifacts: str):
-    """Prefect's persisted task results go under the artifact root (not ~/.prefect): deleting
-    the root forgets both the outputs and the cache entries that point at them. Enter it
-    around the flow call (a flow fixes its result store when it starts)."""
-    path = Path(artifacts).resolve() / "prefect-results"
+    """Prefect's persisted task results go beside the artifact root (not ~/.prefect): deleting
+    the root forgets both the outputs and the cache entries that point at them (on object
+    storage, a node-local folder named after it: a cache miss there only reruns a stage
+    body, which finds its output's manifest). Enter it around the flow call (a flow fixes
+    its result store when it starts)."""
+    path = Store.of(artifacts).scratch("prefect-results")
     return temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: path})
 
 

@@ -149,7 +149,7 @@ def evaluation_status(cfg, train_key: str) -> tuple[str | None, str]:
     try:
         preflight(cfg)
         pre_out = PrecomputeJob.of(cfg).out()
-        pre = PrecomputeResult(pre_out.path, pre_out.name, False, [], 0, [])
+        pre = PrecomputeResult(pre_out.location, pre_out.name, False, [], 0, [])
 
         class Trained:
             key = train_key

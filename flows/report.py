@@ -36,7 +36,7 @@ from tasks.tracking_client import client as tracking_client
 class Report:
     name: str
     markdown: str
-    directory: Path
+    directory: str | Path  # a local directory, or an s3:// URI
     files: list[Path]
 
 
@@ -84,4 +84,4 @@ def report_flow(
     create_markdown_artifact(
         markdown, key=f"imf-report-{sweep_name}-{run_scale}".replace("_", "-").lower()
     )
-    return Report(sweep_name, markdown, out.path, files)
+    return Report(sweep_name, markdown, out.location, files)

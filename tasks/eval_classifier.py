@@ -26,6 +26,7 @@ def fit_classifier(out: Output, names: list[str], num_classes: int, steps: int) 
     """Trains the evaluation classifier on the shards' rows; writes it and the reference
     feature statistics of the training set (through the same uint8 path as samples)."""
     from tasks.extractors import open_extractor  # torch-fidelity: only when one is trained
+
     table = pa.concat_tables(out.read_table(n, columns=["latent", "label"]) for n in names)
     images = torch.from_numpy(table["latent"].combine_chunks().to_numpy_ndarray()[:, 0].copy())
     labels = torch.from_numpy(table["label"].to_numpy().astype(np.int64))

@@ -39,8 +39,10 @@ def preflight(cfg) -> None:
     starts (a clear error, not a failure after an hour of precompute and training): every input
     the pipeline reads (tasks.inputs; `imf check` also decodes an image sample)."""
     from tasks.inputs import reads_of, require_inputs
+    from tasks.storage import Store
     from tasks.tracking import prepare
 
+    Store.of(cfg.paths.artifacts).check()  # s3://: the endpoint, credentials and bucket
     prepare(cfg)
     require_inputs(cfg, reads_of(cfg))
 

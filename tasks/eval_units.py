@@ -104,7 +104,8 @@ class UnitRunner:
     per process (the driver, each Ray actor, or a training rank). `weights` is a weights file
     (load_model) or the network itself (a training's, its EMA swapped in: tasks.inrun_eval).
     `expect` = (classes, latent shape) of the data, if known; `data` = the precompute output
-    (for real rows), if any; `sdpa_backend` the network's attention kernel (train.sdpa_backend)."""
+    (an Output, for real rows), if any; `sdpa_backend` the network's attention kernel
+    (train.sdpa_backend)."""
 
     def __init__(
         self,
@@ -141,7 +142,8 @@ class UnitRunner:
 
         self.extractor = open_extractor(kind, features).to(self.device)
         self.rgb_extractor = kind == "inception"
-        self.data = LatentDataset(data, sample_posterior=False) if data else None
+        # the real rows, memory-mapped from this node's copy of the precompute output
+        self.data = LatentDataset(data.local_copy(), sample_posterior=False) if data else None
 
     def features(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(features, logits) of latents, decoded and converted to uint8 as samples are."""

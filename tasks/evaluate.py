@@ -59,7 +59,7 @@ RESULTS = "results.json"  # the grid's rows (tasks.eval_metrics.RESULTS_FORMAT)
 
 @dataclass
 class EvalResult:
-    path: Path
+    path: str | Path  # its output's location: a local directory, or an s3:// URI
     key: str
     computed: bool
     units_computed: int
@@ -166,14 +166,14 @@ def _evaluate(job: EvalJob, trained, out: Output) -> EvalResult:
     done = Manifest.read(out)
     if done is not None:
         results = out.read_json(RESULTS)
-        return EvalResult(out.path, key, False, 0, results, done.extra.get("mlflow_run_id", ""))
+        return EvalResult(out.location, key, False, 0, results, done.extra.get("mlflow_run_id", ""))
     started = time.time()
 
     expect = None
     data_info = Manifest.read(pre.out).extra if pre is not None else None
     if data_info is not None:  # the model must fit the data it is compared with
         expect = (data_info["num_classes"], tuple(data_info["latent_shape"][1:]))
-    data = str(pre.path) if pre is not None else None
+    data = pre.out if pre is not None else None
     runner_args = (
         trained.weights,
         job.input_size,
@@ -268,7 +268,7 @@ def _evaluate(job: EvalJob, trained, out: Output) -> EvalResult:
     extra = {"best": results[best], "mlflow_run_id": run_id}
     timings = {"seconds": time.time() - started}
     Manifest(key, "evaluate", job.slice, input_keys(pre, trained), files, extra, timings).write(out)
-    return EvalResult(out.path, key, True, computed, results, run_id)
+    return EvalResult(out.location, key, True, computed, results, run_id)
 
 
 # What the flows call; the unit files decide what an interrupted evaluation still computes.

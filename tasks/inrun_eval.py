@@ -51,7 +51,7 @@ class InRunPlan:
     eval: EvalConfig  # n_samples = eval.during_samples
     points: list[tuple[float, tuple[float, float]]]
     features: Features
-    data: str  # the precompute output's directory (real rows for the calibration)
+    data: Output  # the precompute output (real rows for the calibration)
     rows: int
     num_classes: int
     tokenizer: TokenizerConfig  # decodes the samples
@@ -100,7 +100,7 @@ def plan(cfg, pre, out: Output) -> InRunPlan | None:
         eval=during,
         points=points,
         features=features,
-        data=str(pre.out.path),
+        data=pre.out,
         rows=int(info["num_rows"]),
         num_classes=int(info["num_classes"]),
         tokenizer=cfg.tokenizer,

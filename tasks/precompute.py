@@ -50,7 +50,7 @@ def stage_key(
 
 @dataclass
 class PrecomputeResult:
-    path: Path
+    path: str | Path  # its output's location: a local directory, or an s3:// URI
     key: str
     computed: bool  # False: every shard was reused
     shards_written: list[str]
@@ -304,7 +304,7 @@ def _precompute(data, tokenizer, pre, out, key, tok_fp, rows, num_classes, flips
     derived = list(CLASSIFIER_FILES) if makes_classifier(data, tokenizer, pre) else []
     if not todo and old is not None and all(d in valid for d in derived):
         extra = old.extra
-        return PrecomputeResult(out.path, key, False, [], extra["num_rows"], extra["skipped"])
+        return PrecomputeResult(out.location, key, False, [], extra["num_rows"], extra["skipped"])
 
     jobs = [
         {
@@ -359,7 +359,7 @@ def _precompute(data, tokenizer, pre, out, key, tok_fp, rows, num_classes, flips
         out
     )
     written = sorted(results)
-    return PrecomputeResult(out.path, key, True, written, extra["num_rows"], extra["skipped"])
+    return PrecomputeResult(out.location, key, True, written, extra["num_rows"], extra["skipped"])
 
 
 def _readable(out: Output, name: str) -> bool:

@@ -1,22 +1,26 @@
 """Where the pipeline's outputs live: one small interface every stage reads and writes through.
 
-`paths.artifacts` names a `Store` (today a local directory, the same tree on every node that
-mounts it); each stage output is an `Output` in it, `<stage>/<key>/`, and a stage names the
-files of its output (`out.write_json("results.json", ...)`, `out.read_table("shard-00000.parquet")`)
-and never joins paths or opens files of the tree itself. What an output guarantees is the
-interface's, not the caller's:
+`paths.artifacts` names a `Store`: a local directory (the same tree on every node that mounts
+it), or `s3://bucket/prefix` on any S3-compatible object store (tasks.object_store). Each stage
+output is an `Output` in it, `<stage>/<key>/`; a stage names the files of its output
+(`out.write_json("results.json", ...)`, `out.read_table("shard-00000.parquet")`) and never joins
+paths or opens files of the tree itself. What an output guarantees is the interface's, not the
+caller's:
 
 - every write is atomic: a reader sees a file whole or not at all (written beside, then
-  renamed); a finished output is published by writing its manifest last (`tasks.artifacts`);
+  renamed; on object storage one PUT); a finished output is published by writing its
+  manifest last (`tasks.artifacts`);
 - `lock` is "one launch computes": a second launch of the same output waits, then reuses;
 - `parquet` memory-maps a local file (the fast path of training's data reads);
 - `local_path` / `staged` hand a path to a library that only reads or writes files
-  (safetensors, `np.load`, `torch.save`, matplotlib), the file itself on a local store.
+  (safetensors, `np.load`, `torch.save`, matplotlib): the file itself on a local store, a
+  node-local cached copy (or an upload on success) on object storage.
 """
 
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import hashlib
 import json
 import os
@@ -54,15 +58,26 @@ def json_text(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
 
 
+def owner_record() -> dict[str, Any]:
+    """Who holds a lock: shown to whoever waits for it."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.ctime()}
+
+
 @dataclass(frozen=True)
 class Store:
-    """The artifact root (`paths.artifacts`): a local directory, resolved once so that every
-    worker, whatever its working directory, names the same tree."""
+    """The artifact root (`paths.artifacts`) as a local directory, resolved once so that every
+    worker, whatever its working directory, names the same tree. Its operations take keys:
+    "/"-joined names under the root (`train/<key>/ema.safetensors`)."""
 
     root: str
 
     @classmethod
     def of(cls, artifacts: str | Path) -> Store:
+        """The store `paths.artifacts` names: `s3://bucket/prefix`, else a local directory."""
+        if str(artifacts).startswith("s3://"):
+            from tasks.object_store import S3Store
+
+            return S3Store.of(str(artifacts))
         return cls(str(Path(artifacts).expanduser().resolve()))
 
     def output(self, *parts: str) -> Output:
@@ -74,11 +89,126 @@ class Store:
         root = Path(self.root)
         return [Output(self, str(p.relative_to(root))) for p in sorted(root.glob(pattern))]
 
-    def free_bytes(self) -> int:
+    def check(self) -> None:
+        """Refuses, before any work, a store that cannot be used (nothing to check here)."""
+
+    def uri(self, key: str) -> str:
+        return str(self.path(key))
+
+    def path(self, key: str) -> Path:
+        return Path(self.root) / key
+
+    # -- objects ---------------------------------------------------------------------------
+
+    def is_file(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def any_under(self, prefix: str) -> bool:
+        folder = self.path(prefix)
+        return folder.is_dir() and any(folder.iterdir())
+
+    def glob(self, prefix: str, pattern: str) -> list[str]:
+        base = self.path(prefix)
+        return sorted(str(p.relative_to(base)) for p in base.glob(pattern) if p.is_file())
+
+    def size(self, key: str) -> int:
+        return self.path(key).stat().st_size
+
+    def sha256(self, key: str) -> str:
+        return sha256_file(self.path(key))
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with self.staged(key) as tmp:
+            tmp.write_bytes(data)
+
+    def append_line(self, key: str, line: str) -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(line.rstrip("\n") + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def remove(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+    @contextmanager
+    def staged(self, key: str) -> Iterator[Path]:
+        with atomic_path(self.path(key)) as tmp:
+            yield tmp
+
+    def local_path(self, key: str) -> Path:
+        return self.path(key)
+
+    def open_input(self, key: str) -> Any:
+        """A random-access pyarrow file: a memory map of the local file."""
+        import pyarrow as pa
+
+        return pa.memory_map(str(self.path(key)))
+
+    def local_copy(self, prefix: str) -> Path:
+        """A local directory holding the output at `prefix` (the directory itself)."""
+        return self.path(prefix)
+
+    def scratch(self, name: str) -> Path:
+        """A local folder that goes with this store (Prefect's result records)."""
+        return self.path(name)
+
+    def location(self, key: str) -> str | Path:
+        """Where `key` is, as results and messages carry it: a local path."""
+        return self.path(key)
+
+    def ray_storage(self, key: str) -> dict[str, Any]:
+        """Ray Train's RunConfig storage arguments for checkpoints under `key`."""
+        return {"storage_path": str(self.path(key))}
+
+    # -- whole outputs ---------------------------------------------------------------------
+
+    def make(self, prefix: str) -> None:
+        self.path(prefix).mkdir(parents=True, exist_ok=True)
+
+    def move(self, prefix: str, dest: str) -> None:
+        self.path(dest).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path(prefix), self.path(dest))
+
+    def free_bytes(self) -> int | None:
         existing = Path(self.root)
         while not existing.exists():
             existing = existing.parent
         return shutil.disk_usage(existing).free
+
+    @contextmanager
+    def lock(self, name: str, on_wait: Callable[[str], None]) -> Iterator[None]:
+        """An OS file lock (flock) on `<root>/locks/<name>.lock`: the kernel releases it when
+        its holder dies, so a killed holder's lock is simply taken over. flock is per host on
+        most network file systems: across hosts sharing a directory, `locks.lease` (the
+        object-store lease on a POSIX directory) is what holds."""
+        path = self.path(f"locks/{name}.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                on_wait(os.pread(fd, 4096, 0).decode(errors="replace").strip())
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(owner_record()).encode(), 0)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Glob matching of "/"-joined names, each part on its own (as pathlib's glob)."""
+    parts, wanted = name.split("/"), pattern.split("/")
+    return len(parts) == len(wanted) and all(
+        fnmatch.fnmatchcase(p, w) for p, w in zip(parts, wanted, strict=True)
+    )
 
 
 @dataclass(frozen=True)
@@ -89,19 +219,28 @@ class Output:
     rel: str
 
     @classmethod
-    def at(cls, directory: str | Path) -> Output:
-        """The output in a local directory `<root>/<stage>/<key>` (a result's path, a test's)."""
-        directory = Path(directory).expanduser().resolve()
+    def at(cls, location: str | Path) -> Output:
+        """The output at `<root>/<stage>/<key>` (a result's location, a test's directory)."""
+        text = str(location).rstrip("/")
+        if text.startswith("s3://"):
+            root, stage, key = text.rsplit("/", 2)
+            return cls(Store.of(root), f"{stage}/{key}")
+        directory = Path(location).expanduser().resolve()
         return cls(Store(str(directory.parents[1])), f"{directory.parent.name}/{directory.name}")
 
     @property
     def path(self) -> Path:
-        """The local directory: for what must be handed a directory (Ray's storage_path)."""
-        return Path(self.store.root) / self.rel
+        """The local directory (a local store's): for what must be handed a directory."""
+        return self.store.path(self.rel)
 
     @property
     def uri(self) -> str:
-        return str(self.path)
+        return self.store.uri(self.rel)
+
+    @property
+    def location(self) -> str | Path:
+        """What a stage's result holds: the local directory, or the s3:// URI."""
+        return self.store.location(self.rel)
 
     @property
     def name(self) -> str:
@@ -116,37 +255,38 @@ class Output:
     def child(self, *parts: str) -> Output:
         return Output(self.store, "/".join((self.rel, *parts)))
 
+    def _key(self, name: str) -> str:
+        return f"{self.rel}/{name}"
+
     # -- files -----------------------------------------------------------------------------
 
     def exists(self, name: str | None = None) -> bool:
         """Whether the file `name` exists; without a name, whether anything is here."""
         if name is None:
-            return self.path.is_dir() and any(self.path.iterdir())
-        return (self.path / name).is_file()
+            return self.store.any_under(self.rel)
+        return self.store.is_file(self._key(name))
 
     def list(self, pattern: str = "*") -> list[str]:
         """The names of the files here matching a glob (`"*.npz"`, `"step*/results.json"`)."""
-        base = self.path
-        return sorted(str(p.relative_to(base)) for p in base.glob(pattern) if p.is_file())
+        return self.store.glob(self.rel, pattern)
 
     def size(self, name: str) -> int:
-        return (self.path / name).stat().st_size
+        return self.store.size(self._key(name))
 
     def sha256(self, name: str) -> str:
-        return sha256_file(self.path / name)
+        return self.store.sha256(self._key(name))
 
     def read_bytes(self, name: str) -> bytes:
-        return (self.path / name).read_bytes()
+        return self.store.read_bytes(self._key(name))
 
     def read_text(self, name: str) -> str:
-        return (self.path / name).read_text()
+        return self.read_bytes(name).decode()
 
     def read_json(self, name: str) -> Any:
         return json.loads(self.read_text(name))
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        with self.staged(name) as tmp:
-            tmp.write_bytes(data)
+        self.store.write_bytes(self._key(name), data)
 
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode())
@@ -157,52 +297,55 @@ class Output:
     def append_line(self, name: str, line: str) -> None:
         """Appends one line (a journal entry): whole lines survive a crash, a torn one is
         the reader's to skip."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with (self.path / name).open("a") as f:
-            f.write(line.rstrip("\n") + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.store.append_line(self._key(name), line)
 
     def remove(self, name: str) -> None:
-        (self.path / name).unlink(missing_ok=True)
+        self.store.remove(self._key(name))
 
     @contextmanager
     def staged(self, name: str) -> Iterator[Path]:
         """A local file to write with any library; it becomes `name` whole on success."""
-        with atomic_path(self.path / name) as tmp:
+        with self.store.staged(self._key(name)) as tmp:
             yield tmp
 
     def local_path(self, name: str) -> Path:
-        """A local file holding `name`, for a library that reads files (the file itself)."""
-        return self.path / name
+        """A local file holding `name`, for a library that reads files."""
+        return self.store.local_path(self._key(name))
+
+    def local_copy(self) -> Path:
+        """A local directory holding this finished output (training's memory-mapped data)."""
+        return self.store.local_copy(self.rel)
 
     def write_arrays(self, name: str, **arrays: Any) -> None:
         """NumPy arrays as one `.npz` (an evaluation unit's sums)."""
+        import io
+
         import numpy as np
 
-        with self.staged(name) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        self.write_bytes(name, buffer.getvalue())
 
     def read_arrays(self, name: str) -> dict[str, Any]:
         """The arrays of an `.npz` written by write_arrays, loaded."""
+        import io
+
         import numpy as np
 
-        with np.load(self.path / name) as arrays:
+        with np.load(io.BytesIO(self.read_bytes(name))) as arrays:
             return dict(arrays)
 
     # -- Parquet ---------------------------------------------------------------------------
 
     def parquet(self, name: str) -> Any:
-        """`name` as a `pyarrow.parquet.ParquetFile`, memory-mapped: reading a row group costs
-        its pages, not the file."""
+        """`name` as a `pyarrow.parquet.ParquetFile`: memory-mapped on a local store (reading
+        a row group costs its pages, not the file), ranged reads on object storage."""
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(self.path / name, memory_map=True)
+        return pq.ParquetFile(self.store.open_input(self._key(name)))
 
     def read_table(self, name: str, columns: list[str] | None = None) -> Any:
-        import pyarrow.parquet as pq
-
-        return pq.read_table(self.path / name, columns=columns, memory_map=True)
+        return self.parquet(name).read(columns=columns)
 
     def write_table(self, name: str, table: Any, **options: Any) -> None:
         import pyarrow.parquet as pq
@@ -214,20 +357,20 @@ class Output:
 
     def make(self) -> None:
         """Makes the location (a directory here; nothing to do on object storage)."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.store.make(self.rel)
 
     def move_to(self, dest: Output) -> None:
         """Moves the whole output to `dest` (kept, not deleted: `--recompute-stale`)."""
-        dest.path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.path, dest.path)
+        self.store.move(self.rel, dest.rel)
 
     def require_free(self, need_bytes: int, what: str) -> None:
         """Refuses, before a stage starts, when the store cannot take the stage's estimated
-        output (with a 10 % margin): a clear error now, not ENOSPC hours in."""
+        output (with a 10 % margin): a clear error now, not ENOSPC hours in. (Object storage
+        reports no free space: nothing to check.)"""
         free = self.store.free_bytes()
-        if free < 1.1 * need_bytes:
+        if free is not None and free < 1.1 * need_bytes:
             raise OSError(
-                f"not enough disk for {what} under {self.path}: it needs about "
+                f"not enough disk for {what} under {self.uri}: it needs about "
                 f"{need_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB are free"
             )
 
@@ -238,29 +381,16 @@ class Output:
         """Holds this output's lock while it is computed, so that two launches of the same work
         compute it once: the second waits (saying who holds it, when `what` names the work),
         then finds the first one's manifest and reuses it. `part` names a lock of its own for
-        a part of the output (its journal). An OS file lock (flock) on
-        `<root>/locks/<stage>-<key>[-<part>].lock`: the kernel releases it when its holder
-        dies, so a killed holder's lock is simply taken over. (flock is per host on most
-        network file systems: one launch per output across nodes.)"""
+        a part of the output (its journal). The lock is `locks/<stage>-<key>[-<part>]` in the
+        store: what a lock is there is the store's (Store.lock)."""
+
+        def waiting(holder: str) -> None:
+            if what:
+                say(
+                    f"{what} {self.name} is being computed by {holder or 'another process'}: "
+                    "waiting for it"
+                )
+
         name = "-".join(filter(None, (self.rel.replace("/", "-"), part)))
-        path = Path(self.store.root) / "locks" / f"{name}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-                if what:
-                    say(
-                        f"{what} {self.name} is being computed by "
-                        f"{holder or 'another process'}: waiting for it"
-                    )
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.ctime()}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(owner).encode(), 0)
+        with self.store.lock(name, waiting):
             yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)

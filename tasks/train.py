@@ -71,7 +71,7 @@ KEYED_WHEN_SET = {
 
 @dataclass
 class TrainResult:
-    path: Path
+    path: str | Path  # its output's location: a local directory, or an s3:// URI
     key: str
     computed: bool
     steps: int
@@ -167,7 +167,7 @@ class TrainJob:
             cfg.train,
             flips,
             cfg.tokenizer,
-            replace(pre, path=pre.out.path),  # absolute: workers have another cwd
+            replace(pre, path=pre.out.location),  # absolute: workers have another cwd
             tracking,
             tracking.run_name or name,
             cfg.to_dict(),
@@ -183,6 +183,12 @@ class TrainJob:
     @property
     def out(self) -> Output:
         return self.store.output("train", self.key())
+
+    @property
+    def data_out(self) -> Output:
+        """The precompute output it trains on, in its store (as the job carries the store to
+        the workers: its endpoint and credentials)."""
+        return self.store.output("precompute", self.data.key)
 
 
 def output_dir(job: TrainJob) -> Output:
@@ -233,7 +239,7 @@ def _train(job: TrainJob, out: Output, stale: str) -> TrainResult:
     done = Manifest.read(out)
     if done is not None and all(f.valid_in(out, "size") for f in done.files):
         steps, run_id = done.extra["steps"], done.extra["mlflow_run_id"]
-        return TrainResult(out.path, key, False, steps, run_id, stale)
+        return TrainResult(out.location, key, False, steps, run_id, stale)
     started = time.time()
     t = job.train
     out.require_free(checkpoint_bytes(job.model) * (t.keep_checkpoints + 1), "training")
@@ -267,7 +273,7 @@ def _train(job: TrainJob, out: Output, stale: str) -> TrainResult:
         key, "train", job.params, [job.data.key], files, extra, {"seconds": time.time() - started}
     ).write(out)
     end_run(job.tracking.uri, run_id, journal=out)
-    return TrainResult(out.path, key, True, state["step"], run_id, stale)
+    return TrainResult(out.location, key, True, state["step"], run_id, stale)
 
 
 def _fit(job: TrainJob, out: Output, run_id: str):
@@ -289,7 +295,7 @@ def _fit(job: TrainJob, out: Output, run_id: str):
         ),
         run_config=RunConfig(
             name="run",
-            storage_path=str(out.path / "ray"),  # Ray Train's checkpoints: a local directory
+            **out.store.ray_storage(f"{out.rel}/ray"),  # Ray Train's checkpoints, in the store
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             # Ray Train's own INFO lines ("Checkpoint successfully created", "Reporting

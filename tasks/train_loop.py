@@ -73,7 +73,7 @@ def train_loop(config: dict) -> None:
         raise ValueError(f"train.batch_size {t.batch_size} does not split over {world} workers")
     local_batch = t.batch_size // world
 
-    dataset = LatentDataset(str(job.data.path), seed=t.seed)
+    dataset = LatentDataset(job.data_out.local_copy(), seed=t.seed)  # one copy per node
     mcfg = job.model
     expected = ((mcfg.in_channels, mcfg.input_size, mcfg.input_size), mcfg.num_classes)
     if (dataset.latent_shape, dataset.num_classes) != expected:

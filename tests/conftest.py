@@ -32,6 +32,29 @@ def prefect_server():
 
 
 @pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One SeaweedFS S3 server for the session (tests/services.s3_server)."""
+    from services import s3_server as start
+
+    with start(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_root(s3_server, monkeypatch, tmp_path) -> str:
+    """`s3://<the session's bucket>/<a prefix of this test's>`, with this process's AWS_
+    environment pointing at the session's server and a node-local cache of its own."""
+    import secrets
+
+    from services import BUCKET
+
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("IMF_CACHE_DIR", str(tmp_path / "node-cache"))
+    return f"s3://{BUCKET}/{secrets.token_hex(4)}/artifacts"
+
+
+@pytest.fixture(scope="session")
 def local_ray():
     """One local Ray for the session, started on first use the way every command starts its own
     (tasks.cluster), with 5 logical CPUs on this machine's 2: tests run trainings side by side

