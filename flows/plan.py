@@ -165,6 +165,7 @@ class Plan:
     title: str
     stages: list[Stage]
     rates: Rates | None
+    store: str = ""  # where the outputs are (paths.artifacts, resolved): a directory or s3://
 
     def text(self) -> str:
         lines = [f"plan: {self.title} -- nothing started, nothing written"]
@@ -205,6 +206,11 @@ class Plan:
             f"to run: {count['precompute']} precompute, {count['train']} trainings, "
             f"{count['evaluate']} evaluations; reused: {len(reused)} stage outputs",
         ]
+        if self.store:  # on object storage, the bytes a bucket's quota and bill count
+            lines.append(
+                f"store: {self.store}: {len(reused)} outputs already there, about "
+                f"{disk / 1e9:,.1f} GB to write"
+            )
         old = [s for s in self.stages if s.status.endswith("(stale)")]
         if old:
             lines.append(
@@ -242,4 +248,5 @@ def plan_of(
         elif trained.key:
             seen[("train", trained.key)] = label
         stages += [trained, evaluate_stage(cfg, label, trained, rates)]
-    return Plan(title, stages, rates)
+    stores = sorted({Store.of(cfg.paths.artifacts).root for cfg in configs.values()})
+    return Plan(title, stages, rates, ", ".join(stores))

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.storage import Store, matches, owner_record
+from tasks.storage import Store, matches, owner_record, sha256_file
 
 LEASE_S = 60.0  # a lock's lease: renewed every LEASE_S / 3 by its holder
 RETRIES = 8  # attempts of each request, with exponential backoff (~1 min in all)
@@ -266,8 +266,9 @@ class S3Store(Store):
             yield tmp
             self.client.upload_file(str(tmp), self.bucket, self.object(key))
 
-    def local_path(self, key: str) -> Path:
-        """A node-local copy of `key` (downloaded once per node, checked by size)."""
+    def local_path(self, key: str, sha256: str = "") -> Path:
+        """A node-local copy of `key`, downloaded once per node and checked by size (and, when
+        given, by the SHA-256 its manifest records: a corrupt object is never read)."""
         head = self._head(key)
         if head is None:
             raise FileNotFoundError(self.uri(key))
@@ -277,6 +278,12 @@ class S3Store(Store):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
                 self.client.download_file(self.bucket, self.object(key), str(tmp))
+                if sha256 and sha256_file(tmp) != sha256:
+                    tmp.unlink()
+                    raise ValueError(
+                        f"{self.uri(key)} does not hold the bytes its manifest records "
+                        "(SHA-256 differs): it is not read; recompute its output"
+                    )
                 os.replace(tmp, path)
         return path
 
@@ -286,10 +293,10 @@ class S3Store(Store):
     def local_copy(self, prefix: str) -> Path:
         """A node-local copy of the finished output at `prefix`: its manifest and the files
         it lists (what the workers of one node memory-map: one copy per node, not per
-        worker), each fetched once and checked by size."""
+        worker), each fetched once and checked against the manifest's SHA-256."""
         manifest = json.loads(self.read_bytes(f"{prefix}/_SUCCESS"))
         for f in manifest["files"]:
-            self.local_path(f"{prefix}/{f['name']}")
+            self.local_path(f"{prefix}/{f['name']}", f["sha256"])
         return self.local_path(f"{prefix}/_SUCCESS").parent
 
     # -- whole outputs ---------------------------------------------------------------------

@@ -143,6 +143,7 @@ class TrainJob:
     flips: bool  # the data stores flipped rows: an epoch reads one orientation per image
     tokenizer: TokenizerConfig  # what decodes its sample grids (and in-run evaluations)
     data: PrecomputeResult  # its path absolute
+    data_out: Output  # the same output, with its store (an object store's endpoint and keys)
     tracking: TrackingTarget
     run_name: str  # tracking.run_name, else "<experiment> <model> <objective> seed <seed>"
     params: dict  # the whole experiment, resolved: MLflow params, config.json, the manifest
@@ -168,6 +169,7 @@ class TrainJob:
             flips,
             cfg.tokenizer,
             replace(pre, path=pre.out.location),  # absolute: workers have another cwd
+            pre.out,
             tracking,
             tracking.run_name or name,
             cfg.to_dict(),
@@ -183,12 +185,6 @@ class TrainJob:
     @property
     def out(self) -> Output:
         return self.store.output("train", self.key())
-
-    @property
-    def data_out(self) -> Output:
-        """The precompute output it trains on, in its store (as the job carries the store to
-        the workers: its endpoint and credentials)."""
-        return self.store.output("precompute", self.data.key)
 
 
 def output_dir(job: TrainJob) -> Output:

@@ -494,7 +494,27 @@ QUOTES = [
         "tasks.train.checkpoint_bytes",
         lambda: fixed(2)(b2_checkpoint_gb()),
     ),
+    # the object store's lease, from the code
+    q(
+        "docs/cluster.md",
+        "renewed by its holder every {} s, taken over when a crashed holder lets it expire ({} s)",
+        "tasks.object_store.LEASE_S",
+        lambda: fixed(0)(lease_s() / 3),
+        lambda: fixed(0)(lease_s()),
+    ),
+    q(
+        "docs/reliability.md",
+        "and it is taken over once expired ({} s)",
+        "tasks.object_store.LEASE_S",
+        lambda: fixed(0)(lease_s()),
+    ),
 ]
+
+
+def lease_s() -> float:
+    from tasks.object_store import LEASE_S
+
+    return LEASE_S
 
 
 def flat(path: Path) -> str:

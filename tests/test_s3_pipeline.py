@@ -8,7 +8,11 @@ import pytest
 from services import free_port, mlflow_server
 
 from flows.pipeline import run_pipeline
+from flows.plan import plan_of
+from flows.report import report_flow
+from flows.sweep import run_sweep
 from tasks.artifacts import Manifest
+from tasks.config import load_config
 from tasks.storage import Output, Store
 
 FAST = [
@@ -21,6 +25,22 @@ FAST = [
     "eval.batch_size=100",
     "eval.grid_per_class=2",
 ]
+
+SWEEP = """
+title: "two variants"
+columns: ["FID w/o CFG", "FID w/ CFG"]
+scales:
+  smoke: {experiment: smoke, overrides: []}
+variants:
+  - name: plain
+    row: iMF
+    overrides: [guidance.mode=none, "eval.omegas=[1.0]"]
+    cells: {"FID w/o CFG": {metric: fid_best, paper: 30.0}}
+  - name: cfg
+    row: iMF
+    overrides: ["eval.omegas=[1.0,2.0]"]
+    cells: {"FID w/ CFG": {metric: fid_best, paper: 5.0}}
+"""
 
 
 @pytest.mark.slow
@@ -39,9 +59,17 @@ def test_the_smoke_pipeline_runs_on_object_storage_and_a_rerun_reuses_it(
         f"{s3_root}/mlflow",
         env={"MLFLOW_S3_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]},
     )
+    sweep_file = tmp_path / "two.yaml"
+    sweep_file.write_text(SWEEP)
     with server:
-        root = [f"paths.artifacts={s3_root}", f"tracking.uri=http://127.0.0.1:{port}", *FAST]
+        uri = f"http://127.0.0.1:{port}"
+        root = [f"paths.artifacts={s3_root}", f"tracking.uri={uri}", *FAST]
         first, rerun = run_pipeline("smoke", root), run_pipeline("smoke", root)
+        plan = plan_of("rerun", {"smoke": load_config("smoke", root)})  # a third launch's
+        # a two-variant sweep: "cfg" trains as the pipeline did (reused), "plain" anew
+        sweep = run_sweep(str(sweep_file), "smoke", root)
+        report = report_flow(sweep.parent_run_id, tracking=uri, artifacts=s3_root)
+        again = run_sweep(str(sweep_file), "smoke", root)
     assert [first.stages[s] for s in ("precompute", "train", "evaluate")] == ["computed"] * 3
 
     store = Store.of(s3_root)
@@ -59,3 +87,15 @@ def test_the_smoke_pipeline_runs_on_object_storage_and_a_rerun_reuses_it(
 
     assert all(rerun.stages[s] in ("reused", "cached") for s in ("precompute", "train", "evaluate"))
     assert rerun.evaluate.results == first.evaluate.results
+    assert [s.status for s in plan.stages] == ["reused"] * 3
+    assert f"store: {s3_root}: 3 outputs already there, about 0.0 GB to write" in plan.text()
+
+    assert [v.status for v in sweep.variants] == ["ok", "ok"]
+    assert report.directory == f"{s3_root}/reports/two-smoke"
+    report_out = store.output("reports", "two-smoke")
+    names = set(report_out.list("*")) | set(report_out.list("*/*"))
+    assert {"report.md", "fid_vs_omega.png", "grids/plain.png", "grids/cfg.png"} <= names
+    assert [(v.train_run_id, v.eval_run_id) for v in again.variants] == [
+        (v.train_run_id, v.eval_run_id) for v in sweep.variants
+    ]  # the rerun reused every training and evaluation: the same MLflow runs
+    assert not list(work.iterdir())
