@@ -87,9 +87,9 @@ def plot_progress(variants: list[VariantRuns], out: Output, name: str) -> str | 
     sensitive = any(r.omega_curve for runs in by_name.values() for r in runs)
     fig, axes = plt.subplots(1, 2 if sensitive else 1, figsize=(12 if sensitive else 7, 4))
     ax = axes[0] if sensitive else axes
-    for name, runs in by_name.items():
+    for variant, runs in by_name.items():
         curve = curve_mean(runs)
-        ax.plot(list(curve), list(curve.values()), "o-", markersize=3, label=name)
+        ax.plot(list(curve), list(curve.values()), "o-", markersize=3, label=variant)
     floors = [
         r.train.data.metrics["eval/fid_real_data_floor"]
         for r in variants

@@ -70,6 +70,7 @@ def test_the_demo_record_copies_the_results_file(tmp_path):
     from types import SimpleNamespace
 
     from flows.demo import parse_args, run_record
+    from tasks.evaluate import EvalResult
     from tasks.provenance import CodeState
 
     point = {"omega": 1.0, "t_min": 0.0, "t_max": 1.0, "is": 9.0, "accuracy": 0.9, "n_samples": 8}
@@ -78,8 +79,9 @@ def test_the_demo_record_copies_the_results_file(tmp_path):
         point | calibration | {"fid": 20.0, "best": False, "many_step": {"steps": 32, "fid": 6.0}},
         point | calibration | {"omega": 1.25, "fid": 9.5, "best": True},
     ]
-    (tmp_path / "results.json").write_text(json.dumps(rows))
-    result = SimpleNamespace(evaluate=SimpleNamespace(path=tmp_path), stages={"train": "computed"})
+    evaluation = EvalResult(tmp_path / "evaluate" / "k", "k", True, 0, rows)
+    evaluation.out.write_json("results.json", rows)
+    result = SimpleNamespace(evaluate=evaluation, stages={"train": "computed"})
     overrides, folder = parse_args(["train.steps=10", "--record", "benchmarks/runs"])
     assert (overrides, folder) == (["train.steps=10"], Path("benchmarks/runs"))
     load = {"cpus": 2, "loadavg_before": (0.5, 0.4, 0.3), "loadavg_after": (2.0, 1.0, 0.5)}

@@ -170,7 +170,7 @@ def test_pipeline_reruns_only_what_failed(tmp_path, prefect_server, local_ray, c
     (train_dir,) = (tmp_path / "a" / "train").iterdir()
     weights = train_dir / "ema.safetensors"
     stamp = weights.stat().st_mtime_ns
-    assert not (tmp_path / "a" / "evaluate").exists()  # failed before any unit
+    assert not list((tmp_path / "a" / "evaluate").glob("*/units/*"))  # failed before any unit
 
     rerun = run_pipeline("smoke", root)
     assert rerun.stages["precompute"] in ("reused", "cached")
@@ -523,6 +523,7 @@ def test_the_progress_figure_adds_omega_sensitivity_over_steps_where_measured(tm
 
     from flows.report_plots import plot_progress
     from flows.report_runs import VariantRuns, curve_mean
+    from tasks.storage import Output
 
     def runs(seed, omega_curve):
         curve = {100: 90.0 + seed, 200: 40.0 + seed}
@@ -531,9 +532,11 @@ def test_the_progress_figure_adds_omega_sensitivity_over_steps_where_measured(tm
     seeds = [runs(0, {100: 0.001, 200: 0.10}), runs(1, {100: 0.003})]
     assert curve_mean(seeds, "omega_curve") == {100: 0.002, 200: 0.10}  # the seeds that got there
     assert curve_mean(seeds) == {100: 90.5, 200: 40.5}
-    both = plot_progress(seeds, tmp_path / "both.png")
-    fid_only = plot_progress([runs(0, {}), runs(1, {})], tmp_path / "fid.png")
-    assert Image.open(both).width > 1.5 * Image.open(fid_only).width  # a second panel
+    out = Output.at(tmp_path / "reports" / "r")
+    both = plot_progress(seeds, out, "both.png")
+    fid_only = plot_progress([runs(0, {}), runs(1, {})], out, "fid.png")
+    widths = [Image.open(out.local_path(name)).width for name in (both, fid_only)]
+    assert widths[0] > 1.5 * widths[1]  # a second panel
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from imf_core.training import StopAgreement
 from tasks import preemption
 from tasks.config import load_config
 from tasks.precompute import PrecomputeJob, precompute
+from tasks.storage import Store
 from tasks.train import TrainJob
 
 BATCH, STEPS, CHECKPOINT_EVERY = 256, 10, 3  # 1,797 digits: 8 steps an epoch, so two epochs
@@ -79,8 +80,8 @@ def run_loop(digits, tmp_path, monkeypatch, nan_at: int = -1, stop_at: int = -1)
     """train_loop on one rank: the batches each step got, the reports (step, the checkpoint's
     step or None), the steps logged. Step `nan_at` returns a NaN loss; the stop file appears
     during step `stop_at`."""
-    job = dataclasses.replace(digits.job, artifacts=tmp_path)  # this test's output
-    out = job.out
+    job = dataclasses.replace(digits.job, store=Store.of(tmp_path))  # this test's output
+    out = job.out.path
     out.mkdir(parents=True)
     seen, reports = [], []
     real_step = imf_core.training.train_step
