@@ -184,8 +184,8 @@ class Store:
     def lock(self, name: str, on_wait: Callable[[str], None]) -> Iterator[None]:
         """An OS file lock (flock) on `<root>/locks/<name>.lock`: the kernel releases it when
         its holder dies, so a killed holder's lock is simply taken over. flock is per host on
-        most network file systems: across hosts sharing a directory, `locks.lease` (the
-        object-store lease on a POSIX directory) is what holds."""
+        most network file systems: two hosts sharing a directory can each compute the same
+        output (on object storage, the lease of tasks.lease holds across hosts)."""
         path = self.path(f"locks/{name}.lock")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -498,21 +498,21 @@ QUOTES = [
     q(
         "docs/cluster.md",
         "renewed by its holder every {} s, taken over when a crashed holder lets it expire ({} s)",
-        "tasks.object_store.LEASE_S",
+        "tasks.lease.LEASE_S",
         lambda: fixed(0)(lease_s() / 3),
         lambda: fixed(0)(lease_s()),
     ),
     q(
         "docs/reliability.md",
         "and it is taken over once expired ({} s)",
-        "tasks.object_store.LEASE_S",
+        "tasks.lease.LEASE_S",
         lambda: fixed(0)(lease_s()),
     ),
 ]
 
 
 def lease_s() -> float:
-    from tasks.object_store import LEASE_S
+    from tasks.lease import LEASE_S
 
     return LEASE_S
 

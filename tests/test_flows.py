@@ -193,7 +193,8 @@ def test_pipeline_reruns_only_what_failed(tmp_path, prefect_server, local_ray, c
     assert f"{rerun.evaluate.path.resolve()}/results.json" in out
 
 
-SWEEP = """
+# Two variants that train and evaluate (tests/test_s3_pipeline.py runs them on object storage)
+TWO_VARIANTS = """
 title: "test table"
 columns: ["FID w/o CFG", "FID w/ CFG"]
 scales:
@@ -207,7 +208,10 @@ variants:
     row: iMF
     overrides: ["eval.omegas=[1.0,2.0]"]
     cells: {"FID w/ CFG": {metric: fid_best, paper: 5.0}}
-  - name: diverges
+"""
+SWEEP = (
+    TWO_VARIANTS
+    + """  - name: diverges
     row: broken
     overrides: [optim.lr=1.0e30, guidance.mode=none, train.checkpoint_every=1]
     cells: {"FID w/o CFG": {metric: fid_best, paper: 1.0}}
@@ -217,6 +221,7 @@ variants:
     overrides: [guidance.mode=none, "eval.omegas=[1.0]", eval.nfe=2]
     cells: {"FID w/o CFG": {metric: fid_best}}
 """
+)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pytest
 
 from tasks.artifacts import FileRecord, Manifest, begin
-from tasks.object_store import Lease, S3Store
+from tasks.lease import Lease
+from tasks.object_store import S3Store
 from tasks.storage import Output, Store
 
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 from services import free_port, mlflow_server
+from test_flows import TWO_VARIANTS
 
 from flows.pipeline import run_pipeline
 from flows.plan import plan_of
@@ -26,22 +27,6 @@ FAST = [
     "eval.grid_per_class=2",
 ]
 
-SWEEP = """
-title: "two variants"
-columns: ["FID w/o CFG", "FID w/ CFG"]
-scales:
-  smoke: {experiment: smoke, overrides: []}
-variants:
-  - name: plain
-    row: iMF
-    overrides: [guidance.mode=none, "eval.omegas=[1.0]"]
-    cells: {"FID w/o CFG": {metric: fid_best, paper: 30.0}}
-  - name: cfg
-    row: iMF
-    overrides: ["eval.omegas=[1.0,2.0]"]
-    cells: {"FID w/ CFG": {metric: fid_best, paper: 5.0}}
-"""
-
 
 @pytest.mark.slow
 def test_the_smoke_pipeline_runs_on_object_storage_and_a_rerun_reuses_it(
@@ -60,7 +45,7 @@ def test_the_smoke_pipeline_runs_on_object_storage_and_a_rerun_reuses_it(
         env={"MLFLOW_S3_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]},
     )
     sweep_file = tmp_path / "two.yaml"
-    sweep_file.write_text(SWEEP)
+    sweep_file.write_text(TWO_VARIANTS)
     with server:
         uri = f"http://127.0.0.1:{port}"
         root = [f"paths.artifacts={s3_root}", f"tracking.uri={uri}", *FAST]
