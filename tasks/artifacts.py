@@ -1,7 +1,8 @@
-"""Content-addressed stage outputs: keys, atomic writes and the `_SUCCESS` manifest.
+"""Content-addressed stage outputs: keys and the `_SUCCESS` manifest (the files themselves are
+read and written through tasks.storage).
 
 A stage's output lives in `<artifacts>/<stage>/<key>/`, where `key` hashes the stage's config
-slice and its input keys. The directory counts as done only when it holds `_SUCCESS`: a JSON
+slice and its input keys. The output counts as done only when it holds `_SUCCESS`: a JSON
 manifest with the key, config, input keys, every file's size and SHA-256, the code that made it
 (package version, commit, imf_core's method version) and timings. This, not any orchestrator
 cache, is the source of truth for "already computed".
@@ -205,7 +206,7 @@ def cache_key_of(output_dir: Callable[..., Output]) -> Callable[[Any, dict], str
         made = [Manifest.read(Output.at(p.path)) for p in inputs]
         if any(m is not None and m.created > done.created for m in made):
             return None
-        # The directory and the manifest's creation time are part of the key: the same content
+        # The location and the manifest's creation time are part of the key: the same content
         # key under another artifact root, or recomputed after a deletion, is another output,
         # and a cache record must never hand back a path or run id of a different one.
         instance = f"{out.uri}|{done.created}"

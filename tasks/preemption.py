@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tasks.storage import Output
 
-STOP_FILE = "STOP_REQUESTED"  # in a training's directory: checkpoint now and end
+STOP_FILE = "STOP_REQUESTED"  # in a training's output: checkpoint now and end
 STOPPED_FILE = "STOPPED"  # written by the training when it ended on a request (its step)
 
 
