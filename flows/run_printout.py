@@ -53,10 +53,24 @@ def print_results(results: list[dict], stale: str = "") -> None:
         print(f"  STALE: {stale}; --recompute-stale recomputes it")
 
 
+def experiment_of(uri: str, run_id: str) -> str | None:
+    """The experiment id of the run `run_id` in `uri` ("" without a run; None when the store
+    does not hold it: outputs reused from a launch tracked elsewhere)."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.tracking_client import client as tracking_client
+
+    if not run_id:
+        return ""
+    try:
+        return tracking_client(uri).get_run(run_id).info.experiment_id
+    except MlflowException:
+        return None
+
+
 def print_where_to_look(cfg, result) -> None:
     """The end of `imf run` and the demo: the MLflow runs, the UI commands, absolute paths."""
     from tasks.tracking import tracking_uri
-    from tasks.tracking_client import client as tracking_client
 
     uri, ev = tracking_uri(cfg), result.evaluate
     best = next(r for r in ev.results if r["best"])
@@ -66,14 +80,18 @@ def print_where_to_look(cfg, result) -> None:
     print("\nwhere to look:")
     print(f"  MLflow runs     training {train_run}, evaluation {ev.mlflow_run_id}")
     web = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    if web != uri:
-        print(f"  MLflow UI       mlflow ui --backend-store-uri {uri}, then")
-    experiment = tracking_client(uri).get_run(train_run).info.experiment_id if train_run else ""
-    # MLflow 3's UI opens in its GenAI mode unless the URL asks for the model-training view.
-    print(
-        f"  {'' if web != uri else 'MLflow UI':<15} {web.rstrip('/')}/#/experiments/"
-        f"{experiment}/runs/{train_run}?workflowType=machine_learning"
-    )
+    experiment = experiment_of(uri, train_run)
+    if experiment is None:  # reused outputs, tracked by another server or store
+        print(f"  MLflow UI       the training run is not in {uri}: its outputs were made with")
+        print(f"  {'':<15} another tracking.uri (the run id above is that server's)")
+    else:
+        if web != uri:
+            print(f"  MLflow UI       mlflow ui --backend-store-uri {uri}, then")
+        # MLflow 3's UI opens in its GenAI mode unless the URL asks for the model-training view.
+        print(
+            f"  {'' if web != uri else 'MLflow UI':<15} {web.rstrip('/')}/#/experiments/"
+            f"{experiment}/runs/{train_run}?workflowType=machine_learning"
+        )
     print("  Prefect UI      prefect server start                    # http://127.0.0.1:4200")
     print(f"  FID vs omega    {path}/fid_vs_omega_t*.png")
     print(f"  sample grids    {path}/grids/ (best: {grid})")

@@ -216,3 +216,25 @@ def test_recompute_stale_is_the_config_key_for_every_command_that_reuses(command
     argv = [command] + (["table1a"] if command == "sweep" else []) + ["--recompute-stale"]
     assert flows.cli.main([*argv, "train.steps=5"]) == 0
     assert seen["overrides"] == ["train.steps=5", "paths.recompute_stale=true"]
+
+
+def test_the_printout_of_outputs_tracked_elsewhere_says_so(tmp_path, capsys):
+    """`imf run` reusing outputs whose runs another tracking.uri holds ends with a line that
+    says so, not an MlflowException after a successful run."""
+    from types import SimpleNamespace
+
+    from flows.run_printout import print_where_to_look
+    from tasks.config import load_config
+    from tasks.evaluate import EvalResult
+    from tasks.train import TrainResult
+
+    uri = f"sqlite:///{tmp_path}/other.db"
+    cfg = load_config("smoke", [f"tracking.uri={uri}"])
+    rows = [{"omega": 1.0, "t_min": 0.0, "t_max": 1.0, "best": True}]
+    trained = TrainResult(tmp_path / "train" / "t", "t", False, 10, "a" * 32)
+    evaluated = EvalResult(tmp_path / "evaluate" / "e", "e", False, 0, rows, "b" * 32)
+    print_where_to_look(cfg, SimpleNamespace(train=trained, evaluate=evaluated))
+    out = capsys.readouterr().out
+    assert f"the training run is not in {uri}: its outputs were made with" in out
+    assert "/#/experiments/" not in out  # no link to a run this server does not hold
+    assert f"{evaluated.out.uri}/results.json" in out
