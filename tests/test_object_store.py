@@ -155,3 +155,38 @@ def test_a_corrupt_object_is_never_read_as_training_data(s3_root):
     assert [p.name for p in cached if not p.name.startswith(".")] == ["_SUCCESS"]
     out.write_bytes("shard-00000.parquet", b"a" * 64)  # repaired: read, and kept per node
     assert (out.local_copy() / "shard-00000.parquet").read_bytes() == b"a" * 64
+
+
+def test_lost_and_corrupt_shards_in_the_store_are_recomputed_alone(s3_root):
+    """Per-shard repair on `s3://`: a deleted shard object and one overwritten at the same
+    size are rebuilt, to the same bytes; the others are not rewritten (same LastModified)."""
+    from tasks.precompute import PrecomputeJob, precompute
+    from tasks.schema import DataConfig, PrecomputeConfig, TokenizerConfig
+
+    job = PrecomputeJob(
+        DataConfig(name="digits"),
+        TokenizerConfig(name="pixel"),
+        PrecomputeConfig(rows_per_shard=500, rows_per_row_group=100),
+        s3_root,
+    )
+    out = precompute(job).out
+    store, names = out.store, out.list("shard-*.parquet")
+    assert names == [f"shard-{i:05d}.parquet" for i in range(4)]
+
+    def written() -> dict[str, object]:
+        return {n: store._head(f"{out.rel}/{n}")["LastModified"] for n in names}
+
+    before, original = written(), {n: out.read_bytes(n) for n in names}
+    time.sleep(1.1)  # LastModified counts whole seconds
+    out.remove("shard-00001.parquet")
+    data = bytearray(original["shard-00002.parquet"])
+    data[len(data) // 2] ^= 0xFF  # same size, different content: only the checksum can tell
+    out.write_bytes("shard-00002.parquet", bytes(data))
+    again = precompute(job)
+    assert again.shards_written == ["shard-00001.parquet", "shard-00002.parquet"]
+    after = written()
+    assert {n: after[n] for n in ("shard-00000.parquet", "shard-00003.parquet")} == {
+        n: before[n] for n in ("shard-00000.parquet", "shard-00003.parquet")
+    }  # untouched ...
+    assert after["shard-00002.parquet"] != before["shard-00002.parquet"]  # ... as rewrites show
+    assert {n: out.read_bytes(n) for n in names} == original  # rebuilt to the same bytes
