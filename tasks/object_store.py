@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tasks.lease import Lease
 from tasks.storage import Store, matches, sha256_file
@@ -58,6 +58,7 @@ class S3Store(Store):
     region: str = "us-east-1"
     # the launcher's (key id, secret), for workers without their own; never printed
     credentials: tuple[str, str] | None = field(default=None, repr=False, compare=False)
+    poll_s: ClassVar[float] = 2.0  # a HEAD request per step would cost a small step's time
 
     @classmethod
     def of(cls, uri: str) -> S3Store:

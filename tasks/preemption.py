@@ -9,12 +9,14 @@ process the command started.
     ...     fit()
     >>> preemption.check()                    # between units of work: raises Preempted if asked
 
-A training polls its output's STOP_REQUESTED file at every step (tasks.train_loop), which
-reaches its Ray workers wherever they run: the file lives in the store they share.
+A training polls its output's STOP_REQUESTED file (StopPoll: at every step on a local store,
+every few seconds on object storage), which reaches its Ray workers wherever they run: the
+file lives in the store they share.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -50,6 +52,22 @@ _watched: set[Output] = set()
 _requested: Preempted | None = None
 _grace_s = 30.0
 _installed = False
+
+
+class StopPoll:
+    """Whether a stop was asked of the training at `out`: its STOP_FILE, looked up at most every
+    `poll_s` seconds of its store (a stat at every step locally; on object storage a HEAD
+    request, which at every step would cost a small model's step time)."""
+
+    def __init__(self, out: Output):
+        self.out, self.every, self.last = out, out.store.poll_s, -math.inf
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return False
+        self.last = now
+        return self.out.exists(STOP_FILE)
 
 
 def requested() -> Preempted | None:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -70,6 +70,8 @@ class Store:
     "/"-joined names under the root (`train/<key>/ema.safetensors`)."""
 
     root: str
+    # how often a training looks for its stop file: a stat here costs nothing at every step
+    poll_s: ClassVar[float] = 0.0
 
     @classmethod
     def of(cls, artifacts: str | Path) -> Store:

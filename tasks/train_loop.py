@@ -149,6 +149,7 @@ def train_loop(config: dict) -> None:
         if logger is not None:
             logger.evaluation(at, results, evaluation.seconds, start_time)
 
+    stop_poll = preemption.StopPoll(out)
     try:
         if evaluation is not None and evaluation.due(step, total) and not evaluation.done(step):
             evaluate(step)  # resumed from the checkpoint of an evaluation a stop cut short
@@ -175,7 +176,7 @@ def train_loop(config: dict) -> None:
                         total_steps=total,
                         runtime=runtime,
                     )
-                stop_asked = rank == 0 and out.exists(preemption.STOP_FILE)
+                stop_asked = rank == 0 and stop_poll()
                 agreement.post(step, parts["loss"], stop_asked)
                 step += 1
                 agreement.settle()  # the steps before this one: done by now, no stall

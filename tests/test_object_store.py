@@ -190,3 +190,20 @@ def test_lost_and_corrupt_shards_in_the_store_are_recomputed_alone(s3_root):
     }  # untouched ...
     assert after["shard-00002.parquet"] != before["shard-00002.parquet"]  # ... as rewrites show
     assert {n: out.read_bytes(n) for n in names} == original  # rebuilt to the same bytes
+
+
+def test_a_training_looks_for_its_stop_file_on_the_store_every_few_seconds(
+    s3_root, monkeypatch, tmp_path
+):
+    """Not a HEAD request per step: a stop asked between two looks is seen at the next look."""
+    from tasks.preemption import STOP_FILE, StopPoll
+
+    monkeypatch.setattr(S3Store, "poll_s", 0.5)
+    out = Store.of(s3_root).output("train", "k")
+    poll = StopPoll(out)
+    assert poll() is False  # looked: nothing asked
+    out.write_text(STOP_FILE, "stop")
+    assert poll() is False  # asked, but not looked for yet
+    time.sleep(0.6)
+    assert poll() is True
+    assert StopPoll(Store.of(tmp_path).output("train", "k")).every == 0  # a stat: every step
