@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tasks.config import load_config
@@ -73,6 +74,8 @@ print(json.dumps({
     "gpus": sorted({f.meta.get("gpu") for f in Manifest.read(pres["gpus"].out).files
                     if f.name.startswith("shard")}),
     "units": len(units),
+    "outer_scale": max(float(np.abs(np.load(evals["one"].path / "units" / u)["outer"]).max())
+                       for u in units),
     "outer_max_diff": max(float(np.abs(np.load(evals["one"].path / "units" / u)["outer"]
                                        - np.load(evals["gpus"].path / "units" / u)["outer"]).max())
                           for u in units),
@@ -103,7 +106,9 @@ def test_two_logical_gpu_workers_equal_one_process(background):
     assert got["shards"] == 4 and got["same_bytes"]
     assert got["gpus"] == ["0", "1"]  # two tasks at a time, each with its own GPU
     assert got["units"] == 8 and got["n"][0] == got["n"][1] == 50
-    assert got["outer_max_diff"] < 1e-6 * 50  # float32 sums of the same samples
+    # float32 sums of the same 50 samples, in another order (another thread count): within
+    # the bound of such a sum, n * eps * the largest term (measured: 4.1e-4 at 2960, 2026-12-07)
+    assert got["outer_max_diff"] <= 50 * np.finfo(np.float32).eps * got["outer_scale"]
     assert got["fids"][0] == pytest.approx(got["fids"][1], rel=1e-5)
 
 
