@@ -9,7 +9,7 @@ run's params, tags or a manifest; the URI does.
 
 What the local layout guarantees holds here too: one object is one PUT, visible whole or not
 at all, so every write is atomic and a manifest written last publishes an output. "One launch
-computes" is a lease (`locks/<name>.lock`, tasks.lease). Reads that
+computes" is a lease (`locks/<name>.lock`, tasks.lease) made of conditional requests. Reads that
 need a file (safetensors, `np.load`, training's memory-mapped Parquet) use a node-local cache
 (`IMF_CACHE_DIR`, default the system's temporary folder), filled once per node and checked
 by size; every transfer is retried with backoff (RETRIES) before the stage fails.
@@ -23,13 +23,12 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.lease import Lease
 from tasks.storage import Store, matches, sha256_file
 
 RETRIES = 8  # attempts of each request, with exponential backoff (~1 min in all)
@@ -312,15 +311,55 @@ class S3Store(Store):
     def free_bytes(self) -> None:
         return None  # object storage reports no free space
 
-    @contextmanager
-    def lock(self, name: str, on_wait: Callable[[str], None]) -> Iterator[None]:
-        """A lease on `locks/<name>.lock`, held while the block runs (see the module)."""
-        lease = Lease(self, f"locks/{name}.lock")
-        lease.acquire(on_wait)
+    # -- conditional objects (the lease's: tasks.lease) ------------------------------------
+
+    def _put_if(self, key: str, data: bytes, **condition: str) -> str | None:
+        """The new ETag, or None where the condition failed."""
+        from botocore.exceptions import ClientError
+
         try:
-            yield
-        finally:
-            lease.release()
+            answer = self.client.put_object(
+                Bucket=self.bucket, Key=self.object(key), Body=data, **condition
+            )
+        except ClientError as err:
+            if _refused(err):
+                return None
+            raise
+        return answer["ETag"]
+
+    def create_if_absent(self, key: str, data: bytes) -> str | None:
+        return self._put_if(key, data, IfNoneMatch="*")
+
+    def replace_if_unchanged(self, key: str, data: bytes, token: str) -> str | None:
+        return self._put_if(key, data, IfMatch=token)
+
+    def read_with_token(self, key: str) -> tuple[bytes, str] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self.object(key))
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                return None
+            raise
+        return answer["Body"].read(), answer["ETag"]
+
+    def delete_if_unchanged(self, key: str, token: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.object(key), IfMatch=token)
+        except ClientError as err:
+            if _refused(err) or err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                return False
+            raise
+        return True
+
+
+def _refused(err: Any) -> bool:
+    """Whether a conditional request failed on its condition (another version is there)."""
+    code = err.response.get("Error", {}).get("Code", "")
+    return code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
 
 def cache_dir() -> Path:

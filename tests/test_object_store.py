@@ -137,10 +137,9 @@ def test_a_live_holder_keeps_its_lease_by_renewing_it(s3_root):
     holder = Lease(store, "locks/x.lock", seconds=1.5)
     holder.acquire(print)
     time.sleep(3)  # two lease lengths: renewed meanwhile
-    other = Lease(store, "locks/x.lock", seconds=1.5)
-    assert other._put(IfNoneMatch="*") is None
-    current, _ = other._current()
-    assert current["expires"] > time.time()
+    assert store.create_if_absent("locks/x.lock", b"{}") is None
+    current, _ = store.read_with_token("locks/x.lock")
+    assert json.loads(current)["expires"] > time.time()
     holder.release()
 
 
