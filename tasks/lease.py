@@ -110,7 +110,9 @@ def gone(holder: dict[str, Any]) -> bool:
     """Whether `holder` ran on this machine and has died: its pid runs no process, or one that
     started at another time (the pid was reused)."""
     here = holder.get("host") == socket.gethostname() and holder.get("machine") == machine()
-    return here and bool(holder["machine"]) and started(holder.get("pid", 0)) != holder["started"]
+    return (
+        here and bool(holder["machine"]) and started(holder.get("pid", 0)) != holder.get("started")
+    )
 
 
 # -- the lease -----------------------------------------------------------------------------

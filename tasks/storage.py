@@ -10,7 +10,8 @@ caller's:
 - every write is atomic: a reader sees a file whole or not at all (written beside, then
   renamed; on object storage one PUT); a finished output is published by writing its
   manifest last (`tasks.artifacts`);
-- `lock` is "one launch computes": a second launch of the same output waits, then reuses;
+- `lock` is "one launch computes", across hosts: a second launch of the same output waits,
+  then reuses (a lease, tasks.lease);
 - `parquet` memory-maps a local file (the fast path of training's data reads);
 - `local_path` / `staged` hand a path to a library that only reads or writes files
   (safetensors, `np.load`, `torch.save`, matplotlib): the file itself on a local store, a
