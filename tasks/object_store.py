@@ -9,10 +9,12 @@ run's params, tags or a manifest; the URI does.
 
 What the local layout guarantees holds here too: one object is one PUT, visible whole or not
 at all, so every write is atomic and a manifest written last publishes an output. "One launch
-computes" is a lease (`locks/<name>.lock`, tasks.lease). Reads that
+computes" is a lease (`locks/<name>.lock`, tasks.lease) made of conditional requests. Reads that
 need a file (safetensors, `np.load`, training's memory-mapped Parquet) use a node-local cache
 (`IMF_CACHE_DIR`, default the system's temporary folder), filled once per node and checked
-by size; every transfer is retried with backoff (RETRIES) before the stage fails.
+by size, and bounded (`IMF_CACHE_MAX_GB`): the least recently used files go first, never one
+that a running process has read (it pins the folder, an output, for its life); every transfer
+is retried with backoff (RETRIES) before the stage fails.
 """
 
 from __future__ import annotations
@@ -23,17 +25,17 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from tasks.lease import Lease
 from tasks.storage import Store, matches, sha256_file
 
 RETRIES = 8  # attempts of each request, with exponential backoff (~1 min in all)
 CHUNK = 1 << 22
+CACHE_MAX_GB = 100.0  # the node cache's bound (IMF_CACHE_MAX_GB): above one training's data
 
 
 KEY_ID, SECRET = "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"
@@ -270,9 +272,10 @@ class S3Store(Store):
         if head is None:
             raise FileNotFoundError(self.uri(key))
         path = cache_dir() / self.bucket / self.object(key)
+        _pin(path.parent)  # before the check: from here on, no process evicts it
         with _node_lock(path):
             if not (path.is_file() and path.stat().st_size == head["ContentLength"]):
-                path.parent.mkdir(parents=True, exist_ok=True)
+                _make_room(head["ContentLength"])
                 tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
                 self.client.download_file(self.bucket, self.object(key), str(tmp))
                 if sha256 and sha256_file(tmp) != sha256:
@@ -282,6 +285,7 @@ class S3Store(Store):
                         "(SHA-256 differs): it is not read; recompute its output"
                     )
                 os.replace(tmp, path)
+            os.utime(path)  # its last use: the cache evicts the least recently used first
         return path
 
     def open_input(self, key: str) -> Any:
@@ -313,21 +317,70 @@ class S3Store(Store):
     def free_bytes(self) -> None:
         return None  # object storage reports no free space
 
-    @contextmanager
-    def lock(self, name: str, on_wait: Callable[[str], None]) -> Iterator[None]:
-        """A lease on `locks/<name>.lock`, held while the block runs (see the module)."""
-        lease = Lease(self, f"locks/{name}.lock")
-        lease.acquire(on_wait)
+    # -- conditional objects (the lease's: tasks.lease) ------------------------------------
+
+    def _put_if(self, key: str, data: bytes, **condition: str) -> str | None:
+        """The new ETag, or None where the condition failed."""
+        from botocore.exceptions import ClientError
+
         try:
-            yield
-        finally:
-            lease.release()
+            answer = self.client.put_object(
+                Bucket=self.bucket, Key=self.object(key), Body=data, **condition
+            )
+        except ClientError as err:
+            if _refused(err):
+                return None
+            raise
+        return answer["ETag"]
+
+    def create_if_absent(self, key: str, data: bytes) -> str | None:
+        return self._put_if(key, data, IfNoneMatch="*")
+
+    def replace_if_unchanged(self, key: str, data: bytes, token: str) -> str | None:
+        return self._put_if(key, data, IfMatch=token)
+
+    def read_with_token(self, key: str) -> tuple[bytes, str] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self.object(key))
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                return None
+            raise
+        return answer["Body"].read(), answer["ETag"]
+
+    def delete_if_unchanged(self, key: str, token: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.object(key), IfMatch=token)
+        except ClientError as err:
+            if _refused(err) or err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                return False
+            raise
+        return True
+
+
+def _refused(err: Any) -> bool:
+    """Whether a conditional request failed on its condition (another version is there)."""
+    code = err.response.get("Error", {}).get("Code", "")
+    return code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
 
 def cache_dir() -> Path:
     """The node-local cache of objects read as files (IMF_CACHE_DIR)."""
     default = Path(tempfile.gettempdir()) / "imf-cache"
     return Path(os.environ.get("IMF_CACHE_DIR") or default)
+
+
+def cache_bound() -> int:
+    """The node cache's bound in bytes (IMF_CACHE_MAX_GB)."""
+    text = os.environ.get("IMF_CACHE_MAX_GB") or str(CACHE_MAX_GB)
+    try:
+        return int(float(text) * 1e9)
+    except ValueError:
+        raise ValueError(f"IMF_CACHE_MAX_GB={text!r}: expected a number of GB") from None
 
 
 @contextmanager
@@ -338,3 +391,44 @@ def _node_lock(path: Path) -> Iterator[None]:
     with open(lock, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
+
+
+_pins: dict[Path, int] = {}  # the cache folders this process reads from: their `.pin`s
+
+
+def _pin(folder: Path) -> None:
+    """Keeps the cached files in `folder` from eviction while this process runs: a shared
+    lock on `folder/.pin`, which the kernel releases when the process ends (a worker that
+    memory-maps a shard holds it for its life). One per folder (one output), not per file."""
+    if folder not in _pins:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / ".pin", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        _pins[folder] = fd
+
+
+def _make_room(need: int) -> None:
+    """Evicts the least recently used cached files of folders no process has pinned until
+    `need` more bytes fit under the bound (or nothing more can go: pinned files stay)."""
+    cached = []  # (last use, size, path) of the files local_path placed (each has its lock)
+    for folder, _, names in os.walk(cache_dir()):
+        for name in names:
+            path = Path(folder, name)
+            if name.startswith(".") or not path.with_name(f".{name}.lock").exists():
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue  # evicted meanwhile by another process
+            cached.append((st.st_mtime, st.st_size, path))
+    total, bound = sum(size for _, size, _ in cached), cache_bound()
+    for _, size, path in sorted(cached):
+        if total + need <= bound:
+            return
+        with open(path.parent / ".pin", "a") as pin:
+            try:  # refused while any process, this one too, has the folder pinned
+                fcntl.flock(pin, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            path.unlink(missing_ok=True)
+            total -= size

@@ -10,7 +10,8 @@ caller's:
 - every write is atomic: a reader sees a file whole or not at all (written beside, then
   renamed; on object storage one PUT); a finished output is published by writing its
   manifest last (`tasks.artifacts`);
-- `lock` is "one launch computes": a second launch of the same output waits, then reuses;
+- `lock` is "one launch computes", across hosts: a second launch of the same output waits,
+  then reuses (a lease, tasks.lease);
 - `parquet` memory-maps a local file (the fast path of training's data reads);
 - `local_path` / `staged` hand a path to a library that only reads or writes files
   (safetensors, `np.load`, `torch.save`, matplotlib): the file itself on a local store, a
@@ -19,19 +20,18 @@ caller's:
 
 from __future__ import annotations
 
-import fcntl
 import fnmatch
 import hashlib
 import json
 import os
 import shutil
-import socket
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
+
+from tasks import lease
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -56,11 +56,6 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 def json_text(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
-
-
-def owner_record() -> dict[str, Any]:
-    """Who holds a lock: shown to whoever waits for it."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.ctime()}
 
 
 @dataclass(frozen=True)
@@ -184,25 +179,28 @@ class Store:
 
     @contextmanager
     def lock(self, name: str, on_wait: Callable[[str], None]) -> Iterator[None]:
-        """An OS file lock (flock) on `<root>/locks/<name>.lock`: the kernel releases it when
-        its holder dies, so a killed holder's lock is simply taken over. flock is per host on
-        most network file systems: two hosts sharing a directory can each compute the same
-        output (on object storage, the lease of tasks.lease holds across hosts)."""
-        path = self.path(f"locks/{name}.lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        """A lease on `locks/<name>.lock`, held while the block runs: it holds across hosts,
+        on a shared POSIX directory as on object storage (tasks.lease)."""
+        held = lease.Lease(self, f"locks/{name}.lock")
+        held.acquire(on_wait)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                on_wait(os.pread(fd, 4096, 0).decode(errors="replace").strip())
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(owner_record()).encode(), 0)
             yield
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            held.release()
+
+    # -- conditional objects (the lease's: tasks.lease) ------------------------------------
+
+    def create_if_absent(self, key: str, data: bytes) -> str | None:
+        return lease.create_file(self.path(key), data)
+
+    def replace_if_unchanged(self, key: str, data: bytes, token: str) -> str | None:
+        return lease.replace_file(self.path(key), data, token)
+
+    def read_with_token(self, key: str) -> tuple[bytes, str] | None:
+        return lease.read_file(self.path(key))
+
+    def delete_if_unchanged(self, key: str, token: str) -> bool:
+        return lease.delete_file(self.path(key), token)
 
 
 def matches(name: str, pattern: str) -> bool:

@@ -503,6 +503,12 @@ QUOTES = [
         lambda: fixed(0)(lease_s()),
     ),
     q(
+        "docs/cluster.md",
+        "The cache is bounded by `IMF_CACHE_MAX_GB` (default {} GB;",
+        "tasks.object_store.CACHE_MAX_GB",
+        lambda: fixed(0)(cache_max_gb()),
+    ),
+    q(
         "docs/reliability.md",
         "and it is taken over once expired ({} s)",
         "tasks.lease.LEASE_S",
@@ -515,6 +521,12 @@ def lease_s() -> float:
     from tasks.lease import LEASE_S
 
     return LEASE_S
+
+
+def cache_max_gb() -> float:
+    from tasks.object_store import CACHE_MAX_GB
+
+    return CACHE_MAX_GB
 
 
 def flat(path: Path) -> str:

@@ -12,7 +12,7 @@ import pytest
 
 from tasks.artifacts import FileRecord, Manifest, begin
 from tasks.lease import Lease
-from tasks.object_store import S3Store
+from tasks.object_store import S3Store, cache_dir
 from tasks.storage import Output, Store
 
 
@@ -137,10 +137,9 @@ def test_a_live_holder_keeps_its_lease_by_renewing_it(s3_root):
     holder = Lease(store, "locks/x.lock", seconds=1.5)
     holder.acquire(print)
     time.sleep(3)  # two lease lengths: renewed meanwhile
-    other = Lease(store, "locks/x.lock", seconds=1.5)
-    assert other._put(IfNoneMatch="*") is None
-    current, _ = other._current()
-    assert current["expires"] > time.time()
+    assert store.create_if_absent("locks/x.lock", b"{}") is None
+    current, _ = store.read_with_token("locks/x.lock")
+    assert json.loads(current)["expires"] > time.time()
     holder.release()
 
 
@@ -207,3 +206,69 @@ def test_a_training_looks_for_its_stop_file_on_the_store_every_few_seconds(
     time.sleep(0.6)
     assert poll() is True
     assert StopPoll(Store.of(tmp_path).output("train", "k")).every == 0  # a stat: every step
+
+
+def shard_output(root: str, key: str, mb: int = 1) -> Output:
+    """A finished precompute output in the store: one uncompressed shard of `mb` MB."""
+    out = Store.of(root).output("precompute", key)
+    values = np.arange(mb * 250_000, dtype=np.float32)
+    table = pa.table({"x": values})
+    out.write_table("shard-00000.parquet", table, compression="none", use_dictionary=False)
+    Manifest(key, "precompute", {}, [], [FileRecord.of(out, "shard-00000.parquet")]).write(out)
+    return out
+
+
+def map_shard(root: str, key: str, env: dict, started, release, kept) -> None:
+    """A worker on the node: memory-maps an output's shard from the cache, holds it until
+    told, then says whether its mapping still reads the shard whole."""
+    import os
+
+    os.environ.update(env)
+    path = Store.of(root).output("precompute", key).local_copy() / "shard-00000.parquet"
+    import pyarrow.parquet as pq
+
+    shard = pq.ParquetFile(pa.memory_map(str(path)))
+    started.set()
+    release.wait(60)
+    whole = np.array_equal(shard.read()["x"].to_numpy(), np.arange(250_000, dtype=np.float32))
+    kept.value = int(whole and path.exists())
+
+
+def read_outputs(root: str, keys: list[str], env: dict) -> None:
+    """A process on the node that reads outputs through the cache, then ends."""
+    import os
+
+    os.environ.update(env)
+    for key in keys:
+        Store.of(root).output("precompute", key).local_copy()
+
+
+def cached(out: Output) -> bool:
+    """Whether the node cache holds the output's shard (looked at, not read: no pin)."""
+    shard = out.store.object(f"{out.rel}/shard-00000.parquet")
+    return (cache_dir() / out.store.bucket / shard).exists()
+
+
+def test_the_node_cache_keeps_to_its_bound_but_never_evicts_a_file_in_use(s3_root, monkeypatch):
+    import os
+
+    monkeypatch.setenv("IMF_CACHE_MAX_GB", "0.0025")  # 2.5 MB: two of the 1 MB shards
+    a, b, c = (shard_output(s3_root, k) for k in "abc")
+    ctx, env = multiprocessing.get_context("spawn"), dict(os.environ)
+    started, release, kept = ctx.Event(), ctx.Event(), ctx.Value("i", 0)
+    worker = ctx.Process(target=map_shard, args=(s3_root, "a", env, started, release, kept))
+    worker.start()
+    assert started.wait(60)  # a: the least recently used, memory-mapped by a running worker
+    reader = ctx.Process(target=read_outputs, args=(s3_root, ["b"], env))
+    reader.start()
+    reader.join(60)  # b: read by a process that has ended
+    c.local_copy()  # a third does not fit: b goes, a stays (in use)
+    assert (cached(a), cached(b), cached(c)) == (True, False, True)
+    release.set()
+    worker.join(60)
+    assert kept.value == 1  # the worker read its shard whole to the end
+    b.local_copy()  # once the worker has ended, a goes (c: in use by this process)
+    assert (cached(a), cached(b), cached(c)) == (False, True, True)
+    monkeypatch.setenv("IMF_CACHE_MAX_GB", "0.0001")  # less than one shard
+    d = shard_output(s3_root, "d")
+    assert (d.local_copy() / "shard-00000.parquet").stat().st_size > 1e6  # never what it returns
