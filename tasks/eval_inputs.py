@@ -22,7 +22,7 @@ from tasks.artifacts import content_key
 from tasks.eval_classifier import makes_classifier
 from tasks.features import check_weights
 from tasks.precompute import PrecomputeResult
-from tasks.storage import sha256_file
+from tasks.storage import StoredFile, local_file, sha256_file
 
 
 def feature_kind(cfg) -> str:
@@ -53,12 +53,15 @@ def needs_precompute(cfg) -> bool:
     return feature_kind(cfg) == "classifier" or not cfg.eval.reference
 
 
-def reference_path(cfg, pre: PrecomputeResult | None) -> Path:
+def reference_path(cfg, pre: PrecomputeResult | None) -> Path | StoredFile:
+    """eval.reference (absolute), else the precompute output's statistics."""
     if cfg.eval.reference:
-        path = Path(cfg.eval.reference)
+        path = Path(cfg.eval.reference).resolve()
+        found = path.is_file()
     else:
-        path = pre.out.local_path("reference.npz")
-    if not path.is_file():
+        path = pre.out.file("reference.npz")
+        found = pre.out.exists(path.name)
+    if not found:
         raise FileNotFoundError(f"no FID reference statistics at {path} (set eval.reference)")
     return path
 
@@ -67,12 +70,13 @@ def reference_path(cfg, pre: PrecomputeResult | None) -> Path:
 class Features:
     """What an evaluation's FID is computed with, resolved and checked once (Features.of):
     the feature extractor and its weights, the reference statistics' file and its bytes'
-    hash (what an evaluation's key covers, not the path). Paths are absolute: the workers
-    that read them run in another directory."""
+    hash (what an evaluation's key covers, not the path). The workers that read them run on
+    other nodes and in other directories: precompute's files are StoredFiles, each read on
+    the reader's node; a user's files are absolute paths, which every node must have."""
 
     kind: str  # inception | classifier
-    extractor: Path  # its weights
-    reference: Path  # the FID reference's npz (mu, sigma)
+    extractor: Path | StoredFile  # its weights
+    reference: Path | StoredFile  # the FID reference's npz (mu, sigma)
     reference_sha256: str
 
     @classmethod
@@ -80,18 +84,18 @@ class Features:
         """Raises FileNotFoundError or ValueError naming a missing or malformed file."""
         kind = feature_kind(cfg)
         if kind == "classifier":
-            extractor = pre.out.local_path("classifier.pt")
+            extractor = pre.out.file("classifier.pt")
+            check_weights(kind, local_file(extractor))
         else:
-            extractor = Path(cfg.eval.inception_weights)
-        extractor = check_weights(kind, extractor).resolve()
-        reference = reference_path(cfg, pre).resolve()
+            extractor = check_weights(kind, cfg.eval.inception_weights).resolve()
+        reference = reference_path(cfg, pre)
         load_reference(reference)  # mu and sigma, shapes checked: a bad file fails now
-        return cls(kind, extractor, reference, sha256_file(reference))
+        return cls(kind, extractor, reference, sha256_file(local_file(reference)))
 
 
-def load_reference(path: Path):
+def load_reference(path: Path | StoredFile):
     """The FID reference statistics (an npz with mu and sigma), or an error naming the file."""
-    ref = np.load(path)
+    ref = np.load(local_file(path))
     if not {"mu", "sigma"} <= set(ref.files):
         raise ValueError(f"FID reference {path} has no mu and sigma (keys: {ref.files})")
     return ref

@@ -32,7 +32,7 @@ from imf_core.models.official import load_official
 from imf_core.sdpa import plain_attention
 from tasks.features import to_uint8
 from tasks.grids import decoded_grid, grid_inputs, png_bytes, point_title
-from tasks.storage import Output
+from tasks.storage import Output, StoredFile, local_file
 from tasks.tokenizers import open_tokenizer, pick_device
 
 # Noises and classes (i mod K) of the input-sensitivity batch (imf_core.guidance).
@@ -59,15 +59,16 @@ def real_indices(rows: int, n: int, seed: int) -> tuple[torch.Tensor, str]:
     return torch.randint(0, rows, (n,), generator=gen), f"bootstrap: {n} draws of {rows} rows"
 
 
-def load_model(weights: Path, input_size: int) -> torch.nn.Module:
+def load_model(weights: Path | StoredFile, input_size: int) -> torch.nn.Module:
     """The network in a weights file: our ema.safetensors (its model config in the metadata),
     or an official release state dict (.pth: architecture read off the tensors; `input_size`
-    is the latent side, which those files do not record)."""
+    is the latent side, which those files do not record). A training's weights come as a
+    StoredFile: read on this process's node."""
     from safetensors import safe_open
 
     from imf_core.models.config import ModelConfig
 
-    weights = Path(weights)
+    weights = local_file(weights)
     if weights.suffix == ".safetensors":
         with safe_open(str(weights), "pt") as f:
             model_cfg = ModelConfig(**json.loads(f.metadata()["model_config"]))
@@ -101,11 +102,12 @@ class Unit:
 
 class UnitRunner:
     """What units need -- the model, tokenizer, feature extractor, the data rows -- opened once
-    per process (the driver, each Ray actor, or a training rank). `weights` is a weights file
-    (load_model) or the network itself (a training's, its EMA swapped in: tasks.inrun_eval).
-    `expect` = (classes, latent shape) of the data, if known; `data` = the precompute output
-    (an Output, for real rows), if any; `sdpa_backend` the network's attention kernel
-    (train.sdpa_backend)."""
+    per process (the driver, each Ray actor, or a training rank), on that process's node: its
+    files come as StoredFiles (or user-given paths), never as another node's local path.
+    `weights` is a weights file (load_model) or the network itself (a training's, its EMA
+    swapped in: tasks.inrun_eval). `expect` = (classes, latent shape) of the data, if known;
+    `data` = the precompute output (an Output, for real rows), if any; `sdpa_backend` the
+    network's attention kernel (train.sdpa_backend)."""
 
     def __init__(
         self,
@@ -140,7 +142,7 @@ class UnitRunner:
         self.tokenizer = open_tokenizer(t.name, t.path, t.variant, e.device)
         from tasks.extractors import open_extractor
 
-        self.extractor = open_extractor(kind, features).to(self.device)
+        self.extractor = open_extractor(kind, local_file(features)).to(self.device)
         self.rgb_extractor = kind == "inception"
         # the real rows, memory-mapped from this node's copy of the precompute output
         self.data = LatentDataset(data.local_copy(), sample_posterior=False) if data else None

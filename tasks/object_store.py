@@ -204,14 +204,17 @@ class S3Store(Store):
             raise
 
     def _keys(self, prefix: str) -> Iterator[tuple[str, int]]:
-        """(name under `prefix`, size) of every object there."""
+        """(name under `prefix`, size) of every object there. Not the "directory" markers
+        (empty keys ending in "/") that pyarrow's filesystem makes under Ray Train's
+        checkpoints: they are no files, and a store may list one that it cannot copy."""
         start = self.object(prefix).rstrip("/") + "/"
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=start
         )
         for page in pages:
             for item in page.get("Contents", []):
-                yield item["Key"][len(start) :], item["Size"]
+                if not item["Key"].endswith("/"):
+                    yield item["Key"][len(start) :], item["Size"]
 
     def is_file(self, key: str) -> bool:
         return self._head(key) is not None

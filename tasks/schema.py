@@ -103,6 +103,9 @@ class TrainConfig:
     # part, benchmarks/gpu/); the JVP pass keeps model.jvp_attention. Not in the run's key.
     sdpa_backend: str = "auto"
     ray_address: str = ""  # "" = a local Ray; else a cluster address (infra/README.md)
+    # Where Ray places the workers (Ray Train's ScalingConfig.placement_strategy): PACK (as few
+    # nodes as fit) | SPREAD | STRICT_PACK (one node) | STRICT_SPREAD (one worker per node)
+    placement_strategy: str = "PACK"
     fault_at_step: int = -1  # tests: the last rank kills itself once at this step
     # On SIGTERM / SIGINT: checkpoint at the next step boundary and end; what has not ended
     # after this many seconds is killed (tasks.preemption)
@@ -136,6 +139,12 @@ class TrainConfig:
             )
         if self.keep_checkpoints < 1:
             raise ValueError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+        if self.placement_strategy not in strategies:
+            raise ValueError(
+                f"train.placement_strategy must be one of {strategies}, "
+                f"got {self.placement_strategy!r}"
+            )
         modes = ("auto", *COMPILE_MODES)
         if self.compile not in modes:
             raise ValueError(f"train.compile must be one of {modes}, got {self.compile!r}")

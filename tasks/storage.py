@@ -316,6 +316,10 @@ class Output:
         """A local directory holding this finished output (training's memory-mapped data)."""
         return self.store.local_copy(self.rel)
 
+    def file(self, name: str) -> StoredFile:
+        """The file `name` by name, not by path: what a Ray worker or actor is handed."""
+        return StoredFile(self, name)
+
     def write_arrays(self, name: str, **arrays: Any) -> None:
         """NumPy arrays as one `.npz` (an evaluation unit's sums)."""
         import io
@@ -394,3 +398,26 @@ class Output:
         name = "-".join(filter(None, (self.rel.replace("/", "-"), part)))
         with self.store.lock(name, waiting):
             yield
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One file of an output, named by (output, name) rather than by a path. A path that one
+    process resolved names its own node's file (a node-local cached copy on object storage):
+    handed to a Ray worker or actor on another node, it names nothing there. Each process
+    resolves a StoredFile itself (`local_file`), reading through the store on its own node."""
+
+    out: Output
+    name: str
+
+    def local_path(self) -> Path:
+        return self.out.local_path(self.name)
+
+    def __str__(self) -> str:  # what results, tags and messages record: the URI
+        return self.out.store.uri(self.out._key(self.name))
+
+
+def local_file(file: str | Path | StoredFile) -> Path:
+    """A local path to read: a StoredFile's copy on this node, or a path as given (a user's
+    input file, which every node that reads it must have at that path)."""
+    return file.local_path() if isinstance(file, StoredFile) else Path(file)

@@ -34,7 +34,7 @@ from tasks.cluster import connect_ray
 from tasks.journal import replay
 from tasks.precompute import PrecomputeResult, stores_flips
 from tasks.schema import ExperimentConfig, TokenizerConfig, TrainConfig
-from tasks.storage import Output, Store
+from tasks.storage import Output, Store, StoredFile
 from tasks.tracking import TrackingTarget, dataset_input, end_run, flatten, mark_stale, open_run
 from tasks.train_loop import NAN_FILE, train_loop
 
@@ -52,6 +52,7 @@ RUNTIME_ONLY = (
     "eval_every_epochs",
     "max_failures",
     "ray_address",
+    "placement_strategy",
     "fault_at_step",
     "preempt_grace_s",
     "compile",
@@ -83,9 +84,10 @@ class TrainResult:
         return Output.at(self.path)
 
     @property
-    def weights(self) -> Path:
-        """The exported EMA weights (what evaluation samples from), as a local file."""
-        return self.out.local_path(WEIGHTS)
+    def weights(self) -> StoredFile:
+        """The exported EMA weights (what evaluation samples from), by name: each evaluation
+        actor reads them on its own node (tasks.storage.local_file)."""
+        return self.out.file(WEIGHTS)
 
 
 def train_key(
@@ -288,6 +290,7 @@ def _fit(job: TrainJob, out: Output, run_id: str):
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,
             resources_per_worker={"CPU": t.cpus_per_worker},
+            placement_strategy=t.placement_strategy,
         ),
         run_config=RunConfig(
             name="run",

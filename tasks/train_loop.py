@@ -116,6 +116,8 @@ def train_loop(config: dict) -> None:
         logger = RankZeroLogger(job, config["mlflow_run_id"], dataset, total, utilisation)
     if logger is not None:  # the device the workers run on (the driver cannot know it)
         logger.run.tags({"imf.device": f"{world} x {device_name(device)}"})
+        if checkpoint is not None:  # a relaunch, or Ray Train's restart after a lost worker
+            print(f"{logger.label}resumed from the checkpoint of step {step}", flush=True)
     start_time, start_step = time.perf_counter(), step
     evaluation = None
     if job.inrun is not None:

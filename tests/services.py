@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -281,36 +282,78 @@ def ray_temp_dir():
         shutil.rmtree(path, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class RayNode:
+    """How one node of a test's Ray cluster starts, beyond what all share: its processes'
+    working directory (its workers run there), environment added to the cluster's (TMPDIR,
+    IMF_CACHE_DIR), and more `ray start` options (--temp-dir, --resources)."""
+
+    cwd: Path | None = None
+    env: dict = field(default_factory=dict)
+    args: tuple[str, ...] = ()
+
+
+class RayCluster:
+    """A test's Ray cluster of `ray start` processes (ray_nodes): its address, and each node
+    killed as a crash loses a machine, or started (again) by joining the head."""
+
+    def __init__(self, temp: Path, nodes: list[RayNode], env: dict | None, log: Path | None):
+        self.env = ray_client_env(env) | {"RAY_TMPDIR": str(temp)}
+        self.address = f"127.0.0.1:{free_port()}"
+        self.nodes, self.log = nodes, log or temp
+        self.procs: list[subprocess.Popen | None] = [None] * len(nodes)
+
+    def start(self, i: int) -> None:
+        """Starts node `i` (0: the head) and waits until the cluster counts it."""
+        node = self.nodes[i]
+        args = [str(RAY_BIN), "start", "--num-cpus=1", "--block", "--disable-usage-stats"]
+        if i == 0:
+            port = self.address.rsplit(":", 1)[1]
+            args += ["--head", f"--port={port}", "--include-dashboard=false"]
+        else:
+            args.append(f"--address={self.address}")
+        with open(self.log / f"node{i}.log", "ab") as out:
+            self.procs[i] = subprocess.Popen(
+                [*args, *node.args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env | node.env,
+                cwd=node.cwd,
+                start_new_session=True,
+            )
+        wait_for_nodes(self.address, sum(p is not None for p in self.procs), self.env)
+
+    def kill(self, i: int) -> None:
+        """Node `i`'s raylet and its workers killed at once, as a lost machine leaves them."""
+        stop(self.procs[i], signals=(signal.SIGKILL,))
+        self.procs[i] = None
+
+
 @contextmanager
-def ray_cluster(temp: Path, nodes: int = 1, env: dict | None = None, log: Path | None = None):
-    """`ray start --head` (plus `nodes - 1` nodes joining by address), each in its own process
-    group, with RAY_TMPDIR=`temp`: its record of "the current cluster" goes there, not into the
-    machine's /tmp/ray, and killing it leaves any other Ray on this machine alone. Yields the
-    address. Token authentication is on, as `ray start` turns it on (with ~/.ray/auth_token
-    unless `env` names a token)."""
-    env = ray_client_env(env) | {"RAY_TMPDIR": str(temp)}
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    common = ["--num-cpus=1", "--block", "--disable-usage-stats"]
-    procs = []
+def ray_nodes(temp: Path, nodes: list[RayNode], env: dict | None = None, log: Path | None = None):
+    """`ray start --head` plus a node joining by address for each further RayNode, each in its
+    own process group, with RAY_TMPDIR=`temp`: its record of "the current cluster" goes there,
+    not into the machine's /tmp/ray, and killing it leaves any other Ray on this machine alone.
+    Yields the RayCluster. Token authentication is on, as `ray start` turns it on (with
+    ~/.ray/auth_token unless `env` names a token)."""
+    cluster = RayCluster(temp, nodes, env, log)
     try:
-        head = [str(RAY_BIN), "start", "--head", f"--port={port}", "--include-dashboard=false"]
-        head += common
-        for i in range(nodes):
-            args = head if i == 0 else [str(RAY_BIN), "start", f"--address={address}", *common]
-            with open((log or temp) / f"node{i}.log", "wb") as out:
-                procs.append(
-                    subprocess.Popen(
-                        args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-                    )
-                )
-            wait_for_nodes(address, i + 1, env)
-        yield address
+        for i in range(len(nodes)):
+            cluster.start(i)
+        yield cluster
     finally:
         # Killed, as a crash leaves a cluster: stopped by SIGTERM each node drains for up to
         # 30 s first (34 s for two, measured), and nothing here needs it to
-        for proc in reversed(procs):
-            stop(proc, signals=(signal.SIGKILL,))
+        for i in reversed(range(len(nodes))):
+            if cluster.procs[i] is not None:
+                cluster.kill(i)
+
+
+@contextmanager
+def ray_cluster(temp: Path, nodes: int = 1, env: dict | None = None, log: Path | None = None):
+    """ray_nodes of `nodes` alike nodes; yields the address."""
+    with ray_nodes(temp, [RayNode()] * nodes, env, log) as cluster:
+        yield cluster.address
 
 
 @contextmanager

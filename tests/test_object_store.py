@@ -42,6 +42,22 @@ def test_an_s3_output_reads_back_what_it_wrote(s3_root):
     assert out.read_text("journal.jsonl").splitlines() == ['{"step": 1}', '{"step": 2}']
 
 
+def test_directory_markers_are_no_files_of_an_output(s3_root):
+    """pyarrow's filesystem (Ray Train's checkpoints) leaves empty `dir/` objects: an output's
+    listing and its move see its files only (copying a marker failed on SeaweedFS)."""
+    store = Store.of(s3_root)
+    out = store.output("train", "k1")
+    out.write_text("ray/run/state.pt", "x")
+    store.fs.create_dir(store.fs_path(f"{out.rel}/ray/run/checkpoint_0"))
+    listed = store.client.list_objects_v2(Bucket=store.bucket, Prefix=store.object(out.rel))
+    assert any(item["Key"].endswith("/") for item in listed["Contents"])  # a marker is there
+    assert out.list("*") == out.list("*/*/*/*") == []  # no "" nor "ray/run/checkpoint_0/"
+    assert out.list("*/*/*") == ["ray/run/state.pt"]
+    kept = store.output("kept", "k1")
+    out.move_to(kept)
+    assert kept.read_text("ray/run/state.pt") == "x" and not out.list("*/*/*")
+
+
 def test_a_manifest_publishes_an_s3_output_and_verifies_its_files(s3_root):
     out = Store.of(s3_root).output("train", "k2")
     assert begin(out, "training", False) == ""  # records the code that works on it

@@ -39,9 +39,10 @@ def run(tmp_path: Path, *overrides: str):
     return cfg, train(TrainJob.of(cfg, pre))
 
 
-def history(cfg, run_id: str, metric: str) -> dict[int, list[float]]:
+def history(uri: str, run_id: str, metric: str) -> dict[int, list[float]]:
+    """Each step's values of the training metric `metric` of a run, in the tracking at `uri`."""
     out: dict[int, list[float]] = {}
-    for m in MlflowClient(cfg.tracking.uri).get_metric_history(run_id, f"train/{metric}"):
+    for m in MlflowClient(uri).get_metric_history(run_id, f"train/{metric}"):
         out.setdefault(m.step, []).append(m.value)
     return out
 
@@ -72,14 +73,14 @@ def test_ddp_matches_one_worker_and_finished_runs_are_reused(data_parallel):
     (cfg1, one), (cfg2, two) = data_parallel["one"], data_parallel["two"]
     assert one.key == two.key  # nor the worker count nor micro-batches change what is computed
     loss1, loss2 = (
-        history(cfg1, one.mlflow_run_id, "loss"),
-        history(cfg2, two.mlflow_run_id, "loss"),
+        history(cfg1.tracking.uri, one.mlflow_run_id, "loss"),
+        history(cfg2.tracking.uri, two.mlflow_run_id, "loss"),
     )
     assert sorted(loss1) == sorted(loss2) == list(range(1, 13))
     for step in loss1:  # same global batch, same noise: the same loss, to float precision
         assert loss2[step][0] == pytest.approx(loss1[step][0], rel=1e-4)
     for cfg, result in ((cfg1, one), (cfg2, two)):  # 11 warmup steps, then the full rate
-        lr = history(cfg, result.mlflow_run_id, "lr")
+        lr = history(cfg.tracking.uri, result.mlflow_run_id, "lr")
         expected = {s: 3e-3 * min(s / 11, 1.0) for s in lr}
         assert {s: v[0] for s, v in lr.items()} == pytest.approx(expected)
     w1, w2 = load_file(one.path / "ema.safetensors"), load_file(two.path / "ema.safetensors")
@@ -116,12 +117,12 @@ def test_a_killed_worker_resumes_from_its_checkpoint(data_parallel):
     assert result.steps == 12 and (result.path / "fault_injected").read_text() == "6"
     kept = sorted(p.name for p in (result.path / "ray" / "run").glob("checkpoint_*") if p.is_dir())
     assert len(kept) == 2, kept  # 3 reported (steps 4, 8, 12): the oldest is gone
-    loss = history(cfg, result.mlflow_run_id, "loss")
+    loss = history(cfg.tracking.uri, result.mlflow_run_id, "loss")
     # Steps 5 and 6 ran before the kill and again after resuming from the step-4 checkpoint;
     # the MLflow record has every step exactly once ...
     assert sorted(loss) == list(range(1, 13)) and all(len(v) == 1 for v in loss.values()), loss
     # ... with the numbers of a run that was never killed (same data order and noise).
-    clean_loss = history(clean_cfg, clean.mlflow_run_id, "loss")
+    clean_loss = history(clean_cfg.tracking.uri, clean.mlflow_run_id, "loss")
     for step in loss:
         assert loss[step][0] == pytest.approx(clean_loss[step][0], rel=1e-5)
 
@@ -199,7 +200,7 @@ def test_a_tracking_outage_mid_run_loses_nothing(tmp_path, local_ray):
     with server("mlflow-2.log"):
         prepare(cfg)  # what every command does first
         assert sent() == len(records)
-        loss = history(cfg, result.mlflow_run_id, "loss")
+        loss = history(cfg.tracking.uri, result.mlflow_run_id, "loss")
         assert sorted(loss) == list(range(1, steps + 1)) and all(len(v) == 1 for v in loss.values())
         run_info = MlflowClient(uri).get_run(result.mlflow_run_id)
         assert run_info.info.status == "FINISHED" and "error" not in run_info.data.tags
