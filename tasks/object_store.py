@@ -12,7 +12,8 @@ at all, so every write is atomic and a manifest written last publishes an output
 computes" is a lease (`locks/<name>.lock`, tasks.lease). Reads that
 need a file (safetensors, `np.load`, training's memory-mapped Parquet) use a node-local cache
 (`IMF_CACHE_DIR`, default the system's temporary folder), filled once per node and checked
-by size; every transfer is retried with backoff (RETRIES) before the stage fails.
+by size; every request is retried with backoff (`IMF_S3_RETRIES` attempts, default RETRIES)
+before the stage fails, in one line naming the store (StoreAway).
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyarrow import fs
+
 from tasks.lease import Lease
 from tasks.storage import Store, matches, sha256_file
 
-RETRIES = 8  # attempts of each request, with exponential backoff (~1 min in all)
+RETRIES = 8  # attempts of each request (IMF_S3_RETRIES), with exponential backoff
+RETRIES_VARIABLE = "IMF_S3_RETRIES"
 CHUNK = 1 << 22
 
 
@@ -47,6 +51,16 @@ def region() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
+def retries() -> int:
+    """IMF_S3_RETRIES: the attempts of each request before it fails (default RETRIES). With
+    the clients' exponential backoff, 8 ride out a store that is away for about half a minute
+    to a minute (boto3's waits are drawn at random, pyarrow's are not)."""
+    text = os.environ.get(RETRIES_VARIABLE) or str(RETRIES)
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{RETRIES_VARIABLE}={text!r}: expected a whole number of attempts >= 1")
+    return int(text)
+
+
 @dataclass(frozen=True)
 class S3Store(Store):
     """The artifact tree under `s3://<bucket>/<prefix>`; `root` is that URI. Picklable (Ray
@@ -56,6 +70,7 @@ class S3Store(Store):
     prefix: str = ""
     endpoint: str = ""  # "" = AWS
     region: str = "us-east-1"
+    retries: int = field(default=RETRIES, compare=False)  # the launcher's IMF_S3_RETRIES
     # the launcher's (key id, secret), for workers without their own; never printed
     credentials: tuple[str, str] | None = field(default=None, repr=False, compare=False)
 
@@ -68,7 +83,7 @@ class S3Store(Store):
         key, secret = os.environ.get(KEY_ID), os.environ.get(SECRET)
         credentials = (key, secret) if key and secret else None
         root = f"s3://{bucket}/{prefix}".rstrip("/")
-        return cls(root, bucket, prefix, endpoint(), region(), credentials)
+        return cls(root, bucket, prefix, endpoint(), region(), retries(), credentials)
 
     def _credentials(self) -> dict[str, str]:
         """This process's own AWS_ credentials win; else the launcher's; else boto3's chain.
@@ -92,7 +107,7 @@ class S3Store(Store):
         from botocore.config import Config
 
         config = Config(
-            retries={"max_attempts": RETRIES, "mode": "standard"},
+            retries={"max_attempts": self.retries, "mode": "standard"},
             connect_timeout=5,
             read_timeout=60,
         )
@@ -109,8 +124,6 @@ class S3Store(Store):
     def fs(self) -> Any:
         """pyarrow's S3FileSystem (ranged Parquet reads, Ray Train's storage_filesystem). It
         does not read AWS_ENDPOINT_URL itself: the endpoint is passed explicitly."""
-        from pyarrow import fs
-
         url = self.endpoint
         options: dict[str, Any] = {"region": self.region}
         if url:
@@ -122,8 +135,7 @@ class S3Store(Store):
                 "access_key": credentials["aws_access_key_id"],
                 "secret_key": credentials["aws_secret_access_key"],
             }
-        retry = fs.AwsStandardS3RetryStrategy(max_attempts=RETRIES)
-        return fs.S3FileSystem(retry_strategy=retry, **options)
+        return RetryingS3FileSystem(self.retries, options)
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("client", "fs")}
@@ -187,6 +199,14 @@ class S3Store(Store):
                     f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY ({code})"
                 ) from None
             raise
+
+    def away(self) -> str:
+        """After a failed stage: why the store does not answer now (check's line), or ""."""
+        try:
+            self.check()
+        except Exception as err:  # noqa: BLE001 - whatever the probe meets is the answer
+            return f"{err} (each request tried {self.retries} times, {RETRIES_VARIABLE})"
+        return ""
 
     # -- objects ---------------------------------------------------------------------------
 
@@ -321,6 +341,20 @@ class S3Store(Store):
             yield
         finally:
             lease.release()
+
+
+class RetryingS3FileSystem(fs.S3FileSystem):
+    """pyarrow's S3FileSystem, retrying each request `retries` times, also once pickled: Ray
+    Train hands its storage_filesystem to its controller and workers pickled, and pyarrow's
+    own pickle drops the retry strategy (they would retry 3 times, about 2 s)."""
+
+    def __init__(self, retries: int, options: dict[str, Any]):
+        strategy = fs.AwsStandardS3RetryStrategy(max_attempts=retries)
+        super().__init__(retry_strategy=strategy, **options)
+        self.arguments = (retries, options)
+
+    def __reduce__(self) -> tuple[type, tuple[int, dict[str, Any]]]:
+        return RetryingS3FileSystem, self.arguments
 
 
 def cache_dir() -> Path:
