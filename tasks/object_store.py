@@ -26,7 +26,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,8 @@ def region() -> str:
 
 def retries() -> int:
     """IMF_S3_RETRIES: the attempts of each request before it fails (default RETRIES). With
-    the clients' exponential backoff, 8 ride out a store that is away for about half a minute
-    to a minute (boto3's waits are drawn at random, pyarrow's are not)."""
+    the clients' exponential backoff, 8 wait about 45 s in all for pyarrow, and half a minute
+    on average for boto3, whose waits are drawn at random (a few seconds, some draws)."""
     text = os.environ.get(RETRIES_VARIABLE) or str(RETRIES)
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"{RETRIES_VARIABLE}={text!r}: expected a whole number of attempts >= 1")
@@ -201,9 +201,10 @@ class S3Store(Store):
             raise
 
     def away(self) -> str:
-        """After a failed stage: why the store does not answer now (check's line), or ""."""
+        """After a failed stage: why the store does not answer now (check's line), or "". One
+        attempt: the stage's requests have waited out their retries already."""
         try:
-            self.check()
+            replace(self, retries=1).check()
         except Exception as err:  # noqa: BLE001 - whatever the probe meets is the answer
             return f"{err} (each request tried {self.retries} times, {RETRIES_VARIABLE})"
         return ""
