@@ -125,7 +125,7 @@ def test_a_store_back_within_the_retries_costs_the_training_nothing(store, tmp_p
     cfg = config(root, tmp_path)
     result = train(TrainJob.of(cfg, store.pre))
     killer.thread.join()
-    assert len(killer.checkpoints) == 1 and not killer.finished  # killed mid-run
+    assert len(killer.checkpoints) < STEPS // EVERY and not killer.finished  # killed mid-run
     assert result.computed and result.steps == STEPS
     assert saved_steps(root) == list(range(EVERY, STEPS + 1, EVERY))
     assert_losses_of_a_clean_run(cfg, result, store.clean)
@@ -144,7 +144,7 @@ def test_past_the_retries_the_stage_fails_in_one_line_and_the_relaunch_resumes(
     with pytest.raises(StoreAway) as failed:
         train(TrainJob.of(cfg, store.pre))
     killer.thread.join()
-    assert len(killer.checkpoints) == 1 and not killer.finished  # killed mid-run
+    assert len(killer.checkpoints) < STEPS // EVERY and not killer.finished  # killed mid-run
     message = str(failed.value)
     assert "\n" not in message and message.startswith("training ")
     assert f"paths.artifacts={root}: no S3 server answers at" in message
