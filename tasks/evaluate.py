@@ -39,7 +39,7 @@ from tasks.features import UINT8_RULE
 from tasks.precompute import PrecomputeResult
 from tasks.provenance import device_name
 from tasks.schema import EvalConfig, ExperimentConfig, TokenizerConfig
-from tasks.storage import Output, Store
+from tasks.storage import Output, Store, failing_cleanly
 from tasks.tokenizers import pick_device
 from tasks.tracking import TrackingTarget, mark_stale
 
@@ -148,7 +148,7 @@ def evaluate(job: EvalJob, trained) -> EvalResult:
     `trained` is a TrainResult or a Checkpoint (anything with `weights`, `key`,
     `mlflow_run_id`)."""
     out = job.out(trained)
-    with out.lock("evaluation"):
+    with failing_cleanly(out.store, f"evaluation {out.name}"), out.lock("evaluation"):
         made_from = trained.out if hasattr(trained, "steps") else None  # a training
         stale = begin(out, "evaluation", job.recompute_stale, made_from)
         result = _evaluate(job, trained, out)

@@ -79,7 +79,10 @@ class RunJournal:
     def _flush_loop(self, every: float) -> None:
         while not self._stop.wait(every):
             if self._unsent.is_set():
-                self._send()
+                try:
+                    self._send()
+                except Exception:  # noqa: BLE001 - the store is away: the next tick retries
+                    self._unsent.set()
 
     def close(self, timeout: float = 30.0) -> int:
         """Stops the flusher and makes one last attempt; returns the records still unsent."""

@@ -13,8 +13,9 @@ computes" is a lease (`locks/<name>.lock`, tasks.lease) made of conditional requ
 need a file (safetensors, `np.load`, training's memory-mapped Parquet) use a node-local cache
 (`IMF_CACHE_DIR`, default the system's temporary folder), filled once per node and checked
 by size, and bounded (`IMF_CACHE_MAX_GB`): the least recently used files go first, never one
-that a running process has read (it pins the folder, an output, for its life); every transfer
-is retried with backoff (RETRIES) before the stage fails.
+that a running process has read (it pins the folder, an output, for its life); every request
+is retried with backoff (`IMF_S3_RETRIES` attempts, default RETRIES) before the stage fails,
+in one line naming the store (StoreAway).
 """
 
 from __future__ import annotations
@@ -27,13 +28,16 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pyarrow import fs
+
 from tasks.storage import Store, matches, sha256_file
 
-RETRIES = 8  # attempts of each request, with exponential backoff (~1 min in all)
+RETRIES = 8  # attempts of each request (IMF_S3_RETRIES), with exponential backoff
+RETRIES_VARIABLE = "IMF_S3_RETRIES"
 CHUNK = 1 << 22
 CACHE_MAX_GB = 100.0  # the node cache's bound (IMF_CACHE_MAX_GB): above one training's data
 
@@ -49,6 +53,16 @@ def region() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
+def retries() -> int:
+    """IMF_S3_RETRIES: the attempts of each request before it fails (default RETRIES). With
+    the clients' exponential backoff, 8 wait about 45 s in all for pyarrow, and half a minute
+    on average for boto3, whose waits are drawn at random (a few seconds, some draws)."""
+    text = os.environ.get(RETRIES_VARIABLE) or str(RETRIES)
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{RETRIES_VARIABLE}={text!r}: expected a whole number of attempts >= 1")
+    return int(text)
+
+
 @dataclass(frozen=True)
 class S3Store(Store):
     """The artifact tree under `s3://<bucket>/<prefix>`; `root` is that URI. Picklable (Ray
@@ -58,6 +72,7 @@ class S3Store(Store):
     prefix: str = ""
     endpoint: str = ""  # "" = AWS
     region: str = "us-east-1"
+    retries: int = field(default=RETRIES, compare=False)  # the launcher's IMF_S3_RETRIES
     # the launcher's (key id, secret), for workers without their own; never printed
     credentials: tuple[str, str] | None = field(default=None, repr=False, compare=False)
     poll_s: ClassVar[float] = 2.0  # a HEAD request per step would cost a small step's time
@@ -71,7 +86,7 @@ class S3Store(Store):
         key, secret = os.environ.get(KEY_ID), os.environ.get(SECRET)
         credentials = (key, secret) if key and secret else None
         root = f"s3://{bucket}/{prefix}".rstrip("/")
-        return cls(root, bucket, prefix, endpoint(), region(), credentials)
+        return cls(root, bucket, prefix, endpoint(), region(), retries(), credentials)
 
     def _credentials(self) -> dict[str, str]:
         """This process's own AWS_ credentials win; else the launcher's; else boto3's chain.
@@ -95,7 +110,7 @@ class S3Store(Store):
         from botocore.config import Config
 
         config = Config(
-            retries={"max_attempts": RETRIES, "mode": "standard"},
+            retries={"max_attempts": self.retries, "mode": "standard"},
             connect_timeout=5,
             read_timeout=60,
         )
@@ -112,8 +127,6 @@ class S3Store(Store):
     def fs(self) -> Any:
         """pyarrow's S3FileSystem (ranged Parquet reads, Ray Train's storage_filesystem). It
         does not read AWS_ENDPOINT_URL itself: the endpoint is passed explicitly."""
-        from pyarrow import fs
-
         url = self.endpoint
         options: dict[str, Any] = {"region": self.region}
         if url:
@@ -125,8 +138,7 @@ class S3Store(Store):
                 "access_key": credentials["aws_access_key_id"],
                 "secret_key": credentials["aws_secret_access_key"],
             }
-        retry = fs.AwsStandardS3RetryStrategy(max_attempts=RETRIES)
-        return fs.S3FileSystem(retry_strategy=retry, **options)
+        return RetryingS3FileSystem(self.retries, options)
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("client", "fs")}
@@ -190,6 +202,15 @@ class S3Store(Store):
                     f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY ({code})"
                 ) from None
             raise
+
+    def away(self) -> str:
+        """After a failed stage: why the store does not answer now (check's line), or "". One
+        attempt: the stage's requests have waited out their retries already."""
+        try:
+            replace(self, retries=1).check()
+        except Exception as err:  # noqa: BLE001 - whatever the probe meets is the answer
+            return f"{err} (each request tried {self.retries} times, {RETRIES_VARIABLE})"
+        return ""
 
     # -- objects ---------------------------------------------------------------------------
 
@@ -369,6 +390,20 @@ def _refused(err: Any) -> bool:
     """Whether a conditional request failed on its condition (another version is there)."""
     code = err.response.get("Error", {}).get("Code", "")
     return code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+
+
+class RetryingS3FileSystem(fs.S3FileSystem):
+    """pyarrow's S3FileSystem, retrying each request `retries` times, also once pickled: Ray
+    Train hands its storage_filesystem to its controller and workers pickled, and pyarrow's
+    own pickle drops the retry strategy (they would retry 3 times, about 2 s)."""
+
+    def __init__(self, retries: int, options: dict[str, Any]):
+        strategy = fs.AwsStandardS3RetryStrategy(max_attempts=retries)
+        super().__init__(retry_strategy=strategy, **options)
+        self.arguments = (retries, options)
+
+    def __reduce__(self) -> tuple[type, tuple[int, dict[str, Any]]]:
+        return RetryingS3FileSystem, self.arguments
 
 
 def cache_dir() -> Path:

@@ -30,7 +30,7 @@ from tasks.artifacts import FileRecord, Manifest, StageTask, content_key, requir
 from tasks.datasets import UnreadableImages, open_source
 from tasks.eval_classifier import CLASSIFIER_FILES, fit_classifier, makes_classifier
 from tasks.schema import DataConfig, ExperimentConfig, PrecomputeConfig, TokenizerConfig
-from tasks.storage import Output, Store
+from tasks.storage import Output, Store, failing_cleanly
 from tasks.tokenizers import open_tokenizer
 
 
@@ -270,7 +270,7 @@ def precompute(job: PrecomputeJob) -> PrecomputeResult:
             stores_flips(data),
         )
     out = Store.of(job.artifacts).output("precompute", key)
-    with out.lock("precompute"):
+    with failing_cleanly(out.store, f"precompute {key}"), out.lock("precompute"):
         if Manifest.read(out) is None:  # a new (or interrupted) output: will it fit?
             need = len(rows) * row_bytes(data, tokenizer, upstream)
             out.require_free(need, f"precompute's {len(rows)} rows")

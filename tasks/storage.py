@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -56,6 +56,53 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 def json_text(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+
+
+class StoreAway(ConnectionError):
+    """The artifact store stopped answering mid-stage, past its retries. What the stage wrote
+    there is kept: relaunched once the store is back, it resumes (a training from its last
+    checkpoint in the store)."""
+
+
+@contextmanager
+def failing_cleanly(store: Store, what: str) -> Iterator[None]:
+    """A stage's body: when it fails and `store` no longer answers, the error raised is one
+    line naming the store and its endpoint (StoreAway), the stage's own as its cause."""
+    try:
+        yield
+    except Exception as err:
+        reason = store.away()
+        if reason:
+            raise StoreAway(
+                f"{what} stopped: {reason}; what it wrote there is kept: relaunch once the "
+                "store is back"
+            ) from err
+        raise
+
+
+@contextmanager
+def noted_on(error: BaseException, what: str) -> Iterator[None]:
+    """Cleanup on the way out of a failure (an MLflow run's end, a lock's release): a failure
+    of its own -- the store that failed the stage is still away -- becomes a note on `error`,
+    which stays the one raised."""
+    try:
+        yield
+    except Exception as also:
+        error.add_note(f"then {what} failed too: {type(also).__name__}: {also}")
+
+
+@contextmanager
+def first_error_wins(manager: AbstractContextManager, what: str) -> Iterator[Any]:
+    """`with manager:`, except that when the block fails, a failure of the manager's exit is
+    a note on the block's error (noted_on), not a second error that hides the first."""
+    value = manager.__enter__()
+    try:
+        yield value
+    except BaseException as err:
+        with noted_on(err, what):
+            manager.__exit__(type(err), err, err.__traceback__)
+        raise
+    manager.__exit__(None, None, None)
 
 
 @dataclass(frozen=True)
@@ -88,6 +135,11 @@ class Store:
 
     def check(self) -> None:
         """Refuses, before any work, a store that cannot be used (nothing to check here)."""
+
+    def away(self) -> str:
+        """Why the store does not answer now, asked after a stage failed; "" when it does (a
+        local directory always does)."""
+        return ""
 
     def uri(self, key: str) -> str:
         return str(self.path(key))
@@ -396,7 +448,7 @@ class Output:
                 )
 
         name = "-".join(filter(None, (self.rel.replace("/", "-"), part)))
-        with self.store.lock(name, waiting):
+        with first_error_wins(self.store.lock(name, waiting), f"releasing the lock {name}"):
             yield
 
 

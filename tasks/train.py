@@ -34,7 +34,7 @@ from tasks.cluster import connect_ray
 from tasks.journal import replay
 from tasks.precompute import PrecomputeResult, stores_flips
 from tasks.schema import ExperimentConfig, TokenizerConfig, TrainConfig
-from tasks.storage import Output, Store, StoredFile
+from tasks.storage import Output, Store, StoredFile, failing_cleanly, noted_on
 from tasks.tracking import TrackingTarget, dataset_input, end_run, flatten, mark_stale, open_run
 from tasks.train_loop import NAN_FILE, train_loop
 
@@ -224,7 +224,7 @@ def train(job: TrainJob) -> TrainResult:
     """Trains (or resumes, or reuses) the run `job` defines; a second launch of the same
     training waits for the first and reuses its output."""
     out = job.out
-    with out.lock("training"):
+    with failing_cleanly(out.store, f"training {out.name}"), out.lock("training"):
         stale = begin(out, "training", job.recompute_stale)
         result = _train(job, out, stale)
     if stale:
@@ -254,7 +254,8 @@ def _train(job: TrainJob, out: Output, stale: str) -> TrainResult:
         if result.checkpoint is None:
             raise RuntimeError(f"training of {out.uri} produced no checkpoint")
     except BaseException as err:
-        end_run(job.tracking.uri, run_id, err, journal=out)
+        with noted_on(err, "ending its MLflow run"):  # its journal may be on the failed store
+            end_run(job.tracking.uri, run_id, err, journal=out)
         raise
     with result.checkpoint.as_directory() as ckpt:
         state = torch.load(Path(ckpt) / "state.pt", weights_only=True, map_location="cpu")

@@ -18,6 +18,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from imf_core.objectives import LossSpec
 from imf_core.training import step_flops_per_image
 from tasks import inrun_eval, preemption
 from tasks.journal import RunJournal
+from tasks.storage import first_error_wins
 
 # Set on import: in the driver (tasks.train imports this module before it builds its
 # TorchTrainer) and in each worker (which imports it to run train_loop).
@@ -152,7 +154,10 @@ def train_loop(config: dict) -> None:
             logger.evaluation(at, results, evaluation.seconds, start_time)
 
     stop_poll = preemption.StopPoll(out)
-    try:
+    # the journal's last send, also when the loop failed (a failure of its own, on a store
+    # that went away, is a note on the loop's error: first_error_wins)
+    journal = nullcontext() if logger is None else closing(logger.run)
+    with first_error_wins(journal, "the journal's last send"):
         if evaluation is not None and evaluation.due(step, total) and not evaluation.done(step):
             evaluate(step)  # resumed from the checkpoint of an evaluation a stop cut short
         with Prefetcher(load, batches(step)) as prefetched:  # the next batch read meanwhile
@@ -215,9 +220,6 @@ def train_loop(config: dict) -> None:
                     if rank == 0:
                         out.write_text(preemption.STOPPED_FILE, str(step))
                     return
-    finally:
-        if logger is not None:
-            logger.run.close()  # one last send; what stays unsent, the driver replays
 
 
 def report(step: int, model, optimizer, ema, rank: int, logger) -> None:

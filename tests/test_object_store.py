@@ -161,15 +161,19 @@ def test_a_live_holder_keeps_its_lease_by_renewing_it(s3_root):
 
 def test_a_corrupt_object_is_never_read_as_training_data(s3_root):
     out = Store.of(s3_root).output("precompute", "k3")
-    out.write_bytes("shard-00000.parquet", b"a" * 64)
+    shard = pa.table({"label": pa.array(range(64), pa.int32())})
+    out.write_table("shard-00000.parquet", shard, compression="none")
+    good = out.read_bytes("shard-00000.parquet")
     Manifest("k3", "precompute", {}, [], [FileRecord.of(out, "shard-00000.parquet")]).write(out)
-    out.write_bytes("shard-00000.parquet", b"b" * 64)  # same size: a size check would pass
+    rotten = bytearray(good)
+    rotten[len(good) // 2] ^= 0x01  # one bit flipped: the same size, a size check would pass
+    out.write_bytes("shard-00000.parquet", bytes(rotten))
     with pytest.raises(ValueError, match=r"does not hold the bytes its manifest records"):
-        out.local_copy()
+        out.local_copy()  # what each node's training reads its shards through
     cached = list(out.store.local_path(f"{out.rel}/_SUCCESS").parent.iterdir())
     assert [p.name for p in cached if not p.name.startswith(".")] == ["_SUCCESS"]
-    out.write_bytes("shard-00000.parquet", b"a" * 64)  # repaired: read, and kept per node
-    assert (out.local_copy() / "shard-00000.parquet").read_bytes() == b"a" * 64
+    out.write_bytes("shard-00000.parquet", good)  # repaired: read, and kept per node
+    assert (out.local_copy() / "shard-00000.parquet").read_bytes() == good
 
 
 def test_lost_and_corrupt_shards_in_the_store_are_recomputed_alone(s3_root):
