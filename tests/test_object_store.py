@@ -211,19 +211,18 @@ def test_lost_and_corrupt_shards_in_the_store_are_recomputed_alone(s3_root):
     assert {n: out.read_bytes(n) for n in names} == original  # rebuilt to the same bytes
 
 
-def test_a_training_looks_for_its_stop_file_on_the_store_every_few_seconds(
-    s3_root, monkeypatch, tmp_path
-):
+def test_a_training_looks_for_its_stop_file_on_the_store_every_few_seconds(s3_root, tmp_path):
     """Not a HEAD request per step: a stop asked between two looks is seen at the next look."""
     from tasks.preemption import STOP_FILE, StopPoll
 
-    monkeypatch.setattr(S3Store, "poll_s", 0.5)
     out = Store.of(s3_root).output("train", "k")
     poll = StopPoll(out)
+    assert poll.every == S3Store.poll_s == 2.0
     assert poll() is False  # looked: nothing asked
     out.write_text(STOP_FILE, "stop")
-    assert poll() is False  # asked, but not looked for yet
-    time.sleep(0.6)
+    poll.last = time.monotonic()  # as if it had just looked (a loaded machine's write is slow)
+    assert poll() is False  # asked, but not looked for yet: within 2 s of the last look
+    poll.last -= poll.every  # 2 s later
     assert poll() is True
     assert StopPoll(Store.of(tmp_path).output("train", "k")).every == 0  # a stat: every step
 

@@ -49,7 +49,7 @@ def uninterrupted(root: Path) -> dict[int, list[float]]:
     """The losses of the same training in a local folder, which no server's kill reaches."""
     cfg = config(str(root), root)
     result = train(TrainJob.of(cfg, precompute(PrecomputeJob.of(cfg))))
-    return history(cfg, result.mlflow_run_id, "loss")
+    return history(cfg.tracking.uri, result.mlflow_run_id, "loss")
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def saved_steps(root: str) -> list[int]:
 
 
 def assert_losses_of_a_clean_run(cfg, result, clean) -> None:
-    loss = history(cfg, result.mlflow_run_id, "loss")
+    loss = history(cfg.tracking.uri, result.mlflow_run_id, "loss")
     assert sorted(loss) == list(range(1, STEPS + 1)) and all(len(v) == 1 for v in loss.values())
     clean = clean.result()
     for step in loss:  # each step once, with the numbers of a run the store never left

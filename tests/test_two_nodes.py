@@ -5,6 +5,10 @@ session). A two-worker training, one rank per node, with its in-run evaluation, 
 evaluation on an actor per node; then the same training with one node lost mid-run (its raylet
 and workers killed, its folders wiped, the node started again): Ray Train restarts the worker
 group and the run completes from the store's checkpoint with the loss history of the first.
+
+A background scenario (tests/conftest.py): the whole of it runs as this file's own process, with
+an S3 server, an MLflow server and a Ray of its own, beside the session's other tests; its
+assertions are that process's, and the test reads its exit.
 """
 
 import json
@@ -18,7 +22,16 @@ import time
 from pathlib import Path
 
 import pytest
-from services import RayNode, free_port, mlflow_server, ray_nodes, ray_temp_dir, stop
+from services import (
+    BUCKET,
+    RayNode,
+    free_port,
+    mlflow_server,
+    ray_nodes,
+    ray_temp_dir,
+    s3_server,
+    stop,
+)
 from test_train import history
 
 from tasks.artifacts import Manifest
@@ -114,9 +127,17 @@ def inrun_fids(training: Output) -> list[float]:
     return [p["fid"] for name in names for p in training.read_json(name)["points"]]
 
 
-def test_nodes_that_share_nothing_train_evaluate_and_survive_a_lost_node(s3_root, tmp_path):
+def nodes_that_share_nothing(directory: Path) -> None:
+    """The scenario, in its own process: its own S3 server, whose variables it sets as
+    s3_root does for a test."""
+    with s3_server(directory / "s3") as s3:
+        os.environ.update(s3.env | {"IMF_CACHE_DIR": str(directory / "driver-cache")})
+        train_evaluate_and_lose_a_node(f"s3://{BUCKET}/two-nodes/artifacts", directory)
+
+
+def train_evaluate_and_lose_a_node(s3_root: str, directory: Path) -> None:
     store = Store.of(s3_root)
-    homes = [tmp_path / "node0", tmp_path / "node1"]
+    homes = [directory / "node0", directory / "node1"]
     # The nodes' environment: none of the store's credentials (the job carries the launcher's)
     # and none of the driver's folders.
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -125,8 +146,8 @@ def test_nodes_that_share_nothing_train_evaluate_and_survive_a_lost_node(s3_root
     port = free_port()
     server = mlflow_server(
         port,
-        f"sqlite:///{tmp_path}/mlflow.db",
-        tmp_path / "mlflow.log",
+        f"sqlite:///{directory}/mlflow.db",
+        directory / "mlflow.log",
         f"{s3_root}/mlflow",  # the runs' artifacts through the server's proxy, to the store
         env={"MLFLOW_S3_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]},
     )
@@ -136,14 +157,14 @@ def test_nodes_that_share_nothing_train_evaluate_and_survive_a_lost_node(s3_root
             RayNode(home / "work", folders(home), (f"--temp-dir={temp}/n{i}",))
             for i, home in enumerate(homes)
         ]
-        with ray_nodes(temp, nodes, env, tmp_path) as cluster:
+        with ray_nodes(temp, nodes, env, directory) as cluster:
             overrides = [
                 f"paths.artifacts={s3_root}",
                 f"tracking.uri={uri}",
                 f"train.ray_address={cluster.address}",
                 *TINY,
             ]
-            first, _ = finished(driver(cluster, tmp_path / "driver", "evaluate", overrides))
+            first, _ = finished(driver(cluster, directory / "driver", "evaluate", overrides))
             # Each node's workers ran in its own folders, none of them the driver's, and read
             # what they needed through the store into their own cache: the training data, the
             # classifier (both ranks evaluate during training), the trained weights (an
@@ -160,7 +181,7 @@ def test_nodes_that_share_nothing_train_evaluate_and_survive_a_lost_node(s3_root
             training = Output.at(first["train"])
             kept = store.output("kept", training.name)
             training.move_to(kept)
-            second = driver(cluster, tmp_path / "driver2", "train", overrides)
+            second = driver(cluster, directory / "driver2", "train", overrides)
             try:
                 # Node 1 lost once Ray Train has registered a checkpoint in the store: its
                 # raylet and workers killed, its folders gone with it; then started again.
@@ -189,7 +210,7 @@ def test_nodes_that_share_nothing_train_evaluate_and_survive_a_lost_node(s3_root
     results = Output.at(first["evaluate"]).read_json("results.json")
     assert results[0]["weights"] == f"{first['train']}/ema.safetensors"
     # Nothing of the run in any working directory: only the store and scratch hold it.
-    for home in (tmp_path / "driver", tmp_path / "driver2", *homes):
+    for home in (directory / "driver", directory / "driver2", *homes):
         assert not list((home / "work").iterdir()), home
 
     # Node 1 lost: Ray Train restarted the group, which resumed from the store's checkpoint
@@ -200,3 +221,27 @@ def test_nodes_that_share_nothing_train_evaluate_and_survive_a_lost_node(s3_root
     for step in clean:
         assert lost[step][0] == pytest.approx(clean[step][0], rel=1e-5)
     assert inrun_fids(Output.at(again["train"])) == pytest.approx(inrun_fids(kept), rel=1e-6)
+
+
+def in_its_own_process(directory: Path) -> subprocess.CompletedProcess:
+    """The scenario as this file's own process (its environment its own)."""
+    return subprocess.run(
+        [sys.executable, __file__, str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
+
+
+@pytest.mark.background(scenario=in_its_own_process)
+def test_nodes_that_share_nothing_train_evaluate_and_survive_a_lost_node(background):
+    done = background
+    assert done.returncode == 0, (done.stdout[-4000:], done.stderr[-6000:])
+    assert done.stdout.strip().splitlines()[-1] == "shared nothing, lost a node, lost nothing"
+
+
+if __name__ == "__main__":
+    nodes_that_share_nothing(Path(sys.argv[1]))
+    print("shared nothing, lost a node, lost nothing")
