@@ -223,7 +223,7 @@ def train_evaluate_and_lose_a_node(s3_root: str, directory: Path) -> None:
     assert inrun_fids(Output.at(again["train"])) == pytest.approx(inrun_fids(kept), rel=1e-6)
 
 
-def in_its_own_process(directory: Path) -> subprocess.CompletedProcess:
+def two_nodes_apart(directory: Path) -> subprocess.CompletedProcess:
     """The scenario as this file's own process (its environment its own)."""
     return subprocess.run(
         [sys.executable, __file__, str(directory)],
@@ -235,7 +235,7 @@ def in_its_own_process(directory: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.background(scenario=in_its_own_process)
+@pytest.mark.background(scenario=two_nodes_apart)
 def test_nodes_that_share_nothing_train_evaluate_and_survive_a_lost_node(background):
     done = background
     assert done.returncode == 0, (done.stdout[-4000:], done.stderr[-6000:])
