@@ -103,10 +103,8 @@ def append_record(out: Output, record: dict) -> None:
 def read_journal(out: Output) -> list[dict]:
     """The journal of the training `out`: its complete records (a line cut short by a kill
     is not one)."""
-    if not out.exists(JOURNAL):
-        return []
     records = []
-    for line in out.read_text(JOURNAL).splitlines():
+    for line in out.read_lines(JOURNAL):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:

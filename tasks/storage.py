@@ -181,6 +181,10 @@ class Store:
             f.flush()
             os.fsync(f.fileno())
 
+    def read_lines(self, key: str) -> list[str]:
+        """The lines `append_line` wrote to `key` ([] when none)."""
+        return self.read_bytes(key).decode().splitlines() if self.is_file(key) else []
+
     def remove(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
 
@@ -350,6 +354,10 @@ class Output:
         """Appends one line (a journal entry): whole lines survive a crash, a torn one is
         the reader's to skip."""
         self.store.append_line(self._key(name), line)
+
+    def read_lines(self, name: str) -> list[str]:
+        """What `append_line` wrote to `name`, line by line ([] when nothing)."""
+        return self.store.read_lines(self._key(name))
 
     def remove(self, name: str) -> None:
         self.store.remove(self._key(name))

@@ -291,3 +291,34 @@ def test_the_node_cache_keeps_to_its_bound_but_never_evicts_a_file_in_use(s3_roo
     monkeypatch.setenv("IMF_CACHE_MAX_GB", "0.0001")  # less than one shard
     d = shard_output(s3_root, "d")
     assert (d.local_copy() / "shard-00000.parquet").stat().st_size > 1e6  # never what it returns
+
+
+def test_a_journal_on_the_store_appends_in_small_objects_and_reads_back_whole(s3_root):
+    """Each line one small PUT, folded every FOLD_EVERY lines into the journal's object (not
+    the whole journal rewritten per line); two writers at once lose no line and repeat none."""
+    from tasks.object_store import FOLD_EVERY, PARTS
+
+    out = Store.of(s3_root).output("train", "j")
+    for i in range(2 * FOLD_EVERY + 2):
+        out.append_line("journal.jsonl", json.dumps({"i": i}))
+    assert [json.loads(line)["i"] for line in out.read_lines("journal.jsonl")] == list(
+        range(2 * FOLD_EVERY + 2)
+    )
+    store, key = out.store, f"{out.rel}/journal.jsonl"
+    assert store._head(key)["Metadata"] == {"parts": str(2 * FOLD_EVERY)}  # folded twice
+    assert len(store.glob(f"{key}{PARTS}", "*")) == 2  # the two lines since
+
+    def write(who: str) -> None:  # a store of its own, as another process has
+        mine = Store.of(s3_root).output("train", "j")
+        for i in range(40):
+            mine.append_line("journal.jsonl", f"{who}{i}")
+
+    threads = [threading.Thread(target=write, args=(who,)) for who in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = out.read_lines("journal.jsonl")[2 * FOLD_EVERY + 2 :]
+    assert sorted(lines) == sorted(f"{who}{i}" for who in "ab" for i in range(40))
+    assert [x for x in lines if x[0] == "a"] == [f"a{i}" for i in range(40)]  # each in order
+    assert Store.of(s3_root).output("train", "none").read_lines("journal.jsonl") == []
