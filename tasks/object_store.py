@@ -39,6 +39,7 @@ from tasks.storage import Store, matches, sha256_file
 RETRIES = 8  # attempts of each request (IMF_S3_RETRIES), with exponential backoff
 RETRIES_VARIABLE = "IMF_S3_RETRIES"
 CHUNK = 1 << 22
+CHECK_RETRIES = 3  # attempts of the check before any work (a store down at launch: seconds)
 PARTS, FOLD_EVERY = ".parts", 64  # an appended object's lines, folded every 64 (append_line)
 CACHE_MAX_GB = 100.0  # the node cache's bound (IMF_CACHE_MAX_GB): above one training's data
 
@@ -178,9 +179,11 @@ class S3Store(Store):
         where = (
             f"AWS_ENDPOINT_URL={self.endpoint}" if self.endpoint else "AWS (no AWS_ENDPOINT_URL)"
         )
+        # a few attempts, not the stage's retries: a mistyped endpoint is refused in seconds
+        client = replace(self, retries=min(self.retries, CHECK_RETRIES)).client
         try:
             # a listing needs the credentials (some servers answer HEAD on a bucket to anyone)
-            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+            client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
         except (EndpointConnectionError, ConnectionError) as err:
             raise ValueError(
                 f"paths.artifacts={self.root}: no S3 server answers at {where} ({err})"
