@@ -39,7 +39,7 @@ def test_an_s3_output_reads_back_what_it_wrote(s3_root):
     assert out.uri == f"{s3_root}/evaluate/k1" and Output.at(out.uri) == out
     out.append_line("journal.jsonl", '{"step": 1}')
     out.append_line("journal.jsonl", '{"step": 2}')
-    assert out.read_text("journal.jsonl").splitlines() == ['{"step": 1}', '{"step": 2}']
+    assert out.read_lines("journal.jsonl") == ['{"step": 1}', '{"step": 2}']
 
 
 def test_directory_markers_are_no_files_of_an_output(s3_root):
