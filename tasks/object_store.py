@@ -224,7 +224,18 @@ class S3Store(Store):
         try:
             return self.client.head_object(Bucket=self.bucket, Key=self.object(key))
         except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _missing(err):
+                return None
+            raise
+
+    def _get(self, key: str) -> dict | None:
+        """The GET answer for `key` (its body still to read), or None where it is absent."""
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.object(key))
+        except ClientError as err:
+            if _missing(err):
                 return None
             raise
 
@@ -264,14 +275,10 @@ class S3Store(Store):
         return digest.hexdigest()
 
     def read_bytes(self, key: str) -> bytes:
-        from botocore.exceptions import ClientError
-
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self.object(key))["Body"].read()
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
-                raise FileNotFoundError(self.uri(key)) from None
-            raise
+        answer = self._get(key)
+        if answer is None:
+            raise FileNotFoundError(self.uri(key))
+        return answer["Body"].read()
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self.object(key), Body=data)
@@ -309,14 +316,9 @@ class S3Store(Store):
 
     def _base(self, key: str) -> tuple[bytes, int, str | None]:
         """The folded object: its bytes, how many parts it holds, its ETag (None: absent)."""
-        from botocore.exceptions import ClientError
-
-        try:
-            answer = self.client.get_object(Bucket=self.bucket, Key=self.object(key))
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
-                return b"", 0, None
-            raise
+        answer = self._get(key)
+        if answer is None:
+            return b"", 0, None
         held = int(answer.get("Metadata", {}).get("parts", 0))
         return answer["Body"].read(), held, answer["ETag"]
 
@@ -430,15 +432,8 @@ class S3Store(Store):
         return self._put_if(key, data, IfMatch=token)
 
     def read_with_token(self, key: str) -> tuple[bytes, str] | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            answer = self.client.get_object(Bucket=self.bucket, Key=self.object(key))
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
-                return None
-            raise
-        return answer["Body"].read(), answer["ETag"]
+        answer = self._get(key)
+        return None if answer is None else (answer["Body"].read(), answer["ETag"])
 
     def delete_if_unchanged(self, key: str, token: str) -> bool:
         from botocore.exceptions import ClientError
@@ -446,10 +441,15 @@ class S3Store(Store):
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self.object(key), IfMatch=token)
         except ClientError as err:
-            if _refused(err) or err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+            if _refused(err) or _missing(err):
                 return False
             raise
         return True
+
+
+def _missing(err: Any) -> bool:
+    """Whether a request failed because the object is not there."""
+    return err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
 
 
 def _refused(err: Any) -> bool:
